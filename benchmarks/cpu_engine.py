@@ -1,0 +1,110 @@
+"""lockgate vs Hugging Face transformers on the default model, CPU, one run.
+
+Same prompts for both (64 prompt tokens, 64 output tokens, greedy, EOS ignored),
+at 1 stream and at 16 concurrent prompts. Prints output tokens/s for lockgate,
+for transformers `generate`, and for transformers' bare forward pass (a decode
+loop over its own KV cache with no `generate` machinery), with the ratios.
+
+    .venv/bin/python benchmarks/cpu_engine.py [--batches 1,16] [--dtype auto]
+
+transformers runs on the same dequantized GGUF weights (its own GGUF loader), in
+float32 (its CPU default); lockgate runs in its default CPU dtype (bfloat16 where
+the CPU has AVX512-BF16/AMX) unless --dtype says otherwise. Both use all cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+import torch
+
+from lockgate import LLM, SamplingParams
+from lockgate.engine.loader.default_model import default_model_path
+
+PROMPT_LEN = 64
+OUTPUT_LEN = 64
+
+
+def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Distinct random ids (above the special tokens) so the prefix cache cannot help.
+    return [[rng.randrange(100, vocab) for _ in range(PROMPT_LEN)] for _ in range(n)]
+
+
+def bench_lockgate(llm: LLM, prompts: list[list[int]]) -> float:
+    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    llm.engine.core.kv.reset_prefix_cache()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t
+    assert all(len(o.outputs[0].token_ids) == OUTPUT_LEN for o in outs)
+    return len(prompts) * OUTPUT_LEN / dt
+
+
+def load_hf():
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@torch.inference_mode()
+def bench_hf_generate(model, prompts: list[list[int]]) -> float:
+    ids = torch.tensor(prompts)
+    kw = dict(max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN, do_sample=False,
+              attention_mask=torch.ones_like(ids), pad_token_id=0)
+    model.generate(ids[:, :8], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    t = time.perf_counter()
+    out = model.generate(ids, **kw)
+    dt = time.perf_counter() - t
+    assert out.shape[1] - ids.shape[1] == OUTPUT_LEN
+    return len(prompts) * OUTPUT_LEN / dt
+
+
+@torch.inference_mode()
+def bench_hf_forward(model, prompts: list[list[int]]) -> float:
+    """Prefill then greedy decode with HF's own cache: the model's speed minus generate()."""
+    ids = torch.tensor(prompts)
+    t = time.perf_counter()
+    out = model(ids, use_cache=True)
+    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(OUTPUT_LEN - 1):
+        out = model(tok, past_key_values=past, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    dt = time.perf_counter() - t
+    return len(prompts) * OUTPUT_LEN / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--skip-hf", action="store_true", help="measure lockgate only")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    llm = LLM(None, dtype=args.dtype)
+    vocab = llm.engine.model_config.vocab_size
+    hf = None if args.skip_hf else load_hf()
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"lockgate dtype {llm.engine.core.runner.dtype}")
+    print(f"{'streams':>8} {'lockgate tok/s':>15} {'hf generate':>12} {'hf forward':>11} "
+          f"{'x generate':>11} {'x forward':>10}")
+    for b in batches:
+        prompts = make_prompts(b, vocab, seed=b)
+        ours = bench_lockgate(llm, prompts)
+        if hf is None:
+            print(f"{b:>8} {ours:>15.1f}")
+            continue
+        gen = bench_hf_generate(hf, prompts)
+        fwd = bench_hf_forward(hf, prompts)
+        print(f"{b:>8} {ours:>15.1f} {gen:>12.1f} {fwd:>11.1f} {ours / gen:>10.1f}x {ours / fwd:>9.1f}x")
+
+
+if __name__ == "__main__":
+    main()

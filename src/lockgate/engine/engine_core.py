@@ -1,0 +1,125 @@
+"""EngineCore: the synchronous heart of the engine (scheduler + KV cache + runner).
+
+It only deals in token ids: requests come in already tokenized and validated,
+each `step()` returns the new token ids per request. Detokenization and stop
+strings live in the frontend (`output_processor.py`), off this hot loop.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lockgate.engine.config import EngineConfig
+from lockgate.engine.kv_cache import KVCacheManager
+from lockgate.engine.loader import LoadedCheckpoint, load_checkpoint
+from lockgate.engine.outputs import EngineCoreOutput, EngineCoreRequest, EngineStats
+from lockgate.engine.request import Request
+from lockgate.engine.runner import ModelRunner
+from lockgate.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+# Without an explicit max_model_len, very long-context models are capped so the
+# rope tables and a single request's KV stay reasonable on small machines.
+DEFAULT_MAX_MODEL_LEN_CAP = 32768
+
+
+def resolve_max_model_len(config: EngineConfig, model_max: int) -> int:
+    if config.max_model_len is not None:
+        if config.max_model_len > model_max:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit {model_max}")
+        return config.max_model_len
+    return min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, ckpt: LoadedCheckpoint | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        ckpt = ckpt or load_checkpoint(config.model, config.load_format)
+        self.model_config = ckpt.config
+        self.tokenizer = ckpt.tokenizer
+        max_len = resolve_max_model_len(config, ckpt.config.max_position_embeddings)
+        self.runner = ModelRunner(config, ckpt, max_len)
+        # One request must fit in the pool on its own, or preemption could never make room.
+        self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({config.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({self.max_model_len})")
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv)
+        self.eos_token_ids = list(self.tokenizer.eos_token_ids or ckpt.config.eos_token_ids)
+        log.info("engine ready: %s, %d KV blocks of %d tokens, max_model_len %d, %s on %s",
+                 ckpt.config.architecture, self.runner.num_blocks, config.block_size,
+                 self.max_model_len, self.runner.dtype, self.runner.device)
+
+    # ---- requests -------------------------------------------------------------
+    def add_request(self, req: EngineCoreRequest) -> None:
+        if req.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model_config.vocab_size
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}) (the vocabulary size)")
+        room = self.max_model_len - n
+        max_tokens = req.params.max_tokens if req.params.max_tokens is not None else room
+        if max_tokens > room:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len ({self.max_model_len})")
+        self.scheduler.add(Request(req, self.eos_token_ids, max_tokens))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            req = self.scheduler.requests.get(rid)
+            if req is not None:
+                self.scheduler.finish(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ---------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        sampled = self.runner.execute(batch)
+        self.scheduler.after_step(batch)
+        outputs: list[EngineCoreOutput] = []
+        for req, token, lp in sampled:
+            first = not req.output_token_ids
+            req.output_token_ids.append(token)
+            finish, stop_reason = self._check_stop(req, token)
+            outputs.append(EngineCoreOutput(
+                request_id=req.request_id, new_token_ids=[token],
+                new_logprobs=[lp] if lp is not None else None,
+                finish_reason=finish, stop_reason=stop_reason,
+                num_cached_tokens=req.num_cached_tokens if first else 0))
+            if finish is not None:
+                self.scheduler.finish(req)
+        return outputs
+
+    @staticmethod
+    def _check_stop(req: Request, token: int) -> tuple[str | None, int | None]:
+        n_out = req.num_output_tokens
+        if n_out >= req.params.min_tokens:
+            if token in req.eos_token_ids:
+                return "stop", None
+            if token in req.stop_token_ids:
+                return "stop", token
+        if n_out >= req.max_tokens:
+            return "length", None
+        return None, None
+
+    def stats(self) -> EngineStats:
+        s, kv = self.scheduler, self.kv
+        return EngineStats(
+            num_running=len(s.running), num_waiting=len(s.waiting), num_waiting_tokens=s.num_waiting_tokens,
+            num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_blocks, kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
+            num_preemptions=s.num_preemptions)

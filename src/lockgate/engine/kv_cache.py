@@ -1,0 +1,168 @@
+"""Paged KV-cache block manager with automatic prefix caching.
+
+The pool holds `num_blocks` fixed-size blocks. A request's KV lives in the blocks
+of its block table. A full block is identified by a hash chained over every
+token before it (and the request's `cache_salt`, so tenants never share blocks).
+Freed blocks stay in the cache, evictable in LRU order, until their memory is
+needed again.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from lockgate.engine.request import Request
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None  # set once the block is full and registered
+
+
+def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
+    """Chained hash of one full block. 16-byte blake2b: collisions are not a concern."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+def root_hash(cache_salt: str | None) -> bytes:
+    return hashlib.blake2b((cache_salt or "").encode(), digest_size=16, person=b"lockgate-kv").digest()
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks nobody references, oldest-freed first: the eviction order (LRU).
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of those, tokens served from the cache
+
+    # ---- accounting -------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by live requests (cached-but-free blocks count as free)."""
+        return 1.0 - len(self.free_queue) / len(self.blocks)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache -----------------------------------------------------
+    def _extend_hashes(self, req: Request, upto_tokens: int) -> None:
+        """Compute the chained hashes of req's full blocks among its first `upto_tokens` tokens."""
+        bs = self.block_size
+        parent = req.block_hashes[-1] if req.block_hashes else root_hash(req.cache_salt)
+        for i in range(len(req.block_hashes), upto_tokens // bs):
+            parent = hash_block(parent, req.token_ids(i * bs, (i + 1) * bs))
+            req.block_hashes.append(parent)
+
+    def lookup_prefix(self, req: Request) -> list[int]:
+        """Cached blocks matching req's longest prefix. At least one token is left to
+        compute, so the step that finishes the prompt still produces logits."""
+        if not self.enable_prefix_caching:
+            return []
+        limit = req.num_tokens - 1
+        self._extend_hashes(req, limit)
+        hits: list[int] = []
+        for h in req.block_hashes[: limit // self.block_size]:
+            bid = self.cached.get(h)
+            if bid is None:
+                break
+            hits.append(bid)
+        return hits
+
+    def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_queries += num_prompt_tokens
+        self.prefix_hits += num_hit_tokens
+
+    # ---- allocation -------------------------------------------------------
+    def _take_free(self) -> Block:
+        bid, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[bid]
+        if block.block_hash is not None:  # evict: its contents are about to be overwritten
+            if self.cached.get(block.block_hash) == bid:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+        return block
+
+    def can_allocate(self, req: Request, num_new_tokens: int, hit_blocks: list[int] = ()) -> bool:
+        need = self.blocks_needed(req.num_computed_tokens + len(hit_blocks) * self.block_size + num_new_tokens)
+        need -= len(req.block_ids) + len(hit_blocks)
+        # Hit blocks that sit in the free queue stop being free once we reference them.
+        reclaimed = sum(1 for b in hit_blocks if self.blocks[b].ref_count == 0)
+        return need <= len(self.free_queue) - reclaimed
+
+    def allocate(self, req: Request, num_new_tokens: int, hit_blocks: list[int] = ()) -> bool:
+        """Give req blocks for `num_new_tokens` more tokens (after taking `hit_blocks`
+        from the prefix cache). All or nothing: False leaves req untouched."""
+        if not self.can_allocate(req, num_new_tokens, hit_blocks):
+            return False
+        for bid in hit_blocks:
+            block = self.blocks[bid]
+            if block.ref_count == 0:
+                del self.free_queue[bid]
+            block.ref_count += 1
+            req.block_ids.append(bid)
+        req.num_computed_tokens += len(hit_blocks) * self.block_size
+        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_ids)
+        for _ in range(need):
+            block = self._take_free()
+            block.ref_count = 1
+            req.block_ids.append(block.block_id)
+        return True
+
+    def cache_computed_blocks(self, req: Request) -> None:
+        """Register req's blocks that became full with computed KV so others can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = req.num_computed_tokens // self.block_size
+        self._extend_hashes(req, num_full * self.block_size)
+        for i in range(num_full):
+            block = self.blocks[req.block_ids[i]]
+            if block.block_hash is not None:
+                continue
+            h = req.block_hashes[i]
+            block.block_hash = h
+            # Two requests may compute the same block concurrently; the first one stays canonical.
+            self.cached.setdefault(h, block.block_id)
+
+    def free(self, req: Request) -> None:
+        """Drop req's references. Tail blocks go to the free queue first, so under
+        pressure a shared prefix outlives the unique suffixes that follow it."""
+        for bid in reversed(req.block_ids):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.block_hash is None or self.cached.get(block.block_hash) != bid:
+                    block.block_hash = None
+                    # Uncached blocks are worthless: evict them before any cached one.
+                    self.free_queue[bid] = None
+                    self.free_queue.move_to_end(bid, last=False)
+                else:
+                    self.free_queue[bid] = None
+        req.block_ids = []
+        req.num_computed_tokens = 0
+
+    def reset_prefix_cache(self) -> None:
+        for h, bid in list(self.cached.items()):
+            if self.blocks[bid].ref_count == 0:
+                self.blocks[bid].block_hash = None
+                del self.cached[h]

@@ -1,0 +1,51 @@
+"""LLMEngine: input processing + engine core + output processing in one process.
+
+What the offline `LLM` drives. The server runs the same three parts split across
+two processes (`core.py` and `client.py`).
+"""
+from __future__ import annotations
+
+from lockgate.engine.config import EngineConfig
+from lockgate.engine.engine_core import EngineCore
+from lockgate.engine.output_processor import OutputProcessor
+from lockgate.engine.outputs import EngineStats, RequestOutput
+from lockgate.engine.processor import InputProcessor
+from lockgate.engine.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.core = EngineCore(config)
+        self.tokenizer = self.core.tokenizer
+        self.model_config = self.core.model_config
+        self.max_model_len = self.core.max_model_len
+        self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.max_model_len,
+                                              config.max_logprobs)
+        self.output_processor = OutputProcessor(self.tokenizer)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                    priority: int = 0, cache_salt: str | None = None) -> None:
+        """Validate and queue; raises ValueError on bad input and queues nothing then."""
+        if request_id in self.output_processor.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        reqs = self.input_processor.process(request_id, prompt, params, priority=priority, cache_salt=cache_salt)
+        for r in reqs:
+            self.core.add_request(r)
+        self.output_processor.add_request(
+            request_id, prompt if isinstance(prompt, str) else None, reqs[0].prompt_token_ids, reqs[0].params)
+
+    def abort_request(self, request_id: str) -> None:
+        self.core.abort_requests(self.output_processor.abort(request_id))
+
+    def step(self) -> list[RequestOutput]:
+        outputs, to_abort = self.output_processor.process(self.core.step())
+        if to_abort:
+            self.core.abort_requests(to_abort)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()

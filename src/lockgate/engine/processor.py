@@ -1,0 +1,90 @@
+"""Frontend input processing: tokenize, validate against the model's limits, fan out n.
+
+Runs where requests arrive (the API process, or the offline `LLM`), so bad input
+is refused before it reaches the engine core.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from lockgate.engine.config import ModelConfig
+from lockgate.engine.outputs import EngineCoreRequest
+from lockgate.engine.sampling_params import SamplingParams
+from lockgate.engine.tokenizer import Tokenizer
+
+
+def child_request_ids(request_id: str, n: int) -> list[str]:
+    """The core sees n > 1 as n plain requests; n == 1 keeps the caller's id."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Tokenizer, model_config: ModelConfig, max_model_len: int,
+                 max_logprobs: int = 20) -> None:
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
+        self.vocab_size = model_config.vocab_size
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+                raise ValueError("prompt token ids must be integers")
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        return ids
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Validate params against this model; returns params with max_tokens filled in."""
+        n = len(prompt_ids)
+        room = self.max_model_len - n
+        if room < 1:
+            raise ValueError(
+                f"prompt has {n} tokens, which leaves no room to generate within max_model_len "
+                f"({self.max_model_len})")
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=room)
+        elif params.max_tokens > room:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{n + params.max_tokens} were requested ({n} in the prompt, {params.max_tokens} "
+                f"for max_tokens); reduce the prompt or max_tokens")
+        if params.min_tokens > params.max_tokens:
+            raise ValueError(f"min_tokens ({params.min_tokens}) must be <= max_tokens ({params.max_tokens})")
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            raise ValueError(f"logprobs must be <= {self.max_logprobs}, got {params.logprobs}")
+        bad = next((t for t in params.stop_token_ids or () if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids contains {bad}, outside the vocabulary [0, {self.vocab_size})")
+        return params
+
+    def process(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                priority: int = 0, cache_salt: str | None = None,
+                arrival_time: float | None = None) -> list[EngineCoreRequest]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        ids = self.tokenize(prompt)
+        params = self.check(ids, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        children = child_request_ids(request_id, params.n)
+        reqs = []
+        for i, cid in enumerate(children):
+            p = params if params.n == 1 else dataclasses.replace(
+                params, n=1, seed=None if params.seed is None else params.seed + i)
+            reqs.append(EngineCoreRequest(
+                request_id=cid, prompt_token_ids=ids, params=p, arrival_time=arrival,
+                priority=priority, cache_salt=cache_salt,
+                share_prefix_with=children[0] if i > 0 else None))
+        return reqs

@@ -1,0 +1,81 @@
+"""A request's state inside the engine core (scheduler, KV cache and runner share it)."""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from lockgate.engine.outputs import EngineCoreRequest
+from lockgate.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class Request:
+    """Token ids (prompt then output), how many of them have KV in the cache, and its blocks.
+
+    Prefill and decode are the same thing here: each step computes
+    `num_tokens - num_computed_tokens` tokens (or a chunk of them); when the
+    computed count reaches `num_tokens`, the step samples one more token.
+    """
+
+    __slots__ = (
+        "request_id", "prompt_token_ids", "output_token_ids", "params", "arrival_time",
+        "priority", "cache_salt", "share_prefix_with", "status", "num_computed_tokens",
+        "block_ids", "block_hashes", "num_cached_tokens", "generator", "eos_token_ids",
+        "max_tokens", "stop_token_ids", "num_preemptions",
+    )
+
+    def __init__(self, req: EngineCoreRequest, eos_token_ids: list[int], max_tokens: int) -> None:
+        self.request_id = req.request_id
+        self.prompt_token_ids = list(req.prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params: SamplingParams = req.params
+        self.arrival_time = req.arrival_time
+        self.priority = req.priority
+        self.cache_salt = req.cache_salt
+        self.share_prefix_with = req.share_prefix_with
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # hashes of full blocks, chained from the salt
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.generator: torch.Generator | None = None
+        self.eos_token_ids = set() if req.params.ignore_eos else set(eos_token_ids)
+        self.stop_token_ids = set(req.params.stop_token_ids or ())
+        self.max_tokens = max_tokens
+        self.num_preemptions = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output without building the concatenation."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+    @property
+    def is_prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
+
+    def sort_key(self) -> tuple[int, float]:
+        """Lower is more important: priority value first, then arrival."""
+        return (self.priority, self.arrival_time)
