@@ -1,0 +1,189 @@
+"""Per-request sampling parameters (vLLM-compatible names and defaults).
+
+Plain field types only, so msgspec encodes and decodes `SamplingParams` directly
+(msgspec runs `__post_init__` on decode, so what crosses a socket is validated too).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_LOGPROBS = 20
+MAX_N = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+MAX_STOP_TOKEN_IDS = 128
+# Below this a temperature is treated as greedy (as vLLM does): dividing by it
+# would overflow and the distribution is a point mass for all practical purposes.
+GREEDY_TEMPERATURE_EPS = 1e-5
+_SEED_MIN = -(2**63)  # the range torch.Generator.manual_seed accepts
+_SEED_MAX = 2**64 - 1
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_int(name: str, value: Any) -> int:
+    # bool is an int subclass; True where a count is expected is a client bug.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {_type_name(value)}")
+    return value
+
+
+def _check_float(name: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {_type_name(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a boolean, got {_type_name(value)}")
+    return value
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    max_tokens: int | None = 16  # None: up to the context limit (the engine fills it in)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs; 0 = only the sampled token's
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self.n = _check_int("n", self.n)
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be >= 1 and <= {MAX_N}, got {self.n}")
+
+        self.temperature = _check_float("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        self.top_p = _check_float("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.top_k = _check_int("top_k", self.top_k)
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= -1 (0 or -1 disables it), got {self.top_k}")
+        self.min_p = _check_float("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+        if self.seed is not None:
+            self.seed = _check_int("seed", self.seed)
+            if not _SEED_MIN <= self.seed <= _SEED_MAX:
+                raise ValueError(f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {self.seed}")
+
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _check_float(name, getattr(self, name))
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+            setattr(self, name, value)
+        self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+        self._normalize_stop()
+        self._normalize_stop_token_ids()
+
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
+                     "spaces_between_special_tokens"):
+            _check_bool(name, getattr(self, name))
+
+        if self.max_tokens is not None:
+            self.max_tokens = _check_int("max_tokens", self.max_tokens)
+            if self.max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        self.min_tokens = _check_int("min_tokens", self.min_tokens)
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+
+        if self.logprobs is not None:
+            self.logprobs = _check_int("logprobs", self.logprobs)
+            if self.logprobs < 0:
+                raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+
+    def _normalize_stop(self) -> None:
+        stop = self.stop
+        if stop is None:
+            return
+        if isinstance(stop, str):
+            stop = [stop]
+        elif isinstance(stop, (list, tuple)):
+            stop = list(stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {_type_name(stop)}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must have at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        for s in stop:
+            if not isinstance(s, str):
+                raise ValueError(f"stop must be a string or a list of strings, got {_type_name(s)} in the list")
+            if not s:
+                raise ValueError("stop strings must be non-empty")
+            if len(s) > MAX_STOP_STRING_LEN:
+                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_LEN} characters, got {len(s)}")
+        self.stop = stop
+
+    def _normalize_stop_token_ids(self) -> None:
+        ids = self.stop_token_ids
+        if ids is None:
+            return
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {_type_name(ids)}")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+        for i in ids:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"stop_token_ids must be a list of integers, got {_type_name(i)} in the list")
+            if i < 0:
+                raise ValueError(f"stop_token_ids must be >= 0, got {i}")
+        self.stop_token_ids = list(ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        # top_k == 1 keeps only the argmax, so it is greedy too (and needs no random draw).
+        return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0
+
+    @property
+    def max_stop_len(self) -> int:
+        return max((len(s) for s in self.stop), default=0) if self.stop else 0
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A validated copy with some fields changed (lists are copied, not shared)."""
+        out = dataclasses.replace(self, **changes)
+        if out.stop is not None and out.stop is self.stop:
+            out.stop = list(out.stop)
+        if out.stop_token_ids is not None and out.stop_token_ids is self.stop_token_ids:
+            out.stop_token_ids = list(out.stop_token_ids)
+        return out
+
+    def clone(self) -> SamplingParams:
+        return self.replace()
