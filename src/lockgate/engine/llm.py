@@ -49,6 +49,8 @@ class LLM:
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
+            if not self.engine.has_unfinished_requests():
+                raise RuntimeError(f"engine went idle with {len(ids) - len(done)} requests unfinished")
             for out in self.engine.step():
                 if out.finished:
                     done[out.request_id] = out

@@ -32,8 +32,9 @@ class LLMEngine:
         reqs = self.input_processor.process(request_id, prompt, params, priority=priority, cache_salt=cache_salt)
         for r in reqs:
             self.core.add_request(r)
+        # The caller's params (with n); the children's carry n=1 and per-child seeds.
         self.output_processor.add_request(
-            request_id, prompt if isinstance(prompt, str) else None, reqs[0].prompt_token_ids, reqs[0].params)
+            request_id, prompt if isinstance(prompt, str) else None, reqs[0].prompt_token_ids, params)
 
     def abort_request(self, request_id: str) -> None:
         self.core.abort_requests(self.output_processor.abort(request_id))

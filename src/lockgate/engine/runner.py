@@ -92,6 +92,9 @@ class ModelRunner:
         self.sampler = Sampler()
 
     # ---- batch preparation -----------------------------------------------------
+    def _nblocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
     def _slots(self, req: Request, start: int, end: int) -> np.ndarray:
         pos = np.arange(start, end)
         table = np.asarray(req.block_ids, dtype=np.int64)
@@ -104,7 +107,7 @@ class ModelRunner:
         ids: list[int] = []
         pos: list[np.ndarray] = []
         slots: list[np.ndarray] = []
-        decode_ctx: list[np.ndarray] = []
+        decode_ctx: list[tuple[list[int], int]] = []  # (block table, context length)
         prefills: list[PrefillSeq] = []
         samplers: list[int] = []
         rows: list[int] = []
@@ -116,26 +119,25 @@ class ModelRunner:
             pos.append(np.arange(start, end))
             slots.append(self._slots(req, start, end))
             if n == 1:
-                decode_ctx.append(self._slots(req, 0, end))
+                decode_ctx.append((req.block_ids[: self._nblocks(end)], end))
             else:
-                ctx_slots = None if start == 0 else torch.from_numpy(self._slots(req, 0, end)).to(self.device)
-                prefills.append(PrefillSeq(t, n, end, ctx_slots))
+                blocks = None if start == 0 else torch.tensor(req.block_ids[: self._nblocks(end)], device=self.device)
+                prefills.append(PrefillSeq(t, n, end, blocks))
             t += n
             if end == req.num_tokens:  # reached the end of what is known: sample the next token
                 samplers.append(i)
                 rows.append(t - 1)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-                                 num_decodes=len(decode_ctx), prefills=prefills)
+                                 num_decodes=len(decode_ctx), prefills=prefills, block_size=self.block_size)
         if decode_ctx:
-            lmax = max(len(s) for s in decode_ctx)
-            table = np.zeros((len(decode_ctx), lmax), dtype=np.int64)
-            mask = np.zeros((len(decode_ctx), lmax), dtype=bool)
-            for j, s in enumerate(decode_ctx):
-                table[j, : len(s)] = s
-                mask[j, : len(s)] = True
-            meta.decode_slots = torch.from_numpy(table).to(dev)
-            meta.decode_mask = torch.from_numpy(mask).to(dev)[:, None, None, :]
+            nb = max(len(b) for b, _ in decode_ctx)
+            table = np.zeros((len(decode_ctx), nb), dtype=np.int64)
+            for j, (b, _) in enumerate(decode_ctx):
+                table[j, : len(b)] = b
+            ctx = torch.tensor([c for _, c in decode_ctx], device=dev)
+            meta.decode_blocks = torch.from_numpy(table).to(dev)
+            meta.decode_mask = (torch.arange(nb * self.block_size, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.from_numpy(np.concatenate(pos)).to(dev)
         return input_ids, positions, meta, samplers, rows
