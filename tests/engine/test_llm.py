@@ -173,3 +173,17 @@ def test_abort_frees_everything_at_once(llm):
     for i in range(4):
         llm.engine.abort_request(f"abort-{i}")
     assert_idle(llm)
+
+
+def test_stop_token_text_is_hidden_unless_asked_for(llm):
+    base = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    full = llm.generate("The sky is", base)[0].outputs[0]
+    stop_id = full.token_ids[4]
+    first = full.token_ids.index(stop_id)
+    stopped = llm.generate("The sky is", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                        stop_token_ids=[stop_id]))[0].outputs[0]
+    assert stopped.token_ids == full.token_ids[: first + 1]
+    assert stopped.text == llm.tokenizer.decode(full.token_ids[:first])
+    shown = llm.generate("The sky is", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                      stop_token_ids=[stop_id], include_stop_str_in_output=True))
+    assert shown[0].outputs[0].text == llm.tokenizer.decode(full.token_ids[: first + 1])

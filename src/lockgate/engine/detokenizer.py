@@ -72,6 +72,11 @@ class IncrementalDetokenizer:
                 return delta, stop
         return delta, None
 
+    def append_hidden(self, token_ids: Sequence[int]) -> None:
+        """Record tokens whose text must not show: the EOS or stop token that ended the sequence."""
+        if not self.finished:
+            self.token_ids.extend(token_ids)
+
     def flush(self) -> str:
         """The sequence ended (eos, stop token, length): release everything held back."""
         if self.finished:

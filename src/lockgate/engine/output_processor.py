@@ -105,7 +105,14 @@ class OutputProcessor:
                 continue
             if out.num_cached_tokens:
                 parent.num_cached_tokens = out.num_cached_tokens
-            delta, stop = child.detok.append(out.new_token_ids)
+            ids = out.new_token_ids
+            # The EOS or stop token that ended the sequence counts as a token but, as in
+            # vLLM, its text stays out of the output unless asked for.
+            hide_last = (out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
+                         and not child.detok.params.include_stop_str_in_output)
+            delta, stop = child.detok.append(ids[:-1] if hide_last else ids)
+            if hide_last and stop is None:
+                child.detok.append_hidden(ids[-1:])
             self._logprobs(child, out.new_token_ids, out.new_logprobs)
             if stop is not None:
                 child.finish_reason, child.stop_reason = "stop", stop
@@ -133,7 +140,7 @@ class OutputProcessor:
     @staticmethod
     def _completion(child: ChildState, delta: str, delta_ids: list[int]) -> CompletionOutput:
         return CompletionOutput(
-            index=child.index, text=child.detok.text, token_ids=child.detok.token_ids,
+            index=child.index, text=child.detok.text, token_ids=list(child.detok.token_ids),
             finish_reason=child.finish_reason, stop_reason=child.stop_reason,
             cumulative_logprob=child.cumulative_logprob if child.want_logprobs else None,
             logprobs=child.logprobs if child.want_logprobs else None,

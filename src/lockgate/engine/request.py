@@ -12,7 +12,6 @@ from lockgate.engine.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    PREEMPTED = "preempted"
     FINISHED = "finished"
 
 
