@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/lockgate chat
+	$(BIN)/lockgate serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

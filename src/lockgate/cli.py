@@ -1,4 +1,4 @@
-"""`lockgate` command line: generate, chat (and serve, once the server exists)."""
+"""`lockgate` command line: serve, generate, chat."""
 from __future__ import annotations
 
 import sys
@@ -101,6 +101,11 @@ def chat(
             engine.abort_request(rid)
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": reply})
+
+
+from lockgate.server.launch import serve_command  # noqa: E402  (after the app exists)
+
+app.command("serve")(serve_command)
 
 
 def main() -> None:

@@ -1,0 +1,37 @@
+"""The `lockgate` CLI as a user runs it: generate, chat REPL, bad model path."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+LOCKGATE = [sys.executable, "-m", "lockgate.cli"]
+
+
+def run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(LOCKGATE + args, input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def test_generate_chat_prints_the_answer():
+    r = run(["generate", "--chat", "--max-tokens", "24", "What is the capital of France?"])
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_chat_repl_streams_and_exits():
+    r = run(["chat", "--temperature", "0"], stdin="What is the capital of France?\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path: Path):
+    r = run(["generate", "--model", str(tmp_path / "nope"), "hello"])
+    assert r.returncode == 2
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    r = run(["generate", "--model", str(tmp_path), "hello"])
+    assert r.returncode == 2
+    assert "LlamaForCausalLM" in r.stderr and "Traceback" not in r.stderr
