@@ -7,8 +7,8 @@ loop over its own KV cache with no `generate` machinery), with the ratios.
 
     .venv/bin/python benchmarks/cpu_engine.py [--batches 1,16] [--dtype auto]
 
-transformers runs on the same dequantized GGUF weights (its own GGUF loader), in
-float32 (its CPU default); lockgate runs in its default CPU dtype (bfloat16 where
+transformers runs on the same dequantized GGUF weights (loaded into its own
+LlamaForCausalLM), in float32 (its CPU default); lockgate runs in its default CPU dtype (bfloat16 where
 the CPU has AVX512-BF16/AMX) unless --dtype says otherwise. Both use all cores.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 import torch
 
 from lockgate import LLM, SamplingParams
-from lockgate.engine.loader.default_model import default_model_path
+from lockgate.engine.loader import load_checkpoint
 
 PROMPT_LEN = 64
 OUTPUT_LEN = 64
@@ -45,12 +45,22 @@ def bench_lockgate(llm: LLM, prompts: list[list[int]]) -> float:
 
 
 def load_hf():
-    from transformers import AutoModelForCausalLM
+    """transformers' LlamaForCausalLM with the same dequantized GGUF weights (HF names)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
-    return model.eval()
+    ckpt = load_checkpoint(None)
+    c = ckpt.config
+    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                      num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                      max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+                      rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings)
+    model = LlamaForCausalLM(cfg).float().eval()
+    missing, unexpected = model.load_state_dict(dict(ckpt.weights()), strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
+    if c.tie_word_embeddings:
+        model.tie_weights()
+    return model
 
 
 @torch.inference_mode()
