@@ -1,0 +1,166 @@
+"""The engine-core process: a loop around `EngineCore` behind two ZeroMQ sockets.
+
+    API process ──PUSH──▶ [input]  core loop  [output] ──PUSH──▶ API process
+
+The loop drains every pending input message between steps (a non-blocking
+poll), so an abort lands before the next step and its KV blocks are freed at
+once; when no request is unfinished it blocks on the input socket instead of
+spinning. The API process owns this process's lifetime: it starts it with
+`python -m lockgate.engine.core`, stops it with a `Shutdown` message, and the
+core exits by itself if its parent disappears.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+import msgspec
+import zmq
+
+from lockgate.engine.config import EngineConfig
+from lockgate.engine.messages import (
+    AbortRequests,
+    AddRequests,
+    ClientMessage,
+    EngineFailed,
+    Ready,
+    RequestFailed,
+    Shutdown,
+    StepOutputs,
+    decode_config,
+)
+from lockgate.engine.outputs import EngineCoreOutput
+
+log = logging.getLogger("lockgate.engine.core")
+
+# Idle: wake this often to send a heartbeat and check that the parent still lives.
+IDLE_POLL_MS = 1000
+
+
+class CoreLoop:
+    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str) -> None:
+        self.config = config
+        self.ctx = zmq.Context(io_threads=1)
+        self.inp = self.ctx.socket(zmq.PULL)
+        self.inp.connect(input_addr)
+        self.out = self.ctx.socket(zmq.PUSH)
+        self.out.setsockopt(zmq.LINGER, 2000)  # let the last outputs leave on shutdown
+        self.out.connect(output_addr)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(ClientMessage)
+        self.parent_pid = os.getppid()
+        self.core = None  # set by start(); loading the model can take a while
+
+    def send(self, msg: object) -> None:
+        self.out.send(self.encoder.encode(msg), copy=False)
+
+    def start(self) -> bool:
+        from lockgate.engine.engine_core import EngineCore  # heavy (torch): import in the child only
+
+        try:
+            self.core = EngineCore(self.config)
+        except Exception as exc:  # noqa: BLE001 - any start-up failure is reported, then we exit
+            log.exception("engine core failed to start")
+            self.send(EngineFailed(message=f"engine failed to start: {exc}"))
+            return False
+        core = self.core
+        self.send(Ready(
+            pid=os.getpid(), max_model_len=core.max_model_len, model_config=core.model_config,
+            num_total_blocks=core.stats().num_total_blocks, block_size=self.config.block_size,
+            stats=core.stats(),
+        ))
+        return True
+
+    def run(self) -> int:
+        core = self.core
+        assert core is not None
+        while True:
+            busy = core.has_unfinished_requests()
+            # Drain all pending inputs; block (with a heartbeat timeout) only when idle.
+            handled = False
+            timeout = 0 if busy else IDLE_POLL_MS
+            while self.inp.poll(timeout):
+                timeout = 0
+                msg = self.decoder.decode(self.inp.recv(copy=False))
+                if isinstance(msg, Shutdown):
+                    log.info("engine core: shutdown requested")
+                    return 0
+                self.handle(msg)
+                handled = True
+            if os.getppid() != self.parent_pid:
+                log.error("engine core: parent process is gone, exiting")
+                return 1
+            outputs: list[EngineCoreOutput] = []
+            if core.has_unfinished_requests():
+                outputs = core.step()
+            # After an abort the engine may be idle: still tell the frontend (freed blocks).
+            if outputs or handled or not busy:
+                self.send(StepOutputs(outputs=outputs, stats=core.stats()))
+
+    def handle(self, msg: AddRequests | AbortRequests) -> None:
+        core = self.core
+        if isinstance(msg, AbortRequests):
+            core.abort_requests(msg.request_ids)
+            return
+        for req in msg.requests:
+            try:
+                core.add_request(req)
+            except ValueError as exc:
+                self.send(RequestFailed(request_id=req.request_id, message=str(exc)))
+
+    def close(self) -> None:
+        self.inp.close(linger=0)
+        self.out.close()
+        self.ctx.term()
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL us when the parent dies (best effort elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="lockgate engine core (started by the API server)")
+    parser.add_argument("--input", required=True, help="ZMQ address to receive requests on")
+    parser.add_argument("--output", required=True, help="ZMQ address to send outputs to")
+    parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    args = parser.parse_args(argv)
+
+    _die_with_parent()
+    # Ctrl-C reaches the whole process group, and SIGTERM may too (systemd, containers):
+    # the API process decides when we stop, after draining, by sending Shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=os.environ.get("LOCKGATE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s [engine] %(message)s")
+
+    loop = CoreLoop(decode_config(args.config), args.input, args.output)
+    rc = 1
+    try:
+        if loop.start():
+            t0 = time.monotonic()
+            rc = loop.run()
+            log.info("engine core exiting after %.0f s", time.monotonic() - t0)
+    except Exception as exc:  # noqa: BLE001 - report, then exit non-zero so the supervisor restarts us
+        log.exception("engine core crashed")
+        try:
+            loop.send(EngineFailed(message=f"engine core crashed: {type(exc).__name__}: {exc}"))
+        except zmq.ZMQError:
+            traceback.print_exc()
+    finally:
+        loop.close()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The FastAPI application: routes, error handlers, guard middleware, engine life cycle."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+import lockgate
+from lockgate.engine.client import AsyncEngineClient, EngineUnavailableError
+from lockgate.engine.config import EngineConfig
+from lockgate.server.config import DEFAULT_MODEL_NAME, ServerConfig
+from lockgate.server.context import ServerContext
+from lockgate.server.errors import install_error_handlers
+from lockgate.server.metrics import ServerMetrics
+from lockgate.server.middleware import GuardMiddleware
+from lockgate.server.routes import router
+
+log = logging.getLogger("lockgate.server")
+
+
+def served_names(engine_config: EngineConfig, server_config: ServerConfig) -> list[str]:
+    """As vLLM: the `model` argument as given, unless names are configured."""
+    if server_config.served_model_names:
+        return list(server_config.served_model_names)
+    return [engine_config.model or DEFAULT_MODEL_NAME]
+
+
+def build_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
+    client = AsyncEngineClient(engine_config, startup_timeout_s=server_config.engine_startup_timeout_s)
+    names = served_names(engine_config, server_config)
+    metrics = ServerMetrics(names[0], client.state)
+    ctx = ServerContext(server_config, engine_config, client, metrics, names)
+    client.on_restart = lambda: log.warning("engine core restarted (%d restarts so far)", client.num_restarts)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await client.start()  # an EngineStartError here makes uvicorn exit: nothing to serve
+        log.info("serving %s (max_model_len %d)", ", ".join(names), client.max_model_len)
+        try:
+            yield
+        finally:
+            await client.shutdown()
+
+    app = FastAPI(title="lockgate", version=lockgate.__version__, lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(GuardMiddleware, ctx=ctx)
+    return app
+
+
+async def drain(ctx: ServerContext, timeout_s: float) -> None:
+    """Refuse new requests (503), let in-flight ones finish for up to `timeout_s`, then
+    cut the rest short with a clear error. Returns when no request is left."""
+    ctx.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    log.info("draining: %d request(s) in flight, waiting up to %.0f s", ctx.inflight, timeout_s)
+    while ctx.inflight > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if ctx.inflight > 0:
+        log.warning("drain timeout: cancelling %d request(s) still in flight", ctx.inflight)
+        ctx.client.fail_all(EngineUnavailableError("the server is shutting down; the request was cut short"))
+        end = loop.time() + 5.0
+        while ctx.inflight > 0 and loop.time() < end:
+            await asyncio.sleep(0.05)
+    log.info("drained")

@@ -1,0 +1,87 @@
+"""What every route needs: the engine client, configs, metrics, and the admission checks."""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+
+from lockgate.engine.client import AsyncEngineClient
+from lockgate.engine.config import EngineConfig
+from lockgate.engine.tokenizer import Tokenizer
+from lockgate.server.config import ServerConfig
+from lockgate.server.errors import APIError, bad_request, model_not_found, unavailable
+from lockgate.server.metrics import ServerMetrics
+
+# Longer texts are tokenized in a worker thread so the event loop keeps streaming.
+_INLINE_TOKENIZE_CHARS = 4096
+
+
+@dataclass
+class ServerContext:
+    config: ServerConfig
+    engine_config: EngineConfig
+    client: AsyncEngineClient
+    metrics: ServerMetrics
+    model_names: list[str]
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+    inflight: int = 0  # HTTP requests (past the guard middleware) not yet fully answered
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        tok = self.client.tokenizer
+        if tok is None:
+            raise unavailable("the model is still loading", "engine_unavailable", retry_after_s=5)
+        return tok
+
+    def resolve_model(self, model: str | None) -> str:
+        if model is None or model in self.model_names:
+            return self.model_name
+        raise model_not_found(model)
+
+    def check_engine(self) -> None:
+        if self.draining:
+            self.metrics.reject("draining")
+            raise unavailable("the server is shutting down", "server_draining")
+        if not self.client.healthy:
+            self.metrics.reject("engine_unavailable")
+            raise unavailable("the engine is unavailable (restarting); retry shortly", "engine_unavailable",
+                              retry_after_s=5)
+
+    def admit(self, num_requests: int, num_tokens: int) -> None:
+        """429 when the bounded waiting queue cannot take this request (an empty queue always can)."""
+        s = self.client.state()
+        cfg = self.config
+        if s.num_queued_requests == 0:
+            return
+        if (s.num_queued_requests + num_requests > cfg.max_queued_requests
+                or s.num_queued_tokens + num_tokens > cfg.max_queued_tokens):
+            self.metrics.reject("queue_full")
+            retry = max(1, min(60, math.ceil(self.metrics.ttft_ema_s)))
+            raise APIError(
+                429,
+                f"the server is overloaded: {s.num_queued_requests} requests "
+                f"({s.num_queued_tokens} prompt tokens) are waiting; retry after {retry} s",
+                code="queue_full", headers={"Retry-After": str(retry)})
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        limit = self.client.max_model_len
+        wanted = num_prompt_tokens + (max_tokens or 1)
+        if wanted > limit:
+            what = "messages" if param == "messages" else "prompt"
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{wanted} tokens ({num_prompt_tokens} in the {what}, {max_tokens or 1} in the completion). "
+                f"Please reduce the length of the {what} or completion.",
+                param=param, code="context_length_exceeded")
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        tok = self.tokenizer
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return tok.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(tok.encode, text, add_special_tokens)

@@ -1,0 +1,131 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, and the
+exception handlers that turn every failure into one (never a bare 500 page)."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+log = logging.getLogger("lockgate.server")
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """Raise anywhere in a route: the handler renders it in the OpenAI error format."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None, type_: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+        self.type = type_ or _TYPE_BY_STATUS.get(status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> Response:
+        return json_response(self.body(), self.status, self.headers)
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    # msgspec: several times faster than the stdlib for our response bodies.
+    return Response(msgspec.json.encode(content), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def unavailable(message: str, code: str, retry_after_s: int | None = None) -> APIError:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
+    return APIError(503, message, code=code, headers=headers)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _split_loc(loc: tuple[Any, ...]) -> tuple[str | None, list[str]]:
+    """("prompt", "list[int]", 0) -> ("prompt.0", ["list[int]"]): pydantic puts union
+    member names in the location; they are not part of the field path."""
+    parts: list[str] = []
+    tags: list[str] = []
+    for p in loc:
+        if p == "body":
+            continue
+        if isinstance(p, str) and ("[" in p or p.lower() in _TYPE_TAGS or "-" in p):
+            tags.append(p)
+            continue
+        parts.append(str(p))
+    return (".".join(parts) or None), tags
+
+
+def validation_error(exc_errors: list[dict[str, Any]]) -> APIError:
+    """Pydantic errors -> one 400 naming the first offending field (what OpenAI does)."""
+    if not exc_errors:
+        return bad_request("invalid request")
+    first = exc_errors[0]
+    if first.get("type") == "json_invalid":
+        return bad_request(f"the request body is not valid JSON: {first.get('msg', '')}".rstrip(": "),
+                           code="invalid_json")
+    param, tags = _split_loc(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid value")
+    if tags:  # a value matching none of a union's types: name them all
+        alts = []
+        for e in exc_errors:
+            p, t = _split_loc(tuple(e.get("loc", ())))
+            if p == param and t and t[0] not in alts:
+                alts.append(t[0])
+        msg = f"invalid type; expected one of: {', '.join(alts)}"
+    where = f"{param}: " if param else ""
+    return bad_request(f"{where}{msg}", param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        return validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {}))
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error").response()

@@ -1,0 +1,149 @@
+"""Driving engine streams for a route: submit, merge, collect, map engine errors to HTTP.
+
+A request whose HTTP client goes away is aborted in the engine at once, for
+streaming responses (`SSEResponse.on_close`) and non-streaming ones alike (a
+watcher on the ASGI receive channel).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+
+from lockgate.engine.client import (
+    EngineDeadError,
+    EngineUnavailableError,
+    RequestRejectedError,
+    RequestStream,
+)
+from lockgate.engine.outputs import RequestOutput
+from lockgate.engine.sampling_params import SamplingParams
+from lockgate.server.context import ServerContext
+from lockgate.server.errors import APIError, unavailable
+from lockgate.server.params import sampling_error
+from lockgate.server.sse import sse_event
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the response was ready."""
+
+
+def engine_error(exc: BaseException) -> APIError | None:
+    """The HTTP error for an exception from a request stream (None: not an engine error)."""
+    if isinstance(exc, RequestRejectedError):
+        return sampling_error(exc)
+    if isinstance(exc, EngineDeadError):
+        return unavailable(str(exc), "engine_dead", retry_after_s=5)
+    if isinstance(exc, EngineUnavailableError):
+        return unavailable(str(exc), "engine_unavailable", retry_after_s=5)
+    return None
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, EngineDeadError):
+        return "engine_dead"
+    if isinstance(exc, EngineUnavailableError):
+        return "engine_unavailable"
+    if isinstance(exc, RequestRejectedError):
+        return "rejected"
+    return "internal"
+
+
+def submit(ctx: ServerContext, request_id: str, prompts: list[list[int]], texts: list[str | None],
+           params: SamplingParams, priority: int = 0) -> list[RequestStream]:
+    """Submit one engine request per prompt; all or nothing."""
+    streams: list[RequestStream] = []
+    try:
+        for i, (ids, text) in enumerate(zip(prompts, texts)):
+            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            streams.append(ctx.client.add_request(rid, ids, params, prompt_text=text, priority=priority))
+    except ValueError as exc:
+        abort_all(streams)
+        raise sampling_error(exc) from None
+    except EngineUnavailableError as exc:
+        abort_all(streams)
+        raise unavailable(str(exc), "engine_unavailable", retry_after_s=5) from None
+    return streams
+
+
+def abort_all(streams: list[RequestStream]) -> None:
+    for s in streams:
+        s.abort()
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, None))
+        except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def collect(request: Request, streams: list[RequestStream], on_output: Any) -> list[RequestOutput]:
+    """The final output of every stream; raises ClientGone (after aborting) if the client leaves."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+
+    async def consume() -> None:
+        async for i, out in merged(streams):
+            on_output(out)
+            finals[i] = out
+
+    work = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise ClientGone()
+        work.result()  # re-raises engine errors
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+        abort_all(streams)  # no-op for finished streams
+    missing = [i for i, f in enumerate(finals) if f is None]
+    if missing:  # a stream that ended without output: aborted under us (drain timeout)
+        raise unavailable("the request was cancelled because the server is shutting down", "server_draining")
+    return finals  # type: ignore[return-value]
+
+
+def stream_error_event(exc: BaseException) -> bytes:
+    err = engine_error(exc) or APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+    body = err.body()
+    body["error"]["code"] = body["error"]["code"] or err.status
+    return sse_event(body)

@@ -1,0 +1,154 @@
+"""Start the server: `serve(...)` from Python, `serve_command` for the `lockgate serve` CLI.
+
+SIGTERM drains (new requests 503 at once, in-flight ones finish up to the drain
+timeout, then both processes exit with status 0); SIGINT (Ctrl-C) stops the
+way uvicorn does, and a second Ctrl-C forces the exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+
+from lockgate.engine.config import EngineConfig
+from lockgate.server.app import build_app, drain
+from lockgate.server.config import ServerConfig
+from lockgate.server.context import ServerContext
+
+log = logging.getLogger("lockgate.server")
+
+STARTUP_FAILURE = 3  # uvicorn's exit status when the application cannot start
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, ctx: ServerContext, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.ctx = ctx
+        self.drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self.started and self._loop is not None and self._drain_task is None:
+            # Not recorded in _captured_signals: uvicorn would re-raise it at exit and
+            # turn a clean drain into death by SIGTERM.
+            self._loop.call_soon_threadsafe(self._begin_drain)
+            return
+        if sig == signal.SIGTERM and self._drain_task is not None:
+            return  # already draining; SIGINT still forces the way out
+        super().handle_exit(sig, frame)
+
+    def _begin_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        await drain(self.ctx, self.drain_timeout_s)
+        self.should_exit = True
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *,
+          served_model_name: list[str] | str | None = None, api_key: str | None = None,
+          max_request_body_bytes: int = 4 * 1024 * 1024, max_queued_requests: int = 256,
+          max_queued_tokens: int = 262_144, drain_timeout_s: float = 30.0, max_n: int = 16,
+          log_level: str = "info", access_log: bool = True, **engine_options: Any) -> int:
+    """Serve `model` (None: the embedded SmolLM2) until stopped; returns the exit status.
+
+    `engine_options` are `EngineConfig` fields (max_model_len, max_num_seqs, kv_cache_memory_gb, ...).
+    """
+    if model is not None and not Path(model).exists():
+        raise ValueError(f"model path {model!r} does not exist")
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+    engine_config = EngineConfig(model=model, **engine_options)
+    server_config = ServerConfig(
+        host=host, port=port, served_model_names=names, api_key=api_key,
+        max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
+        max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout_s, max_n=max_n, log_level=log_level)
+    level = log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lockgate").setLevel(level)
+    if not _is_loopback(host) and not api_key:
+        log.warning("listening on %s without an API key: anyone who can reach it can use it", host)
+    app = build_app(engine_config, server_config)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log,
+                            timeout_graceful_shutdown=5, timeout_keep_alive=5)
+    server = DrainingServer(config, app.state.ctx, drain_timeout_s)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else STARTUP_FAILURE
+
+
+def _default(name: str) -> Any:
+    return EngineConfig.__dataclass_fields__[name].default
+
+
+def serve_command(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="HF checkpoint directory or GGUF file; default: the embedded SmolLM2-135M-Instruct")] = None,  # noqa: E501
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    served_model_name: Annotated[list[str] | None, typer.Option(help="Name(s) clients use as `model` (repeatable)")] = None,  # noqa: E501
+    api_key: Annotated[str | None, typer.Option(envvar="LOCKGATE_API_KEY", help="Require `Authorization: Bearer KEY`")] = None,  # noqa: E501
+    max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's, capped)")] = None,  # noqa: E501
+    max_num_seqs: Annotated[int, typer.Option(help="Max requests in one batch")] = _default("max_num_seqs"),
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step")] = _default("max_num_batched_tokens"),  # noqa: E501
+    kv_cache_memory_gb: Annotated[float, typer.Option(help="Memory for the KV cache")] = _default("kv_cache_memory_gb"),  # noqa: E501
+    num_kv_blocks: Annotated[int | None, typer.Option(help="KV blocks (overrides --kv-cache-memory-gb)")] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV block")] = _default("block_size"),
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = _default("dtype"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = _default("device"),
+    load_format: Annotated[str, typer.Option(help="auto | dummy (random weights)")] = _default("load_format"),
+    seed: Annotated[int, typer.Option(help="Engine seed")] = _default("seed"),
+    enable_prefix_caching: Annotated[bool, typer.Option(help="Reuse KV blocks of shared prompt prefixes")] = _default("enable_prefix_caching"),  # noqa: E501
+    enable_chunked_prefill: Annotated[bool, typer.Option(help="Split long prompts across steps")] = _default("enable_chunked_prefill"),  # noqa: E501
+    scheduling_policy: Annotated[str, typer.Option(help="fcfs | priority")] = _default("scheduling_policy"),
+    max_logprobs: Annotated[int, typer.Option(help="Max logprobs / top_logprobs per token")] = _default("max_logprobs"),  # noqa: E501
+    num_threads: Annotated[int | None, typer.Option(help="CPU threads of the engine process")] = None,
+    max_request_body_bytes: Annotated[int, typer.Option(help="Larger bodies get 413")] = 4 * 1024 * 1024,
+    max_queued_requests: Annotated[int, typer.Option(help="Waiting requests before 429")] = 256,
+    max_queued_tokens: Annotated[int, typer.Option(help="Waiting prompt tokens before 429")] = 262_144,
+    drain_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get after SIGTERM")] = 30.0,
+    max_n: Annotated[int, typer.Option(help="Largest `n` accepted")] = 16,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+    access_log: Annotated[bool, typer.Option(help="Log every HTTP request")] = True,
+) -> None:
+    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, ...)."""
+    try:
+        code = serve(
+            model, host, port, served_model_name=served_model_name, api_key=api_key,
+            max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
+            max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout, max_n=max_n,
+            log_level=log_level, access_log=access_log,
+            max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_memory_gb=kv_cache_memory_gb, num_kv_blocks=num_kv_blocks, block_size=block_size,
+            dtype=dtype, device=device, load_format=load_format, seed=seed,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+            scheduling_policy=scheduling_policy, max_logprobs=max_logprobs, num_threads=num_threads,
+        )
+    except ValueError as exc:  # a bad option value (EngineConfig / ServerConfig validation)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,134 @@
+"""Turn a validated OpenAI request into engine inputs: SamplingParams, prompts, chat messages.
+
+Everything a client controls is bounded here (n, stop strings, messages,
+prompts, logprobs) and every refusal is a 400 naming the offending field.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from lockgate.engine.sampling_params import SamplingParams
+from lockgate.server.config import ServerConfig
+from lockgate.server.errors import APIError, bad_request
+from lockgate.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
+
+_FIELD_RE = re.compile(r"^([a-z_]+)\b")
+_EXTRA_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+                 "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens")
+
+
+def sampling_error(exc: ValueError) -> APIError:
+    """SamplingParams / InputProcessor messages start with the field they are about."""
+    msg = str(exc)
+    m = _FIELD_RE.match(msg)
+    param = m.group(1) if m and m.group(1) in SamplingParams.__dataclass_fields__ else None
+    return bad_request(msg, param=param, code="invalid_value")
+
+
+def _common(req: _SamplingFields, cfg: ServerConfig, max_tokens: int | None,
+            logprobs: int | None) -> SamplingParams:
+    n = req.n or 1
+    if n > cfg.max_n:
+        raise bad_request(f"n must be <= {cfg.max_n}, got {n}", param="n", code="invalid_value")
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    if stop is not None and len(stop) > cfg.max_stop:
+        raise bad_request(f"stop must have at most {cfg.max_stop} strings, got {len(stop)}",
+                          param="stop", code="invalid_value")
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_parameter")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+    kwargs: dict[str, Any] = {
+        "n": n,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "seed": req.seed,
+        "stop": stop or None,
+        "max_tokens": max_tokens,
+        "logprobs": logprobs,
+    }
+    for name in _EXTRA_FIELDS:
+        value = getattr(req, name)
+        if value is not None:
+            kwargs[name] = value
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise sampling_error(exc) from None
+
+
+def completion_params(req: CompletionRequest, cfg: ServerConfig) -> SamplingParams:
+    if req.suffix:
+        raise bad_request("suffix is not supported", param="suffix", code="unsupported_parameter")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise bad_request("best_of must equal n (server-side best-of is not supported)", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", param="echo")
+    return _common(req, cfg, req.max_tokens, req.logprobs)
+
+
+def chat_params(req: ChatCompletionRequest, cfg: ServerConfig) -> SamplingParams:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise bad_request(f"response_format type {req.response_format.type!r} is not supported",
+                          param="response_format", code="unsupported_parameter")
+    if req.tools and req.tool_choice != "none":
+        raise bad_request("tool calling is not supported", param="tools", code="unsupported_parameter")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return _common(req, cfg, max_tokens, logprobs)
+
+
+def completion_prompts(req: CompletionRequest, cfg: ServerConfig) -> list[str | list[int]]:
+    """The request's prompts as a list: one string, token ids, or a batch of either."""
+    p = req.prompt
+    if isinstance(p, str):
+        prompts: list[str | list[int]] = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [p]  # type: ignore[list-item]
+    else:
+        prompts = list(p)  # type: ignore[arg-type]
+    if not prompts:
+        raise bad_request("prompt must not be empty", param="prompt")
+    if len(prompts) > cfg.max_prompts:
+        raise bad_request(f"prompt must hold at most {cfg.max_prompts} prompts, got {len(prompts)}",
+                          param="prompt")
+    for i, one in enumerate(prompts):
+        if len(one) == 0:
+            where = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            raise bad_request(f"{where} must not be empty", param=where)
+    return prompts
+
+
+def chat_messages(messages: list[ChatMessage], cfg: ServerConfig) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them: role and plain-text content."""
+    if len(messages) > cfg.max_messages:
+        raise bad_request(f"messages must hold at most {cfg.max_messages} messages, got {len(messages)}",
+                          param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"content part type {part.type!r} is not supported (text only)",
+                                      param=f"messages.{i}.content.{j}.type", code="unsupported_content")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        if content is None:
+            if m.role != "assistant":
+                raise bad_request(f"messages.{i}.content is required for role {m.role!r}",
+                                  param=f"messages.{i}.content")
+            content = ""
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.name is not None:
+            msg["name"] = m.name
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out

@@ -1,0 +1,155 @@
+"""POST /v1/chat/completions: messages through the model's chat template, n choices."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from lockgate.engine.client import RequestStream
+from lockgate.engine.outputs import CompletionOutput, RequestOutput
+from lockgate.server.context import ServerContext
+from lockgate.server.errors import bad_request, json_response
+from lockgate.server.generation import (
+    ClientGone,
+    abort_all,
+    collect,
+    engine_error,
+    failure_reason,
+    stream_error_event,
+    submit,
+)
+from lockgate.server.logprobs import chat_logprobs
+from lockgate.server.metrics import RequestTracker
+from lockgate.server.params import chat_messages, chat_params
+from lockgate.server.protocol import ChatCompletionRequest, parse_body
+from lockgate.server.serving_completions import finish_reason, usage
+from lockgate.server.sse import DONE, SSEResponse, sse_event
+
+
+def render_chat(ctx: ServerContext, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                continue_final: bool, kwargs: dict[str, Any] | None) -> str:
+    """The chat template's text; a template error (bad role order, ...) is a 400."""
+    if continue_final and messages[-1]["role"] != "assistant":
+        raise bad_request("continue_final_message needs the last message to be from the assistant",
+                          param="continue_final_message")
+    try:
+        text = ctx.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt and not continue_final, **(kwargs or {}))
+    except ValueError as exc:
+        raise bad_request(str(exc), param="messages", code="invalid_messages") from None
+    if continue_final:  # cut the end-of-turn markup after the final message's content
+        last = messages[-1]["content"]
+        cut = text.rfind(last)
+        if last and cut >= 0:
+            text = text[: cut + len(last)]
+    return text
+
+
+async def create_chat_completion(request: Request, ctx: ServerContext) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    model = ctx.resolve_model(body.model)
+    params = chat_params(body, ctx.config)
+    messages = chat_messages(body.messages, ctx.config)
+    ctx.check_engine()
+    args = (ctx, messages, bool(body.add_generation_prompt), bool(body.continue_final_message),
+            body.chat_template_kwargs)
+    prompt = render_chat(*args) if len(messages) < 64 else await asyncio.to_thread(render_chat, *args)
+    ids = await ctx.encode(prompt, add_special_tokens=False)  # the template has the special tokens
+    if not ids:
+        raise bad_request("the rendered chat prompt is empty", param="messages")
+    ctx.check_context(len(ids), params.max_tokens, "messages")
+    ctx.check_engine()
+    ctx.admit(params.n, params.n * len(ids))
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    tracker = ctx.metrics.tracker(len(ids))
+    streams = submit(ctx, request_id, [ids], [prompt], params, body.priority or 0)
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
+    meta = {"id": request_id, "model": model, "created": int(time.time())}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def on_close() -> None:
+            abort_all(streams)
+            tracker.finish(None, error="client_disconnected")  # no-op when the stream completed
+
+        return SSEResponse(_stream(meta, streams[0], params.n, len(ids), top_n, tracker, include_usage),
+                           on_close)
+    try:
+        finals = await collect(request, streams, tracker.on_output)
+    except ClientGone:  # already aborted in the engine; nobody reads this response
+        tracker.finish(None, error="client_disconnected")
+        return Response(status_code=499)
+    except Exception as exc:
+        tracker.finish(None, error=failure_reason(exc))
+        err = engine_error(exc)
+        if err is None:
+            raise
+        raise err from None
+    final = finals[0]
+    tracker.finish([c.finish_reason for c in final.outputs])
+    return json_response(_response(meta, final, len(ids), top_n))
+
+
+def _choice_logprobs(c: CompletionOutput, token_ids: list[int], top_n: int | None) -> dict[str, Any] | None:
+    if top_n is None or c.logprobs is None:
+        return None
+    end = len(c.token_ids)
+    return chat_logprobs(token_ids, c.logprobs[end - len(token_ids):end], top_n)
+
+
+def _response(meta: dict[str, Any], final: RequestOutput, num_prompt: int, top_n: int | None) -> dict[str, Any]:
+    choices = [{
+        "index": c.index,
+        "message": {"role": "assistant", "content": c.text, "refusal": None},
+        "logprobs": _choice_logprobs(c, c.token_ids, top_n),
+        "finish_reason": finish_reason(c.finish_reason),
+        "stop_reason": c.stop_reason,
+    } for c in final.outputs]
+    completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+    return {**meta, "object": "chat.completion", "choices": choices,
+            "usage": usage(num_prompt, completion_tokens, final.num_cached_tokens), "system_fingerprint": None}
+
+
+async def _stream(meta: dict[str, Any], stream: RequestStream, n: int, num_prompt: int, top_n: int | None,
+                  tracker: RequestTracker, include_usage: bool) -> AsyncIterator[bytes]:
+    head = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None}
+    extra = {"usage": None} if include_usage else {}
+    finished: set[int] = set()
+    reasons: list[str | None] = []
+    completion_tokens = cached = 0
+    try:
+        # OpenAI opens each choice with the role and an empty content.
+        for i in range(n):
+            yield sse_event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}], **extra})
+        async for out in stream:
+            tracker.on_output(out)
+            cached = max(cached, out.num_cached_tokens)
+            for c in out.outputs:
+                if c.index in finished:
+                    continue
+                completion_tokens += len(c.delta_token_ids)
+                lp = _choice_logprobs(c, c.delta_token_ids, top_n) if c.delta_token_ids else None
+                if not c.delta_text and c.finish_reason is None and lp is None:
+                    continue
+                delta = {"content": c.delta_text} if c.delta_text or lp is not None else {}
+                choice = {"index": c.index, "delta": delta, "logprobs": lp,
+                          "finish_reason": finish_reason(c.finish_reason)}
+                if c.finish_reason is not None:
+                    choice["stop_reason"] = c.stop_reason
+                    finished.add(c.index)
+                    reasons.append(c.finish_reason)
+                yield sse_event({**head, "choices": [choice], **extra})
+        if include_usage:
+            yield sse_event({**head, "choices": [], "usage": usage(num_prompt, completion_tokens, cached)})
+        tracker.finish(reasons)
+        yield DONE
+    except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band
+        tracker.finish(None, error=failure_reason(exc))
+        yield stream_error_event(exc)
+        yield DONE
