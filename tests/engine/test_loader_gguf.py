@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from lockgate.engine.config import RopeScaling
-from lockgate.engine.loader import ModelNotFoundError, default_model_path, load_checkpoint
+from lockgate.engine.loader import load_checkpoint
 from lockgate.engine.loader.gguf import hf_name, llama3_divisors
 from lockgate.engine.loader.gguf_tokenizer import gpt2_byte_chars
 from lockgate.engine.loader.layout import expected_shapes
@@ -23,14 +23,6 @@ def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the real SmolLM2 file
-@pytest.fixture(scope="module")
-def smollm_path() -> Path:
-    try:
-        return default_model_path()
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def smollm(smollm_path: Path):
     ck = load_checkpoint(None)

@@ -73,6 +73,7 @@ def test_preemption_takes_least_important_latest_and_requeues_it_first():
     assert step == {"a": 1}
     assert b.status == RequestStatus.WAITING and b.block_ids == [] and b.num_computed_tokens == 0
     assert s.waiting[0] is b and s.num_preemptions == 1
+    assert a.status == RequestStatus.RUNNING and len(a.block_ids) == 3
     assert b.output_token_ids == [1]  # kept: recompute covers prompt + output so far
 
 

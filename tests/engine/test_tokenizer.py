@@ -8,7 +8,6 @@ import pytest
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
-from lockgate.engine.loader import ModelNotFoundError, default_model_path
 from lockgate.engine.loader.gguf_tokenizer import gpt2_byte_chars
 from lockgate.engine.tokenizer import Tokenizer
 
@@ -27,14 +26,6 @@ TEXTS = [
     "<|im_start|>user\nhi<|im_end|>\n",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm_path() -> Path:
-    try:
-        return default_model_path()
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

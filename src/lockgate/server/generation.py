@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from lockgate.engine.client import (
     EngineDeadError,
@@ -147,3 +148,31 @@ def stream_error_event(exc: BaseException) -> bytes:
     body = err.body()
     body["error"]["code"] = body["error"]["code"] or err.status
     return sse_event(body)
+
+
+async def collect_or_respond(request: Request, streams: list[RequestStream],
+                             tracker: Any) -> list[RequestOutput] | Response:
+    """Non-streaming routes: every stream's final output, or the response to send instead.
+
+    A client that went away gets a 499 nobody reads (its requests are already
+    aborted); an engine failure becomes its HTTP error."""
+    try:
+        return await collect(request, streams, tracker.on_output)
+    except ClientGone:
+        tracker.finish(None, error="client_disconnected")
+        return Response(status_code=499)
+    except Exception as exc:
+        tracker.finish(None, error=failure_reason(exc))
+        err = engine_error(exc)
+        if err is None:
+            raise
+        raise err from None
+
+
+def stream_closer(streams: list[RequestStream], tracker: Any) -> Any:
+    """`SSEResponse.on_close` for streaming routes: abort in the engine, record the hang-up."""
+    def on_close() -> None:
+        abort_all(streams)
+        tracker.finish(None, error="client_disconnected")  # no-op when the stream completed
+
+    return on_close

@@ -15,11 +15,9 @@ from lockgate.engine.outputs import CompletionOutput, RequestOutput
 from lockgate.server.context import ServerContext
 from lockgate.server.errors import bad_request, json_response
 from lockgate.server.generation import (
-    ClientGone,
-    abort_all,
-    collect,
-    engine_error,
+    collect_or_respond,
     failure_reason,
+    stream_closer,
     stream_error_event,
     submit,
 )
@@ -72,24 +70,11 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
     meta = {"id": request_id, "model": model, "created": int(time.time())}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def on_close() -> None:
-            abort_all(streams)
-            tracker.finish(None, error="client_disconnected")  # no-op when the stream completed
-
         return SSEResponse(_stream(meta, streams[0], params.n, len(ids), top_n, tracker, include_usage),
-                           on_close)
-    try:
-        finals = await collect(request, streams, tracker.on_output)
-    except ClientGone:  # already aborted in the engine; nobody reads this response
-        tracker.finish(None, error="client_disconnected")
-        return Response(status_code=499)
-    except Exception as exc:
-        tracker.finish(None, error=failure_reason(exc))
-        err = engine_error(exc)
-        if err is None:
-            raise
-        raise err from None
+                           stream_closer(streams, tracker))
+    finals = await collect_or_respond(request, streams, tracker)
+    if isinstance(finals, Response):
+        return finals
     final = finals[0]
     tracker.finish([c.finish_reason for c in final.outputs])
     return json_response(_response(meta, final, len(ids), top_n))

@@ -15,12 +15,10 @@ from lockgate.engine.sampling_params import SamplingParams
 from lockgate.server.context import ServerContext
 from lockgate.server.errors import json_response
 from lockgate.server.generation import (
-    ClientGone,
-    abort_all,
-    collect,
-    engine_error,
+    collect_or_respond,
     failure_reason,
     merged,
+    stream_closer,
     stream_error_event,
     submit,
 )
@@ -67,23 +65,10 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
     meta = _Meta(request_id, model, int(time.time()), params, bool(body.echo), texts, num_prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def on_close() -> None:
-            abort_all(streams)
-            tracker.finish(None, error="client_disconnected")  # no-op when the stream completed
-
-        return SSEResponse(_stream(meta, streams, tracker, include_usage), on_close)
-    try:
-        finals = await collect(request, streams, tracker.on_output)
-    except ClientGone:  # already aborted in the engine; nobody reads this response
-        tracker.finish(None, error="client_disconnected")
-        return Response(status_code=499)
-    except Exception as exc:
-        tracker.finish(None, error=failure_reason(exc))
-        err = engine_error(exc)
-        if err is None:
-            raise
-        raise err from None
+        return SSEResponse(_stream(meta, streams, tracker, include_usage), stream_closer(streams, tracker))
+    finals = await collect_or_respond(request, streams, tracker)
+    if isinstance(finals, Response):
+        return finals
     tracker.finish([c.finish_reason for f in finals for c in f.outputs])
     return json_response(_response(meta, finals))
 
