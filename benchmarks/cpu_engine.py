@@ -44,7 +44,29 @@ def bench_lockgate(llm: LLM, prompts: list[list[int]]) -> float:
     return len(prompts) * OUTPUT_LEN / dt
 
 
-def load_hf():
+@torch.inference_mode()
+def weight_stream_bound(llm: LLM) -> float:
+    """Hardware limit for one stream: tokens/s if a decode step did nothing but run every
+    weight matrix once (batch 1, lockgate's dtype) — the memory-bandwidth bound."""
+    model = llm.engine.core.runner.model
+    dtype = llm.engine.core.runner.dtype
+    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    mats.append(model.embed_tokens.weight)  # the (tied) LM head
+    xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in mats]
+
+    def step() -> None:
+        for w, x in zip(mats, xs):
+            torch.nn.functional.linear(x, w)
+
+    for _ in range(3):
+        step()
+    n, t = 20, time.perf_counter()
+    for _ in range(n):
+        step()
+    return n / (time.perf_counter() - t)
+
+
+def load_hf(dtype: torch.dtype):
     """transformers' LlamaForCausalLM with the same dequantized GGUF weights (HF names)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -55,7 +77,7 @@ def load_hf():
                       num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
                       max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
                       rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings)
-    model = LlamaForCausalLM(cfg).float().eval()
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
     missing, unexpected = model.load_state_dict(dict(ckpt.weights()), strict=False)
     assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
     if c.tie_word_embeddings:
@@ -94,20 +116,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="transformers' dtype (float32 is its CPU default)")
     ap.add_argument("--skip-hf", action="store_true", help="measure lockgate only")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     llm = LLM(None, dtype=args.dtype)
     vocab = llm.engine.model_config.vocab_size
-    hf = None if args.skip_hf else load_hf()
+    hf = None if args.skip_hf else load_hf(getattr(torch, args.hf_dtype))
+    bound = weight_stream_bound(llm)
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"lockgate dtype {llm.engine.core.runner.dtype}")
+          f"lockgate dtype {llm.engine.core.runner.dtype}, transformers dtype {args.hf_dtype}")
+    print(f"1-stream bound (every weight matrix once per token, batch 1): {bound:.1f} tok/s")
     print(f"{'streams':>8} {'lockgate tok/s':>15} {'hf generate':>12} {'hf forward':>11} "
           f"{'x generate':>11} {'x forward':>10}")
     for b in batches:
         prompts = make_prompts(b, vocab, seed=b)
         ours = bench_lockgate(llm, prompts)
+        if b == 1:
+            print(f"         lockgate at 1 stream = {ours / bound:.0%} of the bound")
         if hf is None:
             print(f"{b:>8} {ours:>15.1f}")
             continue
