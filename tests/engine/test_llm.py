@@ -187,3 +187,15 @@ def test_stop_token_text_is_hidden_unless_asked_for(llm):
     shown = llm.generate("The sky is", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                                                       stop_token_ids=[stop_id], include_stop_str_in_output=True))
     assert shown[0].outputs[0].text == llm.tokenizer.decode(full.token_ids[: first + 1])
+
+
+def test_sliding_window_caps_the_context(tmp_path):
+    from tests.engine.tiny_models import make_checkpoint
+
+    make_checkpoint(tmp_path, "mistral")
+    cfg = (tmp_path / "config.json").read_text().replace('"sliding_window": 4096', '"sliding_window": 64')
+    (tmp_path / "config.json").write_text(cfg)
+    small = LLM(str(tmp_path), dtype="float32")
+    assert small.engine.max_model_len == 64
+    with pytest.raises(ValueError, match="maximum context length is 64"):
+        small.generate([1] * 60, SamplingParams(max_tokens=5))

@@ -41,7 +41,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
-    sliding_window: int | None = None  # Mistral (not enforced; we cap max_model_len)
+    sliding_window: int | None = None  # Mistral v0.1: max_model_len is capped to it (no windowed kernel)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 

@@ -42,7 +42,10 @@ class EngineCore:
         ckpt = ckpt or load_checkpoint(config.model, config.load_format)
         self.model_config = ckpt.config
         self.tokenizer = ckpt.tokenizer
-        max_len = resolve_max_model_len(config, ckpt.config.max_position_embeddings)
+        model_max = ckpt.config.max_position_embeddings
+        if ckpt.config.sliding_window:  # full attention equals sliding-window attention only inside the window
+            model_max = min(model_max, ckpt.config.sliding_window)
+        max_len = resolve_max_model_len(config, model_max)
         self.runner = ModelRunner(config, ckpt, max_len)
         # One request must fit in the pool on its own, or preemption could never make room.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
