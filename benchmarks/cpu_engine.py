@@ -1,9 +1,10 @@
 """lockgate vs Hugging Face transformers on the default model, CPU, one run.
 
 Same prompts for both (64 prompt tokens, 64 output tokens, greedy, EOS ignored),
-at 1 stream and at 16 concurrent prompts. Prints output tokens/s for lockgate,
-for transformers `generate`, and for transformers' bare forward pass (a decode
-loop over its own KV cache with no `generate` machinery), with the ratios.
+at 1 stream and at 16 concurrent prompts. Prints output tokens/s for lockgate
+(as loaded, and with `quantization="int8"`), for transformers `generate`, and
+for transformers' bare forward pass (a decode loop over its own KV cache with no
+`generate` machinery), with the ratios, plus the 1-stream hardware bound.
 
     .venv/bin/python benchmarks/cpu_engine.py [--batches 1,16] [--dtype auto]
 
@@ -123,25 +124,27 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
 
     llm = LLM(None, dtype=args.dtype)
+    llm_q = LLM(None, dtype=args.dtype, quantization="int8")
     vocab = llm.engine.model_config.vocab_size
     hf = None if args.skip_hf else load_hf(getattr(torch, args.hf_dtype))
     bound = weight_stream_bound(llm)
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"lockgate dtype {llm.engine.core.runner.dtype}, transformers dtype {args.hf_dtype}")
-    print(f"1-stream bound (every weight matrix once per token, batch 1): {bound:.1f} tok/s")
-    print(f"{'streams':>8} {'lockgate tok/s':>15} {'hf generate':>12} {'hf forward':>11} "
-          f"{'x generate':>11} {'x forward':>10}")
+    print(f"1-stream bound of lockgate's dtype (every weight matrix once per token): {bound:.1f} tok/s")
+    print(f"{'streams':>8} {'lockgate':>9} {'+int8':>7} {'hf generate':>12} {'hf forward':>11} "
+          f"{'x generate':>11} {'x forward':>10} {'int8 x gen':>11}")
     for b in batches:
         prompts = make_prompts(b, vocab, seed=b)
         ours = bench_lockgate(llm, prompts)
+        ours_q = bench_lockgate(llm_q, prompts)
+        row = f"{b:>8} {ours:>9.1f} {ours_q:>7.1f}"
+        if hf is not None:
+            gen = bench_hf_generate(hf, prompts)
+            fwd = bench_hf_forward(hf, prompts)
+            row += f" {gen:>12.1f} {fwd:>11.1f} {ours / gen:>10.1f}x {ours / fwd:>9.1f}x {ours_q / gen:>10.1f}x"
+        print(row)
         if b == 1:
-            print(f"         lockgate at 1 stream = {ours / bound:.0%} of the bound")
-        if hf is None:
-            print(f"{b:>8} {ours:>15.1f}")
-            continue
-        gen = bench_hf_generate(hf, prompts)
-        fwd = bench_hf_forward(hf, prompts)
-        print(f"{b:>8} {ours:>15.1f} {gen:>12.1f} {fwd:>11.1f} {ours / gen:>10.1f}x {ours / fwd:>9.1f}x")
+            print(f"{'':>8} lockgate (bf16 weights) at 1 stream = {ours / bound:.0%} of its bound")
 
 
 if __name__ == "__main__":

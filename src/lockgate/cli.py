@@ -13,6 +13,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="HF checkpoint dir or .gguf file; default: embedded SmolLM2-135M-Instruct")]
 
+QuantOpt = Annotated[Optional[str], typer.Option(help="int8: weight-only int8, faster CPU decode")]
+
 
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
@@ -29,13 +31,14 @@ def generate(
     seed: Annotated[Optional[int], typer.Option()] = None,
     chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the chat template")] = False,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    quantization: QuantOpt = None,
 ) -> None:
     """Print the model's completion of PROMPT."""
     from lockgate import LLM, SamplingParams
 
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        llm = LLM(model, dtype=dtype)
+        llm = LLM(model, dtype=dtype, quantization=quantization)
         if chat:
             out = llm.chat([{"role": "user", "content": prompt}], params)
         else:
@@ -52,6 +55,7 @@ def chat(
     temperature: Annotated[float, typer.Option()] = 0.7,
     system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
     dtype: Annotated[str, typer.Option()] = "auto",
+    quantization: QuantOpt = None,
 ) -> None:
     """Interactive chat that streams the reply. /reset clears the history, /exit quits."""
     from lockgate.engine.config import EngineConfig
@@ -59,7 +63,7 @@ def chat(
     from lockgate.engine.sampling_params import SamplingParams
 
     try:
-        engine = LLMEngine(EngineConfig(model=model, dtype=dtype))
+        engine = LLMEngine(EngineConfig(model=model, dtype=dtype, quantization=quantization))
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
     except ValueError as e:
         _fail(str(e))

@@ -18,6 +18,7 @@ from lockgate.engine.config import EngineConfig, ModelConfig
 from lockgate.engine.loader import LoadedCheckpoint
 from lockgate.engine.models.llama import LlamaForCausalLM
 from lockgate.engine.outputs import TokenLogprob
+from lockgate.engine.quantization import quantize_model
 from lockgate.engine.request import Request
 from lockgate.engine.sampling import Sampler, SamplingBatch
 from lockgate.engine.scheduler import ScheduledBatch
@@ -80,6 +81,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.model = build_model(ckpt, max_model_len, self.device, self.dtype)
+        if config.quantization:
+            quantize_model(self.model, config.quantization, self.device)
         self.vocab_size = ckpt.config.vocab_size
         self.eos_token_ids = list(ckpt.tokenizer.eos_token_ids or ckpt.config.eos_token_ids)
         self.num_blocks = config.num_kv_blocks or max(

@@ -15,6 +15,7 @@ from torch import nn
 from lockgate.engine.attention.torch_paged import AttentionMetadata, paged_attention
 from lockgate.engine.config import ModelConfig
 from lockgate.engine.models.rope import RotaryEmbedding, apply_rope
+from lockgate.engine.quantization import INT8_MAX_ROWS, int8_linear
 
 
 class RMSNorm(nn.Module):
@@ -88,6 +89,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg, max_positions)
+        self.head_q: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 LM head (quantization.py)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
@@ -98,6 +100,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head_q is not None and hidden.shape[0] <= INT8_MAX_ROWS:
+            return int8_linear(hidden, *self.head_q).float()
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w).float()
 
