@@ -46,6 +46,16 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) ->
     return paged.index_select(0, blocks.reshape(-1)).view(b, nb * block_size, cache.shape[1], cache.shape[2])
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+    """One sequence's attention, [heads, len, d]. A leading batch dim matters: given 3-D
+    inputs PyTorch's CPU SDPA takes a path 2-4x slower (measured at 64-512 tokens)."""
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=mask is None,
+                                       attn_mask=None if mask is None else mask[None, None],
+                                       scale=scale, enable_gqa=True)
+    return o[0]
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, d]; k, v: [T, KVH, d] for the new tokens. Returns [T, H, d]."""
@@ -66,13 +76,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         if p.blocks is None:  # no cached prefix: attend to this chunk's own K/V, causally
             ks = k[p.q_start:p.q_start + p.q_len].transpose(0, 1)
             vs = v[p.q_start:p.q_start + p.q_len].transpose(0, 1)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            o = _sdpa(qs, ks, vs, None, scale)
         else:
             ks = gather_blocks(k_cache, p.blocks[None], meta.block_size)[0, : p.ctx_len].transpose(0, 1)
             vs = gather_blocks(v_cache, p.blocks[None], meta.block_size)[0, : p.ctx_len].transpose(0, 1)
             # Query i sits at position ctx_len - q_len + i and sees keys up to it.
             qpos = torch.arange(p.ctx_len - p.q_len, p.ctx_len, device=q.device)
             mask = torch.arange(p.ctx_len, device=q.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+            o = _sdpa(qs, ks, vs, mask, scale)
         out[p.q_start:p.q_start + p.q_len] = o.transpose(0, 1)
     return out
