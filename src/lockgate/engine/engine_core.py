@@ -55,7 +55,7 @@ class EngineCore:
                 f"must be >= max_model_len ({self.max_model_len})")
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
-        self.eos_token_ids = list(self.tokenizer.eos_token_ids or ckpt.config.eos_token_ids)
+        self.eos_token_ids = self.runner.eos_token_ids  # one source for stopping and min_tokens masking
         log.info("engine ready: %s, %d KV blocks of %d tokens, max_model_len %d, %s on %s",
                  ckpt.config.architecture, self.runner.num_blocks, config.block_size,
                  self.max_model_len, self.runner.dtype, self.runner.device)

@@ -31,6 +31,11 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
     return h.digest()
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
 def root_hash(cache_salt: str | None) -> bytes:
     return hashlib.blake2b((cache_salt or "").encode(), digest_size=16, person=b"lockgate-kv").digest()
 
@@ -63,7 +68,7 @@ class KVCacheManager:
         return 1.0 - len(self.free_queue) / len(self.blocks)
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     # ---- prefix cache -----------------------------------------------------
     def _extend_hashes(self, req: Request, upto_tokens: int) -> None:

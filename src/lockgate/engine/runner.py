@@ -15,6 +15,7 @@ import torch
 
 from lockgate.engine.attention.torch_paged import AttentionMetadata, PrefillSeq
 from lockgate.engine.config import EngineConfig, ModelConfig
+from lockgate.engine.kv_cache import blocks_for
 from lockgate.engine.loader import LoadedCheckpoint
 from lockgate.engine.models.llama import LlamaForCausalLM
 from lockgate.engine.outputs import TokenLogprob
@@ -95,9 +96,6 @@ class ModelRunner:
         self.sampler = Sampler()
 
     # ---- batch preparation -----------------------------------------------------
-    def _nblocks(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     def _slots(self, req: Request, start: int, end: int) -> np.ndarray:
         pos = np.arange(start, end)
         table = np.asarray(req.block_ids, dtype=np.int64)
@@ -121,10 +119,11 @@ class ModelRunner:
             ids.extend(req.token_ids(start, end))
             pos.append(np.arange(start, end))
             slots.append(self._slots(req, start, end))
+            table = req.block_ids[: blocks_for(end, self.block_size)]
             if n == 1:
-                decode_ctx.append((req.block_ids[: self._nblocks(end)], end))
+                decode_ctx.append((table, end))
             else:
-                blocks = None if start == 0 else torch.tensor(req.block_ids[: self._nblocks(end)], device=self.device)
+                blocks = None if start == 0 else torch.tensor(table, device=self.device)
                 prefills.append(PrefillSeq(t, n, end, blocks))
             t += n
             if end == req.num_tokens:  # reached the end of what is known: sample the next token
