@@ -290,19 +290,29 @@ class AsyncEngineClient:
             raise ValueError(f"request id {request_id!r} is already in use")
         reqs = self._input.process(request_id, prompt, params, priority=priority,
                                    cache_salt=cache_salt, arrival_time=arrival_time)
+        # Encode before anything is registered: a value the wire cannot carry (an
+        # integer past 64 bits) is a bad request, not a leaked queue slot.
+        try:
+            payload = self._encoder.encode(AddRequests(reqs))
+        except (OverflowError, TypeError, msgspec.EncodeError) as exc:
+            raise ValueError(f"request cannot be encoded for the engine: {exc}") from None
         first = reqs[0]
         text = prompt if isinstance(prompt, str) else prompt_text
         stream = RequestStream(request_id, len(reqs), len(first.prompt_token_ids) * len(reqs), self._release)
-        # The caller's params (with n): the children's carry n=1 and per-child seeds.
-        self._output.add_request(request_id, text, first.prompt_token_ids, params)
+        # From here on, any failure releases what was registered (one place: _release).
         self._streams[request_id] = stream
         self._queued_requests += stream.num_children
         self._queued_tokens += stream.queued_tokens
         try:
-            self._send(AddRequests(reqs))
+            # The caller's params (with n): the children's carry n=1 and per-child seeds.
+            self._output.add_request(request_id, text, first.prompt_token_ids, params)
+            self._send_raw(payload)
         except zmq.ZMQError as exc:
             self._release(stream)
             raise EngineUnavailableError(f"could not reach the engine: {exc}") from exc
+        except BaseException:
+            self._release(stream)
+            raise
         return stream
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -336,10 +346,13 @@ class AsyncEngineClient:
                 self._send(AbortRequests(child_ids))
 
     def _send(self, msg: object) -> None:
+        self._send_raw(self._encoder.encode(msg))
+
+    def _send_raw(self, payload: bytes) -> None:
         if self._in is None:
             raise zmq.ZMQError(zmq.ENOTCONN, "engine socket closed")
         # NOBLOCK: with the core gone a PUSH socket has no peer and would block forever.
-        self._in.send(self._encoder.encode(msg), flags=zmq.NOBLOCK, copy=False)
+        self._in.send(payload, flags=zmq.NOBLOCK, copy=False)
 
     # ---- state -----------------------------------------------------------------------
     def state(self) -> EngineState:
