@@ -7,7 +7,10 @@ here (`OutputProcessor`), off the engine's hot loop.
 
 It also supervises the core: when the process dies, every in-flight request
 fails at once with `EngineDeadError`, `healthy` turns False, and a new core is
-started (with backoff) so later requests work again.
+started (with backoff) so later requests work again. A core that is alive but
+makes no progress while requests are in flight (`watchdog.py`) is treated the
+same way after `stall_timeout_s`: requests fail with `EngineStalledError`, the
+core is killed, and the supervisor starts a new one.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from lockgate.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from lockgate.engine.processor import InputProcessor, child_request_ids
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
+from lockgate.engine.watchdog import StallWatchdog
 
 log = logging.getLogger("lockgate.engine.client")
 
@@ -54,6 +58,10 @@ class EngineError(RuntimeError):
 
 class EngineDeadError(EngineError):
     """The engine-core process died (or failed) while the request was in flight."""
+
+
+class EngineStalledError(EngineDeadError):
+    """The engine-core process stopped making progress; it was killed and is being restarted."""
 
 
 class EngineUnavailableError(EngineError):
@@ -87,6 +95,7 @@ class EngineState:
     num_queued_tokens: int
     num_in_flight: int
     num_restarts: int
+    num_stalls: int = 0  # cores killed by the stall watchdog (each also counts as a restart)
 
 
 def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
@@ -188,6 +197,7 @@ class AsyncEngineClient:
         startup_timeout_s: float = 600.0,
         auto_restart: bool = True,
         max_restart_backoff_s: float = 30.0,
+        stall_timeout_s: float | None = 60.0,
     ) -> None:
         self.config = config
         self.startup_timeout_s = startup_timeout_s
@@ -198,6 +208,7 @@ class AsyncEngineClient:
         self.max_model_len = 0
         self.engine_pid: int | None = None
         self.num_restarts = 0
+        self.num_stalls = 0
         self.on_restart: Callable[[], None] | None = None  # e.g. a metrics counter
 
         self._ctx = zmq.asyncio.Context()
@@ -221,6 +232,12 @@ class AsyncEngineClient:
         self._streams: dict[str, RequestStream] = {}
         self._queued_requests = 0
         self._queued_tokens = 0
+        # Stall watchdog (0 or None: off). Inactive while no core is up; never fires on an idle core.
+        self._watchdog = StallWatchdog(
+            stall_timeout_s, is_active=lambda: self.healthy, has_pending=lambda: bool(self._streams),
+            has_backlog=self._has_backlog, on_stall=self._on_stall)
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._stalled_pid: int | None = None  # the core the watchdog killed, for the supervisor's log
 
     # ---- life cycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -236,6 +253,8 @@ class AsyncEngineClient:
             if not self._ckpt_task.done():
                 self._ckpt_task.cancel()
         self._supervisor = asyncio.create_task(self._supervise(), name="engine-supervisor")
+        if self._watchdog.enabled:
+            self._watchdog_task = asyncio.create_task(self._watchdog.run(), name="engine-watchdog")
 
     @property
     def healthy(self) -> bool:
@@ -247,7 +266,7 @@ class AsyncEngineClient:
             return
         self._closing = True
         self._healthy = False
-        for task in (self._supervisor, self._reader):
+        for task in (self._supervisor, self._reader, self._watchdog_task):
             if task is not None:
                 task.cancel()
         self.fail_all(EngineUnavailableError("the server is shutting down"))
@@ -365,7 +384,7 @@ class AsyncEngineClient:
             prefix_cache_queries=self._base_queries + s.prefix_cache_queries,
             prefix_cache_hits=self._base_hits + s.prefix_cache_hits,
             num_queued_requests=self._queued_requests, num_queued_tokens=self._queued_tokens,
-            num_in_flight=len(self._streams), num_restarts=self.num_restarts,
+            num_in_flight=len(self._streams), num_restarts=self.num_restarts, num_stalls=self.num_stalls,
         )
 
     # ---- the core process --------------------------------------------------------------
@@ -385,6 +404,7 @@ class AsyncEngineClient:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "lockgate.engine.core",
                 "--input", in_addr, "--output", out_addr, "--config", encode_config(self.config).decode(),
+                "--generation", str(self._generation),
             )
         except OSError:
             self._close_sockets()
@@ -410,6 +430,7 @@ class AsyncEngineClient:
                                      self.config.max_logprobs)
         self._output = OutputProcessor(self.tokenizer)
         self._reader = asyncio.create_task(self._read_outputs(), name="engine-output-reader")
+        self._watchdog.progress()
         self._healthy = True
         log.info("engine core ready (pid %d, max_model_len %d, %d KV blocks)",
                  ready.pid, ready.max_model_len, ready.num_total_blocks)
@@ -445,7 +466,11 @@ class AsyncEngineClient:
             if self._closing:
                 return
             how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-            log.error("engine core process %s died (%s)", proc.pid, how)
+            if self._stalled_pid == proc.pid:
+                log.warning("stalled engine core process %s killed; restarting it", proc.pid)
+            else:
+                log.error("engine core process %s died (%s)", proc.pid, how)
+            self._stalled_pid = None
             self._on_engine_death(f"the engine process died ({how}); the request was not completed")
             if not self.auto_restart:
                 return
@@ -477,6 +502,29 @@ class AsyncEngineClient:
         self._input = self._output = None
         self._close_sockets()
 
+    def _has_backlog(self) -> bool:
+        """Core messages wait unread (a busy event loop, not a stuck core)."""
+        sock = self._out
+        return sock is not None and bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def _on_stall(self, stalled_s: float) -> None:
+        """The watchdog's verdict: fail in-flight requests, SIGKILL the core; `_supervise` restarts it."""
+        proc = self._proc
+        pid = proc.pid if proc is not None else None
+        self.num_stalls += 1
+        log.error("engine core process %s made no progress for %.1f s with %d request(s) in flight "
+                  "(stall timeout %.1f s); failing them and restarting the engine",
+                  pid, stalled_s, len(self._streams), self._watchdog.timeout_s or 0.0)
+        self._stalled_pid = pid
+        message = (f"the engine stopped making progress for {stalled_s:.0f} s and is being restarted; "
+                   "the request was not completed")
+        self._healthy = False  # first: released streams must not send aborts to the stuck core
+        self.fail_all(EngineStalledError(message))
+        self._on_engine_death(message)
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
     def fail_all(self, exc: Exception) -> None:
         """End every in-flight request with `exc` (engine death, drain timeout)."""
         for stream in list(self._streams.values()):
@@ -494,6 +542,7 @@ class AsyncEngineClient:
         assert sock is not None
         while True:
             data = await sock.recv()
+            self._watchdog.progress()
             try:
                 msg = decode(data)
             except msgspec.DecodeError:
@@ -548,6 +597,6 @@ class AsyncEngineClient:
 
 
 __all__ = [
-    "AsyncEngineClient", "EngineDeadError", "EngineError", "EngineStartError", "EngineState",
-    "EngineUnavailableError", "RequestRejectedError", "RequestStream", "child_request_ids",
+    "AsyncEngineClient", "EngineDeadError", "EngineError", "EngineStalledError", "EngineStartError",
+    "EngineState", "EngineUnavailableError", "RequestRejectedError", "RequestStream", "child_request_ids",
 ]

@@ -119,6 +119,9 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # fcfs | priority
     max_logprobs: int = 20
     num_threads: int | None = None  # CPU intra-op threads; None leaves torch's default
+    # Test only: the first engine-core process hangs forever in this step (1-based), so the
+    # stall watchdog can be tested; a restarted core does not hang again. Never set in production.
+    debug_hang_at_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -133,5 +136,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.debug_hang_at_step is not None and self.debug_hang_at_step < 1:
+            raise ValueError(f"debug_hang_at_step must be >= 1, got {self.debug_hang_at_step}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")

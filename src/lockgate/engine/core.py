@@ -5,7 +5,9 @@
 The loop drains every pending input message between steps (a non-blocking
 poll), so an abort lands before the next step and its KV blocks are freed at
 once; when no request is unfinished it blocks on the input socket instead of
-spinning. The API process owns this process's lifetime: it starts it with
+spinning. While busy it also sends a heartbeat at least every `BUSY_HEARTBEAT_S`
+(between steps), so the API process's stall watchdog can tell a slow engine
+from a stuck one. The API process owns this process's lifetime: it starts it with
 `python -m lockgate.engine.core`, stops it with a `Shutdown` message, and the
 core exits by itself if its parent disappears.
 """
@@ -41,11 +43,16 @@ log = logging.getLogger("lockgate.engine.core")
 
 # Idle: wake this often to send a heartbeat and check that the parent still lives.
 IDLE_POLL_MS = 1000
+# Busy: send at least this often (between steps), so the client's stall watchdog sees
+# progress even through steps that produce no output (chunked prefill).
+BUSY_HEARTBEAT_S = 0.5
 
 
 class CoreLoop:
-    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str) -> None:
+    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str, generation: int = 1) -> None:
         self.config = config
+        self.generation = generation  # 1 for the first core, +1 per restart
+        self.num_steps = 0
         self.ctx = zmq.Context(io_threads=1)
         self.inp = self.ctx.socket(zmq.PULL)
         self.inp.connect(input_addr)
@@ -80,6 +87,7 @@ class CoreLoop:
     def run(self) -> int:
         core = self.core
         assert core is not None
+        last_sent = time.monotonic()
         while True:
             busy = core.has_unfinished_requests()
             # Drain all pending inputs; block (with a heartbeat timeout) only when idle.
@@ -98,10 +106,23 @@ class CoreLoop:
                 return 1
             outputs: list[EngineCoreOutput] = []
             if core.has_unfinished_requests():
+                self.num_steps += 1
+                self._maybe_hang()
                 outputs = core.step()
             # After an abort the engine may be idle: still tell the frontend (freed blocks).
-            if outputs or handled or not busy:
+            # While busy, a heartbeat every BUSY_HEARTBEAT_S tells the watchdog steps still finish.
+            now = time.monotonic()
+            if outputs or handled or not busy or now - last_sent >= BUSY_HEARTBEAT_S:
                 self.send(StepOutputs(outputs=outputs, stats=core.stats()))
+                last_sent = now
+
+    def _maybe_hang(self) -> None:
+        """Test only (`EngineConfig.debug_hang_at_step`): the first core hangs forever in that step."""
+        hang_at = self.config.debug_hang_at_step
+        if hang_at is not None and self.generation == 1 and self.num_steps == hang_at:
+            log.warning("engine core: hanging in step %d (debug_hang_at_step, a test option)", hang_at)
+            while True:
+                time.sleep(1)
 
     def handle(self, msg: AddRequests | AbortRequests) -> None:
         core = self.core
@@ -134,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="ZMQ address to receive requests on")
     parser.add_argument("--output", required=True, help="ZMQ address to send outputs to")
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    parser.add_argument("--generation", type=int, default=1, help="1 for the first core, +1 per restart")
     args = parser.parse_args(argv)
 
     _die_with_parent()
@@ -144,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOCKGATE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s [engine] %(message)s")
 
-    loop = CoreLoop(decode_config(args.config), args.input, args.output)
+    loop = CoreLoop(decode_config(args.config), args.input, args.output, args.generation)
     rc = 1
     try:
         if loop.start():

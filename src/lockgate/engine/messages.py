@@ -47,8 +47,10 @@ class Ready(msgspec.Struct, tag="ready"):
 class StepOutputs(msgspec.Struct, tag="outputs"):
     """Token deltas of one step (possibly none) plus the engine state after it.
 
-    The core also sends an empty one after handling inputs and as an idle
-    heartbeat, so the frontend's view of the queue is never stale for long.
+    The core also sends an empty one after handling inputs and as a heartbeat
+    (every second when idle, every half second when its steps produce no output),
+    so the frontend's view of the queue is never stale for long and its stall
+    watchdog knows the core still makes progress.
     """
 
     outputs: list[EngineCoreOutput]

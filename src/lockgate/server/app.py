@@ -29,7 +29,8 @@ def served_names(engine_config: EngineConfig, server_config: ServerConfig) -> li
 
 
 def build_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
-    client = AsyncEngineClient(engine_config, startup_timeout_s=server_config.engine_startup_timeout_s)
+    client = AsyncEngineClient(engine_config, startup_timeout_s=server_config.engine_startup_timeout_s,
+                               stall_timeout_s=server_config.engine_stall_timeout_s)
     names = served_names(engine_config, server_config)
     metrics = ServerMetrics(names[0], client.state)
     ctx = ServerContext(server_config, engine_config, client, metrics, names)

@@ -25,6 +25,8 @@ class ServerConfig:
     max_messages: int = 1024
     max_prompts: int = 64  # prompts in one /v1/completions batch
     engine_startup_timeout_s: float = 600.0
+    # No engine progress for this long while requests are in flight: fail them, restart the core (0: off).
+    engine_stall_timeout_s: float = 60.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -34,6 +36,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_stop > MAX_STOP_STRINGS:
             raise ValueError(f"max_stop must be <= {MAX_STOP_STRINGS}, got {self.max_stop}")
+        if self.engine_stall_timeout_s < 0:
+            raise ValueError(f"engine_stall_timeout_s must be >= 0, got {self.engine_stall_timeout_s}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not 0 < self.port < 65536:

@@ -72,7 +72,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *
           served_model_name: list[str] | str | None = None, api_key: str | None = None,
           max_request_body_bytes: int = 4 * 1024 * 1024, max_queued_requests: int = 256,
           max_queued_tokens: int = 262_144, drain_timeout_s: float = 30.0, max_n: int = 16,
-          log_level: str = "info", access_log: bool = True, **engine_options: Any) -> int:
+          log_level: str = "info", access_log: bool = True, engine_stall_timeout_s: float = 60.0,
+          **engine_options: Any) -> int:
     """Serve `model` (None: the embedded SmolLM2) until stopped; returns the exit status.
 
     `engine_options` are `EngineConfig` fields (max_model_len, max_num_seqs, kv_cache_memory_gb, ...).
@@ -84,7 +85,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *
     server_config = ServerConfig(
         host=host, port=port, served_model_names=names, api_key=api_key,
         max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
-        max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout_s, max_n=max_n, log_level=log_level)
+        max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout_s, max_n=max_n, log_level=log_level,
+        engine_stall_timeout_s=engine_stall_timeout_s)
     level = log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lockgate").setLevel(level)
@@ -134,6 +136,8 @@ def serve_command(
     max_n: Annotated[int, typer.Option(help="Largest `n` accepted")] = 16,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request")] = True,
+    engine_stall_timeout: Annotated[float, typer.Option(help="Seconds without engine progress, with requests in flight, before they fail and the engine restarts (0: off)")] = 60.0,  # noqa: E501
+    debug_hang_at_step: Annotated[int | None, typer.Option(hidden=True, help="Test only: the first engine hangs in this step")] = None,  # noqa: E501
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, ...)."""
     try:
@@ -141,7 +145,8 @@ def serve_command(
             model, host, port, served_model_name=served_model_name, api_key=api_key,
             max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
             max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout, max_n=max_n,
-            log_level=log_level, access_log=access_log,
+            log_level=log_level, access_log=access_log, engine_stall_timeout_s=engine_stall_timeout,
+            debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory_gb=kv_cache_memory_gb, num_kv_blocks=num_kv_blocks, block_size=block_size,
             dtype=dtype, device=device, load_format=load_format, seed=seed,

@@ -66,6 +66,8 @@ class _EngineCollector(Collector):
                       s.prefix_cache_hits)
         yield counter("lockgate:engine_restarts", "Engine-core processes restarted after dying.",
                       s.num_restarts)
+        yield counter("lockgate:engine_stalls", "Engine cores killed by the watchdog after making no progress.",
+                      s.num_stalls)
 
 
 class ServerMetrics:

@@ -1,0 +1,214 @@
+"""Stall watchdog: an engine that is alive but stuck is noticed, its requests fail cleanly,
+it is restarted, and requests afterwards succeed. An idle engine is never declared stuck."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+import zmq
+
+from lockgate.engine.config import EngineConfig
+from lockgate.engine.core import CoreLoop
+from lockgate.engine.messages import CoreMessage, Shutdown, StepOutputs
+from lockgate.engine.outputs import EngineStats
+from lockgate.engine.watchdog import StallWatchdog
+from tests.server.conftest import start_server, wait_for
+
+# Short, but above a cold first step (weights paged in, kernels warmed up) on a loaded 2-core box.
+STALL_TIMEOUT_S = 8.0
+MARGIN_S = 30.0  # generous: a loaded 2-core CI box
+HANG_AT_STEP = 5
+
+
+# ---- unit level ----------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _watchdog(clock: _Clock, state: dict[str, bool], stalls: list[float]) -> StallWatchdog:
+    return StallWatchdog(STALL_TIMEOUT_S, is_active=lambda: state["active"], has_pending=lambda: state["pending"],
+                         has_backlog=lambda: state["backlog"], on_stall=stalls.append, clock=clock)
+
+
+def test_watchdog_never_fires_without_pending_work() -> None:
+    clock, stalls = _Clock(), []
+    state = {"active": True, "pending": False, "backlog": False}
+    wd = _watchdog(clock, state, stalls)
+    for _ in range(100):  # an idle engine that sends nothing at all for a long time
+        clock.t += 10
+        assert wd.check() is None
+    # Work appears: the clock starts now, not at the last message from the core.
+    state["pending"] = True
+    clock.t += STALL_TIMEOUT_S - 0.1
+    assert wd.check() is None
+    wd.progress()  # the core is stepping
+    clock.t += STALL_TIMEOUT_S - 0.1
+    assert wd.check() is None
+    clock.t += 0.2
+    assert wd.check() is not None
+    # Unread messages on the socket: the reader is behind, not the engine.
+    state["backlog"] = True
+    assert wd.check() is None
+    # No core up (restarting): never a stall.
+    state["backlog"], state["active"] = False, False
+    clock.t += 100
+    assert wd.check() is None
+
+
+def test_watchdog_disabled_with_zero_timeout() -> None:
+    for timeout in (0, None):
+        wd = StallWatchdog(timeout, is_active=lambda: True, has_pending=lambda: True,
+                           has_backlog=lambda: False, on_stall=lambda s: None)
+        assert not wd.enabled and wd.check() is None
+
+
+class _BusyCore:
+    """Stands in for EngineCore: `steps` steps of `step_s` each that produce no output
+    (a long chunked prefill)."""
+
+    def __init__(self, steps: int, step_s: float) -> None:
+        self.left, self.step_s = steps, step_s
+
+    def has_unfinished_requests(self) -> bool:
+        return self.left > 0
+
+    def step(self) -> list:
+        time.sleep(self.step_s)
+        self.left -= 1
+        return []
+
+    def stats(self) -> EngineStats:
+        return EngineStats(1, 0, 0, 0, 0, 0.0, 0, 0, 0)
+
+
+def test_core_heartbeats_while_busy_without_outputs(tmp_path: Path) -> None:
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    push.bind(f"ipc://{tmp_path}/in")
+    pull.bind(f"ipc://{tmp_path}/out")
+    # A hang option is set, but this is a restarted core (generation 2): it must not hang.
+    loop = CoreLoop(EngineConfig(debug_hang_at_step=1), f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out",
+                    generation=2)
+    loop.core = _BusyCore(steps=20, step_s=0.1)  # ~2 s of steps with no output
+    rc: list[int] = []
+    thread = threading.Thread(target=lambda: rc.append(loop.run()), daemon=True)
+    decoder = msgspec.msgpack.Decoder(CoreMessage)
+    try:
+        thread.start()
+        busy_beats = 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not pull.poll(5000):
+                break
+            msg = decoder.decode(pull.recv())
+            assert isinstance(msg, StepOutputs) and not msg.outputs
+            if loop.core.left == 0:
+                break
+            busy_beats += 1
+        assert loop.num_steps == 20
+        assert busy_beats >= 2, "a busy core must send heartbeats even when steps produce no output"
+        push.send(msgspec.msgpack.encode(Shutdown()))
+        thread.join(30)
+        assert rc == [0]
+    finally:
+        loop.close()
+        push.close(0)
+        pull.close(0)
+        ctx.term()
+
+
+# ---- a real server --------------------------------------------------------------------------
+
+
+def _health(base_url: str) -> int:
+    try:
+        return httpx.get(f"{base_url}/health", timeout=2).status_code
+    except httpx.HTTPError:
+        return -1
+
+
+def test_stuck_engine_is_detected_and_restarted(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--engine-stall-timeout", str(STALL_TIMEOUT_S),
+                       "--debug-hang-at-step", str(HANG_AT_STEP))
+    try:
+        engine = srv.engine_pid()
+        # Steps 1-2 (a cold engine's first step may be slow, but not a stall).
+        r = httpx.post(f"{srv.base_url}/v1/completions",
+                       json={"prompt": "Hello", "max_tokens": 2, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert srv.metrics().get("lockgate:engine_stalls_total") == 0
+        assert _health(srv.base_url) == 200 and srv.engine_pid() == engine
+
+        # A streaming request gets the tokens of steps 3 and 4, then the engine hangs in step 5.
+        events: list[str] = []
+        first, done = threading.Event(), threading.Event()
+
+        def streaming() -> None:
+            body = {"prompt": "Count slowly:", "max_tokens": 50, "ignore_eos": True, "stream": True}
+            try:
+                with httpx.stream("POST", f"{srv.base_url}/v1/completions", json=body, timeout=120) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+                            first.set()
+            except httpx.HTTPError as exc:
+                events.append(f"transport error: {exc}")
+            finally:
+                done.set()
+
+        blocking: list[httpx.Response] = []
+
+        def non_streaming() -> None:
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}
+            blocking.append(httpx.post(f"{srv.base_url}/v1/chat/completions", json=body, timeout=120))
+
+        threading.Thread(target=streaming, daemon=True).start()
+        assert first.wait(120), events
+        t0 = time.monotonic()
+        t = threading.Thread(target=non_streaming, daemon=True)
+        t.start()
+
+        # Detected within the stall timeout (plus a generous margin); both requests end cleanly.
+        assert done.wait(STALL_TIMEOUT_S + MARGIN_S), "the stuck engine was not noticed"
+        assert time.monotonic() - t0 < STALL_TIMEOUT_S + MARGIN_S
+        assert _health(srv.base_url) == 503  # restarting
+        payloads = [json.loads(e) for e in events if e.startswith("{")]
+        assert any("choices" in p for p in payloads)  # it did stream before the hang
+        errors = [p["error"] for p in payloads if "error" in p]
+        assert errors and errors[0]["code"] == "engine_dead", events[-3:]
+        assert "stopped making progress" in errors[0]["message"]
+        t.join(STALL_TIMEOUT_S + MARGIN_S)
+        assert blocking, "the non-streaming request did not end"
+        r = blocking[0]
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "engine_dead" and "stopped making progress" in err["message"]
+        assert set(err) >= {"message", "type", "code"}
+
+        # A new engine comes up (the hang option only affects the first one); requests work again.
+        srv.wait_healthy(180)
+        assert srv.engine_pid() != engine
+        m = srv.metrics()
+        assert m["lockgate:engine_stalls_total"] == 1
+        assert m["lockgate:engine_restarts_total"] == 1
+        r = httpx.post(f"{srv.base_url}/v1/completions",
+                       json={"prompt": "Hello", "max_tokens": 5, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 5
+        with httpx.stream("POST", f"{srv.base_url}/v1/completions", timeout=60,
+                          json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": True, "stream": True}) as s:
+            lines = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "[DONE]" and not any('"error"' in ln for ln in lines)
+        assert "made no progress" in srv.log_text()
+    finally:
+        srv.stop()
