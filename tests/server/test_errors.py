@@ -112,7 +112,8 @@ def test_body_too_large_is_413(server: ServerProcess) -> None:
         for _ in range(20):
             yield b"x" * 100_000
 
-    r = httpx.post(f"{server.base_url}/v1/completions", content=chunks(), timeout=30)
+    r = httpx.post(f"{server.base_url}/v1/completions", content=chunks(), timeout=30,
+                   headers={"content-type": "application/json"})
     _assert_error(r, 413, code="request_too_large")
 
 

@@ -78,10 +78,34 @@ def test_stream_failure_surfaces_after_pending_outputs() -> None:
     assert len(got) == 1 and isinstance(exc, RuntimeError)
 
 
+class _Metrics:
+    """Records what the guard reports."""
+
+    def __init__(self) -> None:
+        self.rejected: list[str] = []
+        self.responses: list[tuple[str, int]] = []
+        self.errors: list[tuple[int, str | None]] = []
+        self.failures: list[str] = []
+
+    def reject(self, reason: str) -> None:
+        self.rejected.append(reason)
+
+    def http_response(self, route: str, status: int) -> None:
+        self.responses.append((route, status))
+
+    def error(self, status: int, code: str | None) -> None:
+        self.errors.append((status, code))
+
+    def fail(self, reason: str) -> None:
+        self.failures.append(reason)
+
+
+JSON = {"Content-Type": "application/json"}
+
+
 def _guarded_app(**cfg: object) -> tuple[TestClient, SimpleNamespace]:
-    rejected: list[str] = []
-    ctx = SimpleNamespace(config=ServerConfig(**cfg), draining=False, inflight=0,
-                          metrics=SimpleNamespace(reject=rejected.append))
+    cfg.setdefault("allowed_hosts", ["testserver"])  # TestClient's Host
+    ctx = SimpleNamespace(config=ServerConfig(**cfg), draining=False, inflight=0, metrics=_Metrics())
     app = FastAPI()
     install_error_handlers(app)
 
@@ -99,20 +123,20 @@ def _guarded_app(**cfg: object) -> tuple[TestClient, SimpleNamespace]:
 
 def test_guard_api_key() -> None:
     client, _ = _guarded_app(api_key="sekret")
-    r = client.post("/echo", content=b"{}")
+    r = client.post("/echo", content=b"{}", headers=JSON)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert client.post("/echo", content=b"{}", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    ok = client.post("/echo", content=b"{}", headers={"Authorization": "Bearer sekret"})
+    assert client.post("/echo", content=b"{}", headers={**JSON, "Authorization": "Bearer wrong"}).status_code == 401
+    ok = client.post("/echo", content=b"{}", headers={**JSON, "Authorization": "Bearer sekret"})
     assert ok.status_code == 200 and ok.json()["inflight"] == 1
     assert client.get("/health").status_code == 200  # on the allowlist
 
 
 def test_guard_body_limit_and_drain() -> None:
     client, ctx = _guarded_app(max_request_body_bytes=100)
-    assert client.post("/echo", content=b"x" * 100).json()["size"] == 100
-    r = client.post("/echo", content=b"x" * 101)
+    assert client.post("/echo", content=b"x" * 100, headers=JSON).json()["size"] == 100
+    r = client.post("/echo", content=b"x" * 101, headers=JSON)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     ctx.draining = True
-    r = client.post("/echo", content=b"{}")
+    r = client.post("/echo", content=b"{}", headers=JSON)
     assert r.status_code == 503 and r.json()["error"]["code"] == "server_draining"
     assert client.get("/health").status_code == 200  # the route itself reports draining in the real app

@@ -20,16 +20,21 @@ MAX_STOP_TOKEN_IDS = 128
 GREEDY_TEMPERATURE_EPS = 1e-5
 _SEED_MIN = -(2**63)  # the range torch.Generator.manual_seed accepts
 _SEED_MAX = 2**64 - 1
+# Counts and ids past int32 mean nothing to the engine, and past 64 bits they cannot
+# cross the socket (msgpack) or enter a tensor: refuse them here, with the field's name.
+MAX_INT = 2**31 - 1
 
 
 def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _check_int(name: str, value: Any) -> int:
+def _check_int(name: str, value: Any, limit: int = MAX_INT) -> int:
     # bool is an int subclass; True where a count is expected is a client bug.
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {_type_name(value)}")
+    if not -limit <= value <= limit:
+        raise ValueError(f"{name} must be between {-limit} and {limit}, got {value}")
     return value
 
 
@@ -88,7 +93,7 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
         if self.seed is not None:
-            self.seed = _check_int("seed", self.seed)
+            self.seed = _check_int("seed", self.seed, limit=_SEED_MAX)
             if not _SEED_MIN <= self.seed <= _SEED_MAX:
                 raise ValueError(f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {self.seed}")
 
@@ -159,8 +164,8 @@ class SamplingParams:
         for i in ids:
             if not isinstance(i, int) or isinstance(i, bool):
                 raise ValueError(f"stop_token_ids must be a list of integers, got {_type_name(i)} in the list")
-            if i < 0:
-                raise ValueError(f"stop_token_ids must be >= 0, got {i}")
+            if not 0 <= i <= MAX_INT:
+                raise ValueError(f"stop_token_ids must be in [0, {MAX_INT}], got {i}")
         self.stop_token_ids = list(ids)
 
     @property

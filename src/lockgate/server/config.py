@@ -15,6 +15,18 @@ class ServerConfig:
     # Names clients may put in `model`; the first is the one /v1/models reports.
     served_model_names: list[str] = field(default_factory=list)
     api_key: str | None = None  # when set, every route but the allowlist needs `Authorization: Bearer`
+    # Browser protection without a key (origins.py): extra Host names, and origins allowed
+    # cross-origin (they also get CORS headers; "*" allows any). None: loopback + the bind address.
+    allowed_hosts: list[str] | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    # Connection limits (http_protocol.py, middleware.py).
+    header_timeout_s: float = 10.0  # request line + headers must arrive within this
+    body_timeout_s: float = 60.0  # the whole body must arrive within this (408)
+    keep_alive_timeout_s: float = 5.0  # idle keep-alive connections are closed after this
+    max_header_bytes: int = 64 * 1024  # request line + headers (431 beyond)
+    max_connections: int = 4096  # open connections + tasks; more get 503
+    # Test only: a request header `x-lockgate-fault: <step>` fails that admission step.
+    enable_fault_injection: bool = False
     max_request_body_bytes: int = 4 * 1024 * 1024
     # Bounded waiting queue: accepted engine requests that have no output yet, and their prompt tokens.
     max_queued_requests: int = 256
@@ -31,13 +43,16 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_request_body_bytes", "max_queued_requests", "max_queued_tokens", "max_n",
-                     "max_stop", "max_messages", "max_prompts"):
+                     "max_stop", "max_messages", "max_prompts", "max_header_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_stop > MAX_STOP_STRINGS:
             raise ValueError(f"max_stop must be <= {MAX_STOP_STRINGS}, got {self.max_stop}")
         if self.engine_stall_timeout_s < 0:
             raise ValueError(f"engine_stall_timeout_s must be >= 0, got {self.engine_stall_timeout_s}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not 0 < self.port < 65536:

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass, field
 
 from lockgate.engine.client import AsyncEngineClient
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.tokenizer import Tokenizer
+from lockgate.gateway.admission import Admission, QueueBounds
+from lockgate.gateway.lease import Lease
 from lockgate.server.config import ServerConfig
-from lockgate.server.errors import APIError, bad_request, model_not_found, unavailable
+from lockgate.server.errors import bad_request, model_not_found, unavailable
 from lockgate.server.metrics import ServerMetrics
+
+LEASE_SCOPE_KEY = "lockgate.lease"  # where the guard middleware puts each request's Lease
 
 # Longer texts are tokenized in a worker thread so the event loop keeps streaming.
 _INLINE_TOKENIZE_CHARS = 4096
@@ -27,6 +30,12 @@ class ServerContext:
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     inflight: int = 0  # HTTP requests (past the guard middleware) not yet fully answered
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        bounds = QueueBounds(self.config.max_queued_requests, self.config.max_queued_tokens)
+        self.admission = Admission(bounds, self.client.state, self.metrics.reject,
+                                   lambda: self.metrics.ttft_ema_s)
 
     @property
     def model_name(self) -> str:
@@ -53,21 +62,10 @@ class ServerContext:
             raise unavailable("the engine is unavailable (restarting); retry shortly", "engine_unavailable",
                               retry_after_s=5)
 
-    def admit(self, num_requests: int, num_tokens: int) -> None:
-        """429 when the bounded waiting queue cannot take this request (an empty queue always can)."""
-        s = self.client.state()
-        cfg = self.config
-        if s.num_queued_requests == 0:
-            return
-        if (s.num_queued_requests + num_requests > cfg.max_queued_requests
-                or s.num_queued_tokens + num_tokens > cfg.max_queued_tokens):
-            self.metrics.reject("queue_full")
-            retry = max(1, min(60, math.ceil(self.metrics.ttft_ema_s)))
-            raise APIError(
-                429,
-                f"the server is overloaded: {s.num_queued_requests} requests "
-                f"({s.num_queued_tokens} prompt tokens) are waiting; retry after {retry} s",
-                code="queue_full", headers={"Retry-After": str(retry)})
+    def admit(self, lease: Lease, num_requests: int, num_tokens: int) -> None:
+        """Queue admission (429 when full); nothing is taken yet, so nothing to release."""
+        lease.checkpoint("admit")
+        self.admission.check(num_requests, num_tokens)
 
     def check_context(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
         limit = self.client.max_model_len

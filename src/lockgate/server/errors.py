@@ -2,7 +2,6 @@
 exception handlers that turn every failure into one (never a bare 500 page)."""
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import msgspec
@@ -11,19 +10,37 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-log = logging.getLogger("lockgate.server")
-
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "invalid_request_error",
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     500: "server_error",
     503: "service_unavailable_error",
+}
+# Every error carries a machine-readable code; these are the defaults when a raise site names none.
+_CODE_BY_STATUS = {
+    400: "invalid_value",
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_value",
+    429: "rate_limit_exceeded",
+    431: "headers_too_large",
+    500: "internal_error",
+    503: "service_unavailable",
 }
 
 
@@ -40,7 +57,7 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code or _CODE_BY_STATUS.get(status, "error")
         self.headers = headers or {}
         self.type = type_ or _TYPE_BY_STATUS.get(status, "invalid_request_error")
 
@@ -109,23 +126,29 @@ def validation_error(exc_errors: list[dict[str, Any]]) -> APIError:
     return bad_request(f"{where}{msg}", param=param, code="invalid_value")
 
 
+def _render(request: Request, err: APIError) -> Response:
+    ctx = getattr(request.app.state, "ctx", None)
+    if ctx is not None:
+        ctx.metrics.error(err.status, err.code)
+    return err.response()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> Response:
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return _render(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> Response:
-        return validation_error(list(exc.errors())).response()
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return _render(request, validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        err = APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {}))
-        return err.response()
+        return _render(request, APIError(exc.status_code, message, headers=dict(exc.headers or {})))
+    # Anything else is caught once, logged once and answered as a 500 by the guard
+    # middleware (`middleware.py`): a handler here would be logged again by Starlette.
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error").response()
+
+def internal_error(exc: BaseException) -> APIError:
+    return APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,10 +23,14 @@ from lockgate.engine.client import (
 )
 from lockgate.engine.outputs import RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
-from lockgate.server.context import ServerContext
-from lockgate.server.errors import APIError, unavailable
+from lockgate.gateway.lease import Lease
+from lockgate.server.context import LEASE_SCOPE_KEY, ServerContext
+from lockgate.server.errors import APIError, internal_error, unavailable
+from lockgate.server.metrics import RequestTracker
 from lockgate.server.params import sampling_error
 from lockgate.server.sse import sse_event
+
+log = logging.getLogger("lockgate.server")
 
 
 class ClientGone(Exception):
@@ -53,14 +58,36 @@ def failure_reason(exc: BaseException) -> str:
     return "internal"
 
 
-def submit(ctx: ServerContext, request_id: str, prompts: list[list[int]], texts: list[str | None],
-           params: SamplingParams, priority: int = 0) -> list[RequestStream]:
+def lease_of(request: Request) -> Lease:
+    """The request's lease, put in the ASGI scope by the guard middleware."""
+    return request.scope[LEASE_SCOPE_KEY]
+
+
+def start(ctx: ServerContext, lease: Lease, request_id: str, prompts: list[list[int]],
+          texts: list[str | None], params: SamplingParams,
+          priority: int = 0) -> tuple[list[RequestStream], RequestTracker]:
+    """Take what a generation needs (a metrics record, one engine stream per prompt), each put
+    on the lease as it is taken, so any failure from here to the last byte gives it all back."""
+    lease.checkpoint("track")
+    tracker = ctx.metrics.tracker(sum(len(ids) for ids in prompts))
+    lease.hold(lambda outcome: tracker.finish(None, error=outcome))
+    lease.accounted = True
+    lease.checkpoint("submit")
+    streams = submit(ctx, lease, request_id, prompts, texts, params, priority)
+    lease.checkpoint("respond")
+    return streams, tracker
+
+
+def submit(ctx: ServerContext, lease: Lease, request_id: str, prompts: list[list[int]],
+           texts: list[str | None], params: SamplingParams, priority: int = 0) -> list[RequestStream]:
     """Submit one engine request per prompt; all or nothing."""
     streams: list[RequestStream] = []
     try:
         for i, (ids, text) in enumerate(zip(prompts, texts)):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(ctx.client.add_request(rid, ids, params, prompt_text=text, priority=priority))
+            stream = ctx.client.add_request(rid, ids, params, prompt_text=text, priority=priority)
+            lease.hold(lambda _outcome, s=stream: s.abort())
+            streams.append(stream)
     except ValueError as exc:
         abort_all(streams)
         raise sampling_error(exc) from None
@@ -144,10 +171,11 @@ async def collect(request: Request, streams: list[RequestStream], on_output: Any
 
 
 def stream_error_event(exc: BaseException) -> bytes:
-    err = engine_error(exc) or APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
-    body = err.body()
-    body["error"]["code"] = body["error"]["code"] or err.status
-    return sse_event(body)
+    err = engine_error(exc)
+    if err is None:
+        log.error("stream failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        err = internal_error(exc)
+    return sse_event(err.body())
 
 
 async def collect_or_respond(request: Request, streams: list[RequestStream],

@@ -22,6 +22,7 @@ from lockgate.engine.config import EngineConfig
 from lockgate.server.app import build_app, drain
 from lockgate.server.config import ServerConfig
 from lockgate.server.context import ServerContext
+from lockgate.server.http_protocol import protocol_class
 
 log = logging.getLogger("lockgate.server")
 
@@ -73,10 +74,11 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *
           max_request_body_bytes: int = 4 * 1024 * 1024, max_queued_requests: int = 256,
           max_queued_tokens: int = 262_144, drain_timeout_s: float = 30.0, max_n: int = 16,
           log_level: str = "info", access_log: bool = True, engine_stall_timeout_s: float = 60.0,
-          **engine_options: Any) -> int:
+          server_options: dict[str, Any] | None = None, **engine_options: Any) -> int:
     """Serve `model` (None: the embedded SmolLM2) until stopped; returns the exit status.
 
-    `engine_options` are `EngineConfig` fields (max_model_len, max_num_seqs, kv_cache_memory_gb, ...).
+    `engine_options` are `EngineConfig` fields (max_model_len, max_num_seqs, kv_cache_memory_gb, ...);
+    `server_options` more `ServerConfig` fields (allowed_origins, header_timeout_s, ...).
     """
     if model is not None and not Path(model).exists():
         raise ValueError(f"model path {model!r} does not exist")
@@ -86,15 +88,19 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *
         host=host, port=port, served_model_names=names, api_key=api_key,
         max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
         max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout_s, max_n=max_n, log_level=log_level,
-        engine_stall_timeout_s=engine_stall_timeout_s)
+        engine_stall_timeout_s=engine_stall_timeout_s, **(server_options or {}))
     level = log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lockgate").setLevel(level)
     if not _is_loopback(host) and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", host)
     app = build_app(engine_config, server_config)
+    sc = server_config
+    # httptools (llhttp) rejects ambiguous framing; the subclass adds head deadlines and size bounds.
+    http = protocol_class(sc.header_timeout_s, sc.max_header_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log,
-                            timeout_graceful_shutdown=5, timeout_keep_alive=5)
+                            http=http, timeout_graceful_shutdown=5, limit_concurrency=sc.max_connections,
+                            timeout_keep_alive=max(1, round(sc.keep_alive_timeout_s)))
     server = DrainingServer(config, app.state.ctx, drain_timeout_s)
     try:
         server.run()
@@ -136,6 +142,12 @@ def serve_command(
     max_n: Annotated[int, typer.Option(help="Largest `n` accepted")] = 16,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request")] = True,
+    allowed_origins: Annotated[list[str] | None, typer.Option(help="Origins browsers may call from (get CORS headers; repeatable; '*' for any)")] = None,  # noqa: E501
+    allowed_hosts: Annotated[list[str] | None, typer.Option(help="Host names accepted without an API key besides loopback (repeatable; '*' for any)")] = None,  # noqa: E501
+    header_timeout: Annotated[float, typer.Option(help="Seconds a client has to send the request line and headers")] = 10.0,  # noqa: E501
+    body_timeout: Annotated[float, typer.Option(help="Seconds a client has to send the request body (408)")] = 60.0,  # noqa: E501
+    max_connections: Annotated[int, typer.Option(help="Open connections before new ones get 503")] = 4096,
+    enable_fault_injection: Annotated[bool, typer.Option(hidden=True, help="Test only: honour x-lockgate-fault")] = False,  # noqa: E501
     engine_stall_timeout: Annotated[float, typer.Option(help="Seconds without engine progress, with requests in flight, before they fail and the engine restarts (0: off)")] = 60.0,  # noqa: E501
     debug_hang_at_step: Annotated[int | None, typer.Option(hidden=True, help="Test only: the first engine hangs in this step")] = None,  # noqa: E501
 ) -> None:
@@ -146,6 +158,9 @@ def serve_command(
             max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
             max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout, max_n=max_n,
             log_level=log_level, access_log=access_log, engine_stall_timeout_s=engine_stall_timeout,
+            server_options={"allowed_origins": list(allowed_origins or []), "allowed_hosts": allowed_hosts or None,
+                            "header_timeout_s": header_timeout, "body_timeout_s": body_timeout,
+                            "max_connections": max_connections, "enable_fault_injection": enable_fault_injection},
             debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory_gb=kv_cache_memory_gb, num_kv_blocks=num_kv_blocks, block_size=block_size,

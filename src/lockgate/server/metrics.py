@@ -93,12 +93,23 @@ class ServerMetrics:
                                      buckets=_TOKEN_BUCKETS, registry=r)
         self.generation_hist = Histogram("lockgate:request_generation_tokens", "Generated tokens per request.",
                                          lbl, buckets=_TOKEN_BUCKETS, registry=r)
+        self.http_responses = Counter("lockgate:http_responses", "HTTP responses by route and status code.",
+                                      ["route", "status"], registry=r)
+        self.http_errors = Counter("lockgate:http_errors", "Error responses by status and error code.",
+                                   ["status", "code"], registry=r)
         r.register(_EngineCollector(state, model_name))
         # Smoothed time to first token: the Retry-After hint for a full queue.
         self.ttft_ema_s = 1.0
 
     def reject(self, reason: str) -> None:
         self.requests_rejected.labels(self.model_name, reason).inc()
+
+    def http_response(self, route: str, status: int) -> None:
+        self.http_responses.labels(route, str(status)).inc()
+
+    def error(self, status: int, code: str | None) -> None:
+        # Codes come from our own raise sites, never from client input: bounded cardinality.
+        self.http_errors.labels(str(status), code or "none").inc()
 
     def fail(self, reason: str) -> None:
         self.request_failure.labels(self.model_name, reason).inc()

@@ -1,83 +1,228 @@
-"""The guard in front of every route: API key, drain, body-size limit, in-flight count.
+"""The guard in front of every route.
+
+In order: Host and Origin checks (keyless mode), CORS preflight, API key, drain
+(503), JSON-only bodies (415), body size (413) and body deadline (408); then the
+route runs with a `Lease` in its scope that is released here when the call ends,
+however it ends. An exception no route handled is logged once and answered as
+an OpenAI-shaped 500. Every response is counted by route and status.
 
 A pure ASGI middleware (not Starlette's BaseHTTPMiddleware) so streaming
 responses and disconnect notifications pass through untouched.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lockgate.server.context import ServerContext
-from lockgate.server.errors import APIError, unavailable
+from lockgate.gateway.lease import FAULT_POINTS, Lease
+from lockgate.server.context import LEASE_SCOPE_KEY, ServerContext
+from lockgate.server.errors import APIError, internal_error, unavailable
+from lockgate.server.origins import OriginPolicy, cors_headers
+
+log = logging.getLogger("lockgate.server")
 
 # Reachable without an API key and while draining (load balancers and scrapers use them).
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+FAULT_HEADER = b"x-lockgate-fault"
 
 
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, ctx: ServerContext) -> None:
         self.app = app
         self.ctx = ctx
-        key = ctx.config.api_key
+        cfg = ctx.config
+        key = cfg.api_key
         self._expected = f"Bearer {key}".encode() if key else None
+        self.policy = OriginPolicy.build(cfg.host, cfg.allowed_origins, cfg.allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = _headers(scope)
+        origin = headers.get(b"origin")
+        origin_s = origin.decode("latin-1") if origin is not None else None
+        cors = origin_s is not None and self.policy.cors_allowed(origin_s)
+        status = 0
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers_out = message.get("headers", [])
+                if cors and not any(k == b"access-control-allow-origin" for k, _ in headers_out):
+                    message = {**message, "headers": [*headers_out, *cors_headers(origin_s or "", preflight=False)]}
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_counted, headers, origin_s, cors)
+        finally:
+            self.ctx.metrics.http_response(self._route(scope), status)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes],
+                       origin: str | None, cors: bool) -> None:
         ctx = self.ctx
-        if self._expected is not None and not self._authorized(scope):
-            await _reply(send, APIError(401, "invalid or missing API key (send `Authorization: Bearer <key>`)",
-                                        code="invalid_api_key"))
+        err = self._screen(scope, headers, origin)
+        if err is not None:
+            await self._reply(send, err)
+            return
+        if scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+            if cors:  # an allowed cross-origin preflight: answered here, before auth
+                await send({"type": "http.response.start", "status": 204,
+                            "headers": cors_headers(origin or "", preflight=True)})
+                await send({"type": "http.response.body", "body": b""})
+            else:
+                await self._reply(send, APIError(403, f"cross-origin requests from {origin!r} are not allowed "
+                                                      "(see --allowed-origins)", code="origin_not_allowed"))
+            return
+        path = scope["path"]
+        if path in OPEN_PATHS:
+            await self._run(scope, receive, send, None)
+            return
+        if self._expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""),
+                                                                 self._expected):
+            await self._reply(send, APIError(401, "invalid or missing API key (send `Authorization: Bearer <key>`)",
+                                             code="invalid_api_key"))
             return
         if ctx.draining:
             ctx.metrics.reject("draining")
             err = unavailable("the server is shutting down", "server_draining")
             err.headers["Connection"] = "close"
-            await _reply(send, err)
+            await self._reply(send, err)
             return
-        limit = ctx.config.max_request_body_bytes
+        if scope["method"] in BODY_METHODS and not _is_json(headers.get(b"content-type")):
+            await self._reply(send, APIError(
+                415, "the request body must be JSON: send `Content-Type: application/json`",
+                param="Content-Type", code="unsupported_media_type"))
+            return
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        await self._run(scope, _replay(body, receive), send, headers)
+
+    def _screen(self, scope: Scope, headers: dict[bytes, bytes], origin: str | None) -> APIError | None:
+        """Keyless mode: refuse what a browser page could send on the user's behalf."""
+        if self._expected is not None:
+            return None
+        host = headers.get(b"host")
+        host_s = host.decode("latin-1") if host is not None else None
+        if not self.policy.host_allowed(host_s):
+            return APIError(403, f"host {host_s!r} is not allowed (loopback names only without an API key; "
+                                 "see --allowed-hosts)", code="host_not_allowed")
+        if origin is not None and not self.policy.origin_allowed(origin, host_s):
+            return APIError(403, f"cross-origin requests from {origin!r} are not allowed (see --allowed-origins)",
+                            code="origin_not_allowed")
+        return None
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole body, bounded in size and time; None when a reply was sent instead."""
+        limit = self.ctx.config.max_request_body_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _reply(send, _too_large(limit))
-            return
-        # Read the body up front (bounded), then replay it: a chunked upload that
-        # overruns the limit is refused before any route sees it.
+            await self._reply(send, _too_large(limit))
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ctx.config.body_timeout_s
         chunks: list[bytes] = []
         size = 0
         more = True
         while more:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                err = APIError(408, f"the request body did not arrive within {self.ctx.config.body_timeout_s:g} s",
+                               code="request_timeout", headers={"Connection": "close"})
+                await self._reply(send, err)
+                return None
             if msg["type"] == "http.disconnect":
-                return
+                return None
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await _reply(send, _too_large(limit))
-                return
+                await self._reply(send, _too_large(limit))
+                return None
             chunks.append(chunk)
             more = msg.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
+        return b"".join(chunks)
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: disconnect notifications
+    async def _run(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes] | None) -> None:
+        """Run the route with a lease; release it whatever happens; a stray exception is one 500."""
+        ctx = self.ctx
+        fault = None
+        if ctx.config.enable_fault_injection and headers is not None:
+            name = headers.get(FAULT_HEADER, b"").decode("latin-1")
+            fault = name if name in FAULT_POINTS else None
+        lease = Lease(fault)
+        scope[LEASE_SCOPE_KEY] = lease
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400:
+                    lease.outcome = "rejected"
+            await send(message)
 
         ctx.inflight += 1
         try:
-            await self.app(scope, replay, send)
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:  # noqa: BLE001 - the one place an unhandled error is logged and answered
+            lease.outcome = "internal"
+            if not lease.accounted:  # a request with a metrics record is counted by it on release
+                ctx.metrics.fail("internal")
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not started:
+                err = internal_error(exc)
+                err.headers["Connection"] = "close"
+                await self._reply(send, err)
+            # Started: the connection is closed by the server (the response cannot complete).
         finally:
             ctx.inflight -= 1
+            lease.release()
 
-    def _authorized(self, scope: Scope) -> bool:
-        got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        return hmac.compare_digest(got, self._expected or b"")
+    async def _reply(self, send: Send, err: APIError) -> None:
+        self.ctx.metrics.error(err.status, err.code)
+        await err.response()({"type": "http"}, _no_receive, send)
+
+    @staticmethod
+    def _route(scope: Scope) -> str:
+        """A bounded label for metrics: the matched route's path template (set by the router), or 'other'."""
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        return path if isinstance(path, str) else "other"
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for k, v in scope["headers"]:
+        out.setdefault(k, v)  # the first of repeated headers
+    return out
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    """application/json or application/<anything>+json, parameters (charset) allowed."""
+    if content_type is None:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: disconnect notifications
+
+    return replay
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -91,12 +236,8 @@ def _content_length(scope: Scope) -> int | None:
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
-
-
-async def _reply(send: Send, err: APIError) -> None:
-    resp = err.response()
-    await resp({"type": "http"}, _no_receive, send)
+    return APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large",
+                    headers={"Connection": "close"})
 
 
 async def _no_receive() -> Message:

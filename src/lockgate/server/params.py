@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from lockgate.engine.config import EngineConfig
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.server.config import ServerConfig
 from lockgate.server.errors import APIError, bad_request
@@ -26,8 +27,12 @@ def sampling_error(exc: ValueError) -> APIError:
     return bad_request(msg, param=param, code="invalid_value")
 
 
-def _common(req: _SamplingFields, cfg: ServerConfig, max_tokens: int | None,
+def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_tokens: int | None,
             logprobs: int | None) -> SamplingParams:
+    if req.priority and engine.scheduling_policy != "priority":
+        # Accepting it silently would promise an ordering the scheduler does not give.
+        raise bad_request("priority is only accepted when the server runs with --scheduling-policy priority",
+                          param="priority", code="unsupported_parameter")
     n = req.n or 1
     if n > cfg.max_n:
         raise bad_request(f"n must be <= {cfg.max_n}, got {n}", param="n", code="invalid_value")
@@ -60,17 +65,19 @@ def _common(req: _SamplingFields, cfg: ServerConfig, max_tokens: int | None,
         raise sampling_error(exc) from None
 
 
-def completion_params(req: CompletionRequest, cfg: ServerConfig) -> SamplingParams:
+def completion_params(req: CompletionRequest, cfg: ServerConfig, engine: EngineConfig) -> SamplingParams:
     if req.suffix:
         raise bad_request("suffix is not supported", param="suffix", code="unsupported_parameter")
     if req.best_of is not None and req.best_of != (req.n or 1):
-        raise bad_request("best_of must equal n (server-side best-of is not supported)", param="best_of")
+        raise bad_request("best_of must equal n (server-side best-of is not supported)", param="best_of",
+                          code="unsupported_parameter")
     if req.echo and req.logprobs is not None:
-        raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", param="echo")
-    return _common(req, cfg, req.max_tokens, req.logprobs)
+        raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", param="echo",
+                          code="unsupported_parameter")
+    return _common(req, cfg, engine, req.max_tokens, req.logprobs)
 
 
-def chat_params(req: ChatCompletionRequest, cfg: ServerConfig) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, cfg: ServerConfig, engine: EngineConfig) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     if req.response_format is not None and req.response_format.type != "text":
@@ -80,7 +87,7 @@ def chat_params(req: ChatCompletionRequest, cfg: ServerConfig) -> SamplingParams
         raise bad_request("tool calling is not supported", param="tools", code="unsupported_parameter")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _common(req, cfg, max_tokens, logprobs)
+    return _common(req, cfg, engine, max_tokens, logprobs)
 
 
 def completion_prompts(req: CompletionRequest, cfg: ServerConfig) -> list[str | list[int]]:

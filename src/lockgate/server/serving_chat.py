@@ -14,12 +14,14 @@ from lockgate.engine.client import RequestStream
 from lockgate.engine.outputs import CompletionOutput, RequestOutput
 from lockgate.server.context import ServerContext
 from lockgate.server.errors import bad_request, json_response
+from lockgate.gateway.lease import Lease
 from lockgate.server.generation import (
     collect_or_respond,
     failure_reason,
+    lease_of,
+    start,
     stream_closer,
     stream_error_event,
-    submit,
 )
 from lockgate.server.logprobs import chat_logprobs
 from lockgate.server.metrics import RequestTracker
@@ -29,16 +31,27 @@ from lockgate.server.serving_completions import finish_reason, usage
 from lockgate.server.sse import DONE, SSEResponse, sse_event
 
 
+# Template variables the server itself passes: a client may not override them.
+RESERVED_TEMPLATE_KEYS = frozenset({
+    "messages", "add_generation_prompt", "tools", "continue_final_message", "documents",
+    "bos_token", "eos_token", "pad_token", "unk_token", "raise_exception", "strftime_now", "self",
+})
+
+
 def render_chat(ctx: ServerContext, messages: list[dict[str, Any]], add_generation_prompt: bool,
                 continue_final: bool, kwargs: dict[str, Any] | None) -> str:
     """The chat template's text; a template error (bad role order, ...) is a 400."""
     if continue_final and messages[-1]["role"] != "assistant":
         raise bad_request("continue_final_message needs the last message to be from the assistant",
                           param="continue_final_message")
+    reserved = sorted(RESERVED_TEMPLATE_KEYS.intersection(kwargs or ()))
+    if reserved:
+        raise bad_request(f"chat_template_kwargs must not set {', '.join(reserved)} (the server sets them)",
+                          param="chat_template_kwargs", code="invalid_value")
     try:
         text = ctx.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt and not continue_final, **(kwargs or {}))
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise bad_request(str(exc), param="messages", code="invalid_messages") from None
     if continue_final:  # cut the end-of-turn markup after the final message's content
         last = messages[-1]["content"]
@@ -51,7 +64,7 @@ def render_chat(ctx: ServerContext, messages: list[dict[str, Any]], add_generati
 async def create_chat_completion(request: Request, ctx: ServerContext) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     model = ctx.resolve_model(body.model)
-    params = chat_params(body, ctx.config)
+    params = chat_params(body, ctx.config, ctx.engine_config)
     messages = chat_messages(body.messages, ctx.config)
     ctx.check_engine()
     args = (ctx, messages, bool(body.add_generation_prompt), bool(body.continue_final_message),
@@ -62,15 +75,15 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
         raise bad_request("the rendered chat prompt is empty", param="messages")
     ctx.check_context(len(ids), params.max_tokens, "messages")
     ctx.check_engine()
-    ctx.admit(params.n, params.n * len(ids))
+    lease = lease_of(request)
+    ctx.admit(lease, params.n, params.n * len(ids))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    tracker = ctx.metrics.tracker(len(ids))
-    streams = submit(ctx, request_id, [ids], [prompt], params, body.priority or 0)
+    streams, tracker = start(ctx, lease, request_id, [ids], [prompt], params, body.priority or 0)
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     meta = {"id": request_id, "model": model, "created": int(time.time())}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(_stream(meta, streams[0], params.n, len(ids), top_n, tracker, include_usage),
+        return SSEResponse(_stream(meta, streams[0], params.n, len(ids), top_n, tracker, include_usage, lease),
                            stream_closer(streams, tracker))
     finals = await collect_or_respond(request, streams, tracker)
     if isinstance(finals, Response):
@@ -101,7 +114,7 @@ def _response(meta: dict[str, Any], final: RequestOutput, num_prompt: int, top_n
 
 
 async def _stream(meta: dict[str, Any], stream: RequestStream, n: int, num_prompt: int, top_n: int | None,
-                  tracker: RequestTracker, include_usage: bool) -> AsyncIterator[bytes]:
+                  tracker: RequestTracker, include_usage: bool, lease: Lease) -> AsyncIterator[bytes]:
     head = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None}
     extra = {"usage": None} if include_usage else {}
     finished: set[int] = set()
@@ -130,6 +143,7 @@ async def _stream(meta: dict[str, Any], stream: RequestStream, n: int, num_promp
                     finished.add(c.index)
                     reasons.append(c.finish_reason)
                 yield sse_event({**head, "choices": [choice], **extra})
+                lease.checkpoint("stream")
         if include_usage:
             yield sse_event({**head, "choices": [], "usage": usage(num_prompt, completion_tokens, cached)})
         tracker.finish(reasons)

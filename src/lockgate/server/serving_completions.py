@@ -14,13 +14,15 @@ from lockgate.engine.outputs import CompletionOutput, RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.server.context import ServerContext
 from lockgate.server.errors import json_response
+from lockgate.gateway.lease import Lease
 from lockgate.server.generation import (
     collect_or_respond,
     failure_reason,
+    lease_of,
     merged,
+    start,
     stream_closer,
     stream_error_event,
-    submit,
 )
 from lockgate.server.logprobs import completion_logprobs
 from lockgate.server.metrics import RequestTracker
@@ -43,7 +45,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[s
 async def create_completion(request: Request, ctx: ServerContext) -> Response:
     body = await parse_body(request, CompletionRequest)
     model = ctx.resolve_model(body.model)
-    params = completion_params(body, ctx.config)
+    params = completion_params(body, ctx.config, ctx.engine_config)
     prompts = completion_prompts(body, ctx.config)
     ctx.check_engine()
     ids_list: list[list[int]] = []
@@ -58,14 +60,14 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
                  for t, ids in zip(texts, ids_list)]
     ctx.check_engine()  # again: tokenizing may have awaited
     num_prompt = sum(len(ids) for ids in ids_list)
-    ctx.admit(params.n * len(ids_list), params.n * num_prompt)
+    lease = lease_of(request)
+    ctx.admit(lease, params.n * len(ids_list), params.n * num_prompt)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    tracker = ctx.metrics.tracker(num_prompt)
-    streams = submit(ctx, request_id, ids_list, texts, params, body.priority or 0)
+    streams, tracker = start(ctx, lease, request_id, ids_list, texts, params, body.priority or 0)
     meta = _Meta(request_id, model, int(time.time()), params, bool(body.echo), texts, num_prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(_stream(meta, streams, tracker, include_usage), stream_closer(streams, tracker))
+        return SSEResponse(_stream(meta, streams, tracker, include_usage, lease), stream_closer(streams, tracker))
     finals = await collect_or_respond(request, streams, tracker)
     if isinstance(finals, Response):
         return finals
@@ -108,7 +110,7 @@ def _response(meta: _Meta, finals: list[RequestOutput]) -> dict[str, Any]:
 
 
 async def _stream(meta: _Meta, streams: list[RequestStream], tracker: RequestTracker,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+                  include_usage: bool, lease: Lease) -> AsyncIterator[bytes]:
     n = meta.params.n
     want_lp = meta.params.logprobs is not None
     finished: set[int] = set()
@@ -142,6 +144,7 @@ async def _stream(meta: _Meta, streams: list[RequestStream], tracker: RequestTra
                 if include_usage:
                     chunk["usage"] = None
                 yield sse_event(chunk)
+                lease.checkpoint("stream")
                 if c.finish_reason is not None:
                     finished.add(idx)
                     reasons.append(c.finish_reason)

@@ -1,0 +1,1 @@
+"""The multi-tenant gateway: admission (and, next, tenants, keys, limits, budgets, routing)."""
