@@ -242,11 +242,12 @@ class AsyncEngineClient:
     # ---- life cycle ------------------------------------------------------------------
     async def start(self) -> None:
         """Load the tokenizer here, start the core, and wait until it reports ready."""
+        from lockgate.engine.fake_runner import checkpoint_load_format
         from lockgate.engine.loader import load_checkpoint  # weights are lazy: cheap here
 
         # Tokenizer here and model in the core load in parallel.
         self._ckpt_task = asyncio.ensure_future(
-            asyncio.to_thread(load_checkpoint, self.config.model, self.config.load_format))
+            asyncio.to_thread(load_checkpoint, self.config.model, checkpoint_load_format(self.config.load_format)))
         try:
             await self._spawn()
         finally:

@@ -1,6 +1,7 @@
 """Model architecture and engine configuration (plain data)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +106,9 @@ class EngineConfig:
     model: str | None = None  # None: the embedded default model
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    load_format: str = "auto"  # auto | dummy (random weights from a config)
+    load_format: str = "auto"  # auto | dummy (random weights from a config) | fake (no model: fake_runner.py)
+    # load_format="fake" only: seconds each engine step sleeps (one sleep per step, shared by the batch).
+    fake_step_delay_s: float = 0.0
     quantization: str | None = None  # None | int8 (weight-only, CPU: faster small-batch decode)
     seed: int = 0
     block_size: int = 16
@@ -138,5 +141,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
         if self.debug_hang_at_step is not None and self.debug_hang_at_step < 1:
             raise ValueError(f"debug_hang_at_step must be >= 1, got {self.debug_hang_at_step}")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.load_format not in ("auto", "dummy", "fake"):
+            raise ValueError(f"load_format must be 'auto', 'dummy' or 'fake', got {self.load_format!r}")
+        if not (isinstance(self.fake_step_delay_s, (int, float)) and math.isfinite(self.fake_step_delay_s)
+                and self.fake_step_delay_s >= 0):
+            raise ValueError(f"fake_step_delay_s must be a finite number >= 0, got {self.fake_step_delay_s!r}")

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.fake_runner import FakeRunner, checkpoint_load_format
 from lockgate.engine.kv_cache import KVCacheManager
 from lockgate.engine.loader import LoadedCheckpoint, load_checkpoint
 from lockgate.engine.outputs import EngineCoreOutput, EngineCoreRequest, EngineStats
@@ -39,14 +40,16 @@ class EngineCore:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
-        ckpt = ckpt or load_checkpoint(config.model, config.load_format)
+        # "fake" reads only the checkpoint's config and tokenizer (weights are lazy, never called).
+        ckpt = ckpt or load_checkpoint(config.model, checkpoint_load_format(config.load_format))
         self.model_config = ckpt.config
         self.tokenizer = ckpt.tokenizer
         model_max = ckpt.config.max_position_embeddings
         if ckpt.config.sliding_window:  # full attention equals sliding-window attention only inside the window
             model_max = min(model_max, ckpt.config.sliding_window)
         max_len = resolve_max_model_len(config, model_max)
-        self.runner = ModelRunner(config, ckpt, max_len)
+        self.runner: ModelRunner | FakeRunner = (
+            FakeRunner(config, ckpt, max_len) if config.load_format == "fake" else ModelRunner(config, ckpt, max_len))
         # One request must fit in the pool on its own, or preemption could never make room.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:

@@ -127,7 +127,8 @@ def serve_command(
     block_size: Annotated[int, typer.Option(help="Tokens per KV block")] = _default("block_size"),
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = _default("dtype"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = _default("device"),
-    load_format: Annotated[str, typer.Option(help="auto | dummy (random weights)")] = _default("load_format"),
+    load_format: Annotated[str, typer.Option(help="auto | dummy (random weights) | fake (no model: fixed plain tokens at once or after --fake-step-delay; for measuring the server)")] = _default("load_format"),  # noqa: E501
+    fake_step_delay: Annotated[float, typer.Option(help="With --load-format fake: seconds per engine step (one sleep per step, shared by the batch)")] = _default("fake_step_delay_s"),  # noqa: E501
     seed: Annotated[int, typer.Option(help="Engine seed")] = _default("seed"),
     enable_prefix_caching: Annotated[bool, typer.Option(help="Reuse KV blocks of shared prompt prefixes")] = _default("enable_prefix_caching"),  # noqa: E501
     enable_chunked_prefill: Annotated[bool, typer.Option(help="Split long prompts across steps")] = _default("enable_chunked_prefill"),  # noqa: E501
@@ -164,7 +165,7 @@ def serve_command(
             debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory_gb=kv_cache_memory_gb, num_kv_blocks=num_kv_blocks, block_size=block_size,
-            dtype=dtype, device=device, load_format=load_format, seed=seed,
+            dtype=dtype, device=device, load_format=load_format, fake_step_delay_s=fake_step_delay, seed=seed,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             scheduling_policy=scheduling_policy, max_logprobs=max_logprobs, num_threads=num_threads,
             quantization=quantization,

@@ -1,0 +1,143 @@
+"""FakeRunner: a stand-in for `ModelRunner` that runs no model (`load_format="fake"`).
+
+For measuring everything around the model: the gateway's own cost (issue 7's
+`benchmarks/gateway_overhead.py`) and servers of known capacity for load-testing
+tests (issue 9). Only the checkpoint's config and tokenizer are read (the
+loader's weights are lazy and never called), so tokenization, chat templates and
+length limits are the real ones; the scheduler, KV block accounting, prefix
+cache and output processing all run as with a model, so admission, queueing,
+preemption and streaming behave the same.
+
+Each step:
+- sleeps `EngineConfig.fake_step_delay_s` once (0: not at all). The sleep is per
+  step, not per request: a step that decodes one token for each of 50 requests
+  costs one delay, like a real batched decode, so a server's decode rate is
+  `max_num_seqs / delay` tokens/s at most and one request's TPOT is the delay;
+- answers each request that samples with a token derived from its last token,
+  the position and its seed (deterministic across runs and processes), drawn
+  from a pool of plain-text tokens that never holds an EOS or special token, so
+  requests run to `max_tokens` unless a stop string or stop token id hits. The
+  `n` children of a request share prompt and seed, so they get the same text;
+- gives logprobs when asked: the sampled token is the top-1, with a
+  deterministic probability in [0.5, 0.9); alternatives follow with geometric
+  shares of the rest (valid, decreasing log-probabilities).
+
+No KV tensors are allocated; the block count is sized as the real runner sizes
+it (from `num_kv_blocks`, or `kv_cache_memory_gb` at 2 bytes per element for
+dtype "auto"), so admission sees a pool of the usual size.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from lockgate.engine.config import EngineConfig, ModelConfig
+from lockgate.engine.loader import LoadedCheckpoint
+from lockgate.engine.outputs import TokenLogprob
+from lockgate.engine.request import Request
+from lockgate.engine.scheduler import ScheduledBatch
+from lockgate.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+_ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+_MASK64 = (1 << 64) - 1
+
+
+def checkpoint_load_format(load_format: str) -> str:
+    """What to pass the loader: "fake" reads the real checkpoint lazily (config + tokenizer only)."""
+    return "auto" if load_format == "fake" else load_format
+
+
+def _mix(*values: int) -> int:
+    """A small deterministic 64-bit hash (splitmix64 steps); Python's hash() is salted per process for str."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h
+
+
+def token_pool(tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int]) -> list[int]:
+    """Token ids that decode to plain text: ASCII letters with at most a leading space, not special.
+
+    Falls back to every non-special id when a vocabulary has fewer than 64 such tokens."""
+    limit = min(vocab_size, len(tokenizer))
+    eos = set(eos_token_ids)
+    ids = [i for i in range(limit) if i not in eos and not tokenizer.is_special(i)]
+    plain = []
+    for i in ids:
+        text = tokenizer.decode([i], skip_special_tokens=False)
+        word = text[1:] if text.startswith(" ") else text
+        if 2 <= len(word) <= 8 and word.isascii() and word.isalpha():
+            plain.append(i)
+    pool = plain if len(plain) >= 64 else ids
+    if not pool:
+        raise ValueError("load_format='fake': the tokenizer has no usable non-special tokens")
+    return pool
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: str) -> int:
+    return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * _ELEM_BYTES[dtype]
+
+
+class FakeRunner:
+    """The part of `ModelRunner`'s interface `EngineCore` uses: `num_blocks`, `eos_token_ids`,
+    `dtype`, `device` and `execute(batch)`."""
+
+    def __init__(self, config: EngineConfig, ckpt: LoadedCheckpoint, max_model_len: int,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        self.model_config = ckpt.config
+        self.max_model_len = max_model_len
+        self.device = torch.device("cpu")
+        self.dtype = "fake"
+        self.block_size = config.block_size
+        self.vocab_size = ckpt.config.vocab_size
+        self.eos_token_ids = list(ckpt.tokenizer.eos_token_ids or ckpt.config.eos_token_ids)
+        self.num_blocks = config.num_kv_blocks or max(
+            1, int(config.kv_cache_memory_gb * 2**30) // kv_block_bytes(ckpt.config, self.block_size, config.dtype))
+        self.pool = token_pool(ckpt.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.step_delay_s = float(config.fake_step_delay_s)
+        self.sleep = sleep  # tests swap in a fake clock
+        self.num_steps = 0  # steps executed (each slept step_delay_s once)
+        self.total_delay_s = 0.0
+        log.info("fake runner: no model weights, %d plain tokens in the pool, %.4f s per step",
+                 len(self.pool), self.step_delay_s)
+
+    def next_token(self, req: Request) -> tuple[int, int]:
+        """(token id, its index in the pool) for the position after the last known token."""
+        pos = req.num_tokens
+        last = req.output_token_ids[-1] if req.output_token_ids else req.prompt_token_ids[-1]
+        seed = req.params.seed if req.params.seed is not None else 0
+        k = _mix(last, pos, seed) % len(self.pool)
+        return self.pool[k], k
+
+    def logprob(self, req: Request, k: int, token: int) -> TokenLogprob:
+        u = (_mix(token, req.num_tokens, 0xF00D) % 1000) / 1000.0
+        p0 = 0.5 + 0.4 * u
+        lp0 = math.log(p0)
+        want = min(req.params.logprobs or 0, len(self.pool))  # as the sampler: top-k, sampled token first
+        top = [(self.pool[(k + j) % len(self.pool)], lp0 if j == 0 else math.log((1.0 - p0) * 0.5**j))
+               for j in range(want)]
+        return TokenLogprob(logprob=lp0, top=top)
+
+    def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int, TokenLogprob | None]]:
+        self.num_steps += 1
+        if self.step_delay_s > 0:
+            self.sleep(self.step_delay_s)
+            self.total_delay_s += self.step_delay_s
+        out: list[tuple[Request, int, TokenLogprob | None]] = []
+        for i, req in enumerate(batch.requests):
+            if batch.start[i] + batch.num_tokens[i] != req.num_tokens:
+                continue  # a prefill chunk short of the end samples nothing
+            token, k = self.next_token(req)
+            lp = self.logprob(req, k, token) if req.params.logprobs is not None else None
+            out.append((req, token, lp))
+        return out
