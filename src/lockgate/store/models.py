@@ -1,0 +1,139 @@
+"""Plain records the store keeps: tenants, API keys, usage rows, reservations, audit records.
+
+Times are Unix seconds (float). Money is USD (float; prices are USD per 1M tokens).
+`None` in a limit means unlimited.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRIORITY_CLASSES = ("interactive", "standard", "batch")
+BUDGET_PERIODS = ("day", "month", "total")
+SCOPES = ("inference", "admin")
+# Why a request ended, as the ledger records it.
+FINISH_REASONS = ("stop", "length", "abort", "error", "rejected", "interrupted")
+
+
+@dataclass(slots=True)
+class Price:
+    prompt: float = 0.0  # USD per 1M prompt tokens
+    completion: float = 0.0  # USD per 1M completion tokens
+    cached_prompt: float | None = None  # USD per 1M prompt tokens served from the prefix cache; None: = prompt
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        cached_rate = self.prompt if self.cached_prompt is None else self.cached_prompt
+        fresh = max(0, prompt_tokens - cached_tokens)
+        return (fresh * self.prompt + cached_tokens * cached_rate + completion_tokens * self.completion) / 1e6
+
+
+@dataclass(slots=True)
+class Limits:
+    """Per tenant and per key; None = unlimited."""
+
+    rpm: int | None = None  # requests per minute
+    tpm: int | None = None  # tokens per minute (prompt at admission, completion as it streams)
+    max_concurrency: int | None = None  # requests in flight
+    max_tokens: int | None = None  # cap on a request's max_tokens
+
+
+@dataclass(slots=True)
+class Tenant:
+    id: str
+    name: str
+    models: list[str] = field(default_factory=lambda: ["*"])  # "*": every model
+    limits: Limits = field(default_factory=Limits)
+    priority: str = "standard"  # one of PRIORITY_CLASSES
+    budget_usd: float | None = None
+    budget_period: str = "month"  # one of BUDGET_PERIODS
+    prices: dict[str, Price] = field(default_factory=dict)  # model name or "*" -> price
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def price_for(self, model: str) -> Price:
+        return self.prices.get(model) or self.prices.get("*") or Price()
+
+    def allows_model(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+@dataclass(slots=True)
+class ApiKey:
+    id: str
+    tenant_id: str
+    name: str
+    prefix: str  # the key's first characters, for display ("lg-AbCd…")
+    key_hash: str  # hex SHA-256 of the whole key; the key itself is never stored
+    scopes: list[str] = field(default_factory=lambda: ["inference"])
+    limits: Limits = field(default_factory=Limits)
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    created_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Reservation:
+    """A request's hold on its tenant's budget, on disk before its first token is sent."""
+
+    request_id: str
+    tenant_id: str
+    key_id: str | None
+    model: str
+    reserved_usd: float  # worst case: prompt + max_tokens at the tenant's prices
+    prompt_tokens: int
+    completion_tokens: int = 0  # checkpointed while streaming (at least every second)
+    cached_tokens: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One row per request, written exactly once (keyed by request id)."""
+
+    request_id: str
+    tenant_id: str | None
+    key_id: str | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    queue_time_s: float | None
+    ttft_s: float | None
+    e2e_s: float | None
+    finish_reason: str  # one of FINISH_REASONS
+    status: int  # HTTP status
+    cost_usd: float
+    created_at: float = 0.0
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    id: int  # 1, 2, ... in append order
+    ts: float
+    actor: str  # key id, "admin-key", "cli", "system"
+    action: str  # "tenant.create", "key.revoke", "bootstrap", ...
+    target: str | None  # tenant or key id
+    details: dict  # the change (never a secret)
+    prev_hash: str
+    hash: str  # SHA-256 over (prev_hash, id, ts, actor, action, target, details as canonical JSON)
+
+
+@dataclass(slots=True)
+class IdempotencyRecord:
+    tenant_id: str
+    key: str  # the client's Idempotency-Key
+    body_hash: str  # SHA-256 of the request body
+    request_id: str
+    status: int | None  # None while the first request is still running
+    response: bytes | None  # the stored response body (JSON), replayed to retries
+    created_at: float = 0.0
+
+
+@dataclass(slots=True)
+class UsageQuery:
+    tenant_id: str | None = None
+    model: str | None = None
+    since: float | None = None
+    until: float | None = None
+    group_by: str = "request"  # request | day | model
+    limit: int = 1000

@@ -1,0 +1,143 @@
+"""The SQLite schema as an ordered list of migrations, tracked in `PRAGMA user_version`.
+
+Migration N (1-based) takes a database from version N-1 to N. Append new
+migrations at the end; never edit one that has shipped. Each migration is a
+tuple of statements run in one transaction together with the version bump, so a
+crash mid-migration leaves the previous version intact.
+"""
+from __future__ import annotations
+
+import sqlite3
+
+GENESIS_HASH = "0" * 64
+
+MIGRATIONS: list[tuple[str, ...]] = [
+    # 1: tenants, keys, reservations, the usage ledger, idempotency, the audit chain.
+    (
+        """CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+        """CREATE TABLE tenants (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            models TEXT NOT NULL,             -- JSON list
+            rpm INTEGER, tpm INTEGER, max_concurrency INTEGER, max_tokens INTEGER,
+            priority TEXT NOT NULL,
+            budget_usd REAL,
+            budget_period TEXT NOT NULL,
+            prices TEXT NOT NULL,             -- JSON {model: {prompt, completion, cached_prompt}}
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            deleted_at REAL                   -- soft delete: usage rows keep their tenant
+        )""",
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL REFERENCES tenants(id),
+            name TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,    -- hex SHA-256; the key itself is never stored
+            scopes TEXT NOT NULL,             -- JSON list
+            rpm INTEGER, tpm INTEGER, max_concurrency INTEGER, max_tokens INTEGER,
+            expires_at REAL,
+            revoked_at REAL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX api_keys_tenant ON api_keys(tenant_id)",
+        """CREATE TABLE reservations (
+            request_id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            key_id TEXT,
+            model TEXT NOT NULL,
+            reserved_usd REAL NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE usage (
+            request_id TEXT PRIMARY KEY,      -- exactly once: ON CONFLICT DO NOTHING
+            tenant_id TEXT,
+            key_id TEXT,
+            model TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            cached_tokens INTEGER NOT NULL,
+            queue_time_s REAL,
+            ttft_s REAL,
+            e2e_s REAL,
+            finish_reason TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            cost_usd REAL NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX usage_tenant_time ON usage(tenant_id, created_at)",
+        "CREATE INDEX usage_model ON usage(model)",
+        "CREATE INDEX usage_time ON usage(created_at)",
+        """CREATE TABLE idempotency (
+            tenant_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            body_hash TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            status INTEGER,
+            response BLOB,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (tenant_id, key)
+        )""",
+        "CREATE INDEX idempotency_time ON idempotency(created_at)",
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,           -- 1, 2, ... never reused
+            ts REAL NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT,
+            details TEXT NOT NULL,            -- canonical JSON
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )""",
+        # The chain's head, updated with every append: deleting the newest rows shows.
+        f"INSERT INTO meta(key, value) VALUES ('audit_head', '{GENESIS_HASH}')",
+        "INSERT INTO meta(key, value) VALUES ('audit_count', '0')",
+        "INSERT INTO meta(key, value) VALUES ('admin_version', '0')",
+    ),
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaError(RuntimeError):
+    """The database cannot be used by this code (e.g. written by a newer lockgate)."""
+
+
+def user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, path: str = "") -> int:
+    """Bring the database to SCHEMA_VERSION; returns the version found before.
+
+    `conn` must be in autocommit mode (isolation_level=None). Safe against another
+    process migrating at the same time: the version is re-read under the write lock.
+    """
+    found = user_version(conn)
+    if found > SCHEMA_VERSION:
+        raise SchemaError(
+            f"database {path or '(memory)'} has schema version {found}, newer than this lockgate "
+            f"knows ({SCHEMA_VERSION}); upgrade lockgate or use another --data-dir")
+    if found == SCHEMA_VERSION:
+        return found
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = user_version(conn)
+        if current > SCHEMA_VERSION:
+            raise SchemaError(f"database {path} has schema version {current}, newer than {SCHEMA_VERSION}")
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for stmt in MIGRATIONS[version - 1]:
+                conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return found
