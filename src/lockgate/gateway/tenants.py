@@ -1,0 +1,397 @@
+"""`AdminService`: tenants, API keys, usage and the audit log, for the admin REST routes and the CLI.
+
+Request bodies are strict pydantic models (unknown fields rejected, so a typo
+such as "rmp" is a 400, never a silent no-op; every number bounded and finite).
+Failures are `APIError`s (400 naming the field, 404 for unknown ids) that the
+REST layer renders as is and the CLI prints. Every change is audited with its
+actor in the same transaction as the change itself.
+
+Methods are synchronous and touch disk: the server calls them through
+`AsyncStore.call(...)`, never on the event loop.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from lockgate.server.errors import APIError, bad_request, validation_error
+from lockgate.store.base import Store
+from lockgate.store.models import ApiKey, Limits, Price, Tenant, UsageQuery
+
+log = logging.getLogger(__name__)
+
+INT32_MAX = 2**31 - 1
+KEY_PREFIX = "lg-"
+PREFIX_LEN = 10  # characters of the key shown for display ("lg-" + 7)
+MAX_USAGE_LIMIT = 100_000
+
+# ---------------------------------------------------------------- keys and ids
+
+
+def hash_key(key: str | bytes) -> str:
+    """Hex SHA-256 of the whole key: the only form in which a key is stored."""
+    raw = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+    return hashlib.sha256(raw).hexdigest()
+
+
+def new_key() -> tuple[str, str, str]:
+    """(key, prefix, hash): "lg-" + base64url of 32 random bytes (256 bits)."""
+    key = KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
+    return key, key[:PREFIX_LEN], hash_key(key)
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(10)
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str | float | int | None, param: str) -> float | None:
+    """ISO-8601 date or datetime (naive = UTC), or Unix seconds, -> Unix seconds; 400 naming `param`."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise bad_request(f"{param}: expected an ISO-8601 time or Unix seconds", param=param)
+    if isinstance(value, (int, float)):
+        ts = float(value)
+    else:
+        text = str(value).strip()
+        if len(text) > 64:
+            raise bad_request(f"{param}: too long", param=param)
+        try:
+            ts = float(text)
+        except ValueError:
+            try:
+                dt = datetime.fromisoformat(text)
+            except ValueError:
+                raise bad_request(f"{param}: expected an ISO-8601 time (2026-01-31 or 2026-01-31T12:00:00Z) "
+                                  "or Unix seconds", param=param) from None
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=timezone.utc)
+            ts = dt.timestamp()
+    if not math.isfinite(ts) or not 0 <= ts < 253402300800:  # before year 10000
+        raise bad_request(f"{param}: out of range", param=param)
+    return ts
+
+
+# ---------------------------------------------------------------- request bodies
+
+_NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=_NO_CONTROL)]
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=_NO_CONTROL)]
+LimitInt = Annotated[int, Field(ge=1, le=INT32_MAX)]
+Usd = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
+Rate = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]  # USD per 1M tokens
+Priority = Literal["interactive", "standard", "batch"]
+Period = Literal["day", "month", "total"]
+Scope = Literal["inference", "admin"]
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class PriceBody(BaseModel):
+    model_config = _STRICT
+    prompt: Rate = 0.0
+    completion: Rate = 0.0
+    cached_prompt: Rate | None = None  # None: the prompt price
+
+
+class _TenantFields(BaseModel):
+    model_config = _STRICT
+    models: Annotated[list[ModelName], Field(max_length=256)] | None = None  # None: ["*"]
+    rpm: LimitInt | None = None
+    tpm: LimitInt | None = None
+    max_concurrency: LimitInt | None = None
+    max_tokens: LimitInt | None = None
+    priority: Priority | None = None  # None: "standard"
+    budget_usd: Usd | None = None
+    budget_period: Period | None = None  # None: "month"
+    prices: Annotated[dict[ModelName, PriceBody], Field(max_length=256)] | None = None
+
+
+class TenantCreate(_TenantFields):
+    name: Name
+
+
+class TenantPatch(_TenantFields):
+    """Only the fields given change; null sets a limit to unlimited (and the others to their default)."""
+
+    name: Name | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_null(cls, v: str | None) -> str:
+        if v is None:
+            raise ValueError("name cannot be null")
+        return v
+
+
+class KeyCreate(BaseModel):
+    model_config = _STRICT
+    name: Name = "default"
+    scopes: Annotated[list[Scope], Field(min_length=1, max_length=2)] = Field(default_factory=lambda: ["inference"])
+    expires_at: Annotated[str, StringConstraints(max_length=64)] | None = None
+    rpm: LimitInt | None = None
+    tpm: LimitInt | None = None
+    max_concurrency: LimitInt | None = None
+    max_tokens: LimitInt | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("scopes must not repeat")
+        return v
+
+
+_LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "max_tokens")
+_DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": "standard", "budget_period": "month", "prices": {}}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _body_error(errors: list[dict[str, Any]]) -> APIError:
+    if not errors or errors[0].get("type") == "json_invalid" or not errors[0].get("loc"):
+        return validation_error(errors)
+    first = errors[0]
+    param = ".".join(str(p) for p in first["loc"])
+    msg = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid value")
+    return bad_request(f"{param}: {msg}", param=param, code="invalid_value")
+
+
+def parse_body(model: type[M], body: Mapping[str, Any] | bytes | str | None) -> M:
+    """A request body (parsed JSON or raw bytes) -> the model, or a 400 naming the first bad field."""
+    try:
+        if isinstance(body, (bytes, bytearray, str)):
+            return model.model_validate_json(body)
+        if body is None:
+            body = {}
+        if not isinstance(body, Mapping):
+            raise bad_request("the request body must be a JSON object")
+        return model.model_validate(dict(body))
+    except ValidationError as e:
+        raise _body_error(list(e.errors(include_url=False))) from None
+
+
+# ---------------------------------------------------------------- JSON views
+
+
+def _price_json(p: Price) -> dict[str, Any]:
+    return {"prompt": p.prompt, "completion": p.completion, "cached_prompt": p.cached_prompt}
+
+
+def tenant_json(t: Tenant) -> dict[str, Any]:
+    return {"object": "tenant", "id": t.id, "name": t.name, "models": list(t.models),
+            "rpm": t.limits.rpm, "tpm": t.limits.tpm, "max_concurrency": t.limits.max_concurrency,
+            "max_tokens": t.limits.max_tokens, "priority": t.priority, "budget_usd": t.budget_usd,
+            "budget_period": t.budget_period, "prices": {m: _price_json(p) for m, p in t.prices.items()},
+            "created_at": iso(t.created_at), "updated_at": iso(t.updated_at)}
+
+
+def key_json(k: ApiKey) -> dict[str, Any]:
+    """Never the key nor its hash."""
+    return {"object": "api_key", "id": k.id, "tenant_id": k.tenant_id, "name": k.name, "prefix": k.prefix,
+            "scopes": list(k.scopes), "rpm": k.limits.rpm, "tpm": k.limits.tpm,
+            "max_concurrency": k.limits.max_concurrency, "max_tokens": k.limits.max_tokens,
+            "expires_at": iso(k.expires_at), "revoked_at": iso(k.revoked_at), "created_at": iso(k.created_at)}
+
+
+USAGE_REQUEST_COLUMNS = ("request_id", "created_at", "tenant_id", "key_id", "model", "prompt_tokens",
+                         "completion_tokens", "cached_tokens", "queue_time_s", "ttft_s", "e2e_s", "finish_reason",
+                         "status", "cost_usd")
+USAGE_GROUP_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
+
+
+def _not_found(kind: str, id_: str, param: str) -> APIError:
+    return APIError(404, f"{kind} {id_!r} not found", param=param, code="not_found")
+
+
+# ---------------------------------------------------------------- the service
+
+
+class AdminService:
+    def __init__(self, store: Store, on_change: Callable[[str, str], None] | None = None) -> None:
+        """`on_change(action, id)` runs after each committed change (e.g. to reload the key ring)."""
+        self.store = store
+        self.on_change = on_change
+
+    def _changed(self, action: str, id_: str) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(action, id_)
+            except Exception:  # noqa: BLE001 - the change is committed; a reload failure must not undo the answer
+                log.exception("on_change(%s, %s) failed", action, id_)
+
+    # -------------------------------------------------------------- tenants
+    def create_tenant(self, body: Mapping[str, Any] | bytes | str, *, actor: str) -> dict[str, Any]:
+        req = parse_body(TenantCreate, body)
+        t = Tenant(id=new_id("ten_"), name=req.name, models=req.models if req.models is not None else ["*"],
+                   limits=Limits(req.rpm, req.tpm, req.max_concurrency, req.max_tokens),
+                   priority=req.priority or "standard", budget_usd=req.budget_usd,
+                   budget_period=req.budget_period or "month",
+                   prices={m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in (req.prices or {}).items()})
+        self.store.create_tenant(t, actor)
+        self._changed("tenant.create", t.id)
+        return tenant_json(t)
+
+    def _tenant(self, tenant_id: str) -> Tenant:
+        t = self.store.get_tenant(tenant_id)
+        if t is None:
+            raise _not_found("tenant", tenant_id, "tenant_id")
+        return t
+
+    def get_tenant(self, tenant_id: str) -> dict[str, Any]:
+        return tenant_json(self._tenant(tenant_id))
+
+    def list_tenants(self) -> dict[str, Any]:
+        return {"object": "list", "data": [tenant_json(t) for t in self.store.list_tenants()]}
+
+    def update_tenant(self, tenant_id: str, body: Mapping[str, Any] | bytes | str, *, actor: str) -> dict[str, Any]:
+        req = parse_body(TenantPatch, body)
+        t = self._tenant(tenant_id)
+        changes: dict[str, Any] = {}
+        for f in sorted(req.model_fields_set):
+            value = getattr(req, f)
+            if value is None:
+                value = _DEFAULTS.get(f)
+            if f in _LIMIT_FIELDS:
+                if getattr(t.limits, f) != value:
+                    setattr(t.limits, f, value)
+                    changes[f] = value
+            elif f == "prices":
+                prices = {m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in value.items()} \
+                    if value else {}
+                if prices != t.prices:
+                    t.prices = prices
+                    changes[f] = {m: _price_json(p) for m, p in prices.items()}
+            elif getattr(t, f) != value:
+                setattr(t, f, list(value) if isinstance(value, list) else value)
+                changes[f] = value
+        if not changes:
+            return tenant_json(t)
+        try:
+            self.store.update_tenant(t, changes, actor)
+        except KeyError:  # deleted meanwhile
+            raise _not_found("tenant", tenant_id, "tenant_id") from None
+        self._changed("tenant.update", t.id)
+        return tenant_json(t)
+
+    def delete_tenant(self, tenant_id: str, *, actor: str) -> dict[str, Any]:
+        if not self.store.delete_tenant(tenant_id, actor):
+            raise _not_found("tenant", tenant_id, "tenant_id")
+        self._changed("tenant.delete", tenant_id)
+        return {"object": "tenant", "id": tenant_id, "deleted": True}
+
+    # -------------------------------------------------------------- keys
+    def create_key(self, tenant_id: str, body: Mapping[str, Any] | bytes | str | None, *,
+                   actor: str) -> dict[str, Any]:
+        """The new key's JSON with the plaintext `"key"`: the only time it is ever shown."""
+        req = parse_body(KeyCreate, body)
+        expires = parse_time(req.expires_at, "expires_at")
+        if expires is not None and expires <= time.time():
+            raise bad_request("expires_at: is in the past", param="expires_at")
+        self._tenant(tenant_id)
+        key, prefix, digest = new_key()
+        k = ApiKey(id=new_id("key_"), tenant_id=tenant_id, name=req.name, prefix=prefix, key_hash=digest,
+                   scopes=list(req.scopes), limits=Limits(req.rpm, req.tpm, req.max_concurrency, req.max_tokens),
+                   expires_at=expires)
+        try:
+            self.store.create_key(k, actor)
+        except KeyError:
+            raise _not_found("tenant", tenant_id, "tenant_id") from None
+        self._changed("key.create", k.id)
+        return {**key_json(k), "key": key}
+
+    def list_keys(self, tenant_id: str | None = None) -> dict[str, Any]:
+        if tenant_id is not None:
+            self._tenant(tenant_id)
+        return {"object": "list", "data": [key_json(k) for k in self.store.list_keys(tenant_id)]}
+
+    def revoke_key(self, key_id: str, *, actor: str) -> dict[str, Any]:
+        """Revokes at once; revoking a revoked key is a no-op (same answer, no new audit record)."""
+        if self.store.get_key(key_id) is None:
+            raise _not_found("API key", key_id, "key_id")
+        if self.store.revoke_key(key_id, actor):
+            self._changed("key.revoke", key_id)
+        k = self.store.get_key(key_id)
+        assert k is not None
+        return {**key_json(k), "revoked": True}
+
+    # -------------------------------------------------------------- usage
+    def usage(self, *, tenant_id: str | None = None, model: str | None = None, since: Any = None,
+              until: Any = None, group_by: str | None = "request", format: str | None = "json",
+              limit: Any = 1000) -> dict[str, Any] | str:
+        """Usage rows (newest first) or per-day / per-model totals: a JSON list object, or CSV text."""
+        group_by = group_by or "request"
+        format = format or "json"
+        if group_by not in ("request", "day", "model"):
+            raise bad_request("group_by: must be one of request, day, model", param="group_by")
+        if format not in ("json", "csv"):
+            raise bad_request("format: must be json or csv", param="format")
+        try:
+            n = int(limit)
+            if isinstance(limit, bool) or (isinstance(limit, float) and limit != n):
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            raise bad_request("limit: expected an integer", param="limit") from None
+        if not 1 <= n <= MAX_USAGE_LIMIT:
+            raise bad_request(f"limit: must be between 1 and {MAX_USAGE_LIMIT}", param="limit")
+        for name, value in (("tenant_id", tenant_id), ("model", model)):
+            if value is not None and len(value) > 256:
+                raise bad_request(f"{name}: too long", param=name)
+        q = UsageQuery(tenant_id=tenant_id or None, model=model or None, since=parse_time(since, "since"),
+                       until=parse_time(until, "until"), group_by=group_by, limit=n)
+        rows = self.store.query_usage(q)
+        if group_by == "request":
+            columns = USAGE_REQUEST_COLUMNS
+            rows = [{c: (iso(r[c]) if c == "created_at" else r[c]) for c in columns} for r in rows]
+        else:
+            columns = (group_by, *USAGE_GROUP_COLUMNS)
+        if format == "csv":
+            out = io.StringIO()
+            w = csv.writer(out, lineterminator="\n")
+            w.writerow(columns)
+            for r in rows:
+                w.writerow(["" if r[c] is None else r[c] for c in columns])
+            return out.getvalue()
+        return {"object": "list", "group_by": group_by, "data": rows}
+
+    # -------------------------------------------------------------- audit
+    def audit_list(self, since_id: int = 0, limit: int = 1000) -> dict[str, Any]:
+        if isinstance(since_id, bool) or not isinstance(since_id, int) or since_id < 0:
+            raise bad_request("since_id: expected an integer >= 0", param="since_id")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_USAGE_LIMIT:
+            raise bad_request(f"limit: expected an integer between 1 and {MAX_USAGE_LIMIT}", param="limit")
+        recs = self.store.list_audit(since_id, limit)
+        return {"object": "list", "data": [
+            {"id": r.id, "ts": r.ts, "time": iso(r.ts), "actor": r.actor, "action": r.action, "target": r.target,
+             "details": r.details, "prev_hash": r.prev_hash, "hash": r.hash} for r in recs]}
+
+    def audit_verify(self) -> dict[str, Any]:
+        """{"ok", "records", "first_bad"} (+ "head": the newest good hash, to anchor outside the database)."""
+        full = getattr(self.store, "verify_audit_full", None)
+        if full is not None:
+            r = full()
+            return {"ok": r.ok, "records": r.records, "first_bad": r.first_bad, "head": r.head}
+        ok, n, first_bad = self.store.verify_audit()
+        return {"ok": ok, "records": n, "first_bad": first_bad}
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
