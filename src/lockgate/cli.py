@@ -110,6 +110,9 @@ def chat(
 from lockgate.server.launch import serve_command  # noqa: E402  (after the app exists)
 
 app.command("serve")(serve_command)
+from lockgate.cli_admin import register as _register_admin  # noqa: E402
+
+_register_admin(app)  # tenants | keys | usage | audit
 
 
 def main() -> None:
