@@ -16,6 +16,7 @@ from lockgate.server.context import ServerContext
 from lockgate.server.errors import install_error_handlers
 from lockgate.server.metrics import ServerMetrics
 from lockgate.server.middleware import GuardMiddleware
+from lockgate.server.openapi import install_openapi
 from lockgate.server.routes import router
 
 log = logging.getLogger("lockgate.server")
@@ -50,6 +51,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastA
     app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(router)
+    install_openapi(app)
     app.add_middleware(GuardMiddleware, ctx=ctx)
     return app
 

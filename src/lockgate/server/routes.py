@@ -1,6 +1,9 @@
 """HTTP routes: the OpenAI API plus vLLM's operational endpoints."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
@@ -8,24 +11,56 @@ from starlette.responses import Response
 import lockgate
 from lockgate.server.context import ServerContext
 from lockgate.server.errors import APIError, bad_request, json_response, model_not_found
+from lockgate.server.openapi import (
+    BODY_ERRORS,
+    GENERATION_ERRORS,
+    GUARDED,
+    OPEN,
+    ChatCompletionResponse,
+    CompletionResponse,
+    DetokenizeResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+    VersionResponse,
+    operation,
+)
 from lockgate.server.params import chat_messages
-from lockgate.server.protocol import DetokenizeRequest, TokenizeRequest, parse_body
+from lockgate.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse_body,
+)
 from lockgate.server.serving_chat import create_chat_completion, render_chat
 from lockgate.server.serving_completions import create_completion
 
 router = APIRouter()
 
 
+def _get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A GET route that answers HEAD too (load balancers probe with it); only GET is documented."""
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(path, endpoint, methods=["GET"], **kwargs)
+        router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, response_model=None)
+        return endpoint
+    return register
+
+
 def _ctx(request: Request) -> ServerContext:
     return request.app.state.ctx
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", **operation(body=CompletionRequest, ok=CompletionResponse, stream=True,
+                                             errors=GENERATION_ERRORS))
 async def completions(request: Request) -> Response:
     return await create_completion(request, _ctx(request))
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", **operation(body=ChatCompletionRequest, ok=ChatCompletionResponse,
+                                                  stream=True, errors=GENERATION_ERRORS))
 async def chat_completions(request: Request) -> Response:
     return await create_chat_completion(request, _ctx(request))
 
@@ -36,13 +71,13 @@ def _model_card(ctx: ServerContext, name: str) -> dict[str, object]:
             "max_model_len": ctx.client.max_model_len}
 
 
-@router.get("/v1/models")
+@_get("/v1/models", **operation(ok=ModelList, errors=GUARDED))
 async def list_models(request: Request) -> Response:
     ctx = _ctx(request)
     return json_response({"object": "list", "data": [_model_card(ctx, n) for n in ctx.model_names]})
 
 
-@router.get("/v1/models/{model:path}")
+@_get("/v1/models/{model:path}", **operation(ok=ModelCard, errors=(404, *GUARDED)))
 async def get_model(model: str, request: Request) -> Response:
     ctx = _ctx(request)
     if model not in ctx.model_names:
@@ -50,7 +85,7 @@ async def get_model(model: str, request: Request) -> Response:
     return json_response(_model_card(ctx, model))
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", **operation(body=TokenizeRequest, ok=TokenizeResponse, errors=BODY_ERRORS))
 async def tokenize(request: Request) -> Response:
     ctx = _ctx(request)
     body = await parse_body(request, TokenizeRequest)
@@ -73,7 +108,7 @@ async def tokenize(request: Request) -> Response:
     return json_response(out)
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", **operation(body=DetokenizeRequest, ok=DetokenizeResponse, errors=BODY_ERRORS))
 async def detokenize(request: Request) -> Response:
     ctx = _ctx(request)
     body = await parse_body(request, DetokenizeRequest)
@@ -87,7 +122,8 @@ async def detokenize(request: Request) -> Response:
     return json_response({"prompt": ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
 
-@router.get("/health")
+@_get("/health", **operation(ok=HealthResponse, ok_description="The server and its engine are up",
+                               errors=(*OPEN, 503)))
 async def health(request: Request) -> Response:
     ctx = _ctx(request)
     if ctx.draining:
@@ -97,16 +133,17 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/ping")
+@_get("/ping", **operation(ok=HealthResponse, ok_description="Same as /health", errors=(*OPEN, 503)))
 async def ping(request: Request) -> Response:
     return await health(request)
 
 
-@router.get("/version")
+@_get("/version", **operation(ok=VersionResponse, errors=OPEN))
 async def version() -> Response:
     return json_response({"version": lockgate.__version__})
 
 
-@router.get("/metrics")
+@_get("/metrics", **operation(text="text/plain", ok_description="Prometheus text exposition format",
+                                errors=(*OPEN, 401)))  # 401 with --metrics-auth
 async def metrics(request: Request) -> Response:
     return Response(_ctx(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

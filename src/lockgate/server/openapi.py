@@ -1,0 +1,243 @@
+"""The served OpenAPI document (`/openapi.json`, browsable at `/docs`).
+
+The routes read and validate their bodies themselves (strict pydantic models,
+OpenAI-shaped 400s), so FastAPI cannot see them. Each route decorator carries
+`operation(...)`: its request body (a `$ref` to the model in `protocol.py`), its
+200 response and the error statuses it can answer, each with the `ErrorResponse`
+schema. `install_openapi` builds the document once: FastAPI's paths plus every
+model's JSON schema under `components/schemas` (OpenAPI 3.1 is JSON Schema 2020-12).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from lockgate.gateway.tenants import KeyCreate, TenantCreate, TenantPatch
+from lockgate.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+REF = "#/components/schemas/{model}"
+
+
+# -- Response shapes (documentation only: the routes build plain dicts) --------------------------
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorObject(_Doc):
+    message: str = Field(description="What went wrong, for a human")
+    type: str = Field(description="Error class, e.g. `invalid_request_error`, `rate_limit_error`")
+    param: str | None = Field(description="The offending request field, when there is one")
+    code: str | None = Field(description="Machine-readable reason, e.g. `invalid_value`, `model_not_found`")
+
+
+class ErrorResponse(_Doc):
+    """Every error, whatever its status, in the OpenAI shape."""
+
+    error: ErrorObject
+
+
+class PromptTokensDetails(_Doc):
+    cached_tokens: int
+
+
+class Usage(_Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionChoice(_Doc):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: Literal["stop", "length"] | None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(_Doc):
+    """A completion; with `stream: true` the body is server-sent events of chunks of this shape."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatCompletionMessage(_Doc):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatCompletionChoice(_Doc):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(_Doc):
+    """A chat completion; with `stream: true` the body is server-sent events of
+    `chat.completion.chunk` objects (`choices[].delta` instead of `message`)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(_Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None = None
+    max_model_len: int
+
+
+class ModelList(_Doc):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(_Doc):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = Field(default=None, description="With `return_token_strs: true`")
+
+
+class DetokenizeResponse(_Doc):
+    prompt: str
+
+
+class HealthResponse(_Doc):
+    status: Literal["ok"]
+
+
+class VersionResponse(_Doc):
+    version: str
+
+
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
+    TenantCreate, TenantPatch, KeyCreate)
+RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
+    ErrorResponse, CompletionResponse, ChatCompletionResponse, ModelList, ModelCard, TokenizeResponse,
+    DetokenizeResponse, HealthResponse, VersionResponse)
+
+
+# -- Per-route pieces ----------------------------------------------------------------------------
+
+ERRORS: dict[int, str] = {
+    400: "Invalid request: malformed JSON, a field of the wrong type or out of range, a prompt "
+         "too long for the model",
+    401: "Missing or unknown API key (when the server runs with keys)",
+    403: "The key lacks this route's scope, or (without keys) the Host or Origin is not allowed",
+    404: "The requested model is not served",
+    408: "The request body did not arrive in time",
+    413: "The request body exceeds the server's limit",
+    415: "The request body is not JSON (`Content-Type: application/json`)",
+    429: "A rate limit, the budget or the request queue is exhausted; retry after `Retry-After` seconds",
+    500: "Unexpected server error (a bug: please report it)",
+    503: "The server is shutting down or the engine is unavailable",
+}
+
+# Any route: the Host/Origin screen and the last-resort handler.
+OPEN = (403, 500)
+# Routes behind the guard (everything but /health, /ping, /version, /metrics): key, drain, body read.
+GUARDED = (*OPEN, 401, 408, 413, 503)
+# Routes that read a JSON body that may name a model.
+BODY_ERRORS = (*GUARDED, 400, 404, 415)
+# Routes that queue work for the engine and are metered.
+GENERATION_ERRORS = (*BODY_ERRORS, 429)
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def operation(*, body: type[BaseModel] | None = None, ok: type[BaseModel] | None = None,
+              ok_description: str = "Success", stream: bool = False, text: str | None = None,
+              errors: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Keyword arguments for a route decorator that document its body and answers.
+
+    `stream`: the 200 may also be `text/event-stream` (with `stream: true`); `text`: the
+    200 is plain text of that media type instead of a JSON object.
+    """
+    content: dict[str, Any] = {}
+    if text is not None:
+        content[text] = {"schema": {"type": "string"}}
+    else:
+        content["application/json"] = {"schema": _ref(ok) if ok is not None else {"type": "object"}}
+    if stream:
+        content["text/event-stream"] = {"schema": {
+            "type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`"}}
+    responses: dict[str, Any] = {"200": {"description": ok_description, "content": content}}
+    for status in sorted(set(errors)):
+        responses[str(status)] = {"description": ERRORS[status],
+                                  "content": {"application/json": {"schema": _ref(ErrorResponse)}}}
+    extra: dict[str, Any] = {"responses": responses}
+    if body is not None:
+        extra["requestBody"] = {"required": True,
+                                "content": {"application/json": {"schema": _ref(body)}}}
+    return {"openapi_extra": extra, "response_model": None}
+
+
+# -- The document --------------------------------------------------------------------------------
+
+def component_schemas() -> dict[str, Any]:
+    """Every request and response model, and the models they nest, keyed by name."""
+    pairs = [(m, "validation") for m in REQUEST_MODELS] + [(m, "serialization") for m in RESPONSE_MODELS]
+    _, top = models_json_schema(pairs, ref_template=REF)  # type: ignore[arg-type]
+    return dict(top.get("$defs", {}))
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    doc = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                      description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in component_schemas().items():
+        if name in schemas and schemas[name] != schema:
+            raise RuntimeError(f"two different OpenAPI schemas named {name}")
+        schemas[name] = schema
+    # A path parameter makes FastAPI add its own 422 (HTTPValidationError); ours are 400s in the
+    # OpenAI shape, and a `str` path parameter cannot fail anyway.
+    for item in doc.get("paths", {}).values():
+        for op in item.values():
+            resp = op.get("responses", {}).get("422")
+            if resp is not None and "HTTPValidationError" in str(resp):
+                del op["responses"]["422"]
+    if "HTTPValidationError" not in str(doc.get("paths")):
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+    return doc
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Serve `build_openapi`'s document at `app.openapi_url` (built on first request)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
