@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -157,4 +159,59 @@ def test_the_event_loop_is_not_blocked_by_a_slow_write(tmp_path: Path) -> None:
 
     asyncio.run(main())
     astore.close()
+    store.close()
+
+
+class CheckpointLog(SQLiteStore):
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.log: list[tuple[str, int]] = []
+
+    def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        r = super().checkpoint(mode)
+        self.log.append((threading.current_thread().name, r[1]))
+        return r
+
+
+def test_checkpoints_run_off_the_writer_and_the_wal_restarts(tmp_path: Path) -> None:
+    store = CheckpointLog(tmp_path / "db")
+    astore = AsyncStore(store, checkpoint_interval_s=0.02, wal_restart_pages=20)
+
+    async def main() -> None:
+        assert await astore.call(lambda: store._conn().execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+        for i in range(150):  # steady load: a checkpoint from the side thread alone never catches up
+            await astore.settle([_usage(f"r{i}")])
+            await asyncio.sleep(0.002)
+
+    asyncio.run(main())
+    astore.close()
+    bg = [n for t, n in store.log if t == "lockgate-store-checkpoint"]
+    assert len(bg) >= 3 and astore.checkpoints == len(bg)
+    assert any(t == "lockgate-store-writer" for t, _ in store.log)  # the finishing step
+    assert any(b < a for a, b in zip(bg, bg[1:]))  # the WAL started over (frame count went down)
+    assert len(store.query_usage(UsageQuery(limit=1000))) == 150
+    store.close()
+
+
+def test_a_killed_process_loses_no_committed_reservation(tmp_path: Path) -> None:
+    code = f"""
+import asyncio, os, signal
+from lockgate.store.sqlite import open_store
+from lockgate.store.writer import AsyncStore
+from lockgate.store.models import Reservation
+store = open_store({str(tmp_path)!r})
+astore = AsyncStore(store)
+async def main():
+    await asyncio.gather(*(astore.add_reservations([Reservation(f"r{{i}}", "ten_a", None, "m1", 1.0, 5)])
+                           for i in range(20)))
+    await astore.checkpoint_reservations([("r3", 17, 2)])
+    print("durable", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no close, no flush, no atexit
+asyncio.run(main())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -9 and r.stdout.strip() == "durable", r.stderr
+    store = open_store(tmp_path)
+    live = {x.request_id: x for x in store.list_reservations()}
+    assert len(live) == 20 and live["r3"].completion_tokens == 17 and live["r3"].cached_tokens == 2
     store.close()

@@ -8,6 +8,9 @@
   last commits before the next checkpoint. `synchronous="FULL"` fsyncs every
   commit (one fsync per group-committed batch through `AsyncStore`) for
   deployments that must survive power loss too.
+- WAL checkpoints: SQLite runs one on the committing connection every 1000
+  pages, an fsync that stalls that commit for tens of ms. `AsyncStore` turns
+  that off for its writer thread and checkpoints from a thread of its own.
 - One connection per thread (`threading.local`), autocommit mode with explicit
   `BEGIN IMMEDIATE ... COMMIT` for every change, so a change and its audit record
   commit together or not at all. In-process writes are serialised by a lock
@@ -155,6 +158,7 @@ class SQLiteStore:
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL journal mode (got {mode!r})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")  # the WAL file shrinks back after a burst
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot open {self.path}: {e}") from e
@@ -196,6 +200,18 @@ class SQLiteStore:
             except sqlite3.Error:
                 pass
         self._local = threading.local()
+
+    def disable_autocheckpoint(self) -> None:
+        """For this thread's connection: commits never run a WAL checkpoint (its fsync is a latency
+        spike of tens of ms); call `checkpoint()` from another thread instead (AsyncStore does)."""
+        self._conn().execute("PRAGMA wal_autocheckpoint = 0")
+
+    def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        """Copy the WAL into the database file without blocking writers: (busy, wal pages, copied)."""
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(mode)
+        row = self._conn().execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     def schema_version(self) -> int:
         return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
