@@ -59,7 +59,10 @@ def new_id(prefix: str) -> str:
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):  # a time no calendar shows: keep the number
+        return str(ts)
 
 
 def parse_time(value: str | float | int | None, param: str) -> float | None:
