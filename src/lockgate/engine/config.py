@@ -109,7 +109,7 @@ class EngineConfig:
     load_format: str = "auto"  # auto | dummy (random weights from a config) | fake (no model: fake_runner.py)
     # load_format="fake" only: seconds each engine step sleeps (one sleep per step, shared by the batch).
     fake_step_delay_s: float = 0.0
-    quantization: str | None = None  # None | int8 (weight-only, CPU: faster small-batch decode)
+    quantization: str | None = None  # None | int4 | int8 (weight-only, CPU: decode on quantized weights)
     seed: int = 0
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
@@ -137,8 +137,8 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.quantization not in (None, "int4", "int8"):
+            raise ValueError(f"quantization must be None, 'int4' or 'int8', got {self.quantization!r}")
         if self.debug_hang_at_step is not None and self.debug_hang_at_step < 1:
             raise ValueError(f"debug_hang_at_step must be >= 1, got {self.debug_hang_at_step}")
         if self.load_format not in ("auto", "dummy", "fake"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +35,8 @@ class LoadedCheckpoint:
     config: ModelConfig
     tokenizer: Tokenizer
     weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    # GGUF only: the quantized tensors as stored (quant.gguf_blocks codes + scales), HF names.
+    quantized: Callable[[], Iterator[tuple[str, Any]]] | None = None
 
 
 def load_checkpoint(path: str | Path | None, load_format: str = "auto") -> LoadedCheckpoint:

@@ -20,6 +20,7 @@ from lockgate.engine.config import ModelConfig, RopeScaling
 from lockgate.engine.loader.gguf_meta import meta
 from lockgate.engine.loader.layout import check_tensors
 from lockgate.engine.loader.progress import track
+from lockgate.engine.quant import gguf_blocks
 from lockgate.engine.tokenizer import Tokenizer
 
 # general.architecture -> HF architecture. Mistral v0.x files are written as "llama".
@@ -166,7 +167,7 @@ def llama3_divisors(s: RopeScaling, base: float, dim: int) -> np.ndarray:
     return np.where(wavelen < ctx / s.high_freq_factor, 1.0, out)
 
 
-def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any]:
+def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any]:
     try:
         reader = GGUFReader(path)
     except (ValueError, OSError) as e:
@@ -204,4 +205,14 @@ def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any]:
             w = to_torch(t, tensor_to_numpy(t))
             yield name, (unpermute_rows(w, heads) if heads else w)
 
-    return config, tokenizer, weights
+    def quantized() -> Iterator[tuple[str, Any]]:
+        """The quantized tensors as stored (Q4_0/Q4_1/Q8_0), as codes and per-group scales,
+        q/k rows un-permuted: what the int4/int8 paths run on without a float copy."""
+        for t, name, heads in plan:
+            if not gguf_blocks.decodable(t.tensor_type.name) or len(t.shape) != 2:
+                continue
+            shape = (int(t.shape[1]), int(t.shape[0]))
+            groups = gguf_blocks.decode(t.tensor_type.name, t.data, shape)
+            yield name, (groups.take_rows(gguf_blocks.unpermute_rows(shape[0], heads)) if heads else groups)
+
+    return config, tokenizer, weights, quantized

@@ -14,8 +14,7 @@ from torch import nn
 
 from lockgate.engine.attention.torch_paged import AttentionMetadata, paged_attention
 from lockgate.engine.config import ModelConfig
-from lockgate.engine.models.rope import RotaryEmbedding, apply_rope
-from lockgate.engine.quantization import INT8_MAX_ROWS, int8_linear
+from lockgate.engine.models.rope import RotaryEmbedding, apply_rope, rotate
 
 
 class RMSNorm(nn.Module):
@@ -26,6 +25,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype  # normalise in fp32, as HF does, then scale in the model dtype
+        if dtype == torch.float32:  # the same arithmetic in one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
@@ -45,11 +46,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k, v = q.view(t, self.h, self.d), k.view(t, self.kvh, self.d), v.view(t, self.kvh, self.d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, *rope)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.kvh, self.d)
+        if self.q_norm is None:  # q and k sit side by side: rotate both in one go
+            qk = rotate(qkv[:, : self.q_size + self.kv_size].view(t, self.h + self.kvh, self.d), *rope)
+            q, k = qk[:, : self.h], qk[:, self.h:]
+        else:
+            q, k = qkv[:, : self.q_size].view(t, self.h, self.d), qkv[:, self.q_size: self.q_size + self.kv_size]
+            q, k = apply_rope(self.q_norm(q), self.k_norm(k.view(t, self.kvh, self.d)), *rope)
         o = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -89,7 +93,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg, max_positions)
-        self.head_q: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 LM head (quantization.py)
+        self.head_q: nn.Module | None = None  # int8 LM head (quantization.py)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
@@ -100,8 +104,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.head_q is not None and hidden.shape[0] <= INT8_MAX_ROWS:
-            return int8_linear(hidden, *self.head_q).float()
+        if self.head_q is not None:
+            return self.head_q.logits(hidden)
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w).float()
 

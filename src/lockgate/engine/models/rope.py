@@ -31,19 +31,25 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_frequencies(cfg))
         emb = torch.cat((freqs, freqs), dim=-1)
+        half = emb.shape[-1] // 2
+        sin = emb.sin()
+        sin[:, :half].neg_()  # rotate_half's sign folded into the table (exact: a negation)
         self.register_buffer("cos", emb.cos(), persistent=False)  # [max_pos, d] float32
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin_signed", sin, persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for the step's positions: [T, 1, d], gathered once and shared by every layer."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+        """cos and signed sin for the step's positions: [T, 1, d], gathered once and shared by every layer."""
+        return self.cos[positions].to(dtype).unsqueeze(1), self.sin_signed[positions].to(dtype).unsqueeze(1)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """HF's `x * cos + rotate_half(x) * sin` in three kernels: rotate_half(x) * sin equals the
+    halves swapped times the signed table (`-x2 * s == x2 * -s` exactly). x: [T, heads, d]."""
+    t, n, d = x.shape
+    swapped = x.reshape(t, n, 2, d // 2).flip(2).view(t, n, d)
+    return x * cos + swapped * sin_signed
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, H, d], k: [T, KVH, d] rotated in HF's rotate_half layout."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return rotate(q, cos, sin_signed), rotate(k, cos, sin_signed)
