@@ -103,9 +103,12 @@ class _Metrics:
 JSON = {"Content-Type": "application/json"}
 
 
-def _guarded_app(**cfg: object) -> tuple[TestClient, SimpleNamespace]:
+def _guarded_app(tenant_key: str | None = None, **cfg: object) -> tuple[TestClient, SimpleNamespace]:
+    from tests.server.test_guard import gateway_with
+
     cfg.setdefault("allowed_hosts", ["testserver"])  # TestClient's Host
-    ctx = SimpleNamespace(config=ServerConfig(**cfg), draining=False, inflight=0, metrics=_Metrics())
+    ctx = SimpleNamespace(config=ServerConfig(**cfg), draining=False, inflight=0, metrics=_Metrics(),
+                          gateway=gateway_with(tenant_key=tenant_key))
     app = FastAPI()
     install_error_handlers(app)
 
@@ -122,7 +125,7 @@ def _guarded_app(**cfg: object) -> tuple[TestClient, SimpleNamespace]:
 
 
 def test_guard_api_key() -> None:
-    client, _ = _guarded_app(api_key="sekret")
+    client, _ = _guarded_app(tenant_key="sekret")
     r = client.post("/echo", content=b"{}", headers=JSON)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert client.post("/echo", content=b"{}", headers={**JSON, "Authorization": "Bearer wrong"}).status_code == 401

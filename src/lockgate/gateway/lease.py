@@ -23,7 +23,7 @@ class InjectedFault(RuntimeError):
 
 
 class Lease:
-    __slots__ = ("_releases", "released", "fault", "outcome", "accounted")
+    __slots__ = ("_releases", "released", "fault", "outcome", "accounted", "status")
 
     def __init__(self, fault: str | None = None) -> None:
         self._releases: list[Callable[[str], None]] = []
@@ -31,6 +31,7 @@ class Lease:
         self.fault = fault  # only set when the server runs with fault injection enabled
         self.outcome = "aborted"  # why unfinished holdings are released; set by whoever ends the request
         self.accounted = False  # True once a metrics record holds the request's success/failure
+        self.status = 0  # the HTTP status sent (set by the guard middleware)
 
     def hold(self, release: Callable[[str], None]) -> None:
         """Register how to give back something just taken; called with the outcome on release."""

@@ -17,6 +17,7 @@ from lockgate.server.errors import install_error_handlers
 from lockgate.server.metrics import ServerMetrics
 from lockgate.server.middleware import GuardMiddleware
 from lockgate.server.openapi import install_openapi
+from lockgate.server.admin_routes import admin_router
 from lockgate.server.routes import router
 
 log = logging.getLogger("lockgate.server")
@@ -39,18 +40,24 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastA
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await client.start()  # an EngineStartError here makes uvicorn exit: nothing to serve
-        log.info("serving %s (max_model_len %d)", ", ".join(names), client.max_model_len)
+        await ctx.gateway.start()  # opens the store; settles what a killed process left
         try:
-            yield
+            await client.start()  # an EngineStartError here makes uvicorn exit: nothing to serve
+            mode = "keyed" if ctx.gateway.keyed else "open (no keys)"
+            log.info("serving %s (max_model_len %d); gateway %s", ", ".join(names), client.max_model_len, mode)
+            try:
+                yield
+            finally:
+                await client.shutdown()
         finally:
-            await client.shutdown()
+            await ctx.gateway.stop()  # after the engine: in-flight requests have settled
 
     app = FastAPI(title="lockgate", version=lockgate.__version__, lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
     app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
     install_openapi(app)
     app.add_middleware(GuardMiddleware, ctx=ctx)
     return app

@@ -14,7 +14,12 @@ class ServerConfig:
     port: int = 8000
     # Names clients may put in `model`; the first is the one /v1/models reports.
     served_model_names: list[str] = field(default_factory=list)
-    api_key: str | None = None  # when set, every route but the allowlist needs `Authorization: Bearer`
+    # The gateway (lockgate.gateway): with an admin key set, or tenants in the store, every route
+    # but /health, /ping, /version (and /metrics unless metrics_auth) needs a key.
+    admin_key: str | None = None
+    data_dir: str = "./lockgate-data"  # the SQLite store: tenants, keys, usage ledger, audit log
+    metrics_auth: bool = False  # /metrics needs an admin key too
+    insecure_no_auth: bool = False  # allow open (keyless) mode on a non-loopback address
     # Browser protection without a key (origins.py): extra Host names, and origins allowed
     # cross-origin (they also get CORS headers; "*" allows any). None: loopback + the bind address.
     allowed_hosts: list[str] | None = None

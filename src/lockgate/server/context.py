@@ -9,12 +9,14 @@ from lockgate.engine.client import AsyncEngineClient
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.tokenizer import Tokenizer
 from lockgate.gateway.admission import Admission, QueueBounds
+from lockgate.gateway.gateway import Gateway, GatewayConfig
 from lockgate.gateway.lease import Lease
 from lockgate.server.config import ServerConfig
 from lockgate.server.errors import bad_request, model_not_found, unavailable
 from lockgate.server.metrics import ServerMetrics
 
 LEASE_SCOPE_KEY = "lockgate.lease"  # where the guard middleware puts each request's Lease
+PRINCIPAL_SCOPE_KEY = "lockgate.principal"  # and the authenticated caller (keyed mode)
 
 # Longer texts are tokenized in a worker thread so the event loop keeps streaming.
 _INLINE_TOKENIZE_CHARS = 4096
@@ -31,11 +33,13 @@ class ServerContext:
     draining: bool = False
     inflight: int = 0  # HTTP requests (past the guard middleware) not yet fully answered
     admission: Admission = field(init=False)
+    gateway: Gateway = field(init=False)
 
     def __post_init__(self) -> None:
         bounds = QueueBounds(self.config.max_queued_requests, self.config.max_queued_tokens)
         self.admission = Admission(bounds, self.client.state, self.metrics.reject,
                                    lambda: self.metrics.ttft_ema_s)
+        self.gateway = Gateway(GatewayConfig(self.config.data_dir, self.config.admin_key))
 
     @property
     def model_name(self) -> str:

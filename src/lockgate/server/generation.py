@@ -26,6 +26,7 @@ from lockgate.engine.sampling_params import SamplingParams
 from lockgate.gateway.lease import Lease
 from lockgate.server.context import LEASE_SCOPE_KEY, ServerContext
 from lockgate.server.errors import APIError, internal_error, unavailable
+from lockgate.server.gating import Gate
 from lockgate.server.metrics import RequestTracker
 from lockgate.server.params import sampling_error
 from lockgate.server.sse import sse_event
@@ -64,28 +65,33 @@ def lease_of(request: Request) -> Lease:
 
 
 def start(ctx: ServerContext, lease: Lease, request_id: str, prompts: list[list[int]],
-          texts: list[str | None], params: SamplingParams,
-          priority: int = 0) -> tuple[list[RequestStream], RequestTracker]:
+          texts: list[str | None], params: SamplingParams, priority: int = 0,
+          gate: Gate | None = None) -> tuple[list[RequestStream], RequestTracker]:
     """Take what a generation needs (a metrics record, one engine stream per prompt), each put
     on the lease as it is taken, so any failure from here to the last byte gives it all back."""
     lease.checkpoint("track")
     tracker = ctx.metrics.tracker(sum(len(ids) for ids in prompts))
+    if gate is not None:
+        gate.track(tracker)
     lease.hold(lambda outcome: tracker.finish(None, error=outcome))
     lease.accounted = True
     lease.checkpoint("submit")
-    streams = submit(ctx, lease, request_id, prompts, texts, params, priority)
+    salt = gate.cache_salt if gate is not None else None
+    streams = submit(ctx, lease, request_id, prompts, texts, params, priority, salt)
     lease.checkpoint("respond")
     return streams, tracker
 
 
 def submit(ctx: ServerContext, lease: Lease, request_id: str, prompts: list[list[int]],
-           texts: list[str | None], params: SamplingParams, priority: int = 0) -> list[RequestStream]:
+           texts: list[str | None], params: SamplingParams, priority: int = 0,
+           cache_salt: str | None = None) -> list[RequestStream]:
     """Submit one engine request per prompt; all or nothing."""
     streams: list[RequestStream] = []
     try:
         for i, (ids, text) in enumerate(zip(prompts, texts)):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            stream = ctx.client.add_request(rid, ids, params, prompt_text=text, priority=priority)
+            stream = ctx.client.add_request(rid, ids, params, prompt_text=text, priority=priority,
+                                            cache_salt=cache_salt)
             lease.hold(lambda _outcome, s=stream: s.abort())
             streams.append(stream)
     except ValueError as exc:

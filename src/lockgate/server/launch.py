@@ -7,10 +7,12 @@ way uvicorn does, and a second Ctrl-C forces the exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
 import socket
+import sqlite3
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -69,8 +71,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def has_tenants(data_dir: str) -> bool:
+    """Whether the store under `data_dir` holds tenants (then keys are required, whatever the flags)."""
+    from lockgate.gateway.gateway import DB_NAME
+
+    db = Path(data_dir) / DB_NAME
+    if not db.exists():
+        return False
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        try:
+            return conn.execute("SELECT count(*) FROM tenants").fetchone()[0] > 0
+        except sqlite3.Error:
+            return False
+
+
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *,
-          served_model_name: list[str] | str | None = None, api_key: str | None = None,
+          served_model_name: list[str] | str | None = None, admin_key: str | None = None,
+          data_dir: str = "./lockgate-data", insecure_no_auth: bool = False,
           max_request_body_bytes: int = 4 * 1024 * 1024, max_queued_requests: int = 256,
           max_queued_tokens: int = 262_144, drain_timeout_s: float = 30.0, max_n: int = 16,
           log_level: str = "info", access_log: bool = True, engine_stall_timeout_s: float = 60.0,
@@ -85,15 +102,20 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     engine_config = EngineConfig(model=model, **engine_options)
     server_config = ServerConfig(
-        host=host, port=port, served_model_names=names, api_key=api_key,
+        host=host, port=port, served_model_names=names, admin_key=admin_key, data_dir=data_dir,
+        insecure_no_auth=insecure_no_auth,
         max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
         max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout_s, max_n=max_n, log_level=log_level,
         engine_stall_timeout_s=engine_stall_timeout_s, **(server_options or {}))
     level = log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lockgate").setLevel(level)
-    if not _is_loopback(host) and not api_key:
-        log.warning("listening on %s without an API key: anyone who can reach it can use it", host)
+    if not _is_loopback(host) and not admin_key and not has_tenants(data_dir):
+        if not insecure_no_auth:
+            raise ValueError(f"refusing to listen on {host} without authentication: set --admin-key (and create "
+                             "tenants and keys), or pass --insecure-no-auth to serve anyone who can reach it")
+        log.warning("listening on %s without authentication (--insecure-no-auth): anyone who can reach it "
+                    "can use it", host)
     app = build_app(engine_config, server_config)
     sc = server_config
     # httptools (llhttp) rejects ambiguous framing; the subclass adds head deadlines and size bounds.
@@ -118,7 +140,10 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     served_model_name: Annotated[list[str] | None, typer.Option(help="Name(s) clients use as `model` (repeatable)")] = None,  # noqa: E501
-    api_key: Annotated[str | None, typer.Option(envvar="LOCKGATE_API_KEY", help="Require `Authorization: Bearer KEY`")] = None,  # noqa: E501
+    admin_key: Annotated[str | None, typer.Option(envvar="LOCKGATE_ADMIN_KEY", help="Operator key for /admin (turns on keys for every route)")] = None,  # noqa: E501
+    data_dir: Annotated[str, typer.Option(envvar="LOCKGATE_DATA_DIR", help="Where tenants, keys, the usage ledger and the audit log are kept")] = "./lockgate-data",  # noqa: E501
+    insecure_no_auth: Annotated[bool, typer.Option(help="Allow serving without keys on a non-loopback address")] = False,  # noqa: E501
+    metrics_auth: Annotated[bool, typer.Option(help="/metrics needs an admin key too")] = False,
     max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's, capped)")] = None,  # noqa: E501
     max_num_seqs: Annotated[int, typer.Option(help="Max requests in one batch")] = _default("max_num_seqs"),
     max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step")] = _default("max_num_batched_tokens"),  # noqa: E501
@@ -155,13 +180,15 @@ def serve_command(
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, ...)."""
     try:
         code = serve(
-            model, host, port, served_model_name=served_model_name, api_key=api_key,
+            model, host, port, served_model_name=served_model_name, admin_key=admin_key, data_dir=data_dir,
+            insecure_no_auth=insecure_no_auth,
             max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
             max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout, max_n=max_n,
             log_level=log_level, access_log=access_log, engine_stall_timeout_s=engine_stall_timeout,
             server_options={"allowed_origins": list(allowed_origins or []), "allowed_hosts": allowed_hosts or None,
                             "header_timeout_s": header_timeout, "body_timeout_s": body_timeout,
-                            "max_connections": max_connections, "enable_fault_injection": enable_fault_injection},
+                            "max_connections": max_connections, "enable_fault_injection": enable_fault_injection,
+                            "metrics_auth": metrics_auth},
             debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory_gb=kv_cache_memory_gb, num_kv_blocks=num_kv_blocks, block_size=block_size,

@@ -124,7 +124,8 @@ class ServerMetrics:
 class RequestTracker:
     """Timing and token counts of one HTTP request (all its prompts and choices)."""
 
-    __slots__ = ("m", "arrival", "first_token", "last_token", "num_prompt_tokens", "num_generated", "done")
+    __slots__ = ("m", "arrival", "first_token", "last_token", "num_prompt_tokens", "num_generated", "done",
+                 "on_tokens", "on_finish")
 
     def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int) -> None:
         self.m = metrics
@@ -134,9 +135,14 @@ class RequestTracker:
         self.num_prompt_tokens = num_prompt_tokens
         self.num_generated = 0
         self.done = False
+        # Hooks for the usage meter (gating.py): tokens as they stream, and how the request ended.
+        self.on_tokens: Callable[[int, int], None] | None = None
+        self.on_finish: Callable[[list[str | None] | None, str | None], None] | None = None
 
     def on_output(self, out: RequestOutput) -> None:
         new = sum(len(c.delta_token_ids) for c in out.outputs)
+        if self.on_tokens is not None:
+            self.on_tokens(new, out.num_cached_tokens)
         if not new:
             return
         now = time.monotonic()
@@ -156,6 +162,8 @@ class RequestTracker:
         if self.done:
             return
         self.done = True
+        if self.on_finish is not None:
+            self.on_finish(finish_reasons, error)
         m, name = self.m, self.m.model_name
         m.prompt_tokens.labels(name).inc(self.num_prompt_tokens)
         m.generation_tokens.labels(name).inc(self.num_generated)

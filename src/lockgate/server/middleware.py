@@ -1,7 +1,8 @@
 """The guard in front of every route.
 
-In order: Host and Origin checks (keyless mode), CORS preflight, API key, drain
-(503), JSON-only bodies (415), body size (413) and body deadline (408); then the
+In order: Host and Origin checks (open mode), CORS preflight, the caller's key
+(keyed mode: 401, and 403 for a key without the route's scope), drain (503),
+JSON-only bodies (415), body size (413) and body deadline (408); then the
 route runs with a `Lease` in its scope that is released here when the call ends,
 however it ends. An exception no route handled is logged once and answered as
 an OpenAI-shaped 500. Every response is counted by route and status.
@@ -12,20 +13,23 @@ responses and disconnect notifications pass through untouched.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lockgate.gateway.auth import Principal
 from lockgate.gateway.lease import FAULT_POINTS, Lease
-from lockgate.server.context import LEASE_SCOPE_KEY, ServerContext
+from lockgate.server.context import LEASE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, ServerContext
 from lockgate.server.errors import APIError, internal_error, unavailable
 from lockgate.server.origins import OriginPolicy, cors_headers
 
 log = logging.getLogger("lockgate.server")
 
-# Reachable without an API key and while draining (load balancers and scrapers use them).
+# Reachable without an API key and while draining (load balancers and scrapers use them);
+# /metrics too unless the server runs with --metrics-auth.
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
+ADMIN_PREFIX = "/admin/"
+DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect"})  # any valid key
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 FAULT_HEADER = b"x-lockgate-fault"
 
@@ -35,8 +39,6 @@ class GuardMiddleware:
         self.app = app
         self.ctx = ctx
         cfg = ctx.config
-        key = cfg.api_key
-        self._expected = f"Bearer {key}".encode() if key else None
         self.policy = OriginPolicy.build(cfg.host, cfg.allowed_origins, cfg.allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,13 +82,12 @@ class GuardMiddleware:
                                                       "(see --allowed-origins)", code="origin_not_allowed"))
             return
         path = scope["path"]
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS and not (path == "/metrics" and ctx.config.metrics_auth):
             await self._run(scope, receive, send, None)
             return
-        if self._expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""),
-                                                                 self._expected):
-            await self._reply(send, APIError(401, "invalid or missing API key (send `Authorization: Bearer <key>`)",
-                                             code="invalid_api_key"))
+        err = self._authorize(scope, headers, path)
+        if err is not None:
+            await self._reply(send, err)
             return
         if ctx.draining:
             ctx.metrics.reject("draining")
@@ -104,9 +105,30 @@ class GuardMiddleware:
             return
         await self._run(scope, _replay(body, receive), send, headers)
 
+    def _authorize(self, scope: Scope, headers: dict[bytes, bytes], path: str) -> APIError | None:
+        """Keyed mode: who is calling, and may that key use this route? Open mode: no admin API."""
+        gw = self.ctx.gateway
+        admin_route = path.startswith(ADMIN_PREFIX) or path == "/metrics"
+        if not gw.keyed:
+            if admin_route:
+                return APIError(403, "the admin API needs the server to run with --admin-key",
+                                code="admin_disabled")
+            return None
+        try:
+            principal: Principal = gw.authenticate(headers.get(b"authorization"))
+        except APIError as err:
+            return err
+        if admin_route and not principal.is_admin:
+            return APIError(403, "this key has no admin scope", code="insufficient_scope")
+        if not admin_route and not principal.can_infer and path not in DOC_PATHS:
+            return APIError(403, "this key has no inference scope (use a tenant key with the inference scope)",
+                            code="insufficient_scope")
+        scope[PRINCIPAL_SCOPE_KEY] = principal
+        return None
+
     def _screen(self, scope: Scope, headers: dict[bytes, bytes], origin: str | None) -> APIError | None:
-        """Keyless mode: refuse what a browser page could send on the user's behalf."""
-        if self._expected is not None:
+        """Open mode: refuse what a browser page could send on the user's behalf."""
+        if self.ctx.gateway.keyed:
             return None
         host = headers.get(b"host")
         host_s = host.decode("latin-1") if host is not None else None
@@ -164,8 +186,12 @@ class GuardMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                lease.status = message["status"]
                 if message["status"] >= 400:
                     lease.outcome = "rejected"
+                principal = scope.get(PRINCIPAL_SCOPE_KEY)
+                if principal is not None and principal.tenant is not None:
+                    message = _with_rate_headers(message, ctx.gateway.rate_headers(principal))
             await send(message)
 
         ctx.inflight += 1
@@ -179,6 +205,7 @@ class GuardMiddleware:
             if not started:
                 err = internal_error(exc)
                 err.headers["Connection"] = "close"
+                lease.status = err.status
                 await self._reply(send, err)
             # Started: the connection is closed by the server (the response cannot complete).
         finally:
@@ -195,6 +222,16 @@ class GuardMiddleware:
         route = scope.get("route")
         path = getattr(route, "path", None)
         return path if isinstance(path, str) else "other"
+
+
+def _with_rate_headers(message: Message, rate: dict[str, str]) -> Message:
+    """OpenAI's x-ratelimit-* on every response to a tenant (a 429 may carry them already)."""
+    if not rate:
+        return message
+    headers = list(message.get("headers", []))
+    have = {k for k, _ in headers}
+    headers += [(k.encode(), v.encode()) for k, v in rate.items() if k.encode() not in have]
+    return {**message, "headers": headers}
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import lockgate
-from lockgate.server.context import ServerContext
+from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
 from lockgate.server.errors import APIError, bad_request, json_response, model_not_found
 from lockgate.server.openapi import (
     BODY_ERRORS,
@@ -53,6 +53,13 @@ def _ctx(request: Request) -> ServerContext:
     return request.app.state.ctx
 
 
+def _visible(request: Request, model: str) -> bool:
+    """A tenant sees only the models it may use (others do not exist for it)."""
+    principal = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    tenant = principal.tenant if principal is not None else None
+    return tenant is None or tenant.allows_model(model)
+
+
 @router.post("/v1/completions", **operation(body=CompletionRequest, ok=CompletionResponse, stream=True,
                                              errors=GENERATION_ERRORS))
 async def completions(request: Request) -> Response:
@@ -74,13 +81,14 @@ def _model_card(ctx: ServerContext, name: str) -> dict[str, object]:
 @_get("/v1/models", **operation(ok=ModelList, errors=GUARDED))
 async def list_models(request: Request) -> Response:
     ctx = _ctx(request)
-    return json_response({"object": "list", "data": [_model_card(ctx, n) for n in ctx.model_names]})
+    names = [n for n in ctx.model_names if _visible(request, n)]
+    return json_response({"object": "list", "data": [_model_card(ctx, n) for n in names]})
 
 
 @_get("/v1/models/{model:path}", **operation(ok=ModelCard, errors=(404, *GUARDED)))
 async def get_model(model: str, request: Request) -> Response:
     ctx = _ctx(request)
-    if model not in ctx.model_names:
+    if model not in ctx.model_names or not _visible(request, model):
         raise model_not_found(model)
     return json_response(_model_card(ctx, model))
 

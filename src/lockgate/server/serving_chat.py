@@ -15,6 +15,7 @@ from lockgate.engine.outputs import CompletionOutput, RequestOutput
 from lockgate.server.context import ServerContext
 from lockgate.server.errors import bad_request, json_response
 from lockgate.gateway.lease import Lease
+from lockgate.server.gating import Gate
 from lockgate.server.generation import (
     collect_or_respond,
     failure_reason,
@@ -23,6 +24,7 @@ from lockgate.server.generation import (
     stream_closer,
     stream_error_event,
 )
+from lockgate.server.idempotency import idempotent
 from lockgate.server.logprobs import chat_logprobs
 from lockgate.server.metrics import RequestTracker
 from lockgate.server.params import chat_messages, chat_params
@@ -62,9 +64,21 @@ def render_chat(ctx: ServerContext, messages: list[dict[str, Any]], add_generati
 
 
 async def create_chat_completion(request: Request, ctx: ServerContext) -> Response:
+    lease = lease_of(request)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    gate = Gate.open(request, ctx, lease, request_id)
     body = await parse_body(request, ChatCompletionRequest)
     model = ctx.resolve_model(body.model)
-    params = chat_params(body, ctx.config, ctx.engine_config)
+    gate.check_model(body.model, model)
+    return await idempotent(request, gate, bool(body.stream), request_id,
+                            lambda: _create(request, ctx, lease, gate, request_id, body, model))
+
+
+async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate, request_id: str,
+                  body: ChatCompletionRequest, model: str) -> Response:
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    params = gate.cap(chat_params(body, ctx.config, ctx.engine_config), param)
+    priority = gate.check_priority(body.priority)
     messages = chat_messages(body.messages, ctx.config)
     ctx.check_engine()
     args = (ctx, messages, bool(body.add_generation_prompt), bool(body.continue_final_message),
@@ -75,10 +89,10 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
         raise bad_request("the rendered chat prompt is empty", param="messages")
     ctx.check_context(len(ids), params.max_tokens, "messages")
     ctx.check_engine()
-    lease = lease_of(request)
+    gate.admit(len(ids), params.n * (params.max_tokens or ctx.client.max_model_len - len(ids)))
     ctx.admit(lease, params.n, params.n * len(ids))
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams, tracker = start(ctx, lease, request_id, [ids], [prompt], params, body.priority or 0)
+    await gate.reserved()
+    streams, tracker = start(ctx, lease, request_id, [ids], [prompt], params, priority, gate)
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     meta = {"id": request_id, "model": model, "created": int(time.time())}
     if body.stream:

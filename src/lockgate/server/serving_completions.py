@@ -15,6 +15,7 @@ from lockgate.engine.sampling_params import SamplingParams
 from lockgate.server.context import ServerContext
 from lockgate.server.errors import json_response
 from lockgate.gateway.lease import Lease
+from lockgate.server.gating import Gate
 from lockgate.server.generation import (
     collect_or_respond,
     failure_reason,
@@ -24,6 +25,7 @@ from lockgate.server.generation import (
     stream_closer,
     stream_error_event,
 )
+from lockgate.server.idempotency import idempotent
 from lockgate.server.logprobs import completion_logprobs
 from lockgate.server.metrics import RequestTracker
 from lockgate.server.params import completion_params, completion_prompts
@@ -43,9 +45,20 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[s
 
 
 async def create_completion(request: Request, ctx: ServerContext) -> Response:
+    lease = lease_of(request)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    gate = Gate.open(request, ctx, lease, request_id)
     body = await parse_body(request, CompletionRequest)
     model = ctx.resolve_model(body.model)
-    params = completion_params(body, ctx.config, ctx.engine_config)
+    gate.check_model(body.model, model)
+    return await idempotent(request, gate, bool(body.stream), request_id,
+                            lambda: _create(request, ctx, lease, gate, request_id, body, model))
+
+
+async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate, request_id: str,
+                  body: CompletionRequest, model: str) -> Response:
+    params = gate.cap(completion_params(body, ctx.config, ctx.engine_config), "max_tokens")
+    priority = gate.check_priority(body.priority)
     prompts = completion_prompts(body, ctx.config)
     ctx.check_engine()
     ids_list: list[list[int]] = []
@@ -60,10 +73,12 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
                  for t, ids in zip(texts, ids_list)]
     ctx.check_engine()  # again: tokenizing may have awaited
     num_prompt = sum(len(ids) for ids in ids_list)
-    lease = lease_of(request)
+    room = ctx.client.max_model_len
+    worst = sum(params.n * (params.max_tokens or room - len(ids)) for ids in ids_list)
+    gate.admit(num_prompt, worst)
     ctx.admit(lease, params.n * len(ids_list), params.n * num_prompt)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    streams, tracker = start(ctx, lease, request_id, ids_list, texts, params, body.priority or 0)
+    await gate.reserved()
+    streams, tracker = start(ctx, lease, request_id, ids_list, texts, params, priority, gate)
     meta = _Meta(request_id, model, int(time.time()), params, bool(body.echo), texts, num_prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -1,0 +1,87 @@
+"""Who is calling: API keys resolved to a tenant, from an in-memory key ring.
+
+Keys are stored only as SHA-256 hashes. A request's key is hashed and looked up
+in a dict: the time taken does not depend on how much of a near-miss key
+matches, so timing reveals nothing. The ring is rebuilt from the store after
+every change (and when another process, such as the CLI, changed the store).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+
+from lockgate.server.errors import APIError
+from lockgate.store.models import ApiKey, Tenant
+
+ADMIN_ACTOR = "admin-key"
+
+
+def hash_key(key: str | bytes) -> str:
+    raw = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+    return hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(slots=True)
+class Principal:
+    """The authenticated caller: a tenant's key, or the operator's bootstrap admin key."""
+
+    tenant: Tenant | None
+    key: ApiKey | None
+    is_admin: bool
+    can_infer: bool
+
+    @property
+    def actor(self) -> str:
+        return self.key.id if self.key is not None else ADMIN_ACTOR
+
+    @property
+    def tenant_id(self) -> str | None:
+        return self.tenant.id if self.tenant is not None else None
+
+
+def unauthorized(message: str = "invalid or missing API key (send `Authorization: Bearer <key>`)") -> APIError:
+    return APIError(401, message, code="invalid_api_key")
+
+
+class KeyRing:
+    def __init__(self, admin_key: str | None) -> None:
+        self._admin_hash = hash_key(admin_key) if admin_key else None
+        self._keys: dict[str, tuple[ApiKey, Tenant]] = {}
+        self.num_tenants = 0
+
+    @property
+    def keyed(self) -> bool:
+        """True: every route but the allowlist needs a key (an admin key is set or tenants exist)."""
+        return self._admin_hash is not None or self.num_tenants > 0
+
+    def load(self, tenants: list[Tenant], keys: list[ApiKey]) -> None:
+        by_id = {t.id: t for t in tenants}
+        ring: dict[str, tuple[ApiKey, Tenant]] = {}
+        for k in keys:
+            tenant = by_id.get(k.tenant_id)
+            if tenant is not None and k.revoked_at is None:
+                ring[k.key_hash] = (k, tenant)
+        self._keys = ring  # swapped whole: a request never sees half a reload
+        self.num_tenants = len(tenants)
+
+    def authenticate(self, authorization: bytes | None, now: float | None = None) -> Principal:
+        """The caller behind an `Authorization: Bearer <key>` header; 401 for anything else."""
+        if not authorization:
+            raise unauthorized()
+        scheme, _, token = authorization.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token or len(token) > 512:
+            raise unauthorized()
+        digest = hashlib.sha256(token).hexdigest()
+        if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
+            return Principal(tenant=None, key=None, is_admin=True, can_infer=False)
+        found = self._keys.get(digest)
+        if found is None:
+            raise unauthorized()
+        key, tenant = found
+        if key.expires_at is not None and (now or time.time()) >= key.expires_at:
+            raise unauthorized()  # the same answer as for an unknown key: nothing to probe
+        return Principal(tenant=tenant, key=key, is_admin="admin" in key.scopes,
+                         can_infer="inference" in key.scopes)

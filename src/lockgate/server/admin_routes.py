@@ -1,0 +1,148 @@
+"""Admin REST API (admin scope; the guard middleware checks it): tenants, keys, usage, audit.
+
+Also `GET /v1/usage`: the caller's own tenant's usage (another tenant's id is a
+404, as if it did not exist). Every call runs on the store's writer thread (the
+event loop never waits on disk); every change is audited with the caller as
+actor, and the key ring is rebuilt before the answer, so a revoked key is
+refused from the next request on.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from lockgate.gateway.auth import Principal
+from lockgate.gateway.tenants import AdminService, KeyCreate, TenantCreate, TenantPatch
+from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
+from lockgate.server.errors import APIError, bad_request, json_response
+from lockgate.server.openapi import BODY_ERRORS, GUARDED, operation
+
+admin_router = APIRouter()
+ADMIN_ERRORS = (*GUARDED, 400, 404)
+
+
+def _ctx(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+def _principal(request: Request) -> Principal:
+    return request.scope[PRINCIPAL_SCOPE_KEY]
+
+
+async def _call(request: Request, fn: Callable[[AdminService], Any], *, changes: bool = False) -> Any:
+    """Run `fn(service)` on the store's writer thread; after a change, rebuild the key ring."""
+    gw = _ctx(request).gateway
+    if gw.astore is None or gw.store is None:
+        raise APIError(503, "the store is not open", code="store_unavailable")
+    service = AdminService(gw.store)
+    result = await gw.astore.call(fn, service)
+    if changes:
+        await gw.reload()
+    return result
+
+
+def _int(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        if len(raw) > 20:
+            raise ValueError
+        return int(raw)
+    except ValueError:
+        raise bad_request(f"{name}: expected an integer", param=name) from None
+
+
+@admin_router.post("/admin/tenants", status_code=201, **operation(body=TenantCreate, errors=BODY_ERRORS))
+async def create_tenant(request: Request) -> Response:
+    body, actor = await request.body(), _principal(request).actor
+    return json_response(await _call(request, lambda s: s.create_tenant(body, actor=actor), changes=True), 201)
+
+
+@admin_router.get("/admin/tenants", **operation(errors=GUARDED))
+async def list_tenants(request: Request) -> Response:
+    return json_response(await _call(request, lambda s: s.list_tenants()))
+
+
+@admin_router.get("/admin/tenants/{tenant_id}", **operation(errors=ADMIN_ERRORS))
+async def get_tenant(tenant_id: str, request: Request) -> Response:
+    return json_response(await _call(request, lambda s: s.get_tenant(tenant_id)))
+
+
+@admin_router.patch("/admin/tenants/{tenant_id}", **operation(body=TenantPatch, errors=BODY_ERRORS))
+async def update_tenant(tenant_id: str, request: Request) -> Response:
+    body, actor = await request.body(), _principal(request).actor
+    return json_response(await _call(request, lambda s: s.update_tenant(tenant_id, body, actor=actor),
+                                     changes=True))
+
+
+@admin_router.delete("/admin/tenants/{tenant_id}", **operation(errors=ADMIN_ERRORS))
+async def delete_tenant(tenant_id: str, request: Request) -> Response:
+    actor = _principal(request).actor
+    return json_response(await _call(request, lambda s: s.delete_tenant(tenant_id, actor=actor), changes=True))
+
+
+@admin_router.post("/admin/tenants/{tenant_id}/keys", status_code=201,
+                   **operation(body=KeyCreate, errors=BODY_ERRORS))
+async def create_key(tenant_id: str, request: Request) -> Response:
+    body, actor = await request.body(), _principal(request).actor
+    return json_response(await _call(request, lambda s: s.create_key(tenant_id, body, actor=actor),
+                                     changes=True), 201)
+
+
+@admin_router.get("/admin/tenants/{tenant_id}/keys", **operation(errors=ADMIN_ERRORS))
+async def list_keys(tenant_id: str, request: Request) -> Response:
+    return json_response(await _call(request, lambda s: s.list_keys(tenant_id)))
+
+
+@admin_router.delete("/admin/keys/{key_id}", **operation(errors=ADMIN_ERRORS))
+async def revoke_key(key_id: str, request: Request) -> Response:
+    actor = _principal(request).actor
+    return json_response(await _call(request, lambda s: s.revoke_key(key_id, actor=actor), changes=True))
+
+
+def _usage_response(result: dict[str, Any] | str) -> Response:
+    if isinstance(result, str):
+        return Response(result, media_type="text/csv; charset=utf-8")
+    return json_response(result)
+
+
+def _usage_args(request: Request) -> dict[str, Any]:
+    q = request.query_params
+    return {"tenant_id": q.get("tenant_id"), "model": q.get("model"), "since": q.get("since"),
+            "until": q.get("until"), "group_by": q.get("group_by"), "format": q.get("format"),
+            "limit": q.get("limit", 1000)}
+
+
+@admin_router.get("/admin/usage", **operation(errors=(*GUARDED, 400)))
+async def admin_usage(request: Request) -> Response:
+    args = _usage_args(request)
+    return _usage_response(await _call(request, lambda s: s.usage(**args)))
+
+
+@admin_router.get("/v1/usage", **operation(errors=(*GUARDED, 400, 404)))
+async def own_usage(request: Request) -> Response:
+    principal = _principal(request)
+    args = _usage_args(request)
+    own = principal.tenant_id
+    if own is None:
+        raise APIError(403, "usage is reported per tenant: use a tenant's key", code="insufficient_scope")
+    if args["tenant_id"] not in (None, "", own):
+        raise APIError(404, f"tenant {args['tenant_id']!r} not found", param="tenant_id", code="not_found")
+    args["tenant_id"] = own
+    return _usage_response(await _call(request, lambda s: s.usage(**args)))
+
+
+@admin_router.get("/admin/audit", **operation(errors=(*GUARDED, 400)))
+async def audit_list(request: Request) -> Response:
+    since, limit = _int(request, "since_id", 0), _int(request, "limit", 1000)
+    return json_response(await _call(request, lambda s: s.audit_list(since, limit)))
+
+
+@admin_router.get("/admin/audit/verify", **operation(errors=GUARDED))
+async def audit_verify(request: Request) -> Response:
+    return json_response(await _call(request, lambda s: s.audit_verify()))

@@ -1,0 +1,96 @@
+"""The gateway's part in an inference route: the caller's model access, caps, limits, budget, meter.
+
+`Gate.open` runs first in a route (so even a malformed body from a tenant leaves
+a `rejected` row in the ledger); `admit` takes the tenant's rate-limit slots and
+budget reservation after tokenization, when the worst case is known; `reserved`
+waits until the reservation is on disk, before anything is generated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from lockgate.engine.sampling_params import SamplingParams
+from lockgate.gateway.accounting import Meter
+from lockgate.gateway.auth import Principal
+from lockgate.gateway.lease import Lease
+from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
+from lockgate.server.errors import APIError, bad_request, model_not_found, unavailable
+from lockgate.server.metrics import RequestTracker
+
+
+@dataclass(slots=True)
+class Gate:
+    ctx: ServerContext
+    lease: Lease
+    principal: Principal | None
+    meter: Meter | None
+
+    @classmethod
+    def open(cls, request: Request, ctx: ServerContext, lease: Lease, request_id: str) -> Gate:
+        principal: Principal | None = request.scope.get(PRINCIPAL_SCOPE_KEY)
+        meter = ctx.gateway.open_meter(lease, principal, request_id) if principal is not None else None
+        return cls(ctx, lease, principal, meter)
+
+    @property
+    def cache_salt(self) -> str | None:
+        """Prefix-cache entries are salted per tenant: no tenant can time another's prompts."""
+        return self.principal.tenant_id if self.principal is not None else None
+
+    def check_model(self, requested: str | None, served: str) -> None:
+        if self.meter is not None:
+            self.meter.model = served
+        tenant = self.principal.tenant if self.principal is not None else None
+        if tenant is not None and not tenant.allows_model(served):
+            raise model_not_found(requested or served)  # exactly as for a model that does not exist
+
+    def cap(self, params: SamplingParams, param: str) -> SamplingParams:
+        """The tenant's (and key's) cap on max_tokens: fills it in when absent, refuses more."""
+        if self.principal is None:
+            return params
+        cap = self.ctx.gateway.max_tokens_cap(self.principal)
+        if cap is None:
+            return params
+        if params.max_tokens is None:
+            return params.replace(max_tokens=cap)
+        if params.max_tokens > cap:
+            raise bad_request(f"{param} must be <= {cap} for this API key, got {params.max_tokens}",
+                              param=param, code="max_tokens_exceeded")
+        return params
+
+    def check_priority(self, priority: int | None) -> int:
+        """A request may lower its priority, never raise it above its tenant's class."""
+        from lockgate.store.models import PRIORITY_CLASSES
+
+        base = 0
+        tenant = self.principal.tenant if self.principal is not None else None
+        if tenant is not None:
+            base = PRIORITY_CLASSES.index(tenant.priority) if tenant.priority in PRIORITY_CLASSES else 1
+        if priority is not None and priority < base:
+            raise APIError(403, f"priority {priority} is above this tenant's class ({tenant.priority if tenant else ''})",
+                           param="priority", code="priority_not_allowed")
+        return base if priority is None else priority
+
+    def admit(self, prompt_tokens: int, worst_completion_tokens: int) -> None:
+        if self.meter is not None:
+            self.ctx.gateway.admit(self.lease, self.meter, prompt_tokens, worst_completion_tokens)
+
+    async def reserved(self) -> None:
+        """The budget reservation is on disk (a kill from here on is settled as `interrupted`)."""
+        if self.meter is None or self.meter.reservation is None:
+            return
+        try:
+            await self.meter.reservation
+        except Exception:  # noqa: BLE001 - nothing may run unrecorded
+            raise unavailable("the usage ledger is not writable; the request was not run", "ledger_unavailable",
+                              retry_after_s=5) from None
+
+    def track(self, tracker: RequestTracker) -> None:
+        """Feed the meter from the request's metrics record (tokens as they stream, how it ended)."""
+        meter = self.meter
+        if meter is None:
+            return
+        gw = self.ctx.gateway
+        tracker.on_tokens = lambda n, cached: gw.on_tokens(meter, n, cached)
+        tracker.on_finish = meter.finish
