@@ -91,7 +91,8 @@ class Server:
         self.cmd = [sys.executable, "-m", "lockgate.server", "--load-format", "fake", "--port", str(self.port),
                     "--no-access-log", "--log-level", "warning", *server_args, *extra]
         # cwd: the default ./lockgate-data of open mode lands in an empty directory of ours.
-        self.proc = subprocess.Popen(self.cmd, cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
 
     def log_tail(self, n: int = 2500) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
@@ -129,6 +130,16 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the benchmark dies, however it dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _proc_cpu(pid: int) -> float:
@@ -237,7 +248,6 @@ class RawClient:
                         ).encode() + body
         self.slots = asyncio.Semaphore(connections)
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.timeout = timeout
 
     async def post(self) -> int:
         async with self.slots:
@@ -260,7 +270,7 @@ class RawClient:
 
     async def _send(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> int:
         try:
-            status, keep = await asyncio.wait_for(self._exchange(*conn), self.timeout)
+            status, keep = await self._exchange(*conn)  # the caller bounds the whole request
         except BaseException:
             conn[1].close()
             raise
@@ -320,8 +330,8 @@ async def generate_load(targets: list[Target], rate: float, seconds: float, warm
     async def one(t: Target, scheduled: float, measured: bool) -> None:
         dispatched = loop.time()
         meter[f"sent_{t.name}"] += 1
-        try:
-            status = str(await clients[t.name].post())
+        try:  # the timeout covers the wait for a pooled connection too
+            status = str(await asyncio.wait_for(clients[t.name].post(), timeout))
         except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
                 TimeoutError) as exc:
             status = type(exc).__name__
@@ -491,7 +501,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=64, help="keep-alive connection pool per server")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="load generator's HTTP client (raw: minimal asyncio HTTP/1.1; httpx: AsyncClient)")
-    ap.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
+    ap.add_argument("--timeout", type=float, default=15.0,
+                    help="per-request timeout in seconds, waiting for a pooled connection included")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     ap.add_argument("--server-arg", action="append", default=[], help="extra `lockgate serve` argument for both "
                     "servers (repeatable; e.g. --server-arg=--max-num-seqs=512)")
@@ -499,6 +510,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the servers' logs and data dirs")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on SIGTERM too
     if args.rate <= 0 or args.seconds <= 0 or args.warmup < 0 or args.block <= 0 or args.connections < 1:
         ap.error("--rate, --seconds, --block and --connections must be positive, --warmup >= 0")
 
