@@ -12,7 +12,10 @@ Each step:
 - sleeps `EngineConfig.fake_step_delay_s` once (0: not at all). The sleep is per
   step, not per request: a step that decodes one token for each of 50 requests
   costs one delay, like a real batched decode, so a server's decode rate is
-  `max_num_seqs / delay` tokens/s at most and one request's TPOT is the delay;
+  `max_num_seqs / delay` tokens/s at most and one request's TPOT is the delay.
+  A request of N output tokens takes N steps (the step that finishes its
+  prompt samples the first token; prompts over `max_num_batched_tokens` take
+  more), so a server's capacity is about `max_num_seqs / (N * delay)` req/s;
 - answers each request that samples with a token derived from its last token,
   the position and its seed (deterministic across runs and processes), drawn
   from a pool of plain-text tokens that never holds an EOS or special token, so
