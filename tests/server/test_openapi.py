@@ -1,9 +1,11 @@
 """The served OpenAPI document, and a property-based fuzz run against it (schemathesis).
 
-One real server for the module, started with small limits so that what the fuzzer
-generates stays cheap on a 2-core CPU: a 64-token context (no request generates
-much), `n` <= 2, a 64 KiB body limit. The fuzz run records every distinct failure
-instead of stopping at the first, and fails listing them all.
+One real server process for the module, cheap whatever the fuzzer generates on a
+2-core CPU: `--load-format fake` (the real tokenizer, chat template, limits,
+scheduler and output processing, but no model: tokens come at once), a 128-token
+context, `n` <= 2, a 64 KiB body limit. The fuzz run records every distinct
+failure instead of stopping at the first, and fails listing them all.
+`LOCKGATE_FUZZ_BUDGET_S` sets its time budget (default 150 s).
 """
 from __future__ import annotations
 
@@ -30,16 +32,16 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.server.conftest import ServerProcess, start_server
+from tests.server.conftest import ServerProcess, start_server, wait_for
 
-FUZZ_ARGS = ["--max-model-len", "64", "--max-n", "2", "--max-num-seqs", "8",
+FUZZ_ARGS = ["--load-format", "fake", "--max-model-len", "128", "--max-n", "2", "--max-num-seqs", "8",
              "--max-request-body-bytes", "65536", "--drain-timeout", "5"]
 BODY_ROUTES = {("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("post", "/tokenize"),
                ("post", "/detokenize")}
 ERROR_STATUSES = {"400", "401", "403", "404", "408", "413", "415", "500", "503"}  # on every body route
 
 # Examples per operation and generation mode; routes without inputs need only a few.
-EXAMPLES_WITH_INPUT = 30
+EXAMPLES_WITH_INPUT = 40
 EXAMPLES_WITHOUT_INPUT = 3
 FUZZ_BUDGET_S = float(os.environ.get("LOCKGATE_FUZZ_BUDGET_S", "150"))  # whole run, split between what is left
 REQUEST_TIMEOUT_S = 60.0
@@ -104,7 +106,7 @@ def test_error_responses_use_the_openai_error_schema(fuzz_server: ServerProcess)
     assert set(obj["required"]) == {"message", "type", "param", "code"}
     for path, item in doc["paths"].items():
         for method, op in item.items():
-            statuses = {s for s in op["responses"] if s != "200"}
+            statuses = {s for s in op["responses"] if int(s) >= 400}
             assert "500" in statuses, (method, path)
             if (method, path) in BODY_ROUTES:
                 assert ERROR_STATUSES <= statuses, (method, path, statuses)
@@ -135,10 +137,15 @@ def openai_error_shape(ctx: Any, response: schemathesis.Response, case: schemath
     a type and a non-null code."""
     if response.status_code < 400 or case.method.upper() == "HEAD":
         return None
+    assert_openai_error(response.content)
+    return None
+
+
+def assert_openai_error(content: bytes) -> None:
     try:
-        body = json.loads(response.content)
+        body = json.loads(content)
     except ValueError:
-        raise AssertionError(f"error body is not JSON: {response.content[:200]!r}") from None
+        raise AssertionError(f"error body is not JSON: {content[:200]!r}") from None
     assert isinstance(body, dict) and set(body) == {"error"}, f"not {{'error': {{...}}}}: {body}"
     err = body["error"]
     assert isinstance(err, dict), f"`error` is not an object: {body}"
@@ -146,18 +153,22 @@ def openai_error_shape(ctx: Any, response: schemathesis.Response, case: schemath
     for key in ("message", "type", "code"):
         assert isinstance(err[key], str) and err[key], f"`error.{key}` must be a non-empty string: {body}"
     assert err["param"] is None or isinstance(err["param"], str), f"`error.param`: {body}"
-    return None
+
+
+# What a request can get before its body is read: key, scope/Host/Origin, method, deadline, size,
+# media type, drain.
+REFUSED_UNREAD = {401, 403, 405, 408, 413, 415, 503}
 
 
 def json_bodies_only(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
-    """A body that is not declared JSON is refused with 415 before anything reads it."""
+    """A body that is not declared JSON is refused (415, or earlier) before anything reads it."""
     sent = response.request.headers.get("Content-Type")
     if not case.operation.body or case.method.upper() != case.operation.method.upper() or sent is None:
         return None
     media = sent.split(";", 1)[0].strip().lower()
     if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
         return None
-    assert response.status_code == 415, f"a `{sent}` body got {response.status_code}, not 415"
+    assert response.status_code in REFUSED_UNREAD, f"a `{sent}` body got {response.status_code}, not 415"
     return None
 
 
@@ -209,6 +220,31 @@ class Fuzzer:
                          f"    {failure.message.strip()[:400]}\n"
                          f"    body: {response.content[:400]!r}\n    {case.as_curl_command()[:1500]}")
 
+    def edges(self, doc: dict[str, Any], budget_s: float) -> None:
+        """Values JSON Schema allows but a server easily chokes on, for every field of every body:
+        integers past 64 bits, huge floats, such ids in lists and as `logit_bias` keys, and
+        `chat_template_kwargs` naming the template's own variables. Never a 5xx."""
+        deadline = time.monotonic() + budget_s
+        for path, field, body in edge_bodies(doc):
+            if time.monotonic() > deadline:
+                return
+            what = f"POST {path} [edges] {json.dumps(body)[:300]}"
+            try:
+                r = self.session.post(f"{self.base_url}{path}", json=body, timeout=REQUEST_TIMEOUT_S)
+            except requests.RequestException as exc:
+                self.failures.setdefault((path, "edges", type(exc).__name__), f"{what}: {exc!r}")
+                continue
+            self.statuses[r.status_code] = self.statuses.get(r.status_code, 0) + 1
+            problem = f"server error {r.status_code}" if r.status_code >= 500 else None
+            if r.status_code >= 400 and problem is None:
+                try:
+                    assert_openai_error(r.content)
+                except AssertionError as exc:
+                    problem = str(exc).splitlines()[0]
+            if problem is not None:
+                key = (path, "edges", r.status_code, _error_code(r.content), field)
+                self.failures.setdefault(key, f"{what} -> {r.status_code}: {problem}\n    body: {r.content[:400]!r}")
+
     def coverage(self, op: schemathesis.APIOperation, budget_s: float) -> None:
         """Schemathesis's deterministic coverage cases: boundary values, each field of the wrong
         type, missing required fields, undocumented methods."""
@@ -237,10 +273,57 @@ class Fuzzer:
             pass
 
 
+BASE_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/completions": {"prompt": "Hi", "max_tokens": 1},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+    "/tokenize": {"prompt": "Hi"},
+    "/detokenize": {"tokens": [1]},
+}
+HUGE_INTS = (2**63, 2**70, -(2**70))
+TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "continue_final_message", "tools", "bos_token")
+
+
+def _types(schema: dict[str, Any]) -> set[str]:
+    out: set[str] = set()
+    for s in (schema, *schema.get("anyOf", ())):
+        t = s.get("type")
+        if isinstance(t, str):
+            out.add(t)
+            if t == "array":
+                out.add(f"array of {s.get('items', {}).get('type')}")
+            if t == "object" and isinstance(s.get("additionalProperties"), dict):
+                out.add(f"object of {s['additionalProperties'].get('type')}")
+    return out
+
+
+def edge_bodies(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, base in BASE_BODIES.items():
+        ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        props = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
+        for name, schema in props.items():
+            types = _types(schema)
+            values: list[Any] = []
+            if "integer" in types:
+                values += HUGE_INTS
+            if "number" in types:
+                values += [1e308, -1e308]
+            if "array of integer" in types:
+                values += [[v] for v in HUGE_INTS]
+            if "object of number" in types:
+                values += [{str(v): 1.0} for v in HUGE_INTS]
+            for value in values:
+                yield path, name, {**base, name: value}
+    chat = "/v1/chat/completions"
+    for key in TEMPLATE_VARIABLES:
+        yield chat, f"chat_template_kwargs.{key}", {**BASE_BODIES[chat], "chat_template_kwargs": {key: "x"}}
+
+
 @pytest.mark.slow
 def test_fuzz_the_openapi_document(fuzz_server: ServerProcess, tmp_path: Path) -> None:
-    """Schemathesis against the served document: no 5xx, every error in the OpenAI shape, every
-    status and content type documented, valid bodies matching their schemas, invalid input a 4xx."""
+    """Against the served document: edge values per body field, then per operation schemathesis's
+    coverage cases and hypothesis-generated valid and invalid cases. No 5xx, every error in the
+    OpenAI shape with a code, non-JSON bodies refused, every status and content type documented,
+    200 bodies matching their schemas, invalid input a 4xx, and no queue slot left taken."""
     base = fuzz_server.base_url
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
     schema.validate()
@@ -259,6 +342,7 @@ def test_fuzz_the_openapi_document(fuzz_server: ServerProcess, tmp_path: Path) -
     start = time.monotonic()
     with requests.Session() as session:
         fuzzer = Fuzzer(base, session)
+        fuzzer.edges(schema.raw_schema, FUZZ_BUDGET_S / 4)
         for i, (op, mode, examples) in enumerate(runs):
             share = max((FUZZ_BUDGET_S - (time.monotonic() - start)) / (len(runs) - i), 1.0)
             if mode is None:
@@ -271,4 +355,9 @@ def test_fuzz_the_openapi_document(fuzz_server: ServerProcess, tmp_path: Path) -
     (tmp_path / "fuzz_failures.txt").write_text("\n\n".join(failures))
     assert fuzz_server.proc.poll() is None, "the server died during the fuzz run"
     assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+    # Nothing is left behind: every accepted request gave back its queue slot.
+    left = ("lockgate:num_requests_queued", "lockgate:num_requests_in_flight")
+    if not wait_for(lambda: all(fuzz_server.metrics().get(m, 0) == 0 for m in left), 30, 0.5):
+        stuck = {m: fuzz_server.metrics().get(m) for m in left}
+        failures.append(f"requests left in the queue after the run: {stuck}")
     assert not failures, f"{len(failures)} distinct failure(s):\n\n" + "\n\n".join(failures)
