@@ -322,3 +322,20 @@ def test_client_vanishing_mid_stream_releases_everything(hard: ServerProcess, tm
                 if line.startswith("data: {"):
                     break  # leave after the first token
     assert_clean(hard)
+
+
+def test_a_body_just_over_the_limit_gets_its_413_not_a_reset(hard: ServerProcess) -> None:
+    """The refused body is drained before the connection closes (else a TCP reset can eat the 413)."""
+    import asyncio
+
+    async def post() -> int:
+        async with httpx.AsyncClient(timeout=60) as c:
+            r = await c.post(f"{hard.base_url}/v1/completions", content=b'{"prompt": "' + b"a" * 4_500_000 + b'"}',
+                             headers=JSON)
+            assert r.json()["error"]["code"] == "request_too_large"
+            return r.status_code
+
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*(post() for _ in range(5))))
+
+    assert asyncio.run(main()) == [413] * 5

@@ -30,7 +30,11 @@ def _ctx(request: Request) -> ServerContext:
 
 
 def _principal(request: Request) -> Principal:
-    return request.scope[PRINCIPAL_SCOPE_KEY]
+    principal = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    if principal is None:  # open mode: no keys, so no tenant to report on
+        raise APIError(403, "usage is reported per tenant: the server runs without keys (start it with "
+                            "--admin-key and use a tenant's key)", code="insufficient_scope")
+    return principal
 
 
 async def _call(request: Request, fn: Callable[[AdminService], Any], *, changes: bool = False) -> Any:

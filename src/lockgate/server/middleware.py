@@ -32,6 +32,7 @@ ADMIN_PREFIX = "/admin/"
 DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect"})  # any valid key
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 FAULT_HEADER = b"x-lockgate-fault"
+DRAIN_FACTOR = 4  # a refused body up to this many times the limit is read and dropped before the 413
 
 
 class GuardMiddleware:
@@ -144,11 +145,13 @@ class GuardMiddleware:
         """The whole body, bounded in size and time; None when a reply was sent instead."""
         limit = self.ctx.config.max_request_body_bytes
         declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            await self._reply(send, _too_large(limit))
-            return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ctx.config.body_timeout_s
+        if declared is not None and declared > limit:
+            if declared <= DRAIN_FACTOR * limit:
+                await _discard(receive, DRAIN_FACTOR * limit, deadline)
+            await self._reply(send, _too_large(limit))
+            return None
         chunks: list[bytes] = []
         size = 0
         more = True
@@ -165,6 +168,8 @@ class GuardMiddleware:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > limit:
+                if more:
+                    await _discard(receive, DRAIN_FACTOR * limit - size, deadline)
                 await self._reply(send, _too_large(limit))
                 return None
             chunks.append(chunk)
@@ -270,6 +275,26 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+async def _discard(receive: Receive, budget: int, deadline: float) -> None:
+    """Read and drop the rest of a refused body (up to `budget` bytes, until `deadline`).
+
+    Closing a connection with unread request bytes makes the kernel send a TCP
+    reset, which can destroy the 413 before the client reads it (RFC 9112 9.6):
+    a body not much over the limit is drained first; a huge one is not worth it.
+    """
+    loop = asyncio.get_running_loop()
+    while budget > 0:
+        try:
+            msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            return
+        if msg["type"] != "http.request":
+            return
+        budget -= len(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return
 
 
 def _too_large(limit: int) -> APIError:
