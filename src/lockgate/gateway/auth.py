@@ -7,20 +7,15 @@ every change (and when another process, such as the CLI, changed the store).
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import time
 from dataclasses import dataclass
 
+from lockgate.gateway.tenants import hash_key
 from lockgate.server.errors import APIError
 from lockgate.store.models import ApiKey, Tenant
 
 ADMIN_ACTOR = "admin-key"
-
-
-def hash_key(key: str | bytes) -> str:
-    raw = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
-    return hashlib.sha256(raw).hexdigest()
 
 
 @dataclass(slots=True)
@@ -74,7 +69,7 @@ class KeyRing:
         token = token.strip()
         if scheme.lower() != b"bearer" or not token or len(token) > 512:
             raise unauthorized()
-        digest = hashlib.sha256(token).hexdigest()
+        digest = hash_key(token)
         if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
             return Principal(tenant=None, key=None, is_admin=True, can_infer=False)
         found = self._keys.get(digest)

@@ -129,22 +129,16 @@ class RateLimiter:
     def headers(states: list[LimitState], now: float) -> dict[str, str]:
         """x-ratelimit-* for the tightest request and token limits (none when unlimited)."""
         out: dict[str, str] = {}
-        req = [s.requests for s in states if s.requests is not None]
-        if req:
-            for b in req:
+        for kind, buckets in (("requests", [s.requests for s in states]), ("tokens", [s.tokens for s in states])):
+            live = [b for b in buckets if b is not None]
+            if not live:
+                continue
+            for b in live:
                 b.refill(now)
-            b = min(req, key=lambda b: b.level)
-            out["x-ratelimit-limit-requests"] = str(int(b.capacity))
-            out["x-ratelimit-remaining-requests"] = str(max(0, int(b.level)))
-            out["x-ratelimit-reset-requests"] = _fmt(b.reset_s(now))
-        tok = [s.tokens for s in states if s.tokens is not None]
-        if tok:
-            for b in tok:
-                b.refill(now)
-            b = min(tok, key=lambda b: b.level)
-            out["x-ratelimit-limit-tokens"] = str(int(b.capacity))
-            out["x-ratelimit-remaining-tokens"] = str(max(0, int(b.level)))
-            out["x-ratelimit-reset-tokens"] = _fmt(b.reset_s(now))
+            tight = min(live, key=lambda b: b.level)
+            out[f"x-ratelimit-limit-{kind}"] = str(int(tight.capacity))
+            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(tight.level)))
+            out[f"x-ratelimit-reset-{kind}"] = _fmt(tight.reset_s(now))
         return out
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 import socket
@@ -25,6 +24,7 @@ from lockgate.server.app import build_app, drain
 from lockgate.server.config import ServerConfig
 from lockgate.server.context import ServerContext
 from lockgate.server.http_protocol import protocol_class
+from lockgate.server.origins import is_loopback_name
 
 log = logging.getLogger("lockgate.server")
 
@@ -60,15 +60,6 @@ class DrainingServer(uvicorn.Server):
     async def _drain(self) -> None:
         await drain(self.ctx, self.drain_timeout_s)
         self.should_exit = True
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def has_tenants(data_dir: str) -> bool:
@@ -110,7 +101,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *
     level = log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lockgate").setLevel(level)
-    if not _is_loopback(host) and not admin_key and not has_tenants(data_dir):
+    if not is_loopback_name(host) and not admin_key and not has_tenants(data_dir):
         if not insecure_no_auth:
             raise ValueError(f"refusing to listen on {host} without authentication: set --admin-key (and create "
                              "tenants and keys), or pass --insecure-no-auth to serve anyone who can reach it")
