@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lockgate.gateway.accounting import Meter
 from lockgate.gateway.auth import KeyRing, Principal
+from lockgate.gateway.tenants import hash_key
 from lockgate.gateway.budget import BudgetBook, period_start
 from lockgate.gateway.lease import Lease
 from lockgate.gateway.limits import LimitState, RateLimiter
@@ -65,6 +66,7 @@ class Gateway:
         if self.config.admin_key or self.db_path.exists():
             await asyncio.to_thread(self._open)
             await self._recover()
+            await self._record_admin_key()
             await self.reload()
         self._tasks = [asyncio.create_task(self._checkpoint_loop(), name="ledger-checkpoints"),
                        asyncio.create_task(self._refresh_loop(), name="gateway-refresh")]
@@ -105,6 +107,20 @@ class Gateway:
             self.budgets.load(t.id, t.budget_period, start, spent)
         self.ring.load(tenants, keys)
         self._admin_version = await self.astore.call(store.admin_version)
+
+    async def _record_admin_key(self) -> None:
+        """Audit the bootstrap admin key the first time it is used, and every time it changes."""
+        if not self.config.admin_key or self.astore is None:
+            return
+        store = self.store
+        fingerprint = hash_key(self.config.admin_key)[:16]  # identifies the key, reveals nothing
+        records = await self.astore.call(store.list_audit, 0, 1_000_000)
+        last = next((r for r in reversed(records) if r.action in ("bootstrap", "admin_key.change")), None)
+        if last is None:
+            await self.astore.call(store.append_audit, "system", "bootstrap", None, {"admin_key_sha256": fingerprint})
+        elif last.details.get("admin_key_sha256") != fingerprint:
+            await self.astore.call(store.append_audit, "system", "admin_key.change", None,
+                                   {"admin_key_sha256": fingerprint})
 
     async def _recover(self) -> None:
         """Settle what a killed process left: each reservation becomes an `interrupted` usage row."""
