@@ -34,9 +34,16 @@ shows as lag, not as server latency. The load generator shares the machine's
 cores with both servers: its own CPU use and each server's CPU per request
 (API process + engine process, from /proc) are printed too.
 
+Before the load, an idle baseline: `--idle-requests` (200) requests per mode one
+at a time, modes alternating: the gateway's own cost with no queueing at all.
+Under load a mode counts as saturated when its p50 is over 10x its idle p50 (or it
+answers under 90% of the offered rate): its loaded latency is then queueing.
+
 Targets (issue 7, 2-core machine): added latency (on - off) p50 <= 2 ms, p99 <= 10 ms.
 Exit status: 0 PASS, 1 FAIL, 2 setup failed, 3 the "on" server could not be set up
-(only "off" measured), 4 inconclusive (both servers overloaded at this rate).
+(only "off" measured), 4 inconclusive (both servers saturated at this rate: the loaded
+numbers are queueing; the idle baseline, one request at a time, still shows the gateway's
+own per-request cost).
 """
 from __future__ import annotations
 
@@ -202,17 +209,19 @@ def setup_gateway(srv: Server, admin_key: str, rate: float, connections: int) ->
     return Target("on", srv, headers, first_model(srv.url, headers), tid)
 
 
-def ledger_rows(target: Target, admin_key: str) -> int | None:
-    """Ledger rows of the bench tenant (best effort: None when the usage API answers otherwise)."""
+def ledger_rows(target: Target, admin_key: str) -> tuple[int, float] | None:
+    """(requests, cost in USD) the ledger holds for the bench tenant; None when the usage API answers otherwise."""
+    time.sleep(2.0)  # the ledger is written behind the responses (writer thread, 1 s checkpoints)
     try:
         r = httpx.get(f"{target.server.url}/admin/usage",
-                      params={"tenant_id": target.tenant_id, "group_by": "request", "format": "json"},
+                      params={"tenant_id": target.tenant_id, "group_by": "model", "format": "json"},
                       headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
-        body = r.json()
-    except (httpx.HTTPError, ValueError):
+        rows = r.json().get("data")
+        if r.status_code != 200 or not isinstance(rows, list):
+            return None
+        return sum(int(x["requests"]) for x in rows), sum(float(x["cost_usd"] or 0) for x in rows)
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    rows = body if isinstance(body, list) else body.get("data") if isinstance(body, dict) else None
-    return len(rows) if r.status_code == 200 and isinstance(rows, list) else None
 
 
 # ---- load ------------------------------------------------------------------------------------
@@ -312,8 +321,8 @@ class Sample:
 
 
 async def generate_load(targets: list[Target], rate: float, seconds: float, warmup: float, block: float,
-                        connections: int, timeout: float, client_kind: str = "raw",
-                        ) -> tuple[list[Sample], dict[str, float]]:
+                        connections: int, timeout: float, client_kind: str = "raw", idle_requests: int = 200,
+                        ) -> tuple[list[Sample], list[Sample], dict[str, float]]:
     """Open-loop constant arrivals; block k of `block` seconds goes to targets[k % len(targets)]."""
     loop = asyncio.get_running_loop()
     bodies = {t.name: json.dumps({"model": t.model, "prompt": PROMPT, "max_tokens": 1}).encode() for t in targets}
@@ -327,7 +336,9 @@ async def generate_load(targets: list[Target], rate: float, seconds: float, warm
     interval = 1.0 / rate
     meter: dict[str, float] = {f"sent_{t.name}": 0.0 for t in targets}
 
-    async def one(t: Target, scheduled: float, measured: bool) -> None:
+    idle: list[Sample] = []
+
+    async def one(t: Target, scheduled: float, measured: bool, into: list[Sample] = samples) -> None:
         dispatched = loop.time()
         meter[f"sent_{t.name}"] += 1
         try:  # the timeout covers the wait for a pooled connection too
@@ -336,12 +347,16 @@ async def generate_load(targets: list[Target], rate: float, seconds: float, warm
                 TimeoutError) as exc:
             status = type(exc).__name__
         if measured:
-            samples.append(Sample(t.name, scheduled, dispatched, loop.time(), status))
+            into.append(Sample(t.name, scheduled, dispatched, loop.time(), status))
 
     try:
         # Open `connections / 4` keep-alive connections per server before the clock starts.
         for t in targets:
             await asyncio.gather(*(one(t, 0.0, False) for _ in range(max(1, connections // 4))))
+        # Idle baseline: one request at a time, modes alternating, so no queueing at all.
+        for _ in range(idle_requests):
+            for t in targets:
+                await one(t, loop.time(), True, idle)
         tasks: set[asyncio.Task[None]] = set()
         t0 = loop.time() + 0.05
         i = 0
@@ -372,7 +387,7 @@ async def generate_load(targets: list[Target], rate: float, seconds: float, warm
     finally:
         for c in clients.values():
             await c.aclose()
-    return samples, meter
+    return samples, idle, meter
 
 
 def _self_cpu() -> float:
@@ -390,8 +405,8 @@ def pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def summarize(samples: list[Sample], targets: list[Target], meter: dict[str, float], rate: float,
-              seconds: float) -> dict[str, Any]:
+def summarize(samples: list[Sample], idle: list[Sample], targets: list[Target], meter: dict[str, float],
+              rate: float, seconds: float) -> dict[str, Any]:
     wall = meter["wall1"] - meter["wall0"]
     modes: dict[str, Any] = {}
     for t in targets:
@@ -405,12 +420,14 @@ def summarize(samples: list[Sample], targets: list[Target], meter: dict[str, flo
         api_cpu = meter[f"api1_{t.name}"] - meter[f"api0_{t.name}"]
         engine_cpu = meter[f"engine1_{t.name}"] - meter[f"engine0_{t.name}"]
         srv_cpu = api_cpu + engine_cpu
+        idle_ok = sorted((s.done - s.dispatched) * 1000 for s in idle if s.mode == t.name and s.status == "200")
         modes[t.name] = {
             "requests": len(mine), "ok": len(ok), "errors": errors,
             # Each mode had the stream for half the measured wall time (blocks alternate).
             "achieved_rps": len(ok) / (wall / len(targets)) if wall > 0 else math.nan,
             "latency_ms": {f"p{q}": pct(ok, q) for q in (50, 90, 99)} | {"max": ok[-1] if ok else math.nan},
             "latency_from_schedule_ms": {f"p{q}": pct(from_schedule, q) for q in (50, 99)},
+            "idle_latency_ms": {f"p{q}": pct(idle_ok, q) for q in (50, 90, 99)} | {"n": len(idle_ok)},
             "server_cpu_ms_per_request": srv_cpu * 1000 / len(mine) if mine else math.nan,
             "api_cpu_ms_per_request": api_cpu * 1000 / len(mine) if mine else math.nan,
             "engine_cpu_ms_per_request": engine_cpu * 1000 / len(mine) if mine else math.nan,
@@ -429,11 +446,16 @@ def summarize(samples: list[Sample], targets: list[Target], meter: dict[str, flo
     client["sustained"] = client["dispatched_rps"] >= 0.97 * rate
     out: dict[str, Any] = {"modes": modes, "client": client, "measured_wall_s": wall}
     # A server that answers well under the offered rate is overloaded: its latency is queueing.
-    out["overloaded"] = [name for name, m in modes.items() if m["achieved_rps"] < 0.9 * rate]
+    # With the modes interleaved, a server that falls behind in its block catches up in the other's,
+    # so the achieved rate hides saturation: a loaded p50 far above the idle p50 shows it.
+    out["overloaded"] = [name for name, m in modes.items() if m["achieved_rps"] < 0.9 * rate
+                         or m["latency_ms"]["p50"] > max(10 * m["idle_latency_ms"]["p50"], 20.0)]
     if "on" in modes and "off" in modes:
         off, on = modes["off"]["latency_ms"], modes["on"]["latency_ms"]
         added = {"p50": on["p50"] - off["p50"], "p99": on["p99"] - off["p99"]}
         out["added_ms"] = added
+        i_off, i_on = modes["off"]["idle_latency_ms"], modes["on"]["idle_latency_ms"]
+        out["added_idle_ms"] = {"p50": i_on["p50"] - i_off["p50"], "p99": i_on["p99"] - i_off["p99"]}
         out["added_server_cpu_ms_per_request"] = (modes["on"]["server_cpu_ms_per_request"]
                                                   - modes["off"]["server_cpu_ms_per_request"])
         errors = any(m["errors"] for m in modes.values())
@@ -458,6 +480,14 @@ def print_report(res: dict[str, Any], args: argparse.Namespace, cores: int) -> N
         print(f"{name:<5} {m['requests']:>8} {m['ok']:>7} {errs:<18} {m['achieved_rps']:>10.1f} {lat['p50']:>7.2f} "
               f"{lat['p90']:>7.2f} {lat['p99']:>7.2f} {lat['max']:>7.1f} "
               f"{m['api_cpu_ms_per_request']:>12.2f}+{m['engine_cpu_ms_per_request']:<8.2f}")
+    print(f"\nidle baseline ({args.idle_requests} requests per mode, one at a time, modes alternating; "
+          f"no queueing):")
+    for name, m in res["modes"].items():
+        i = m["idle_latency_ms"]
+        print(f"  {name:<4} p50 {i['p50']:.2f} ms, p90 {i['p90']:.2f} ms, p99 {i['p99']:.2f} ms")
+    if "added_idle_ms" in res:
+        a = res["added_idle_ms"]
+        print(f"  added (on - off): p50 {a['p50']:+.2f} ms, p99 {a['p99']:+.2f} ms")
     c = res["client"]
     print(f"\nclient: dispatched {c['dispatched_rps']:.1f} req/s of {c['target_rps']:g} offered; dispatch lag "
           f"p50 {c['dispatch_lag_ms']['p50']:.2f} ms, p99 {c['dispatch_lag_ms']['p99']:.2f} ms, "
@@ -471,9 +501,10 @@ def print_report(res: dict[str, Any], args: argparse.Namespace, cores: int) -> N
               "so its lateness is not in the table")
     for name in res["overloaded"]:
         m = res["modes"][name]
-        print(f"  NOTE: '{name}' answered {m['achieved_rps']:.1f} req/s of {c['target_rps']:g} offered: overloaded "
-              f"(CPU-bound on this machine; {m['server_cpu_ms_per_request']:.2f} ms of server CPU per request), "
-              f"so its latencies are mostly queueing")
+        print(f"  NOTE: '{name}' is saturated at {c['target_rps']:g} req/s (answered {m['achieved_rps']:.1f} req/s; "
+              f"loaded p50 {m['latency_ms']['p50']:.1f} ms vs {m['idle_latency_ms']['p50']:.2f} ms idle; "
+              f"{m['server_cpu_ms_per_request']:.2f} ms of server CPU per request on a machine the client and "
+              f"the other server share): its loaded latencies are mostly queueing")
     if "added_ms" in res:
         a = res["added_ms"]
         ok50, ok99 = a["p50"] <= TARGET_P50_MS, a["p99"] <= TARGET_P99_MS
@@ -481,8 +512,9 @@ def print_report(res: dict[str, Any], args: argparse.Namespace, cores: int) -> N
               f"{'PASS' if ok50 else 'FAIL'}), p99 {a['p99']:+.2f} ms (target <= {TARGET_P99_MS:g}: "
               f"{'PASS' if ok99 else 'FAIL'}); added server CPU {res['added_server_cpu_ms_per_request']:+.2f} ms "
               f"per request")
-        if res.get("ledger_rows") is not None:
-            print(f"ledger rows for the bench tenant: {res['ledger_rows']} "
+        if res.get("ledger") is not None:
+            n, cost = res["ledger"]
+            print(f"ledger for the bench tenant: {n} requests, ${cost:.6f} "
                   f"(requests sent to 'on', warm-ups included: {res['on_requests_total']})")
         if any(m["errors"] for m in res["modes"].values()):
             print("errors above: a run with errors does not PASS (the gateway must reject nothing here)")
@@ -501,6 +533,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=64, help="keep-alive connection pool per server")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="load generator's HTTP client (raw: minimal asyncio HTTP/1.1; httpx: AsyncClient)")
+    ap.add_argument("--idle-requests", type=int, default=200,
+                    help="sequential requests per mode first (one at a time: the gateway's cost with no queueing)")
     ap.add_argument("--timeout", type=float, default=15.0,
                     help="per-request timeout in seconds, waiting for a pooled connection included")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
@@ -540,11 +574,12 @@ def main() -> int:
                 on_srv.stop()
         modes = " and ".join(t.name for t in targets)
         print(f"running {modes}: {args.rate:g} req/s, {args.warmup:g}+{args.seconds:g} s per mode ...", flush=True)
-        samples, meter = asyncio.run(generate_load(targets, args.rate, args.seconds, args.warmup, args.block,
-                                                   args.connections, args.timeout, args.client))
-        res = summarize(samples, targets, meter, args.rate, args.seconds)
+        samples, idle, meter = asyncio.run(generate_load(targets, args.rate, args.seconds, args.warmup, args.block,
+                                                         args.connections, args.timeout, args.client,
+                                                         args.idle_requests))
+        res = summarize(samples, idle, targets, meter, args.rate, args.seconds)
         if len(targets) == 2:
-            res["ledger_rows"] = ledger_rows(targets[1], admin_key)
+            res["ledger"] = ledger_rows(targets[1], admin_key)
             res["on_requests_total"] = int(meter["sent_on"])
         res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         res["on_unavailable"] = on_error
