@@ -102,6 +102,8 @@ class Gateway:
         tenants, keys = await self.astore.call(lambda: (store.list_tenants(), store.list_keys()))
         now = time.time()
         for t in tenants:
+            if self.budgets.current(t, now):
+                continue  # in memory, spend is ahead of the ledger (settlements still queued)
             start = period_start(t.budget_period, now)
             spent = await self.astore.call(store.spent_usd, t.id, start)
             self.budgets.load(t.id, t.budget_period, start, spent)

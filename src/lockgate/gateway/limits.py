@@ -73,16 +73,18 @@ class RateLimiter:
         self._states: dict[str, LimitState] = {}
 
     def state(self, scope_id: str, limits: Limits, label: str, now: float) -> LimitState:
-        """The counters for a tenant ('t:<id>') or key ('k:<id>'); rebuilt when its limits change."""
+        """The counters for a tenant ('t:<id>') or key ('k:<id>'). When its limits change the buckets
+        are rebuilt in place: requests in flight keep releasing into the same object."""
         st = self._states.get(scope_id)
-        if st is None or st.limits != limits:
-            inflight = st.inflight if st is not None else 0
-            st = LimitState(
-                limits=Limits(limits.rpm, limits.tpm, limits.max_concurrency, limits.max_tokens),
-                requests=TokenBucket.full(limits.rpm, now) if limits.rpm is not None else None,
-                tokens=TokenBucket.full(limits.tpm, now) if limits.tpm is not None else None,
-                inflight=inflight, label=label)
-            self._states[scope_id] = st
+        if st is not None and st.limits == limits:
+            return st
+        lim = Limits(limits.rpm, limits.tpm, limits.max_concurrency, limits.max_tokens)
+        requests = TokenBucket.full(lim.rpm, now) if lim.rpm is not None else None
+        tokens = TokenBucket.full(lim.tpm, now) if lim.tpm is not None else None
+        if st is None:
+            st = self._states[scope_id] = LimitState(lim, requests, tokens, label=label)
+        else:
+            st.limits, st.requests, st.tokens = lim, requests, tokens
         return st
 
     def check(self, states: list[LimitState], prompt_tokens: int, now: float) -> None:
