@@ -1,31 +1,68 @@
-"""lockgate vs Hugging Face transformers on the default model, CPU, one run.
+"""lockgate vs llama.cpp vs Hugging Face transformers on the default model, CPU, one run.
 
-Same prompts for both (64 prompt tokens, 64 output tokens, greedy, EOS ignored),
-at 1 stream and at 16 concurrent prompts. Prints output tokens/s for lockgate
-(as loaded, and with `quantization="int8"`), for transformers `generate`, and
-for transformers' bare forward pass (a decode loop over its own KV cache with no
-`generate` machinery), with the ratios, plus the 1-stream hardware bound.
+Same prompts for every engine (64 random prompt tokens, 64 output tokens, greedy,
+EOS ignored). Output tokens/s counts the whole request (prefill included), for:
 
-    .venv/bin/python benchmarks/cpu_engine.py [--batches 1,16] [--dtype auto]
+- llama.cpp (llama-cpp-python, on the same GGUF file as stored: Q4_1 weights) at 1 stream;
+- lockgate at 1/16/64 streams in each precision: float (its default CPU dtype, on the
+  dequantized GGUF), `int8` and `int4` (the GGUF's own Q4_1 blocks);
+- transformers `generate` (float32, the same dequantized weights) at 16 streams.
 
-transformers runs on the same dequantized GGUF weights (loaded into its own
-LlamaForCausalLM), in float32 (its CPU default); lockgate runs in its default CPU dtype (bfloat16 where
-the CPU has AVX512-BF16/AMX) unless --dtype says otherwise. Both use all cores.
+With each precision's bounds at 1 stream: the *kernel bound* (tokens/s if a decode
+step did nothing but run each weight matrix once with that precision's own kernels)
+and the *bandwidth bound* (weight bytes / the machine's measured copy bandwidth).
+
+    .venv/bin/python benchmarks/cpu_engine.py [--streams 1,16,64] [--precisions float,int8,int4]
+
+llama-cpp-python is not a dependency: it builds llama.cpp from source (about 15
+minutes on 2 cores). Install it in its own venv, found at /tmp/llamacpp-venv or
+passed with --llamacpp-python:
+
+    python3 -m venv /tmp/llamacpp-venv && /tmp/llamacpp-venv/bin/pip install llama-cpp-python
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lockgate import LLM, SamplingParams
-from lockgate.engine.loader import load_checkpoint
+from lockgate.engine.loader import default_model_path, load_checkpoint
+from lockgate.engine.quantization import QuantEmbedding, QuantLinear, weight_bytes
+from lockgate.engine.quant.linear import KERNEL_DTYPE
 
 PROMPT_LEN = 64
 OUTPUT_LEN = 64
+INSTALL_HINT = "python3 -m venv /tmp/llamacpp-venv && /tmp/llamacpp-venv/bin/pip install llama-cpp-python"
+
+# Runs inside llama-cpp-python's interpreter: greedy decode of each prompt, one stream.
+LLAMACPP_SCRIPT = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, threads, prompts, out_len, reps = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+llm = Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+def run(prompt, n):
+    got = 0
+    for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        got += 1
+        if got == n:
+            return
+run(prompts[0][:8], 4)  # warm-up
+rates = []
+for _ in range(reps):
+    t = time.perf_counter()
+    run(prompts[0], out_len)
+    rates.append(out_len / (time.perf_counter() - t))
+print(json.dumps(rates))
+"""
 
 
 def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -34,41 +71,78 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(PROMPT_LEN)] for _ in range(n)]
 
 
-def bench_lockgate(llm: LLM, prompts: list[list[int]]) -> float:
+def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int) -> float:
+    """Best of `reps` runs (the machine is shared: the best run is the least disturbed)."""
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
-    llm.engine.core.kv.reset_prefix_cache()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    dt = time.perf_counter() - t
-    assert all(len(o.outputs[0].token_ids) == OUTPUT_LEN for o in outs)
-    return len(prompts) * OUTPUT_LEN / dt
+    best = 0.0
+    for _ in range(reps):
+        llm.engine.core.kv.reset_prefix_cache()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        dt = time.perf_counter() - t
+        assert all(len(o.outputs[0].token_ids) == OUTPUT_LEN for o in outs)
+        best = max(best, len(prompts) * OUTPUT_LEN / dt)
+    return best
 
 
 @torch.inference_mode()
-def weight_stream_bound(llm: LLM) -> float:
-    """Hardware limit for one stream: tokens/s if a decode step did nothing but run every
-    weight matrix once (batch 1, lockgate's dtype) — the memory-bandwidth bound."""
+def kernel_bound(llm: LLM) -> float:
+    """Tokens/s if a batch-1 decode step did nothing but multiply by every weight matrix once,
+    each with the kernel this precision runs (the LM head included)."""
     model = llm.engine.core.runner.model
     dtype = llm.engine.core.runner.dtype
-    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    mats.append(model.embed_tokens.weight)  # the (tied) LM head
-    xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in mats]
+    calls = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            calls.append((m.qmm, torch.randn(1, m.in_features, dtype=KERNEL_DTYPE)))
+        elif isinstance(m, torch.nn.Linear):
+            calls.append((lambda x, w=m.weight: F.linear(x, w), torch.randn(1, m.in_features, dtype=dtype)))
+    head = model.head_q if model.head_q is not None else None
+    if isinstance(head, QuantEmbedding):
+        calls.append((lambda x, h=head: torch.ops.aten._weight_int8pack_mm(x, h.qweight, h.scales),
+                      torch.randn(1, head.qweight.shape[1], dtype=KERNEL_DTYPE)))
+    elif model.lm_head is None:
+        w = model.embed_tokens.weight
+        calls.append((lambda x, w=w: F.linear(x, w), torch.randn(1, w.shape[1], dtype=dtype)))
 
     def step() -> None:
-        for w, x in zip(mats, xs):
-            torch.nn.functional.linear(x, w)
+        for f, x in calls:
+            f(x)
 
     for _ in range(3):
         step()
-    n, t = 20, time.perf_counter()
-    for _ in range(n):
+    best = float("inf")
+    for _ in range(20):
+        t = time.perf_counter()
         step()
-    return n / (time.perf_counter() - t)
+        best = min(best, time.perf_counter() - t)
+    return 1 / best
 
 
-def load_hf(dtype: torch.dtype):
-    """transformers' LlamaForCausalLM with the same dequantized GGUF weights (HF names)."""
+def matrix_bytes(llm: LLM) -> int:
+    """Bytes a batch-1 decode step reads: every weight but the embedding rows it does not look up."""
+    model = llm.engine.core.runner.model
+    total = weight_bytes(model)
+    if model.lm_head is not None:  # untied: the embedding table is only looked up, one row
+        total -= weight_bytes(model.embed_tokens)
+    return total
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large tensor copy (read + write) on all threads: the memory roofline."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(8):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def load_hf():
+    """transformers' LlamaForCausalLM (float32) with the same dequantized GGUF weights (HF names)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ckpt = load_checkpoint(None)
@@ -78,7 +152,7 @@ def load_hf(dtype: torch.dtype):
                       num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
                       max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
                       rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings)
-    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model = LlamaForCausalLM(cfg).eval()
     missing, unexpected = model.load_state_dict(dict(ckpt.weights()), strict=False)
     assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
     if c.tie_word_embeddings:
@@ -99,52 +173,90 @@ def bench_hf_generate(model, prompts: list[list[int]]) -> float:
     return len(prompts) * OUTPUT_LEN / dt
 
 
-@torch.inference_mode()
-def bench_hf_forward(model, prompts: list[list[int]]) -> float:
-    """Prefill then greedy decode with HF's own cache: the model's speed minus generate()."""
-    ids = torch.tensor(prompts)
-    t = time.perf_counter()
-    out = model(ids, use_cache=True)
-    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(OUTPUT_LEN - 1):
-        out = model(tok, past_key_values=past, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    dt = time.perf_counter() - t
-    return len(prompts) * OUTPUT_LEN / dt
+def find_llamacpp_python(explicit: str | None) -> str | None:
+    candidates = [explicit] if explicit else [sys.executable, "/tmp/llamacpp-venv/bin/python"]
+    for py in candidates:
+        if py and Path(py).exists() and subprocess.run([py, "-c", "import llama_cpp"],
+                                                       capture_output=True).returncode == 0:
+            return py
+    return None
+
+
+def bench_llamacpp(py: str, prompts: list[list[int]], reps: int) -> float:
+    cmd = [py, "-c", LLAMACPP_SCRIPT, str(default_model_path()), str(torch.get_num_threads()),
+           json.dumps(prompts), str(OUTPUT_LEN), str(reps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+    return max(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="transformers' dtype (float32 is its CPU default)")
-    ap.add_argument("--skip-hf", action="store_true", help="measure lockgate only")
+    ap.add_argument("--streams", default="1,16,64")
+    ap.add_argument("--precisions", default="float,int8,int4")
+    ap.add_argument("--dtype", default="auto", help="lockgate's float dtype (auto: bf16 with AMX/AVX512-BF16)")
+    ap.add_argument("--reps", type=int, default=2, help="runs per measurement; the best is reported")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--llamacpp-python", help="a Python with llama-cpp-python installed")
     args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    streams = [int(b) for b in args.streams.split(",")]
+    precisions = args.precisions.split(",")
 
-    llm = LLM(None, dtype=args.dtype)
-    llm_q = LLM(None, dtype=args.dtype, quantization="int8")
-    vocab = llm.engine.model_config.vocab_size
-    hf = None if args.skip_hf else load_hf(getattr(torch, args.hf_dtype))
-    bound = weight_stream_bound(llm)
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"lockgate dtype {llm.engine.core.runner.dtype}, transformers dtype {args.hf_dtype}")
-    print(f"1-stream bound of lockgate's dtype (every weight matrix once per token): {bound:.1f} tok/s")
-    print(f"{'streams':>8} {'lockgate':>9} {'+int8':>7} {'hf generate':>12} {'hf forward':>11} "
-          f"{'x generate':>11} {'x forward':>10} {'int8 x gen':>11}")
-    for b in batches:
-        prompts = make_prompts(b, vocab, seed=b)
-        ours = bench_lockgate(llm, prompts)
-        ours_q = bench_lockgate(llm_q, prompts)
-        row = f"{b:>8} {ours:>9.1f} {ours_q:>7.1f}"
-        if hf is not None:
-            gen = bench_hf_generate(hf, prompts)
-            fwd = bench_hf_forward(hf, prompts)
-            row += f" {gen:>12.1f} {fwd:>11.1f} {ours / gen:>10.1f}x {ours / fwd:>9.1f}x {ours_q / gen:>10.1f}x"
-        print(row)
-        if b == 1:
-            print(f"{'':>8} lockgate (bf16 weights) at 1 stream = {ours / bound:.0%} of its bound")
+    bw = copy_bandwidth()
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, copy bandwidth {bw / 1e9:.1f} GB/s")
+    vocab = load_checkpoint(None).config.vocab_size
+    prompts = {b: make_prompts(b, vocab, seed=b) for b in streams}
+
+    llama_rate = None
+    if not args.skip_llamacpp:
+        py = find_llamacpp_python(args.llamacpp_python)
+        if py is None:
+            print(f"llama-cpp-python is not installed; skipping llama.cpp. To compare, run:\n    {INSTALL_HINT}")
+        else:
+            llama_rate = bench_llamacpp(py, prompts[1] if 1 in prompts else make_prompts(1, vocab, 1), args.reps)
+            print(f"llama.cpp (llama-cpp-python, {default_model_path().name}) 1 stream: {llama_rate:.1f} tok/s")
+
+    hf_rates: dict[int, float] = {}
+    if not args.skip_hf:
+        hf = load_hf()
+        for b in streams:
+            if b > 1:
+                hf_rates[b] = bench_hf_generate(hf, prompts[b])
+                print(f"transformers generate (float32) {b} streams: {hf_rates[b]:.1f} tok/s")
+        del hf
+
+    rows = []
+    for prec in precisions:
+        llm = LLM(None, dtype=args.dtype, quantization=None if prec == "float" else prec)
+        runner = llm.engine.core.runner
+        name = f"{prec} ({runner.dtype})".replace("torch.", "") if prec == "float" else prec
+        mb = weight_bytes(runner.model) / 2**20
+        kb = kernel_bound(llm)
+        bb = bw / matrix_bytes(llm)
+        rates = {b: bench_lockgate(llm, prompts[b], args.reps) for b in streams}
+        rows.append((name, mb, kb, bb, rates))
+        print(f"lockgate {name}: weights {mb:.0f} MiB, bounds {kb:.0f} (kernels) / {bb:.0f} (bandwidth) tok/s, "
+              + ", ".join(f"{b} streams {r:.1f} tok/s" for b, r in rates.items()), flush=True)
+        del llm
+
+    print(f"\n| precision | weights MiB | 1-stream kernel bound | bandwidth bound | "
+          + " | ".join(f"{b} streams tok/s" for b in streams)
+          + (" | 1 stream / llama.cpp" if llama_rate else "") + " | 1 stream / kernel bound"
+          + "".join(f" | {b} streams / HF generate" for b in streams if b in hf_rates) + " |")
+    print("|" + "---|" * (4 + len(streams) + bool(llama_rate) + 1 + len(hf_rates)))
+    for name, mb, kb, bb, rates in rows:
+        line = f"| lockgate {name} | {mb:.0f} | {kb:.0f} | {bb:.0f} | " + " | ".join(f"{rates[b]:.1f}" for b in streams)
+        if llama_rate:
+            line += f" | {rates.get(1, 0) / llama_rate:.2f}x" if 1 in rates else " | -"
+        line += f" | {rates[1] / kb:.0%}" if 1 in rates else " | -"
+        line += "".join(f" | {rates[b] / hf_rates[b]:.2f}x" for b in streams if b in hf_rates)
+        print(line + " |")
+    if llama_rate:
+        print(f"| llama.cpp Q4_1 | - | - | - | {llama_rate:.1f}" + " | -" * (len(streams) - 1) + " | 1.00x | - |"
+              + " - |" * len(hf_rates))
+    for b, r in hf_rates.items():
+        print(f"transformers generate float32, {b} streams: {r:.1f} tok/s")
 
 
 if __name__ == "__main__":

@@ -92,9 +92,10 @@ def test_float_copy_serves_steps_above_max_rows_only():
     assert not torch.equal(no_copy(big), F.linear(big, w))  # without a copy every size is int4
 
 
-def test_quant_embedding_rows_and_exact_top_logits():
+@pytest.mark.parametrize("vocab", [300, 320])  # 320 rows: ranked by the int4 kernel first
+def test_quant_embedding_rows_and_exact_top_logits(vocab):
     torch.manual_seed(0)
-    table = torch.randn(300, 64)
+    table = torch.randn(vocab, 64)
     emb = QuantEmbedding(*quantize_rows(table), torch.float32)
     deq = emb.qweight.float() * emb.row_scale
     ids = torch.tensor([0, 7, 299, 7])
@@ -102,7 +103,8 @@ def test_quant_embedding_rows_and_exact_top_logits():
     hidden = torch.randn(3, 64) * 4
     logits = emb.logits(hidden)
     ref = hidden @ deq.t()
-    assert logits.dtype == torch.float32 and logits.shape == (3, 300)
+    assert logits.dtype == torch.float32 and logits.shape == (3, vocab)
+    assert (emb.rank4 is not None) == (vocab == 320)
     assert torch.equal(logits.argmax(-1), ref.argmax(-1))
     top = ref.topk(8, dim=-1).indices
     # The leading logits are recomputed in float32: far finer than bfloat16's 1/16 at this size.

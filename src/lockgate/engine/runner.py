@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from lockgate.engine.attention.torch_paged import AttentionMetadata, PrefillSeq
+from lockgate.engine.attention.torch_paged import AttentionMetadata, PrefillSeq, group_prefills
 from lockgate.engine.config import EngineConfig, ModelConfig
 from lockgate.engine.kv_cache import blocks_for
 from lockgate.engine.loader import LoadedCheckpoint
@@ -131,7 +131,8 @@ class ModelRunner:
                 rows.append(t - 1)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-                                 num_decodes=len(decode_ctx), prefills=prefills, block_size=self.block_size)
+                                 num_decodes=len(decode_ctx), prefills=prefills, block_size=self.block_size,
+                                 prefill_groups=group_prefills(prefills, dev))
         if decode_ctx:
             nb = max(len(b) for b, _ in decode_ctx)
             table = np.zeros((len(decode_ctx), nb), dtype=np.int64)

@@ -4,8 +4,9 @@ The KV cache of one layer is a flat slot array `[num_blocks * block_size, kv_hea
 head_dim]`; slot `block_id * block_size + offset` holds one token. The runner
 orders a step's tokens decodes-first, so the first `num_decodes` tokens are one
 query each, batched through gathered whole blocks and two batched matmuls (on
-CPU several times faster than a slot-wise gather plus masked SDPA); the
-prefills that follow are handled one sequence at a time (a handful per step).
+CPU several times faster than a slot-wise gather plus masked SDPA) into one SDPA
+call. Prefills without a cached prefix are batched by similar length into one
+padded SDPA call per group; chunks that continue a cached prefix go one by one.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ class AttentionMetadata:
     decode_blocks: torch.Tensor | None = None  # [D, max_blocks] block tables (padded with block 0)
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] True where attended
     prefills: list[PrefillSeq] = field(default_factory=list)
+    # Fresh prefills batched by similar length (group_prefills); when set, it covers every
+    # prefill without a cached prefix, and the per-sequence loop handles only the rest.
+    prefill_groups: list[PrefillGroup] = field(default_factory=list)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -60,18 +64,27 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, d]; k, v: [T, KVH, d] for the new tokens. Returns [T, H, d]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
     d = meta.num_decodes
+    dec = None
     if d:
         kvh, hd = k_cache.shape[1], k_cache.shape[2]
         kk = gather_blocks(k_cache, meta.decode_blocks, meta.block_size)  # [D, L, KVH, d]
         vv = gather_blocks(v_cache, meta.decode_blocks, meta.block_size)
-        qd = q[:d].view(d, kvh, -1, hd)  # query heads grouped by their KV head
-        scores = torch.matmul(qd, kk.permute(0, 2, 3, 1)).float() * scale  # [D, KVH, G, L]
-        scores.masked_fill_(~meta.decode_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out[:d] = torch.matmul(probs, vv.transpose(1, 2)).view(d, -1, hd)
+        # Query heads grouped by their KV head act as G query rows of one [D, KVH] attention:
+        # one fused SDPA call (several times faster here than matmul/mask/softmax/matmul).
+        qd = q[:d].reshape(d, kvh, -1, hd)
+        dec = F.scaled_dot_product_attention(qd, kk.transpose(1, 2), vv.transpose(1, 2),
+                                             attn_mask=meta.decode_mask, scale=scale).view(d, -1, hd)
+        if not meta.prefills:
+            return dec
+    out = torch.empty_like(q)
+    if dec is not None:
+        out[:d] = dec
+    for g in meta.prefill_groups:
+        _prefill_group(q, k, v, g, scale, out)
     for p in meta.prefills:
+        if p.blocks is None and meta.prefill_groups:
+            continue  # computed in its group
         qs = q[p.q_start:p.q_start + p.q_len].transpose(0, 1)  # [H, q, d]
         if p.blocks is None:  # no cached prefix: attend to this chunk's own K/V, causally
             ks = k[p.q_start:p.q_start + p.q_len].transpose(0, 1)
@@ -86,3 +99,54 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             o = _sdpa(qs, ks, vs, mask, scale)
         out[p.q_start:p.q_start + p.q_len] = o.transpose(0, 1)
     return out
+
+
+@dataclass(slots=True)
+class PrefillGroup:
+    """Whole-prompt prefills of similar length, run as one padded, batched SDPA call."""
+
+    gather: torch.Tensor  # [B * L] flattened rows of q/k/v (padding repeats a sequence's first row)
+    valid: torch.Tensor  # [B * L] bool: a real token, not padding
+    rows: torch.Tensor  # [n_valid] where the valid outputs go in the flattened batch
+    batch: int
+    length: int  # L, the longest prompt of the group
+    mask: torch.Tensor | None  # [B, 1, L, L] causal & key-is-real; None when all lengths are equal
+
+
+def group_prefills(prefills: list[PrefillSeq], device: torch.device, min_ratio: float = 0.75) -> list[PrefillGroup]:
+    """Batch the prefills that have no cached prefix: sorted by length, a group takes sequences
+    at least `min_ratio` as long as its longest (bounded padding). Singletons are left alone."""
+    fresh = sorted((p for p in prefills if p.blocks is None), key=lambda p: -p.q_len)
+    groups: list[list[PrefillSeq]] = []
+    for p in fresh:
+        if groups and p.q_len >= min_ratio * groups[-1][0].q_len:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    if all(len(g) == 1 for g in groups):
+        return []
+    out = []
+    for g in groups:
+        length = g[0].q_len
+        pos = torch.arange(length)
+        gather = torch.cat([p.q_start + pos.clamp(max=p.q_len - 1) for p in g])
+        lens = torch.tensor([p.q_len for p in g])
+        valid = (pos[None, :] < lens[:, None]).reshape(-1)
+        mask = None
+        if any(p.q_len != length for p in g):
+            causal = pos[None, :] <= pos[:, None]  # [L(q), L(k)]
+            mask = (causal[None] & (pos[None, None, :] < lens[:, None, None]))[:, None]
+        out.append(PrefillGroup(gather.to(device), valid.to(device), gather[valid].to(device), len(g), length,
+                                None if mask is None else mask.to(device)))
+    return out
+
+
+def _prefill_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: PrefillGroup, scale: float,
+                   out: torch.Tensor) -> None:
+    def batched(x: torch.Tensor) -> torch.Tensor:  # [B*L, heads, d] -> [B, heads, L, d]
+        return x.index_select(0, g.gather).view(g.batch, g.length, x.shape[1], x.shape[2]).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(batched(q), batched(k), batched(v), attn_mask=g.mask,
+                                       is_causal=g.mask is None, scale=scale, enable_gqa=True)
+    o = o.transpose(1, 2).reshape(g.batch * g.length, q.shape[1], q.shape[2])
+    out.index_copy_(0, g.rows, o[g.valid])
