@@ -235,7 +235,7 @@ class AsyncEngineClient:
         # Stall watchdog (0 or None: off). Inactive while no core is up; never fires on an idle core.
         self._watchdog = StallWatchdog(
             stall_timeout_s, is_active=lambda: self.healthy, has_pending=lambda: bool(self._streams),
-            has_backlog=self._has_backlog, on_stall=self._on_stall)
+            on_stall=self._on_stall)
         self._watchdog_task: asyncio.Task[None] | None = None
         self._stalled_pid: int | None = None  # the core the watchdog killed, for the supervisor's log
 
@@ -502,11 +502,6 @@ class AsyncEngineClient:
         self.fail_all(EngineDeadError(message))
         self._input = self._output = None
         self._close_sockets()
-
-    def _has_backlog(self) -> bool:
-        """Core messages wait unread (a busy event loop, not a stuck core)."""
-        sock = self._out
-        return sock is not None and bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
     def _on_stall(self, stalled_s: float) -> None:
         """The watchdog's verdict: fail in-flight requests, SIGKILL the core; `_supervise` restarts it."""

@@ -18,14 +18,21 @@ import time
 from collections.abc import Callable
 
 log = logging.getLogger("lockgate.engine.watchdog")
+GRACE_S = 0.2
 
 
 class StallWatchdog:
     """Calls `on_stall(seconds)` once work has been pending with no progress for `timeout_s`.
 
     `is_active()`: a core is up and serving (not starting, restarting or closing).
-    `has_pending()`: requests are in flight. `has_backlog()`: core messages wait unread.
-    The owner calls `progress()` on every message from the core and after a (re)start.
+    `has_pending()`: requests are in flight. The owner calls `progress()` on every message
+    from the core and after a (re)start.
+
+    A busy event loop (not a stuck core) can leave core messages unread for a while: before
+    declaring a stall, `run` yields to the loop for `GRACE_S` and checks again, so a reader
+    that was merely behind catches up first. (Asking the ZeroMQ socket whether data waits is
+    not an option: reading ZMQ_EVENTS consumes the edge-triggered wake-up of pyzmq's asyncio
+    socket, and its pending recv() would then never return.)
     """
 
     def __init__(
@@ -34,14 +41,12 @@ class StallWatchdog:
         *,
         is_active: Callable[[], bool],
         has_pending: Callable[[], bool],
-        has_backlog: Callable[[], bool],
         on_stall: Callable[[float], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.timeout_s = timeout_s if timeout_s and timeout_s > 0 else None
         self.is_active = is_active
         self.has_pending = has_pending
-        self.has_backlog = has_backlog
         self.on_stall = on_stall
         self.clock = clock
         self.last_progress = clock()
@@ -71,8 +76,6 @@ class StallWatchdog:
         if not self.is_active() or not self.has_pending():
             self.last_progress = now
             return None
-        if self.has_backlog():
-            return None  # the reader is behind, not the engine: it calls progress() as it catches up
         stalled = now - self.last_progress
         return stalled if stalled > self.timeout_s else None
 
@@ -82,6 +85,9 @@ class StallWatchdog:
             return
         while True:
             await asyncio.sleep(self.interval_s)
+            if self.check() is None:
+                continue
+            await asyncio.sleep(GRACE_S)  # let a reader that was merely behind catch up
             stalled = self.check()
             if stalled is None:
                 continue
