@@ -140,3 +140,17 @@ def test_msgspec_decode_validates() -> None:
         msgspec.msgpack.decode(raw, type=SamplingParams)
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode({"stop": ["END"], "n": 2}), type=SamplingParams)
     assert decoded == SamplingParams(stop=["END"], n=2)
+
+
+@pytest.mark.parametrize("field", ["n", "top_k", "max_tokens", "min_tokens", "logprobs"])
+@pytest.mark.parametrize("value", [2**64, 2**70, -(2**70)])
+def test_integers_past_any_bound_name_the_field(field: str, value: int) -> None:
+    """Nothing past int32 reaches the engine (msgpack and tensors cannot carry it)."""
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**{field: value})
+    assert str(info.value).startswith(field)
+
+
+def test_stop_token_ids_past_int32_are_refused() -> None:
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=[2**40])

@@ -29,11 +29,11 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _check_int(name: str, value: Any, limit: int = MAX_INT) -> int:
+def _check_int(name: str, value: Any, limit: int | None = MAX_INT) -> int:
     # bool is an int subclass; True where a count is expected is a client bug.
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {_type_name(value)}")
-    if not -limit <= value <= limit:
+    if limit is not None and not -limit <= value <= limit:
         raise ValueError(f"{name} must be between {-limit} and {limit}, got {value}")
     return value
 
@@ -93,7 +93,7 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
         if self.seed is not None:
-            self.seed = _check_int("seed", self.seed, limit=_SEED_MAX)
+            self.seed = _check_int("seed", self.seed, limit=None)  # its own range, just below
             if not _SEED_MIN <= self.seed <= _SEED_MAX:
                 raise ValueError(f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {self.seed}")
 
@@ -164,8 +164,10 @@ class SamplingParams:
         for i in ids:
             if not isinstance(i, int) or isinstance(i, bool):
                 raise ValueError(f"stop_token_ids must be a list of integers, got {_type_name(i)} in the list")
-            if not 0 <= i <= MAX_INT:
-                raise ValueError(f"stop_token_ids must be in [0, {MAX_INT}], got {i}")
+            if i < 0:
+                raise ValueError(f"stop_token_ids must be >= 0, got {i}")
+            if i > MAX_INT:
+                raise ValueError(f"stop_token_ids must be <= {MAX_INT}, got {i}")
         self.stop_token_ids = list(ids)
 
     @property
