@@ -56,7 +56,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,6 +66,8 @@ from typing import Any
 
 import httpx
 
+from lockgate.bench.procs import children, free_port
+
 TARGET_P50_MS = 2.0
 TARGET_P99_MS = 10.0
 PROMPT = "Write one word about the sea."
@@ -74,12 +75,6 @@ ENV_DROP = ("LOCKGATE_ADMIN_KEY", "LOCKGATE_API_KEY", "LOCKGATE_DATA_DIR")
 
 
 # ---- servers ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SetupError(RuntimeError):
     pass
 
@@ -126,7 +121,7 @@ class Server:
     def cpu_seconds(self) -> tuple[float, float]:
         """user + system CPU seconds of the API process and of its children (the engine core), from /proc."""
         api = _proc_cpu(self.proc.pid)
-        return api, sum(_proc_cpu(pid) for pid in _children(self.proc.pid))
+        return api, sum(_proc_cpu(pid) for pid in children(self.proc.pid))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -155,16 +150,6 @@ def _proc_cpu(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
     except (OSError, IndexError, ValueError):
         return 0.0
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(x) for x in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
 
 
 def _indent(text: str) -> str:

@@ -50,18 +50,19 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from lockgate.bench.procs import children, free_port, pid_alive
 
 KINDS = ("stream", "nonstream", "n", "cancel", "bad")
 DEFAULT_MIX = "stream=0.40,nonstream=0.20,n=0.10,cancel=0.15,bad=0.15"
@@ -341,29 +342,6 @@ async def bad_request(client: httpx.AsyncClient, case: BadCase, headers: dict[st
 
 # ---------------------------------------------------------------- processes and metrics
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(x) for x in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def rss_mib(pid: int | None) -> float | None:
     if pid is None:
         return None
@@ -397,7 +375,7 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 
 def find_engine(api_pid: int) -> int | None:
-    kids = [p for p in children(api_pid) if alive(p)]
+    kids = [p for p in children(api_pid) if pid_alive(p)]
     if not kids:
         return None
     return max(kids, key=lambda p: rss_mib(p) or 0.0)  # the engine holds the model: the largest child
@@ -445,16 +423,16 @@ class Server:
 
     def current_engine(self) -> int | None:
         if not self.engine_pid_fixed and self.api_pid is not None and (
-                self.engine_pid is None or not alive(self.engine_pid)):
+                self.engine_pid is None or not pid_alive(self.engine_pid)):
             self.engine_pid = find_engine(self.api_pid)
         if self.engine_pid is not None and self.engine_pid not in self.engine_pids_seen:
             self.engine_pids_seen.append(self.engine_pid)
         return self.engine_pid
 
-    def api_alive(self) -> bool:
+    def api_pid_alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return self.api_pid is None or alive(self.api_pid)
+        return self.api_pid is None or pid_alive(self.api_pid)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -749,7 +727,7 @@ def verdict(args: argparse.Namespace, soak: Soak, base: Sample, end: Sample, m: 
     total_unexpected = soak.tally.results["unexpected"] + soak.calibration.results["unexpected"]
     if total_unexpected:
         reasons.append(f"{total_unexpected} unexpected responses")
-    if not server.api_alive():
+    if not server.api_pid_alive():
         reasons.append("the API process died")
     if m.get("lockgate:engine_healthy") == 0:
         reasons.append("lockgate:engine_healthy is 0 at the end")

@@ -16,7 +16,7 @@ from lockgate.engine.core import CoreLoop
 from lockgate.engine.messages import CoreMessage, Shutdown, StepOutputs
 from lockgate.engine.outputs import EngineStats
 from lockgate.engine.watchdog import StallWatchdog
-from tests.server.conftest import start_server, wait_for
+from tests.server.conftest import start_server
 
 # Short, but above a cold first step (weights paged in, kernels warmed up) on a loaded 2-core box.
 STALL_TIMEOUT_S = 8.0

@@ -24,7 +24,6 @@ from lockgate.gateway.tenants import hash_key
 from lockgate.gateway.budget import BudgetBook, period_start
 from lockgate.gateway.lease import Lease
 from lockgate.gateway.limits import LimitState, RateLimiter
-from lockgate.server.errors import APIError
 from lockgate.store.models import Tenant, UsageRecord
 
 log = logging.getLogger("lockgate.gateway")

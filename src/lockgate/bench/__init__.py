@@ -1,0 +1,1 @@
+"""Load generation and measurement helpers shared by `benchmarks/` and the tests."""
