@@ -182,3 +182,20 @@ def test_unknown_quantization_is_refused():
         EngineConfig(quantization="nf4")
     with pytest.raises(ValueError, match="quantization must be one of"):
         quantize_model(torch.nn.Module(), "fp8", CPU)
+
+
+def test_engine_float_copy_option_switches_by_rows(tmp_path):
+    make_checkpoint(tmp_path, "mistral")
+    llm = LLM(str(tmp_path), dtype="float32", quantization="int8", quantization_float_above=2)
+    model = llm.engine.core.runner.model
+    lin = model.layers[0].mlp.down_proj
+    assert lin.float_weight is not None and lin.max_rows == 2
+    x = torch.randn(3, lin.in_features)
+    assert torch.equal(lin(x), F.linear(x, lin.float_weight))
+    assert not torch.equal(lin(x[:2]), F.linear(x[:2], lin.float_weight))
+    lean = LLM(str(tmp_path), dtype="float32", quantization="int8")
+    assert weight_bytes(lean.engine.core.runner.model) < weight_bytes(model)
+    p = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    assert len(llm.generate([[1, 2, 3]], p)[0].outputs[0].token_ids) == 6
+    with pytest.raises(ValueError, match="quantization_float_above"):
+        EngineConfig(quantization="int8", quantization_float_above=-1)

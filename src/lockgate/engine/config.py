@@ -110,6 +110,10 @@ class EngineConfig:
     # load_format="fake" only: seconds each engine step sleeps (one sleep per step, shared by the batch).
     fake_step_delay_s: float = 0.0
     quantization: str | None = None  # None | int4 | int8 (weight-only, CPU: decode on quantized weights)
+    # With quantization: keep a float copy of each quantized matrix and multiply by it in steps of
+    # more than this many rows (CPUs whose bf16 GEMM outruns the int kernels at large batches, e.g.
+    # AMX). None: no copy, the quantized kernels serve every batch size (least memory).
+    quantization_float_above: int | None = None
     seed: int = 0
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
@@ -139,6 +143,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
         if self.quantization not in (None, "int4", "int8"):
             raise ValueError(f"quantization must be None, 'int4' or 'int8', got {self.quantization!r}")
+        if self.quantization_float_above is not None and self.quantization_float_above < 0:
+            raise ValueError(f"quantization_float_above must be >= 0, got {self.quantization_float_above}")
         if self.debug_hang_at_step is not None and self.debug_hang_at_step < 1:
             raise ValueError(f"debug_hang_at_step must be >= 1, got {self.debug_hang_at_step}")
         if self.load_format not in ("auto", "dummy", "fake"):

@@ -83,7 +83,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = build_model(ckpt, max_model_len, self.device, self.dtype)
         if config.quantization:
-            quantize_model(self.model, config.quantization, self.device, stored=ckpt.quantized)
+            above = config.quantization_float_above
+            quantize_model(self.model, config.quantization, self.device, stored=ckpt.quantized,
+                           keep_float=above is not None, max_rows=above or 0)
         self.vocab_size = ckpt.config.vocab_size
         self.eos_token_ids = list(ckpt.tokenizer.eos_token_ids or ckpt.config.eos_token_ids)
         self.num_blocks = config.num_kv_blocks or max(
