@@ -56,3 +56,20 @@ def test_decode_rows_attend_to_their_own_blocks_only():
         ref = F.scaled_dot_product_attention(q[i][:, None], ks.transpose(0, 1), vs.transpose(0, 1), scale=0.25)
         torch.testing.assert_close(out[i], ref[:, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kc[slots], k_new)
+
+
+def test_lone_decode_cuts_its_context_to_length():
+    torch.manual_seed(2)
+    k_cache, v_cache = torch.randn(4 * BS, KVH, D), torch.randn(4 * BS, KVH, D)
+    q, k_new, v_new = torch.randn(1, H, D), torch.randn(1, KVH, D), torch.randn(1, KVH, D)
+    tables = torch.tensor([[2, 1]])  # 7 tokens: block 2 full, 3 in block 1 (the rest is stale)
+    slots = torch.tensor([1 * BS + 2])
+    mask = (torch.arange(2 * BS) < 7)[None, None, None, :]
+    meta = AttentionMetadata(slot_mapping=slots, num_decodes=1, block_size=BS, decode_blocks=tables,
+                             decode_mask=mask, decode_max_len=7)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = paged_attention(q, k_new, v_new, kc, vc, meta, 0.25)
+    ids = torch.cat([torch.arange(2 * BS, 3 * BS), torch.arange(BS, BS + 3)])
+    ks, vs = kc[ids].repeat_interleave(H // KVH, 1), vc[ids].repeat_interleave(H // KVH, 1)
+    ref = F.scaled_dot_product_attention(q[0][:, None], ks.transpose(0, 1), vs.transpose(0, 1), scale=0.25)
+    torch.testing.assert_close(out[0], ref[:, 0], atol=1e-5, rtol=1e-5)

@@ -142,6 +142,7 @@ class ModelRunner:
                 table[j, : len(b)] = b
             ctx = torch.tensor([c for _, c in decode_ctx], device=dev)
             meta.decode_blocks = torch.from_numpy(table).to(dev)
+            meta.decode_max_len = max(c for _, c in decode_ctx)
             meta.decode_mask = (torch.arange(nb * self.block_size, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.from_numpy(np.concatenate(pos)).to(dev)

@@ -4,8 +4,8 @@ The KV cache of one layer is a flat slot array `[num_blocks * block_size, kv_hea
 head_dim]`; slot `block_id * block_size + offset` holds one token. The runner
 orders a step's tokens decodes-first, so the first `num_decodes` tokens are one
 query each, batched through gathered whole blocks and two batched matmuls (on
-CPU several times faster than a slot-wise gather plus masked SDPA) into one SDPA
-call. Prefills without a cached prefix are batched by similar length into one
+CPU several times faster than a slot-wise gather plus masked SDPA; a lone decode
+is one SDPA call). Prefills without a cached prefix are batched by similar length into one
 padded SDPA call per group; chunks that continue a cached prefix go one by one.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ class AttentionMetadata:
     block_size: int = 16
     decode_blocks: torch.Tensor | None = None  # [D, max_blocks] block tables (padded with block 0)
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] True where attended
+    decode_max_len: int = 0  # the longest decode context (tokens)
     prefills: list[PrefillSeq] = field(default_factory=list)
     # Fresh prefills batched by similar length (group_prefills); when set, it covers every
     # prefill without a cached prefix, and the per-sequence loop handles only the rest.
@@ -70,11 +71,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         kvh, hd = k_cache.shape[1], k_cache.shape[2]
         kk = gather_blocks(k_cache, meta.decode_blocks, meta.block_size)  # [D, L, KVH, d]
         vv = gather_blocks(v_cache, meta.decode_blocks, meta.block_size)
-        # Query heads grouped by their KV head act as G query rows of one [D, KVH] attention:
-        # one fused SDPA call (several times faster here than matmul/mask/softmax/matmul).
-        qd = q[:d].reshape(d, kvh, -1, hd)
-        dec = F.scaled_dot_product_attention(qd, kk.transpose(1, 2), vv.transpose(1, 2),
-                                             attn_mask=meta.decode_mask, scale=scale).view(d, -1, hd)
+        qd = q[:d].reshape(d, kvh, -1, hd)  # query heads grouped by their KV head
+        if d == 1:
+            # One sequence: its context, cut to length, needs no mask; the G query heads of a KV
+            # head act as G query rows of one fused SDPA call (about half the time of the
+            # matmul/mask/softmax/matmul sequence below at one stream).
+            n = meta.decode_max_len
+            dec = F.scaled_dot_product_attention(qd, kk[:, :n].transpose(1, 2), vv[:, :n].transpose(1, 2),
+                                                 scale=scale).view(d, -1, hd)
+        else:
+            scores = torch.matmul(qd, kk.permute(0, 2, 3, 1)).float() * scale  # [D, KVH, G, L]
+            scores.masked_fill_(~meta.decode_mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).to(q.dtype)
+            dec = torch.matmul(probs, vv.transpose(1, 2)).view(d, -1, hd)
         if not meta.prefills:
             return dec
     out = torch.empty_like(q)
