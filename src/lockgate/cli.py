@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="HF checkpoint dir or .gguf file; default: embedded SmolLM2-135M-Instruct")]
 
-QuantOpt = Annotated[Optional[str], typer.Option(help="int8: weight-only int8, faster CPU decode")]
+QuantOpt = Annotated[Optional[str], typer.Option(help="int4 (the GGUF's 4-bit blocks) or int8: weight-only, less memory for CPU decode")]
 
 
 def _fail(msg: str) -> None:

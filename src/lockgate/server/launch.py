@@ -151,7 +151,7 @@ def serve_command(
     scheduling_policy: Annotated[str, typer.Option(help="fcfs | priority")] = _default("scheduling_policy"),
     max_logprobs: Annotated[int, typer.Option(help="Max logprobs / top_logprobs per token")] = _default("max_logprobs"),  # noqa: E501
     num_threads: Annotated[int | None, typer.Option(help="CPU threads of the engine process")] = None,
-    quantization: Annotated[str | None, typer.Option(help="int8: weight-only int8 for faster CPU decode")] = None,
+    quantization: Annotated[str | None, typer.Option(help="int4 (the GGUF's 4-bit blocks) or int8: weight-only, less memory for CPU decode")] = None,
     max_request_body_bytes: Annotated[int, typer.Option(help="Larger bodies get 413")] = 4 * 1024 * 1024,
     max_queued_requests: Annotated[int, typer.Option(help="Waiting requests before 429")] = 256,
     max_queued_tokens: Annotated[int, typer.Option(help="Waiting prompt tokens before 429")] = 262_144,
