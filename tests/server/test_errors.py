@@ -124,5 +124,5 @@ def test_unknown_route_and_method(server: ServerProcess) -> None:
 
 def test_tokenize_errors(server: ServerProcess) -> None:
     _assert_error(httpx.post(f"{server.base_url}/tokenize", json={}), 400)
-    _assert_error(httpx.post(f"{server.base_url}/detokenize", json={"tokens": [-1]}), 400, "tokens")
+    _assert_error(httpx.post(f"{server.base_url}/detokenize", json={"tokens": [-1]}), 400, "tokens.0")
     _assert_error(httpx.post(f"{server.base_url}/detokenize", json={"tokens": "abc"}), 400, "tokens")
