@@ -18,6 +18,7 @@ from lockgate.gateway.lease import Lease
 from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
 from lockgate.server.errors import APIError, bad_request, model_not_found, unavailable
 from lockgate.server.metrics import RequestTracker
+from lockgate.store.models import PRIORITY_CLASSES
 
 
 @dataclass(slots=True)
@@ -61,8 +62,6 @@ class Gate:
 
     def check_priority(self, priority: int | None) -> int:
         """A request may lower its priority, never raise it above its tenant's class."""
-        from lockgate.store.models import PRIORITY_CLASSES
-
         base = 0
         tenant = self.principal.tenant if self.principal is not None else None
         if tenant is not None:

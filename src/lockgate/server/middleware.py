@@ -101,7 +101,7 @@ class GuardMiddleware:
                 415, "the request body must be JSON: send `Content-Type: application/json`",
                 param="Content-Type", code="unsupported_media_type"))
             return
-        body = await self._read_body(scope, receive, send)
+        body = await self._read_body(headers, receive, send)
         if body is None:
             return
         await self._run(scope, _replay(body, receive), send, headers)
@@ -141,10 +141,10 @@ class GuardMiddleware:
                             code="origin_not_allowed")
         return None
 
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive, send: Send) -> bytes | None:
         """The whole body, bounded in size and time; None when a reply was sent instead."""
         limit = self.ctx.config.max_request_body_bytes
-        declared = _content_length(scope)
+        declared = _content_length(headers)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ctx.config.body_timeout_s
         if declared is not None and declared > limit:
@@ -267,14 +267,14 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _content_length(scope: Scope) -> int | None:
-    for k, v in scope["headers"]:
-        if k == b"content-length":
-            try:
-                return int(v)
-            except ValueError:
-                return None
-    return None
+def _content_length(headers: dict[bytes, bytes]) -> int | None:
+    value = headers.get(b"content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 async def _discard(receive: Receive, budget: int, deadline: float) -> None:
