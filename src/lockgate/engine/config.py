@@ -109,6 +109,9 @@ class EngineConfig:
     load_format: str = "auto"  # auto | dummy (random weights from a config) | fake (no model: fake_runner.py)
     # load_format="fake" only: seconds each engine step sleeps (one sleep per step, shared by the batch).
     fake_step_delay_s: float = 0.0
+    # load_format="fake" only: seconds per token computed in a step (prefill or decode), added to
+    # fake_step_delay_s: step time = fake_step_delay_s + fake_token_delay_s * tokens in the step.
+    fake_token_delay_s: float = 0.0
     quantization: str | None = None  # None | int4 | int8 (weight-only, CPU: decode on quantized weights)
     # With quantization: keep a float copy of each quantized matrix and multiply by it in steps of
     # more than this many rows (CPUs whose bf16 GEMM outruns the int kernels at large batches, e.g.
@@ -123,7 +126,14 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    scheduling_policy: str = "fcfs"  # fcfs | priority
+    scheduling_policy: str = "fcfs"  # fcfs | priority (priority classes, aging, fair share between tenants)
+    # Per-step cap on prefill tokens (chunked prefill), so one long prompt cannot make a step long
+    # for everyone decoding; decodes never count against it. Without chunked prefill a prompt is
+    # never split: the cap only stops further prompts from joining a step that already has one.
+    max_prefill_tokens: int = 512
+    # Priority policy: a request's effective priority value drops by 1 for every this many seconds
+    # since it entered the scheduler, so a low class is never starved. 0 disables aging.
+    priority_aging_s: float = 10.0
     max_logprobs: int = 20
     num_threads: int | None = None  # CPU intra-op threads; None leaves torch's default
     # Test only: the first engine-core process hangs forever in this step (1-based), so the
@@ -137,6 +147,10 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if not (isinstance(self.max_prefill_tokens, int) and not isinstance(self.max_prefill_tokens, bool)
+                and self.max_prefill_tokens >= 1):
+            raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {self.max_prefill_tokens!r}")
+        _check_seconds("priority_aging_s", self.priority_aging_s)
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -149,6 +163,11 @@ class EngineConfig:
             raise ValueError(f"debug_hang_at_step must be >= 1, got {self.debug_hang_at_step}")
         if self.load_format not in ("auto", "dummy", "fake"):
             raise ValueError(f"load_format must be 'auto', 'dummy' or 'fake', got {self.load_format!r}")
-        if not (isinstance(self.fake_step_delay_s, (int, float)) and math.isfinite(self.fake_step_delay_s)
-                and self.fake_step_delay_s >= 0):
-            raise ValueError(f"fake_step_delay_s must be a finite number >= 0, got {self.fake_step_delay_s!r}")
+        _check_seconds("fake_step_delay_s", self.fake_step_delay_s)
+        _check_seconds("fake_token_delay_s", self.fake_token_delay_s)
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -15,6 +15,7 @@ from lockgate.engine.fake_runner import FakeRunner, checkpoint_load_format
 from lockgate.engine.kv_cache import KVCacheManager
 from lockgate.engine.loader import LoadedCheckpoint, load_checkpoint
 from lockgate.engine.outputs import EngineCoreOutput, EngineCoreRequest, EngineStats
+from lockgate.engine.processor import check_tenant
 from lockgate.engine.request import Request
 from lockgate.engine.runner import ModelRunner
 from lockgate.engine.scheduler import Scheduler
@@ -73,6 +74,7 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}) (the vocabulary size)")
+        check_tenant(req.tenant, req.tenant_weight)
         room = self.max_model_len - n
         max_tokens = req.params.max_tokens if req.params.max_tokens is not None else room
         if max_tokens > room:

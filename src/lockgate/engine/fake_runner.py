@@ -9,13 +9,17 @@ cache and output processing all run as with a model, so admission, queueing,
 preemption and streaming behave the same.
 
 Each step:
-- sleeps `EngineConfig.fake_step_delay_s` once (0: not at all). The sleep is per
-  step, not per request: a step that decodes one token for each of 50 requests
-  costs one delay, like a real batched decode, so a server's decode rate is
-  `max_num_seqs / delay` tokens/s at most and one request's TPOT is the delay.
-  A request of N output tokens takes N steps (the step that finishes its
-  prompt samples the first token; prompts over `max_num_batched_tokens` take
-  more), so a server's capacity is about `max_num_seqs / (N * delay)` req/s;
+- sleeps once (0: not at all) for `fake_step_delay_s + fake_token_delay_s *
+  tokens computed in the step` (prefill and decode tokens alike). The fixed part
+  is per step, not per request: a step that decodes one token for each of 50
+  requests costs one delay, like a real batched decode, so with no per-token
+  part a server's decode rate is `max_num_seqs / delay` tokens/s at most and one
+  request's TPOT is the delay. A request of N output tokens takes N steps (the
+  step that finishes its prompt samples the first token; prompts over the
+  per-step prefill cap take more), so a server's capacity is about
+  `max_num_seqs / (N * delay)` req/s. The per-token part makes long prompts and
+  big batches cost what they would on a real accelerator (a realistic cost
+  model for SLO and admission tests);
 - answers each request that samples with a token derived from its last token,
   the position and its seed (deterministic across runs and processes), drawn
   from a pool of plain-text tokens that never holds an EOS or special token, so
@@ -108,11 +112,12 @@ class FakeRunner:
             1, int(config.kv_cache_memory_gb * 2**30) // kv_block_bytes(ckpt.config, self.block_size, config.dtype))
         self.pool = token_pool(ckpt.tokenizer, self.vocab_size, self.eos_token_ids)
         self.step_delay_s = float(config.fake_step_delay_s)
+        self.token_delay_s = float(config.fake_token_delay_s)
         self.sleep = sleep  # tests swap in a fake clock
-        self.num_steps = 0  # steps executed (each slept step_delay_s once)
+        self.num_steps = 0  # steps executed (each slept once)
         self.total_delay_s = 0.0
-        log.info("fake runner: no model weights, %d plain tokens in the pool, %.4f s per step",
-                 len(self.pool), self.step_delay_s)
+        log.info("fake runner: no model weights, %d plain tokens in the pool, %.4f s per step + %.6f s per token",
+                 len(self.pool), self.step_delay_s, self.token_delay_s)
 
     def next_token(self, req: Request) -> tuple[int, int]:
         """(token id, its index in the pool) for the position after the last known token."""
@@ -131,11 +136,16 @@ class FakeRunner:
                for j in range(want)]
         return TokenLogprob(logprob=lp0, top=top)
 
+    def step_delay(self, batch: ScheduledBatch) -> float:
+        """Seconds this step sleeps: the fixed part plus the per-token part."""
+        return self.step_delay_s + self.token_delay_s * batch.total_tokens
+
     def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int, TokenLogprob | None]]:
         self.num_steps += 1
-        if self.step_delay_s > 0:
-            self.sleep(self.step_delay_s)
-            self.total_delay_s += self.step_delay_s
+        delay = self.step_delay(batch)
+        if delay > 0:
+            self.sleep(delay)
+            self.total_delay_s += delay
         out: list[tuple[Request, int, TokenLogprob | None]] = []
         for i, req in enumerate(batch.requests):
             if batch.start[i] + batch.num_tokens[i] != req.num_tokens:

@@ -21,6 +21,10 @@ class EngineCoreRequest:
     # For n > 1 the frontend fans out to child requests; siblings wait until this one has
     # its prompt in the cache, so all n share the prompt's KV blocks.
     share_prefix_with: str | None = None
+    # Fair share between tenants (priority policy): service is charged to `tenant`, divided by
+    # `tenant_weight` (> 0; a tenant of weight 2 gets twice the share of one of weight 1).
+    tenant: str = ""
+    tenant_weight: float = 1.0
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ is refused before it reaches the engine core.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 from lockgate.engine.config import ModelConfig
@@ -72,9 +73,11 @@ class InputProcessor:
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                 priority: int = 0, cache_salt: str | None = None,
-                arrival_time: float | None = None) -> list[EngineCoreRequest]:
+                arrival_time: float | None = None, tenant: str = "",
+                tenant_weight: float = 1.0) -> list[EngineCoreRequest]:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        check_tenant(tenant, tenant_weight)
         ids = self.tokenize(prompt)
         params = self.check(ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -86,5 +89,15 @@ class InputProcessor:
             reqs.append(EngineCoreRequest(
                 request_id=cid, prompt_token_ids=ids, params=p, arrival_time=arrival,
                 priority=priority, cache_salt=cache_salt,
-                share_prefix_with=children[0] if i > 0 else None))
+                share_prefix_with=children[0] if i > 0 else None,
+                tenant=tenant, tenant_weight=float(tenant_weight)))
         return reqs
+
+
+def check_tenant(tenant: object, tenant_weight: object) -> None:
+    """The fair-share fields of a request (also checked by the core: they cross a socket)."""
+    if not isinstance(tenant, str):
+        raise ValueError(f"tenant must be a string, got {type(tenant).__name__}")
+    if not (isinstance(tenant_weight, (int, float)) and not isinstance(tenant_weight, bool)
+            and math.isfinite(tenant_weight) and tenant_weight > 0):
+        raise ValueError(f"tenant_weight must be a finite number > 0, got {tenant_weight!r}")

@@ -27,7 +27,8 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "params", "arrival_time",
         "priority", "cache_salt", "share_prefix_with", "status", "num_computed_tokens",
         "block_ids", "block_hashes", "num_cached_tokens", "generator", "eos_token_ids",
-        "max_tokens", "stop_token_ids", "num_preemptions",
+        "max_tokens", "stop_token_ids", "num_preemptions", "tenant", "tenant_weight",
+        "enqueue_time", "seq",
     )
 
     def __init__(self, req: EngineCoreRequest, eos_token_ids: list[int], max_tokens: int) -> None:
@@ -49,6 +50,12 @@ class Request:
         self.stop_token_ids = set(req.params.stop_token_ids or ())
         self.max_tokens = max_tokens
         self.num_preemptions = 0
+        self.tenant = req.tenant
+        self.tenant_weight = req.tenant_weight
+        # Set by the scheduler on `add`, from its own clock: aging counts from here (a preempted
+        # request keeps it), and `seq` breaks ties between equal arrival times.
+        self.enqueue_time = 0.0
+        self.seq = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -75,6 +82,11 @@ class Request:
     def is_prefill_done(self) -> bool:
         return self.num_computed_tokens >= self.num_prompt_tokens
 
-    def sort_key(self) -> tuple[int, float]:
-        """Lower is more important: priority value first, then arrival."""
-        return (self.priority, self.arrival_time)
+    @property
+    def is_decode(self) -> bool:
+        """One token left and the prompt done: the step computes its last token and samples."""
+        return self.num_computed_tokens >= self.num_prompt_tokens and self.num_tokens - self.num_computed_tokens == 1
+
+    def sort_key(self) -> tuple[int, float, int]:
+        """Lower is more important: priority value first, then arrival (fcfs policy)."""
+        return (self.priority, self.arrival_time, self.seq)
