@@ -1,4 +1,4 @@
-"""`lockgate` command line: serve, generate, chat."""
+"""`lockgate` command line: serve, generate, chat (admin commands and bench register themselves)."""
 from __future__ import annotations
 
 import sys
@@ -113,6 +113,9 @@ app.command("serve")(serve_command)
 from lockgate.cli_admin import register as _register_admin  # noqa: E402
 
 _register_admin(app)  # tenants | keys | usage | audit
+from lockgate.bench.cli import register as _register_bench  # noqa: E402
+
+_register_bench(app)  # bench
 
 
 def main() -> None:
