@@ -1,22 +1,35 @@
 """Continuous-batching scheduler.
 
 Every step decides `{request: num_tokens}` under a token budget
-(`max_num_batched_tokens`) and `max_num_seqs`: running requests first (decodes,
-then the next chunk of unfinished prefills), then waiting requests in policy
-order (FCFS, or priority then arrival). When KV blocks run out, the least
-important running request (highest priority value, latest arrival) is
-preempted by recompute: its blocks are freed and it goes back to the front of
-the queue.
+(`max_num_batched_tokens`), `max_num_seqs` and a per-step prefill cap
+(`max_prefill_tokens`), in two phases:
+
+1. Decodes: every running request whose prompt is done gets its one token, most
+   important first. When KV blocks run out, the least important running request
+   is preempted by recompute (its blocks are freed, it goes back to the front of
+   its queue); a step that had to do this admits nothing new.
+2. Prefills: running partial prefills and waiting requests, merged in importance
+   order (a waiting request goes first only with a strictly better effective
+   priority), each chunk limited by the remaining token budget and the remaining
+   prefill cap, so a long prompt never starves the decodes.
+
+Policies (`EngineConfig.scheduling_policy`, queues in `waiting.py`):
+- fcfs: arrival order; no fair share, no priority preemption.
+- priority: lower effective priority value first (aging lowers it with the time
+  waited), fair share between tenants at the same priority (virtual token
+  counters), and a waiting request that finds no slot or no blocks preempts the
+  running request with the strictly worst effective priority (newest first).
 """
 from __future__ import annotations
 
-import bisect
-from collections import deque
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.kv_cache import KVCacheManager
 from lockgate.engine.request import Request, RequestStatus
+from lockgate.engine.waiting import FcfsQueue, PriorityQueue, TenantCounters, effective_priority
 
 
 @dataclass(slots=True)
@@ -33,31 +46,71 @@ class ScheduledBatch:
     def __len__(self) -> int:
         return len(self.requests)
 
+    def add(self, req: Request, n: int) -> None:
+        self.requests.append(req)
+        self.start.append(req.num_computed_tokens)
+        self.num_tokens.append(n)
+
+    def drop(self, req: Request) -> int:
+        """Take req out again (preempted later in the same step); returns its token count."""
+        i = next(i for i, r in enumerate(self.requests) if r is req)
+        del self.requests[i], self.start[i]
+        return self.num_tokens.pop(i)
+
+
+@dataclass(slots=True)
+class _Step:
+    """What is left of one step's budgets while it is being built."""
+
+    now: float
+    batch: ScheduledBatch
+    budget: int  # tokens (max_num_batched_tokens)
+    prefill_left: int  # prefill tokens (max_prefill_tokens)
+    prefill: dict[int, int] = field(default_factory=dict)  # id(request) -> its prefill tokens
+    scheduled: set[int] = field(default_factory=set)  # id(request) of every request in the batch
+    memory_preempted: bool = False
+
+    def take(self, req: Request, n: int, prefill: bool) -> None:
+        self.batch.add(req, n)
+        self.scheduled.add(id(req))
+        self.budget -= n
+        if prefill:
+            self.prefill_left -= n
+            self.prefill[id(req)] = n
+
+    def give_back(self, req: Request) -> None:
+        """req leaves the batch (preempted by a more important request): its tokens come back."""
+        self.budget += self.batch.drop(req)
+        self.scheduled.discard(id(req))
+        self.prefill_left += self.prefill.pop(id(req), 0)
+
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.kv = kv
+        self.clock = clock  # aging and entry times; tests and the simulator pass a fake one
         self.priority_policy = config.scheduling_policy == "priority"
-        self.waiting: deque[Request] | list[Request] = [] if self.priority_policy else deque()
+        self.aging_s = float(config.priority_aging_s)
+        self.counters = TenantCounters()  # fair share; kept under the priority policy only
+        self.waiting: FcfsQueue | PriorityQueue = (
+            PriorityQueue(self.aging_s, self.counters) if self.priority_policy else FcfsQueue())
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._seq = 0
 
     # ---- queue management --------------------------------------------------
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
-        self._enqueue(req, front=False)
-
-    def _enqueue(self, req: Request, front: bool) -> None:
-        req.status = RequestStatus.WAITING
+        req.enqueue_time = self.clock()
+        req.seq = self._seq
+        self._seq += 1
         if self.priority_policy:
-            keys = [r.sort_key() for r in self.waiting]
-            self.waiting.insert(bisect.bisect_right(keys, req.sort_key()), req)
-        elif front:
-            self.waiting.appendleft(req)
-        else:
-            self.waiting.append(req)
+            self.counters.activate(req.tenant)
+        req.status = RequestStatus.WAITING
+        self.waiting.push(req)
 
     def finish(self, req: Request) -> None:
         """Remove a request wherever it is and free its blocks (finish or abort)."""
@@ -70,6 +123,8 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
         del self.requests[req.request_id]
+        if self.priority_policy:
+            self.counters.deactivate(req.tenant)
 
     @property
     def num_waiting_tokens(self) -> int:
@@ -78,9 +133,13 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    # ---- the step ------------------------------------------------------------
-    def _victim(self) -> Request:
-        return max(self.running, key=Request.sort_key)
+    # ---- importance ------------------------------------------------------------
+    def effective_priority(self, req: Request, now: float) -> int:
+        return effective_priority(req, now, self.aging_s) if self.priority_policy else req.priority
+
+    def _key(self, req: Request, now: float) -> tuple[int, float, int]:
+        """Lower is more important: effective priority, then arrival (the newest is the least)."""
+        return (self.effective_priority(req, now), req.arrival_time, req.seq)
 
     def _preempt(self, victim: Request, batch: ScheduledBatch) -> None:
         self.running.remove(victim)
@@ -88,65 +147,131 @@ class Scheduler:
         victim.num_preemptions += 1
         self.num_preemptions += 1
         batch.preempted.append(victim)
-        self._enqueue(victim, front=True)
+        victim.status = RequestStatus.WAITING
+        self.waiting.push_front(victim)  # keeps its entry time: its aging goes on
 
+    # ---- the step ------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
-        budget = self.config.max_num_batched_tokens
-        chunked = self.config.enable_chunked_prefill
+        now = self.clock()
+        st = _Step(now, ScheduledBatch(), self.config.max_num_batched_tokens, self.config.max_prefill_tokens)
+        self.running.sort(key=lambda r: self._key(r, now))
+        self._schedule_decodes(st)
 
-        # 1. Running requests, most important first so preemption takes from the back.
-        self.running.sort(key=Request.sort_key)
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate(req, n):
-                victim = self._victim()
-                self._preempt(victim, batch)
+        # 2. Prefills: running partial prefills and waiting requests, merged by importance.
+        pending = [r for r in self.running if id(r) not in st.scheduled]  # still most important first
+        admit = not st.memory_preempted  # memory is tight: let the running ones finish first
+        skipped: list[Request] = []
+        while st.budget > 0 and st.prefill_left > 0:
+            while pending and pending[0].status != RequestStatus.RUNNING:
+                pending.pop(0)  # preempted meanwhile
+            run = pending[0] if pending else None
+            wait = self.waiting.peek(now) if admit else None
+            if wait is not None and wait.share_prefix_with is not None and self._sibling_prefilling(wait):
+                # Wait for the sibling's prompt blocks to be cached, then share them.
+                self.waiting.pop(wait)
+                skipped.append(wait)
+                continue
+            if run is None and wait is None:
+                break
+            # On a tie the running one goes first: its blocks are already paid for.
+            if run is not None and (wait is None or not self.priority_policy
+                                    or self.effective_priority(wait, now) >= self.effective_priority(run, now)):
+                pending.pop(0)
+                self._prefill_running(run, st, pending)
+                if st.memory_preempted:
+                    admit = False
+            elif not self._admit(wait, st):
+                admit = False  # the head cannot start: nobody behind it jumps the queue
+        for req in reversed(skipped):  # back where they were, in the same order
+            self.waiting.push_front(req)
+        return st.batch
+
+    def _schedule_decodes(self, st: _Step) -> None:
+        """1. Every running decode gets its token, most important first. `running` is sorted, so the
+        least important request (the victim when blocks run out) is this one or one behind it."""
+        for req in list(self.running):
+            if st.budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING or not req.is_decode:
+                continue
+            while not self.kv.allocate(req, 1):
+                victim = self.running[-1]
+                self._preempt(victim, st.batch)
+                st.memory_preempted = True
                 if victim is req:
                     break
-            if req.status != RequestStatus.RUNNING:  # preempted itself: nothing left to take from
-                continue
-            batch.requests.append(req)
-            batch.start.append(req.num_computed_tokens)
-            batch.num_tokens.append(n)
-            budget -= n
-            i += 1
+            if req.status == RequestStatus.RUNNING:
+                st.take(req, 1, prefill=False)
 
-        # 2. Waiting requests, unless this step already had to preempt (memory is tight).
-        skipped: list[Request] = []
-        while self.waiting and budget > 0 and not batch.preempted:
+    def _prefill_running(self, req: Request, st: _Step, behind: list[Request]) -> None:
+        """The next chunk of a running request's prefill (or of its recompute after preemption)."""
+        remaining = req.num_tokens - req.num_computed_tokens
+        if self.config.enable_chunked_prefill:
+            n = min(remaining, st.budget, st.prefill_left)
+        elif remaining > st.budget:
+            return
+        else:
+            n = remaining
+        while not self.kv.allocate(req, n):
+            # Never a request already in this step (a decode keeps its token): the least
+            # important prefill behind this one, or this one itself.
+            alive = [r for r in behind if r.status == RequestStatus.RUNNING]
+            victim = alive[-1] if alive else req
+            self._preempt(victim, st.batch)
+            st.memory_preempted = True
+            if victim is req:
+                return
+        st.take(req, n, prefill=True)
+
+    def _admit(self, req: Request, st: _Step) -> bool:
+        """Start a waiting request (its first chunk); False when it cannot start this step."""
+        bs = self.kv.block_size
+        while True:
             if len(self.running) >= self.config.max_num_seqs:
-                break
-            req = self.waiting[0]
-            if req.share_prefix_with is not None and self._sibling_prefilling(req):
-                # Wait for the sibling's prompt blocks to be cached, then share them.
-                skipped.append(self._pop_waiting())
-                continue
+                if self._preempt_for(req, st):
+                    continue
+                return False
             hits = self.kv.lookup_prefix(req)
-            n = req.num_tokens - req.num_computed_tokens - len(hits) * self.kv.block_size
-            if n > budget and not chunked:
+            n_full = req.num_tokens - req.num_computed_tokens - len(hits) * bs
+            if self.config.enable_chunked_prefill:
+                n = min(n_full, st.budget, st.prefill_left)
+            elif n_full > st.budget or (n_full > st.prefill_left and st.prefill):
+                return False  # a prompt is never split; the prefill cap only keeps others out
+            else:
+                n = n_full
+            if self.kv.allocate(req, n, hits):
                 break
-            n = min(n, budget)
-            if not self.kv.allocate(req, n, hits):
-                break
-            if req.num_preemptions == 0:  # count each prompt once, not on every recompute
-                req.num_cached_tokens = len(hits) * self.kv.block_size
-                self.kv.record_lookup(req.num_prompt_tokens, req.num_cached_tokens)
-            self._pop_waiting()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            batch.requests.append(req)
-            batch.start.append(req.num_computed_tokens)
-            batch.num_tokens.append(n)
-            budget -= n
-        for req in reversed(skipped):  # back where they were, in the same order
-            self._enqueue(req, front=True)
-        return batch
+            if not self._preempt_for(req, st):
+                return False
+        if req.num_preemptions == 0:  # count and charge each prompt once, not on every recompute
+            req.num_cached_tokens = len(hits) * bs
+            self.kv.record_lookup(req.num_prompt_tokens, req.num_cached_tokens)
+            if self.priority_policy:
+                self.counters.charge_prompt(req, req.num_prompt_tokens - req.num_cached_tokens)
+        self.waiting.pop(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        st.take(req, n, prefill=True)
+        return True
 
-    def _pop_waiting(self) -> Request:
-        return self.waiting.pop(0) if self.priority_policy else self.waiting.popleft()
+    def _preempt_for(self, req: Request, st: _Step) -> bool:
+        """Priority policy: make room for `req` by preempting the running request of the strictly
+        worst effective priority (the newest among equals). False when there is none."""
+        if not self.priority_policy:
+            return False
+        mine = self.effective_priority(req, st.now)
+        worst: Request | None = None
+        worst_key: tuple[int, float, int] | None = None
+        for r in self.running:
+            k = self._key(r, st.now)
+            if k[0] > mine and (worst_key is None or k > worst_key):
+                worst, worst_key = r, k
+        if worst is None:
+            return False
+        if id(worst) in st.scheduled:
+            st.give_back(worst)
+        self._preempt(worst, st.batch)
+        return True
 
     def _sibling_prefilling(self, req: Request) -> bool:
         sib = self.requests.get(req.share_prefix_with or "")
@@ -155,7 +280,10 @@ class Scheduler:
         return sib.num_computed_tokens < sib.num_prompt_tokens - 1 or sib.status != RequestStatus.RUNNING
 
     def after_step(self, batch: ScheduledBatch) -> None:
-        """Advance computed counts and publish newly full blocks to the prefix cache."""
+        """Advance computed counts, publish newly full blocks to the prefix cache, and charge
+        each sampled token to its tenant (fair share)."""
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed_tokens += n
             self.kv.cache_computed_blocks(req)
+            if self.priority_policy and req.num_computed_tokens == req.num_tokens:
+                self.counters.charge_output(req)
