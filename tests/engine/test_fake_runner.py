@@ -38,6 +38,10 @@ def test_config_validation() -> None:
     for bad in (-0.1, math.inf, math.nan, "1"):
         with pytest.raises(ValueError, match="fake_step_delay_s"):
             EngineConfig(load_format="fake", fake_step_delay_s=bad)  # type: ignore[arg-type]
+    assert EngineConfig(load_format="fake", fake_token_delay_s=1e-4).fake_token_delay_s == 1e-4
+    for bad in (-0.1, math.inf, math.nan, "1"):
+        with pytest.raises(ValueError, match="fake_token_delay_s"):
+            EngineConfig(load_format="fake", fake_token_delay_s=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'fake'"):
         EngineConfig(load_format="fakes")
 
@@ -139,6 +143,21 @@ def test_step_delay_scales_with_steps_not_requests(ckpt: LoadedCheckpoint) -> No
     for i in range(6):
         core.add_request(EngineCoreRequest(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=4), arrival_time=0.0))
     assert _run(core) == 12 and runner.total_delay_s == pytest.approx(1.2)
+
+
+def test_token_delay_makes_step_time_grow_with_tokens(ckpt: LoadedCheckpoint) -> None:
+    core = _core(ckpt, fake_step_delay_s=0.01, fake_token_delay_s=0.001, max_prefill_tokens=64)
+    runner = core.runner
+    assert isinstance(runner, FakeRunner)
+    slept: list[float] = []
+    runner.sleep = slept.append
+    core.add_request(EngineCoreRequest("short", [1, 2, 3], SamplingParams(max_tokens=3), arrival_time=0.0))
+    core.add_request(EngineCoreRequest("long", list(range(10, 110)), SamplingParams(max_tokens=2), arrival_time=0.0))
+    _run(core)
+    # Step 1: short's 3 prompt tokens + 61 of long's (the 64-token prefill cap); step 2: short's
+    # decode + long's last 39; step 3: both decode (and finish). One sleep each.
+    assert slept == pytest.approx([0.01 + 0.064, 0.01 + 0.040, 0.01 + 0.002])
+    assert runner.total_delay_s == pytest.approx(sum(slept))
 
 
 def test_zero_delay_never_sleeps_and_chunked_prefill_samples_once(ckpt: LoadedCheckpoint) -> None:
