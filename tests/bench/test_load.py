@@ -18,12 +18,19 @@ from lockgate.bench.workload import WORDS, Workload, WorkloadConfig, WorkloadErr
 
 def test_poisson_rate_and_reproducibility() -> None:
     ts = arrivals.fixed_rate(50.0, "poisson", seed=3, duration_s=200.0)
-    assert len(ts) == pytest.approx(50 * 200, rel=0.05)
+    assert len(ts) == 50 * 200  # over a duration: exactly rate x duration, at random times
+    assert ts == sorted(ts) and 0 <= ts[0] and ts[-1] < 200.0
     gaps = [b - a for a, b in zip(ts, ts[1:])]
     assert statistics.mean(gaps) == pytest.approx(1 / 50, rel=0.05)
     assert statistics.stdev(gaps) == pytest.approx(1 / 50, rel=0.1)  # exponential: sd == mean
     assert ts == arrivals.fixed_rate(50.0, "poisson", seed=3, duration_s=200.0)
     assert ts != arrivals.fixed_rate(50.0, "poisson", seed=4, duration_s=200.0)
+    assert sum(t < 100.0 for t in ts) == pytest.approx(5000, abs=200)  # uniform over the window
+    # by count: a free Poisson process (exponential gaps, the first after one gap)
+    free = arrivals.fixed_rate(50.0, "poisson", seed=3, count=10000)
+    assert len(free) == 10000 and free[0] > 0
+    assert statistics.mean(b - a for a, b in zip(free, free[1:])) == pytest.approx(1 / 50, rel=0.05)
+    assert len(arrivals.fixed_rate(50.0, "poisson", seed=3, duration_s=10.0, count=7)) == 7
 
 
 def test_constant_rate_and_count() -> None:

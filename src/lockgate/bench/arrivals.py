@@ -46,9 +46,22 @@ def _take(inverse: Callable[[float], float], kind: str, rng: random.Random,
 
 def fixed_rate(rate: float, kind: str, seed: int, duration_s: float | None = None,
                count: int | None = None) -> list[float]:
-    """Send times (seconds from the start) at `rate` requests/s."""
+    """Send times (seconds from the start) at `rate` requests/s.
+
+    Poisson over a duration sends exactly round(rate * duration) requests at
+    uniformly random times: a Poisson process conditioned on its count. The
+    gaps stay exponential (bursty), but two runs at one rate offer the same
+    load, which short sweep probes need (a free count varies by +-1/sqrt(n)).
+    """
     if not rate > 0:
         raise ValueError("rate must be > 0")
+    if kind == "poisson" and duration_s is not None:
+        n = round(rate * duration_s)
+        if n > MAX_ARRIVALS:
+            raise ValueError(f"more than {MAX_ARRIVALS} requests: lower the rate or the duration")
+        rng = random.Random(seed)
+        ts = sorted(rng.uniform(0.0, duration_s) for _ in range(n))
+        return ts[:count] if count is not None else ts
     return _take(lambda u: u / rate, kind, random.Random(seed), duration_s, count)
 
 

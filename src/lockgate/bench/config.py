@@ -181,7 +181,7 @@ class BenchConfig:
                             max_concurrency=mc, label=f"ramp {a:g}->{b:g} req/s")
         except ValueError as e:
             raise BenchInputError(str(e)) from None
-        return Plan(concurrency=self.concurrency or 1, duration_s=self.duration if self.num_requests is None else None,
+        return Plan(concurrency=self.concurrency or 1, duration_s=self.duration,
                     count=self.num_requests, label=f"concurrency {self.concurrency}")
 
     def workload(self, phase: int = 0) -> WorkloadConfig:
