@@ -145,6 +145,23 @@ def test_cancelled_streams_are_cancelled(fake_server: ServerProcess, tmp_path: P
     assert g["ok"] <= done <= g["ok"] + late
 
 
+def test_ramp_with_a_tenants_file(fake_server: ServerProcess, tmp_path: Path) -> None:
+    f = tmp_path / "tenants.json"
+    f.write_text(json.dumps([{"name": "gold", "weight": 1, "class": "interactive"},
+                             {"name": "bulk", "key": "", "weight": 1, "class": "batch"}]))
+    bench("--base-url", fake_server.base_url, "--ramp", "4:26", "--duration", "1", "--arrivals", "constant",
+          "--input-len", "8", "--output-len", "4", "--ignore-eos", "--tenants", str(f), "--seed", "2",
+          "--out", str(tmp_path / "out"), "--no-plots")
+    res, recs = load(tmp_path / "out")
+    assert res["config"]["shape"] == "ramp" and res["config"]["tenants_file"] == str(f)
+    assert len(recs) == 15  # the area under a 4 -> 26 req/s ramp over 1 s
+    starts = sorted(r["scheduled_s"] for r in recs)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps[0] > 2 * gaps[-1]  # the rate rose
+    assert {r["tenant"]: r["priority_class"] for r in recs} == {"gold": "interactive", "bulk": "batch"}
+    assert res["summary"]["overall"]["ok"] + res["summary"]["overall"]["rejected"] == 15
+
+
 def test_synthetic_prompts_are_about_n_tokens(fake_server: ServerProcess) -> None:
     import random
 
