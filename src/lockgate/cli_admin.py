@@ -113,7 +113,8 @@ RpmOpt = Annotated[Optional[int], typer.Option(help="requests per minute")]
 TpmOpt = Annotated[Optional[int], typer.Option(help="tokens per minute")]
 ConcOpt = Annotated[Optional[int], typer.Option(help="requests in flight")]
 MaxTokOpt = Annotated[Optional[int], typer.Option(help="cap on a request's max_tokens")]
-PrioOpt = Annotated[Optional[str], typer.Option(help="interactive | standard | batch")]
+PrioOpt = Annotated[Optional[str], typer.Option(help="priority class: interactive | standard | batch")]
+WeightOpt = Annotated[Optional[float], typer.Option(help="fair-share weight within its class (default 1)")]
 BudgetOpt = Annotated[Optional[float], typer.Option(help="budget in USD per period")]
 PeriodOpt = Annotated[Optional[str], typer.Option(help="day | month | total")]
 PriceOpt = Annotated[Optional[list[str]], typer.Option(
@@ -124,10 +125,11 @@ JsonOpt = Annotated[Optional[str], typer.Option(
 
 def _tenant_body(json_text: str | None, name: str | None, models: list[str] | None, rpm: int | None,
                  tpm: int | None, max_concurrency: int | None, max_tokens: int | None, priority: str | None,
-                 budget_usd: float | None, budget_period: str | None, price: list[str] | None) -> dict[str, Any]:
+                 budget_usd: float | None, budget_period: str | None, price: list[str] | None,
+                 weight: float | None = None) -> dict[str, Any]:
     body = _json_opt(json_text)
     given = {"name": name, "models": _models(models), "rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency,
-             "max_tokens": max_tokens, "priority": priority, "budget_usd": budget_usd,
+             "max_tokens": max_tokens, "priority": priority, "weight": weight, "budget_usd": budget_usd,
              "budget_period": budget_period, "prices": _prices(price)}
     body.update({k: v for k, v in given.items() if v is not None})
     return body
@@ -137,12 +139,12 @@ def _tenant_body(json_text: str | None, name: str | None, models: list[str] | No
 def tenants_create(
     name: NameOpt = None, models: ModelsOpt = None, rpm: RpmOpt = None, tpm: TpmOpt = None,
     max_concurrency: ConcOpt = None, max_tokens: MaxTokOpt = None, priority: PrioOpt = None,
-    budget_usd: BudgetOpt = None, budget_period: PeriodOpt = None, price: PriceOpt = None,
-    json_body: JsonOpt = None, data_dir: DataDirOpt = None,
+    weight: WeightOpt = None, budget_usd: BudgetOpt = None, budget_period: PeriodOpt = None,
+    price: PriceOpt = None, json_body: JsonOpt = None, data_dir: DataDirOpt = None,
 ) -> None:
     """Create a tenant (limits left out are unlimited); prints it with its id."""
     body = _tenant_body(json_body, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd,
-                        budget_period, price)
+                        budget_period, price, weight)
     with _service(data_dir) as svc:
         _print(svc.create_tenant(body, actor=ACTOR))
 
@@ -166,14 +168,14 @@ def tenants_update(
     tenant_id: Annotated[str, typer.Argument()],
     name: NameOpt = None, models: ModelsOpt = None, rpm: RpmOpt = None, tpm: TpmOpt = None,
     max_concurrency: ConcOpt = None, max_tokens: MaxTokOpt = None, priority: PrioOpt = None,
-    budget_usd: BudgetOpt = None, budget_period: PeriodOpt = None, price: PriceOpt = None,
-    unset: Annotated[Optional[list[str]], typer.Option(
+    weight: WeightOpt = None, budget_usd: BudgetOpt = None, budget_period: PeriodOpt = None,
+    price: PriceOpt = None, unset: Annotated[Optional[list[str]], typer.Option(
         "--unset", help="a field to set to null (unlimited / default), e.g. --unset rpm; repeatable")] = None,
     json_body: JsonOpt = None, data_dir: DataDirOpt = None,
 ) -> None:
     """Change only the given fields of a tenant."""
     body = _tenant_body(json_body, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd,
-                        budget_period, price)
+                        budget_period, price, weight)
     for f in unset or []:
         body[f] = None  # an unknown name is rejected by the body model, like any typo
     with _service(data_dir) as svc:

@@ -267,3 +267,25 @@ def test_expiry_parsing_accepts_offsets_and_naive_utc(svc: AdminService) -> None
     k2 = svc.create_key(t["id"], {"expires_at": "2099-01-01"}, actor="cli")
     assert k1["expires_at"] == k2["expires_at"] == "2099-01-01T00:00:00Z"
     assert svc.store.get_key(k1["id"]).expires_at > time.time()  # type: ignore[union-attr]
+
+
+def test_weight_and_priority_class_are_validated(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    try:
+        svc = AdminService(store, class_names=("rt", "bulk"))
+        t = svc.create_tenant({"name": "w", "priority": "bulk", "weight": 3}, actor="cli")
+        assert t["weight"] == 3.0 and t["priority"] == "bulk"
+        assert svc.update_tenant(t["id"], {"weight": 0.5}, actor="cli")["weight"] == 0.5
+        assert svc.update_tenant(t["id"], {"weight": None}, actor="cli")["weight"] == 1.0  # back to the default
+        assert store.list_audit()[-1].details == {"weight": 1.0}
+        for bad, match in (({"weight": 0}, "weight"), ({"weight": -1}, "weight"), ({"weight": 1e9}, "weight"),
+                           ({"weight": "2"}, "weight"), ({"weight": True}, "weight"),
+                           ({"priority": "interactive"}, "priority: must be one of rt, bulk"),
+                           ({"priority": "BAD NAME"}, "priority")):
+            with pytest.raises(APIError) as e:
+                svc.create_tenant({"name": "x", **bad}, actor="cli")
+            assert e.value.status == 400 and match in e.value.message, (bad, e.value.message)
+            assert e.value.param in ("weight", "priority")
+        assert [x["name"] for x in svc.list_tenants()["data"]] == ["w"]  # nothing half-created
+    finally:
+        store.close()

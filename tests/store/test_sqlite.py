@@ -1,6 +1,7 @@
 """SQLiteStore on real files: migrations, WAL, tenants and keys, the exactly-once ledger, idempotency."""
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -18,7 +19,7 @@ from lockgate.store.models import (
     UsageQuery,
     UsageRecord,
 )
-from lockgate.store.schema import SCHEMA_VERSION, SchemaError
+from lockgate.store.schema import MIGRATIONS, SCHEMA_VERSION, SchemaError
 from lockgate.store.sqlite import DB_FILENAME, SQLiteStore, StoreError, open_store
 
 
@@ -287,3 +288,26 @@ def test_two_stores_on_one_file_see_each_other(tmp_path: Path) -> None:
     assert b.verify_audit() == (True, 2, None)
     a.close()
     b.close()
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_tenants(tmp_path: Path) -> None:
+    """Schema 2 adds the tenant's fair-share weight; a database written by schema 1 gets weight 1.0."""
+    path = tmp_path / DB_FILENAME
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        for stmt in MIGRATIONS[0]:
+            raw.execute(stmt)
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute("INSERT INTO tenants(id, name, models, priority, budget_period, prices, created_at, updated_at) "
+                    "VALUES ('ten_old', 'old', '[\"*\"]', 'batch', 'month', '{}', 1.0, 1.0)")
+    s = SQLiteStore(path)
+    try:
+        t = s.get_tenant("ten_old")
+        assert t is not None and t.priority == "batch" and t.weight == 1.0
+        t.weight = 2.5
+        s.update_tenant(t, {"weight": 2.5}, "test")
+        again = s.get_tenant("ten_old")
+        assert again is not None and again.weight == 2.5
+    finally:
+        s.close()
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

@@ -45,6 +45,7 @@ from lockgate.engine.messages import (
 from lockgate.engine.output_processor import OutputProcessor
 from lockgate.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from lockgate.engine.processor import InputProcessor, child_request_ids
+from lockgate.engine.queue_view import QueueView
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
 from lockgate.engine.watchdog import StallWatchdog
@@ -230,8 +231,7 @@ class AsyncEngineClient:
         self._input: InputProcessor | None = None
         self._output: OutputProcessor | None = None
         self._streams: dict[str, RequestStream] = {}
-        self._queued_requests = 0
-        self._queued_tokens = 0
+        self.queue = QueueView()  # accepted requests with no output yet, per priority, and their drain rate
         # Stall watchdog (0 or None: off). Inactive while no core is up; never fires on an idle core.
         self._watchdog = StallWatchdog(
             stall_timeout_s, is_active=lambda: self.healthy, has_pending=lambda: bool(self._streams),
@@ -297,6 +297,8 @@ class AsyncEngineClient:
         priority: int = 0,
         cache_salt: str | None = None,
         arrival_time: float | None = None,
+        tenant: str = "",
+        tenant_weight: float = 1.0,
     ) -> RequestStream:
         """Validate and submit a request; returns its stream of `RequestOutput`s.
 
@@ -308,8 +310,8 @@ class AsyncEngineClient:
             raise EngineUnavailableError("the engine is not available (starting or restarting)")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        reqs = self._input.process(request_id, prompt, params, priority=priority,
-                                   cache_salt=cache_salt, arrival_time=arrival_time)
+        reqs = self._input.process(request_id, prompt, params, priority=priority, cache_salt=cache_salt,
+                                   arrival_time=arrival_time, tenant=tenant, tenant_weight=tenant_weight)
         # Encode before anything is registered: a value the wire cannot carry (an
         # integer past 64 bits) is a bad request, not a leaked queue slot.
         try:
@@ -321,8 +323,7 @@ class AsyncEngineClient:
         stream = RequestStream(request_id, len(reqs), len(first.prompt_token_ids) * len(reqs), self._release)
         # From here on, any failure releases what was registered (one place: _release).
         self._streams[request_id] = stream
-        self._queued_requests += stream.num_children
-        self._queued_tokens += stream.queued_tokens
+        self.queue.add(request_id, priority, stream.num_children, stream.queued_tokens)
         try:
             # The caller's params (with n): the children's carry n=1 and per-child seeds.
             self._output.add_request(request_id, text, first.prompt_token_ids, params)
@@ -356,8 +357,7 @@ class AsyncEngineClient:
             return
         if stream.queued:
             stream.queued = False
-            self._queued_requests -= stream.num_children
-            self._queued_tokens -= stream.queued_tokens
+            self.queue.leave(stream.request_id, served=False)
         if stream.finished_normally or self._output is None:
             return
         child_ids = self._output.abort(stream.request_id)
@@ -384,7 +384,7 @@ class AsyncEngineClient:
             num_preemptions=self._base_preemptions + s.num_preemptions,
             prefix_cache_queries=self._base_queries + s.prefix_cache_queries,
             prefix_cache_hits=self._base_hits + s.prefix_cache_hits,
-            num_queued_requests=self._queued_requests, num_queued_tokens=self._queued_tokens,
+            num_queued_requests=self.queue.num_requests, num_queued_tokens=self.queue.num_tokens,
             num_in_flight=len(self._streams), num_restarts=self.num_restarts, num_stalls=self.num_stalls,
         )
 
@@ -577,8 +577,7 @@ class AsyncEngineClient:
                 continue
             if stream.queued:
                 stream.queued = False
-                self._queued_requests -= stream.num_children
-                self._queued_tokens -= stream.queued_tokens
+                self.queue.leave(stream.request_id, served=True)
             stream.put(out)
 
     def _parent_of(self, child_id: str) -> str:

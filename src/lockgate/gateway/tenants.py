@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from lockgate.gateway.classes import DEFAULT_CLASS_NAMES
 from lockgate.server.errors import APIError, bad_request, validation_error
 from lockgate.store.base import Store
 from lockgate.store.models import ApiKey, Limits, Price, Tenant, UsageQuery
@@ -101,7 +102,8 @@ ModelName = Annotated[str, StringConstraints(min_length=1, max_length=256, patte
 LimitInt = Annotated[int, Field(ge=1, le=INT32_MAX)]
 Usd = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
 Rate = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]  # USD per 1M tokens
-Priority = Literal["interactive", "standard", "batch"]
+Priority = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]  # a configured class name
+Weight = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
 Period = Literal["day", "month", "total"]
 Scope = Literal["inference", "admin"]
 
@@ -123,6 +125,7 @@ class _TenantFields(BaseModel):
     max_concurrency: LimitInt | None = None
     max_tokens: LimitInt | None = None
     priority: Priority | None = None  # None: "standard"
+    weight: Weight | None = None  # None: 1.0
     budget_usd: Usd | None = None
     budget_period: Period | None = None  # None: "month"
     prices: Annotated[dict[ModelName, PriceBody], Field(max_length=256)] | None = None
@@ -164,7 +167,7 @@ class KeyCreate(BaseModel):
 
 
 _LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "max_tokens")
-_DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": "standard", "budget_period": "month", "prices": {}}
+_DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": "standard", "weight": 1.0, "budget_period": "month", "prices": {}}
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -202,7 +205,8 @@ def _price_json(p: Price) -> dict[str, Any]:
 def tenant_json(t: Tenant) -> dict[str, Any]:
     return {"object": "tenant", "id": t.id, "name": t.name, "models": list(t.models),
             "rpm": t.limits.rpm, "tpm": t.limits.tpm, "max_concurrency": t.limits.max_concurrency,
-            "max_tokens": t.limits.max_tokens, "priority": t.priority, "budget_usd": t.budget_usd,
+            "max_tokens": t.limits.max_tokens, "priority": t.priority, "weight": t.weight,
+            "budget_usd": t.budget_usd,
             "budget_period": t.budget_period, "prices": {m: _price_json(p) for m, p in t.prices.items()},
             "created_at": iso(t.created_at), "updated_at": iso(t.updated_at)}
 
@@ -229,10 +233,18 @@ def _not_found(kind: str, id_: str, param: str) -> APIError:
 
 
 class AdminService:
-    def __init__(self, store: Store, on_change: Callable[[str, str], None] | None = None) -> None:
-        """`on_change(action, id)` runs after each committed change (e.g. to reload the key ring)."""
+    def __init__(self, store: Store, on_change: Callable[[str, str], None] | None = None,
+                 class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES) -> None:
+        """`on_change(action, id)` runs after each committed change (e.g. to reload the key ring);
+        `class_names`: the priority classes a tenant may be put in."""
         self.store = store
         self.on_change = on_change
+        self.class_names = class_names
+
+    def _check_class(self, name: str | None) -> None:
+        if name is not None and name not in self.class_names:
+            raise bad_request(f"priority: must be one of {', '.join(self.class_names)}, got {name!r}",
+                              param="priority", code="invalid_value")
 
     def _changed(self, action: str, id_: str) -> None:
         if self.on_change is not None:
@@ -244,9 +256,10 @@ class AdminService:
     # -------------------------------------------------------------- tenants
     def create_tenant(self, body: Mapping[str, Any] | bytes | str, *, actor: str) -> dict[str, Any]:
         req = parse_body(TenantCreate, body)
+        self._check_class(req.priority)
         t = Tenant(id=new_id("ten_"), name=req.name, models=req.models if req.models is not None else ["*"],
                    limits=Limits(req.rpm, req.tpm, req.max_concurrency, req.max_tokens),
-                   priority=req.priority or "standard", budget_usd=req.budget_usd,
+                   priority=req.priority or "standard", weight=req.weight or 1.0, budget_usd=req.budget_usd,
                    budget_period=req.budget_period or "month",
                    prices={m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in (req.prices or {}).items()})
         self.store.create_tenant(t, actor)
@@ -267,6 +280,7 @@ class AdminService:
 
     def update_tenant(self, tenant_id: str, body: Mapping[str, Any] | bytes | str, *, actor: str) -> dict[str, Any]:
         req = parse_body(TenantPatch, body)
+        self._check_class(req.priority)
         t = self._tenant(tenant_id)
         changes: dict[str, Any] = {}
         for f in sorted(req.model_fields_set):

@@ -42,7 +42,7 @@ async def _call(request: Request, fn: Callable[[AdminService], Any], *, changes:
     gw = _ctx(request).gateway
     if gw.astore is None or gw.store is None:
         raise APIError(503, "the store is not open", code="store_unavailable")
-    service = AdminService(gw.store)
+    service = AdminService(gw.store, class_names=_ctx(request).config.classes.names)
     result = await gw.astore.call(fn, service)
     if changes:
         await gw.reload()

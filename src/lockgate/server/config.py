@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lockgate.engine.sampling_params import MAX_STOP_STRINGS
+from lockgate.gateway.classes import ClassTable
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # served name of the embedded default model
 
@@ -36,6 +37,9 @@ class ServerConfig:
     # Bounded waiting queue: accepted engine requests that have no output yet, and their prompt tokens.
     max_queued_requests: int = 256
     max_queued_tokens: int = 262_144
+    # Priority classes (SLO targets, per-class queue caps) and SLO admission (gateway/admission.py).
+    classes: ClassTable = field(default_factory=ClassTable)
+    slo_admission: bool = True
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     max_n: int = 16
     max_stop: int = MAX_STOP_STRINGS

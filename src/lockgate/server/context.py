@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from lockgate.engine.client import AsyncEngineClient
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.tokenizer import Tokenizer
-from lockgate.gateway.admission import Admission, QueueBounds
+from lockgate.gateway.admission import Admission, AdmissionPolicy, QueueBounds
+from lockgate.gateway.classes import PriorityClass
 from lockgate.gateway.gateway import Gateway, GatewayConfig
 from lockgate.gateway.lease import Lease
 from lockgate.server.config import ServerConfig
@@ -37,7 +38,10 @@ class ServerContext:
 
     def __post_init__(self) -> None:
         bounds = QueueBounds(self.config.max_queued_requests, self.config.max_queued_tokens)
-        self.admission = Admission(bounds, self.client.state, self.metrics.reject,
+        policy = AdmissionPolicy(self.config.classes, slo=self.config.slo_admission,
+                                 fcfs=self.engine_config.scheduling_policy == "fcfs",
+                                 aging_s=self.engine_config.priority_aging_s)
+        self.admission = Admission(bounds, self.client.queue, policy, self.metrics.reject,
                                    lambda: self.metrics.ttft_ema_s)
         self.gateway = Gateway(GatewayConfig(self.config.data_dir, self.config.admin_key))
 
@@ -66,10 +70,11 @@ class ServerContext:
             raise unavailable("the engine is unavailable (restarting); retry shortly", "engine_unavailable",
                               retry_after_s=5)
 
-    def admit(self, lease: Lease, num_requests: int, num_tokens: int) -> None:
-        """Queue admission (429 when full); nothing is taken yet, so nothing to release."""
+    def admit(self, lease: Lease, num_requests: int, num_tokens: int, cls: PriorityClass | None = None,
+              priority: int | None = None) -> None:
+        """Queue and SLO admission (429); nothing is taken yet, so nothing to release."""
         lease.checkpoint("admit")
-        self.admission.check(num_requests, num_tokens)
+        self.admission.check(num_requests, num_tokens, cls, priority)
 
     def check_context(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
         limit = self.client.max_model_len

@@ -18,7 +18,9 @@ from lockgate.gateway.lease import Lease
 from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
 from lockgate.server.errors import APIError, bad_request, model_not_found, unavailable
 from lockgate.server.metrics import RequestTracker
-from lockgate.store.models import PRIORITY_CLASSES
+from lockgate.gateway.classes import PriorityClass
+
+PRIORITY_HEADER = "x-lockgate-priority"
 
 
 @dataclass(slots=True)
@@ -27,12 +29,13 @@ class Gate:
     lease: Lease
     principal: Principal | None
     meter: Meter | None
+    priority_header: str | None = None
 
     @classmethod
     def open(cls, request: Request, ctx: ServerContext, lease: Lease, request_id: str) -> Gate:
         principal: Principal | None = request.scope.get(PRINCIPAL_SCOPE_KEY)
         meter = ctx.gateway.open_meter(lease, principal, request_id) if principal is not None else None
-        return cls(ctx, lease, principal, meter)
+        return cls(ctx, lease, principal, meter, request.headers.get(PRIORITY_HEADER))
 
     @property
     def cache_salt(self) -> str | None:
@@ -60,16 +63,41 @@ class Gate:
                               param=param, code="max_tokens_exceeded")
         return params
 
-    def check_priority(self, priority: int | None) -> int:
-        """A request may lower its priority, never raise it above its tenant's class."""
-        base = 0
+    def priority(self, body_priority: int | str | None) -> tuple[PriorityClass, int]:
+        """The request's class and engine priority: its tenant's class unless it asks for a lower
+        one (header `x-lockgate-priority` or body `priority`, a class name or an integer); higher is 403."""
+        classes = self.ctx.config.classes
         tenant = self.principal.tenant if self.principal is not None else None
-        if tenant is not None:
-            base = PRIORITY_CLASSES.index(tenant.priority) if tenant.priority in PRIORITY_CLASSES else 1
-        if priority is not None and priority < base:
-            raise APIError(403, f"priority {priority} is above this tenant's class ({tenant.priority if tenant else ''})",
+        base = (classes.get(tenant.priority) or classes.default) if tenant is not None else None
+        asked = body_priority
+        if self.priority_header is not None:
+            if body_priority is not None and body_priority != self.priority_header:
+                raise bad_request("the x-lockgate-priority header and the body's priority disagree",
+                                  param="priority", code="invalid_value")
+            asked = self.priority_header
+        if asked is None:
+            cls = base or classes.default
+            return cls, cls.rank
+        if isinstance(asked, str):
+            found = classes.get(asked)
+            if found is None:
+                shown = asked if len(asked) <= 64 and asked.isprintable() else "(invalid)"
+                raise bad_request(f"unknown priority class {shown!r}; one of {', '.join(classes.names)}",
+                                  param="priority", code="invalid_value")
+            cls, value = found, found.rank
+        else:
+            cls, value = classes.of_priority(asked), asked
+        if base is not None and value < base.rank:
+            raise APIError(403, f"priority {asked!r} is above this API key's class {base.name!r}",
                            param="priority", code="priority_not_allowed")
-        return base if priority is None else priority
+        return cls, value
+
+    @property
+    def tenant(self) -> tuple[str, float]:
+        """Fair-share identity and weight for the engine (open mode: one shared tenant)."""
+        if self.principal is None or self.principal.tenant is None:
+            return "", 1.0
+        return self.principal.tenant_id, self.principal.tenant.weight
 
     def admit(self, prompt_tokens: int, worst_completion_tokens: int) -> None:
         if self.meter is not None:

@@ -77,21 +77,22 @@ def start(ctx: ServerContext, lease: Lease, request_id: str, prompts: list[list[
     lease.accounted = True
     lease.checkpoint("submit")
     salt = gate.cache_salt if gate is not None else None
-    streams = submit(ctx, lease, request_id, prompts, texts, params, priority, salt)
+    tenant, weight = gate.tenant if gate is not None else ("", 1.0)
+    streams = submit(ctx, lease, request_id, prompts, texts, params, priority, salt, tenant, weight)
     lease.checkpoint("respond")
     return streams, tracker
 
 
 def submit(ctx: ServerContext, lease: Lease, request_id: str, prompts: list[list[int]],
            texts: list[str | None], params: SamplingParams, priority: int = 0,
-           cache_salt: str | None = None) -> list[RequestStream]:
+           cache_salt: str | None = None, tenant: str = "", tenant_weight: float = 1.0) -> list[RequestStream]:
     """Submit one engine request per prompt; all or nothing."""
     streams: list[RequestStream] = []
     try:
         for i, (ids, text) in enumerate(zip(prompts, texts)):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             stream = ctx.client.add_request(rid, ids, params, prompt_text=text, priority=priority,
-                                            cache_salt=cache_salt)
+                                            cache_salt=cache_salt, tenant=tenant, tenant_weight=tenant_weight)
             lease.hold(lambda _outcome, s=stream: s.abort())
             streams.append(stream)
     except ValueError as exc:

@@ -20,6 +20,7 @@ import typer
 import uvicorn
 
 from lockgate.engine.config import EngineConfig
+from lockgate.gateway.classes import ClassTable
 from lockgate.server.app import build_app, drain
 from lockgate.server.config import ServerConfig
 from lockgate.server.context import ServerContext
@@ -82,17 +83,22 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *
           max_request_body_bytes: int = 4 * 1024 * 1024, max_queued_requests: int = 256,
           max_queued_tokens: int = 262_144, drain_timeout_s: float = 30.0, max_n: int = 16,
           log_level: str = "info", access_log: bool = True, engine_stall_timeout_s: float = 60.0,
-          server_options: dict[str, Any] | None = None, **engine_options: Any) -> int:
+          class_config: str | None = None, server_options: dict[str, Any] | None = None,
+          **engine_options: Any) -> int:
     """Serve `model` (None: the embedded SmolLM2) until stopped; returns the exit status.
 
-    `engine_options` are `EngineConfig` fields (max_model_len, max_num_seqs, kv_cache_memory_gb, ...);
-    `server_options` more `ServerConfig` fields (allowed_origins, header_timeout_s, ...).
+    `engine_options` are `EngineConfig` fields (max_model_len, max_num_seqs, kv_cache_memory_gb, ...;
+    the server schedules by priority class unless `scheduling_policy="fcfs"`); `class_config` a
+    priority-class file (YAML or JSON, gateway/classes.py); `server_options` more `ServerConfig`
+    fields (allowed_origins, header_timeout_s, slo_admission, ...).
     """
     if model is not None and not Path(model).exists():
         raise ValueError(f"model path {model!r} does not exist")
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+    engine_options.setdefault("scheduling_policy", "priority")
     engine_config = EngineConfig(model=model, **engine_options)
-    server_config = ServerConfig(
+    classes = ClassTable.load(class_config) if class_config else ClassTable()
+    server_config = ServerConfig(classes=classes,
         host=host, port=port, served_model_names=names, admin_key=admin_key, data_dir=data_dir,
         insecure_no_auth=insecure_no_auth,
         max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
@@ -145,10 +151,15 @@ def serve_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = _default("device"),
     load_format: Annotated[str, typer.Option(help="auto | dummy (random weights) | fake (no model: fixed plain tokens at once or after --fake-step-delay; for measuring the server)")] = _default("load_format"),  # noqa: E501
     fake_step_delay: Annotated[float, typer.Option(help="With --load-format fake: seconds per engine step (one sleep per step, shared by the batch)")] = _default("fake_step_delay_s"),  # noqa: E501
+    fake_token_delay: Annotated[float, typer.Option(help="With --load-format fake: seconds per token computed in a step, added to --fake-step-delay")] = _default("fake_token_delay_s"),  # noqa: E501
     seed: Annotated[int, typer.Option(help="Engine seed")] = _default("seed"),
     enable_prefix_caching: Annotated[bool, typer.Option(help="Reuse KV blocks of shared prompt prefixes")] = _default("enable_prefix_caching"),  # noqa: E501
     enable_chunked_prefill: Annotated[bool, typer.Option(help="Split long prompts across steps")] = _default("enable_chunked_prefill"),  # noqa: E501
-    scheduling_policy: Annotated[str, typer.Option(help="fcfs | priority")] = _default("scheduling_policy"),
+    scheduling_policy: Annotated[str, typer.Option(help="priority (classes first, fair share between tenants, preemption) | fcfs (arrival order)")] = "priority",  # noqa: E501
+    max_prefill_tokens: Annotated[int, typer.Option(help="Prefill tokens per engine step (chunked prefill; decodes always run first)")] = _default("max_prefill_tokens"),  # noqa: E501
+    priority_aging: Annotated[float, typer.Option(help="Seconds of waiting that raise a request by one priority level (0: no aging)")] = _default("priority_aging_s"),  # noqa: E501
+    class_config: Annotated[str | None, typer.Option(help="Priority classes file (YAML or JSON): names, TTFT/TPOT targets, queue caps")] = None,  # noqa: E501
+    slo_admission: Annotated[bool, typer.Option(help="Refuse at once (429 slo_unattainable) a request whose class's TTFT target cannot be met")] = True,  # noqa: E501
     max_logprobs: Annotated[int, typer.Option(help="Max logprobs / top_logprobs per token")] = _default("max_logprobs"),  # noqa: E501
     num_threads: Annotated[int | None, typer.Option(help="CPU threads of the engine process")] = None,
     quantization: Annotated[str | None, typer.Option(help="int4 (the GGUF's 4-bit blocks) or int8: weight-only, less memory for CPU decode")] = None,
@@ -179,11 +190,14 @@ def serve_command(
             server_options={"allowed_origins": list(allowed_origins or []), "allowed_hosts": allowed_hosts or None,
                             "header_timeout_s": header_timeout, "body_timeout_s": body_timeout,
                             "max_connections": max_connections, "enable_fault_injection": enable_fault_injection,
-                            "metrics_auth": metrics_auth},
+                            "metrics_auth": metrics_auth, "slo_admission": slo_admission},
+            class_config=class_config,
             debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory_gb=kv_cache_memory_gb, num_kv_blocks=num_kv_blocks, block_size=block_size,
-            dtype=dtype, device=device, load_format=load_format, fake_step_delay_s=fake_step_delay, seed=seed,
+            dtype=dtype, device=device, load_format=load_format, fake_step_delay_s=fake_step_delay,
+            fake_token_delay_s=fake_token_delay, seed=seed, max_prefill_tokens=max_prefill_tokens,
+            priority_aging_s=priority_aging,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             scheduling_policy=scheduling_policy, max_logprobs=max_logprobs, num_threads=num_threads,
             quantization=quantization,

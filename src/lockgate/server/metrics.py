@@ -81,8 +81,9 @@ class ServerMetrics:
                                        lbl + ["finished_reason"], registry=r)
         self.request_failure = Counter("lockgate:request_failure", "Requests that ended in an error, by cause.",
                                        lbl + ["reason"], registry=r)
-        self.requests_rejected = Counter("lockgate:requests_rejected", "Requests refused before admission.",
-                                         lbl + ["reason"], registry=r)
+        self.requests_rejected = Counter("lockgate:requests_rejected",
+                                         "Requests refused before admission, by reason and priority class.",
+                                         lbl + ["reason", "class"], registry=r)
         self.ttft = Histogram("lockgate:time_to_first_token_seconds", "Time to the first token.", lbl,
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("lockgate:time_per_output_token_seconds", "Time between output tokens.", lbl,
@@ -101,8 +102,9 @@ class ServerMetrics:
         # Smoothed time to first token: the Retry-After hint for a full queue.
         self.ttft_ema_s = 1.0
 
-    def reject(self, reason: str) -> None:
-        self.requests_rejected.labels(self.model_name, reason).inc()
+    def reject(self, reason: str, cls: str = "none") -> None:
+        # Class names come from the server's config, never from client input: bounded cardinality.
+        self.requests_rejected.labels(self.model_name, reason, cls).inc()
 
     def http_response(self, route: str, status: int) -> None:
         self.http_responses.labels(route, str(status)).inc()

@@ -29,9 +29,10 @@ def sampling_error(exc: ValueError) -> APIError:
 
 def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_tokens: int | None,
             logprobs: int | None) -> SamplingParams:
-    if req.priority and engine.scheduling_policy != "priority":
+    if isinstance(req.priority, int) and req.priority and engine.scheduling_policy != "priority":
         # Accepting it silently would promise an ordering the scheduler does not give.
-        raise bad_request("priority is only accepted when the server runs with --scheduling-policy priority",
+        raise bad_request("an integer priority is only accepted when the server runs with --scheduling-policy "
+                          "priority (a class name is accepted under any policy)",
                           param="priority", code="unsupported_parameter")
     n = req.n or 1
     if n > cfg.max_n:

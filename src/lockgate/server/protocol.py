@@ -60,7 +60,9 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    priority: Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)] | None = None
+    # A priority class name ("interactive", "standard", "batch", ...) or, as in vLLM, an integer
+    # (lower is served first; needs --scheduling-policy priority).
+    priority: Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)] | Annotated[str, Field(max_length=64)] | None = None
 
 
 class CompletionRequest(_SamplingFields):

@@ -78,7 +78,7 @@ async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate
                   body: ChatCompletionRequest, model: str) -> Response:
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = gate.cap(chat_params(body, ctx.config, ctx.engine_config), param)
-    priority = gate.check_priority(body.priority)
+    cls, priority = gate.priority(body.priority)
     messages = chat_messages(body.messages, ctx.config)
     ctx.check_engine()
     args = (ctx, messages, bool(body.add_generation_prompt), bool(body.continue_final_message),
@@ -90,7 +90,7 @@ async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate
     ctx.check_context(len(ids), params.max_tokens, "messages")
     ctx.check_engine()
     gate.admit(len(ids), params.n * (params.max_tokens or ctx.client.max_model_len - len(ids)))
-    ctx.admit(lease, params.n, params.n * len(ids))
+    ctx.admit(lease, params.n, params.n * len(ids), cls, priority)
     await gate.reserved()
     streams, tracker = start(ctx, lease, request_id, [ids], [prompt], params, priority, gate)
     top_n = (body.top_logprobs or 0) if body.logprobs else None

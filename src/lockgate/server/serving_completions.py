@@ -58,7 +58,7 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
 async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate, request_id: str,
                   body: CompletionRequest, model: str) -> Response:
     params = gate.cap(completion_params(body, ctx.config, ctx.engine_config), "max_tokens")
-    priority = gate.check_priority(body.priority)
+    cls, priority = gate.priority(body.priority)
     prompts = completion_prompts(body, ctx.config)
     ctx.check_engine()
     ids_list: list[list[int]] = []
@@ -76,7 +76,7 @@ async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate
     room = ctx.client.max_model_len
     worst = sum(params.n * (params.max_tokens or room - len(ids)) for ids in ids_list)
     gate.admit(num_prompt, worst)
-    ctx.admit(lease, params.n * len(ids_list), params.n * num_prompt)
+    ctx.admit(lease, params.n * len(ids_list), params.n * num_prompt, cls, priority)
     await gate.reserved()
     streams, tracker = start(ctx, lease, request_id, ids_list, texts, params, priority, gate)
     meta = _Meta(request_id, model, int(time.time()), params, bool(body.echo), texts, num_prompt)

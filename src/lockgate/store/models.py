@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PRIORITY_CLASSES = ("interactive", "standard", "batch")
 BUDGET_PERIODS = ("day", "month", "total")
 SCOPES = ("inference", "admin")
 # Why a request ended, as the ledger records it.
@@ -42,7 +41,8 @@ class Tenant:
     name: str
     models: list[str] = field(default_factory=lambda: ["*"])  # "*": every model
     limits: Limits = field(default_factory=Limits)
-    priority: str = "standard"  # one of PRIORITY_CLASSES
+    priority: str = "standard"  # a priority class name (gateway/classes.py)
+    weight: float = 1.0  # fair share between tenants of a class: service is divided by it
     budget_usd: float | None = None
     budget_period: str = "month"  # one of BUDGET_PERIODS
     prices: dict[str, Price] = field(default_factory=dict)  # model name or "*" -> price

@@ -101,6 +101,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "INSERT INTO meta(key, value) VALUES ('audit_count', '0')",
         "INSERT INTO meta(key, value) VALUES ('admin_version', '0')",
     ),
+    # 2: a tenant's fair-share weight (the engine's virtual token counters divide by it).
+    ("ALTER TABLE tenants ADD COLUMN weight REAL NOT NULL DEFAULT 1.0",),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

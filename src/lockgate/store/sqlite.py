@@ -81,7 +81,7 @@ def open_store(data_dir: str | os.PathLike[str] | None = None, **kwargs: Any) ->
 
 
 _TENANT_COLS = ("id, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd, "
-                "budget_period, prices, created_at, updated_at")
+                "budget_period, prices, created_at, updated_at, weight")
 _KEY_COLS = ("id, tenant_id, name, prefix, key_hash, scopes, rpm, tpm, max_concurrency, max_tokens, "
              "expires_at, revoked_at, created_at")
 _RES_COLS = ("request_id, tenant_id, key_id, model, reserved_usd, prompt_tokens, completion_tokens, "
@@ -101,7 +101,7 @@ def _tenant(row: tuple) -> Tenant:
     return Tenant(id=row[0], name=row[1], models=json.loads(row[2]),
                   limits=Limits(rpm=row[3], tpm=row[4], max_concurrency=row[5], max_tokens=row[6]),
                   priority=row[7], budget_usd=row[8], budget_period=row[9], prices=prices,
-                  created_at=row[11], updated_at=row[12])
+                  created_at=row[11], updated_at=row[12], weight=row[13])
 
 
 def _key(row: tuple) -> ApiKey:
@@ -275,7 +275,7 @@ class SQLiteStore:
         tenant.created_at = tenant.created_at or now
         tenant.updated_at = tenant.updated_at or tenant.created_at
         with self._write() as conn:
-            conn.execute(f"INSERT INTO tenants({_TENANT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            conn.execute(f"INSERT INTO tenants({_TENANT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          self._tenant_values(tenant))
             self._append_audit(conn, actor, "tenant.create", tenant.id, _tenant_details(tenant))
         return tenant
@@ -285,7 +285,7 @@ class SQLiteStore:
         lim = t.limits
         return (t.id, t.name, canonical_json(list(t.models)), lim.rpm, lim.tpm, lim.max_concurrency,
                 lim.max_tokens, t.priority, t.budget_usd, t.budget_period, _prices_json(t.prices),
-                t.created_at, t.updated_at)
+                t.created_at, t.updated_at, t.weight)
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
         row = self._conn().execute(
@@ -306,9 +306,9 @@ class SQLiteStore:
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE tenants SET name=?, models=?, rpm=?, tpm=?, max_concurrency=?, max_tokens=?, "
-                "priority=?, budget_usd=?, budget_period=?, prices=?, updated_at=? "
+                "priority=?, budget_usd=?, budget_period=?, prices=?, updated_at=?, weight=? "
                 "WHERE id=? AND deleted_at IS NULL",
-                self._tenant_values(tenant)[1:11] + (tenant.updated_at, tenant.id))
+                self._tenant_values(tenant)[1:11] + (tenant.updated_at, tenant.weight, tenant.id))
             if cur.rowcount != 1:
                 raise KeyError(tenant.id)
             self._append_audit(conn, actor, "tenant.update", tenant.id, changes)
@@ -513,5 +513,5 @@ class SQLiteStore:
 
 def _tenant_details(t: Tenant) -> dict[str, Any]:
     return {"name": t.name, "models": list(t.models), "limits": asdict(t.limits), "priority": t.priority,
-            "budget_usd": t.budget_usd, "budget_period": t.budget_period,
+            "weight": t.weight, "budget_usd": t.budget_usd, "budget_period": t.budget_period,
             "prices": {m: asdict(p) for m, p in t.prices.items()}}
