@@ -355,3 +355,60 @@ def test_request_tenant_fields_and_validation():
             check_tenant("t", bad)
     with pytest.raises(ValueError, match="tenant"):
         check_tenant(3, 1.0)
+
+
+# ---- random traffic: the books stay straight -------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_traffic_keeps_every_invariant(policy, seed):
+    import random
+    from collections import Counter
+
+    rng = random.Random(seed)
+    clock = Clock()
+    s = make(blocks=16, block_size=4, clock=clock, max_num_seqs=5, max_num_batched_tokens=24,
+             max_prefill_tokens=10, scheduling_policy=policy, priority_aging_s=0.5)
+    want: dict[str, int] = {}
+    done: set[str] = set()
+    i = 0
+    for _ in range(400):
+        for _ in range(rng.randrange(0, 3)):
+            if i < 60:
+                rid = f"r{i}"
+                want[rid] = rng.randrange(1, 8)
+                r = add(s, rid, rng.randrange(1, 30), priority=rng.randrange(3), tenant=rng.choice("ABC"),
+                        weight=rng.choice([0.5, 1.0, 3.0]))
+                r.max_tokens = want[rid]
+                i += 1
+        if s.requests and rng.random() < 0.05:
+            victim = rng.choice(sorted(s.requests))
+            s.finish(s.requests[victim])
+            done.add(victim)
+        batch = s.schedule()
+        assert batch.total_tokens <= 24 and len(s.running) <= 5
+        prefill = sum(n for r, n in zip(batch.requests, batch.num_tokens) if n > 1 or not r.is_decode)
+        assert prefill <= 10
+        assert len({id(r) for r in batch.requests}) == len(batch.requests)
+        assert all(r.status == RequestStatus.RUNNING for r in batch.requests)
+        s.after_step(batch)
+        for r in batch.requests:
+            if r.num_computed_tokens == r.num_tokens:
+                r.output_token_ids.append(1)
+                if r.num_output_tokens >= want[r.request_id]:
+                    s.finish(r)
+                    done.add(r.request_id)
+        clock.now += 0.01
+        # Block references, queue membership and tenant activity all agree.
+        refs = Counter(b for r in s.requests.values() for b in r.block_ids)
+        for block in s.kv.blocks:
+            assert block.ref_count == refs.get(block.block_id, 0)
+        assert len(s.waiting) + len(s.running) == len(s.requests)
+        assert all(r.block_ids == [] and r.num_computed_tokens == 0 for r in s.waiting)
+        if policy == "priority":
+            assert s.counters.active == dict(Counter(r.tenant for r in s.requests.values()))
+        if i == 60 and not s.requests:
+            break
+    assert done == set(want) and s.kv.num_free_blocks == 16
+    assert s.num_preemptions > 0  # the pool really was tight
