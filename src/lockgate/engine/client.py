@@ -47,6 +47,7 @@ from lockgate.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from lockgate.engine.processor import InputProcessor, child_request_ids
 from lockgate.engine.queue_view import QueueView
 from lockgate.engine.sampling_params import SamplingParams
+from lockgate.engine.step_stats import HistogramCounts
 from lockgate.engine.tokenizer import Tokenizer
 from lockgate.engine.watchdog import StallWatchdog
 
@@ -97,6 +98,9 @@ class EngineState:
     num_in_flight: int
     num_restarts: int
     num_stalls: int = 0  # cores killed by the stall watchdog (each also counts as a restart)
+    # Per-step histograms (step_stats.py buckets), cumulative over every core this client ran.
+    step_seconds: HistogramCounts | None = None
+    iteration_tokens: HistogramCounts | None = None
 
 
 def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
@@ -228,6 +232,8 @@ class AsyncEngineClient:
         self._stats = _empty_stats()
         # Cumulative counters survive restarts: add what the dead core had counted.
         self._base_preemptions = self._base_queries = self._base_hits = 0
+        self._base_step_seconds = HistogramCounts()
+        self._base_iteration_tokens = HistogramCounts()
         self._input: InputProcessor | None = None
         self._output: OutputProcessor | None = None
         self._streams: dict[str, RequestStream] = {}
@@ -386,6 +392,8 @@ class AsyncEngineClient:
             prefix_cache_hits=self._base_hits + s.prefix_cache_hits,
             num_queued_requests=self.queue.num_requests, num_queued_tokens=self.queue.num_tokens,
             num_in_flight=len(self._streams), num_restarts=self.num_restarts, num_stalls=self.num_stalls,
+            step_seconds=self._base_step_seconds.plus(s.step_seconds),
+            iteration_tokens=self._base_iteration_tokens.plus(s.iteration_tokens),
         )
 
     # ---- the core process --------------------------------------------------------------
@@ -429,7 +437,7 @@ class AsyncEngineClient:
         assert self.tokenizer is not None and self.model_config is not None
         self._input = InputProcessor(self.tokenizer, self.model_config, ready.max_model_len,
                                      self.config.max_logprobs)
-        self._output = OutputProcessor(self.tokenizer)
+        self._output = OutputProcessor(self.tokenizer, clock_offset=ready.clock_offset)
         self._reader = asyncio.create_task(self._read_outputs(), name="engine-output-reader")
         self._watchdog.progress()
         self._healthy = True
@@ -495,6 +503,8 @@ class AsyncEngineClient:
         self._base_preemptions += s.num_preemptions
         self._base_queries += s.prefix_cache_queries
         self._base_hits += s.prefix_cache_hits
+        self._base_step_seconds = self._base_step_seconds.plus(s.step_seconds)
+        self._base_iteration_tokens = self._base_iteration_tokens.plus(s.iteration_tokens)
         self._stats = _empty_stats()
         if self._reader is not None:
             self._reader.cancel()
@@ -559,7 +569,7 @@ class AsyncEngineClient:
     def _dispatch(self, msg: StepOutputs) -> None:
         assert self._output is not None
         try:
-            results, to_abort = self._output.process(msg.outputs)
+            results, to_abort = self._output.process(msg.outputs, msg.timestamp)
         except Exception:  # noqa: BLE001 - a frontend bug must not kill the reader for everyone
             log.exception("output processing failed; failing the affected requests")
             parents = {self._parent_of(o.request_id) for o in msg.outputs}

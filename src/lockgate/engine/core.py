@@ -80,7 +80,7 @@ class CoreLoop:
         self.send(Ready(
             pid=os.getpid(), max_model_len=core.max_model_len, model_config=core.model_config,
             num_total_blocks=core.stats().num_total_blocks, block_size=self.config.block_size,
-            stats=core.stats(),
+            stats=core.stats(), clock_offset=time.time() - time.monotonic(),
         ))
         return True
 
@@ -113,7 +113,7 @@ class CoreLoop:
             # While busy, a heartbeat every BUSY_HEARTBEAT_S tells the watchdog steps still finish.
             now = time.monotonic()
             if outputs or handled or not busy or now - last_sent >= BUSY_HEARTBEAT_S:
-                self.send(StepOutputs(outputs=outputs, stats=core.stats()))
+                self.send(StepOutputs(outputs=outputs, stats=core.stats(), timestamp=core.last_step_end))
                 last_sent = now
 
     def _maybe_hang(self) -> None:

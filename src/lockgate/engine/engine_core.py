@@ -7,6 +7,7 @@ strings live in the frontend (`output_processor.py`), off this hot loop.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -19,6 +20,7 @@ from lockgate.engine.processor import check_tenant
 from lockgate.engine.request import Request
 from lockgate.engine.runner import ModelRunner
 from lockgate.engine.scheduler import Scheduler
+from lockgate.engine.step_stats import ITERATION_TOKENS_BUCKETS, STEP_SECONDS_BUCKETS, HistogramCounts
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,13 @@ class EngineCore:
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
         self.eos_token_ids = self.runner.eos_token_ids  # one source for stopping and min_tokens masking
+        # Request timelines (monotonic): entry time until first scheduled, then (entry, scheduled)
+        # until the first output carries them out. Both stay empty in steady decoding: no per-step cost.
+        self._queued_at: dict[str, float] = {}
+        self._started_at: dict[str, tuple[float, float]] = {}
+        self.step_seconds = HistogramCounts.empty(STEP_SECONDS_BUCKETS)
+        self.iteration_tokens = HistogramCounts.empty(ITERATION_TOKENS_BUCKETS)
+        self.last_step_end = time.monotonic()  # when the latest step's tokens were sampled
         log.info("engine ready: %s, %d KV blocks of %d tokens, max_model_len %d, %s on %s",
                  ckpt.config.architecture, self.runner.num_blocks, config.block_size,
                  self.max_model_len, self.runner.dtype, self.runner.device)
@@ -81,9 +90,12 @@ class EngineCore:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len ({self.max_model_len})")
         self.scheduler.add(Request(req, self.eos_token_ids, max_tokens))
+        self._queued_at[req.request_id] = time.monotonic()
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:
+            self._queued_at.pop(rid, None)
+            self._started_at.pop(rid, None)
             req = self.scheduler.requests.get(rid)
             if req is not None:
                 self.scheduler.finish(req)
@@ -93,9 +105,21 @@ class EngineCore:
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        t0 = time.monotonic()
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
+        if self._queued_at:  # requests scheduled for the first time: their queue wait ends now
+            for req in batch.requests:
+                queued = self._queued_at.pop(req.request_id, None)
+                if queued is not None:
+                    self._started_at[req.request_id] = (queued, t0)
+        # Prompt tokens computed this step (chunks count as they run; prefix-cache hits are not computed).
+        prompt_tokens = 0
+        for req, start, n in zip(batch.requests, batch.start, batch.num_tokens):
+            p = len(req.prompt_token_ids)
+            if start < p:
+                prompt_tokens += min(start + n, p) - start
         sampled = self.runner.execute(batch)
         self.scheduler.after_step(batch)
         outputs: list[EngineCoreOutput] = []
@@ -107,9 +131,14 @@ class EngineCore:
                 request_id=req.request_id, new_token_ids=[token],
                 new_logprobs=[lp] if lp is not None else None,
                 finish_reason=finish, stop_reason=stop_reason,
-                num_cached_tokens=req.num_cached_tokens if first else 0))
+                num_cached_tokens=req.num_cached_tokens if first else 0,
+                start_times=self._started_at.pop(req.request_id, None) if first else None))
             if finish is not None:
                 self.scheduler.finish(req)
+        t1 = time.monotonic()
+        self.last_step_end = t1
+        self.step_seconds.observe(t1 - t0, STEP_SECONDS_BUCKETS)
+        self.iteration_tokens.observe(prompt_tokens + len(sampled), ITERATION_TOKENS_BUCKETS)
         return outputs
 
     @staticmethod
@@ -130,4 +159,5 @@ class EngineCore:
             num_running=len(s.running), num_waiting=len(s.waiting), num_waiting_tokens=s.num_waiting_tokens,
             num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_blocks, kv_cache_usage=kv.usage,
             prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
-            num_preemptions=s.num_preemptions)
+            num_preemptions=s.num_preemptions, step_seconds=self.step_seconds,
+            iteration_tokens=self.iteration_tokens)

@@ -40,7 +40,8 @@ class LLMEngine:
         self.core.abort_requests(self.output_processor.abort(request_id))
 
     def step(self) -> list[RequestOutput]:
-        outputs, to_abort = self.output_processor.process(self.core.step())
+        core_outputs = self.core.step()
+        outputs, to_abort = self.output_processor.process(core_outputs, self.core.last_step_end)
         if to_abort:
             self.core.abort_requests(to_abort)
         return outputs

@@ -42,6 +42,8 @@ class Ready(msgspec.Struct, tag="ready"):
     num_total_blocks: int
     block_size: int
     stats: EngineStats
+    # Unix time minus monotonic time in the core: turns the core's timestamps into wall time (traces).
+    clock_offset: float = 0.0
 
 
 class StepOutputs(msgspec.Struct, tag="outputs"):
@@ -55,6 +57,9 @@ class StepOutputs(msgspec.Struct, tag="outputs"):
 
     outputs: list[EngineCoreOutput]
     stats: EngineStats
+    # When the step that produced `outputs` sampled them (the core's monotonic clock): one stamp
+    # per message, from which the frontend takes each request's first and last token times.
+    timestamp: float = 0.0
 
 
 class RequestFailed(msgspec.Struct, tag="failed"):

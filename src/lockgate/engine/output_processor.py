@@ -6,10 +6,18 @@ caller must abort it in the core (the core cannot see text).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from lockgate.engine.detokenizer import IncrementalDetokenizer
-from lockgate.engine.outputs import CompletionOutput, EngineCoreOutput, Logprob, RequestOutput, TokenLogprob
+from lockgate.engine.outputs import (
+    CompletionOutput,
+    EngineCoreOutput,
+    Logprob,
+    RequestOutput,
+    RequestTimes,
+    TokenLogprob,
+)
 from lockgate.engine.processor import child_request_ids
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
@@ -24,6 +32,7 @@ class ChildState:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    times: RequestTimes | None = None  # set by its first output
 
 
 @dataclass(slots=True)
@@ -33,6 +42,7 @@ class ParentState:
     prompt_token_ids: list[int]
     children: list[ChildState]
     num_cached_tokens: int = 0
+    times: list[RequestTimes] = field(default_factory=list)  # children that have started
 
     @property
     def finished(self) -> bool:
@@ -40,8 +50,10 @@ class ParentState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, clock_offset: float | None = None) -> None:
         self.tokenizer = tokenizer
+        # The engine core's Unix-minus-monotonic offset (in process: our own).
+        self.clock_offset = time.time() - time.monotonic() if clock_offset is None else clock_offset
         self.parents: dict[str, ParentState] = {}
         self.child_to_parent: dict[str, tuple[ParentState, ChildState]] = {}
         self._token_text: dict[int, str] = {}
@@ -87,13 +99,16 @@ class OutputProcessor:
                     entry.setdefault(tid, Logprob(val, self._decode_token(tid)))
                 child.logprobs.append(entry)
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+    def process(self, outputs: list[EngineCoreOutput],
+                timestamp: float | None = None) -> tuple[list[RequestOutput], list[str]]:
         """Returns one RequestOutput per parent that progressed, and the child ids the
         core must abort because a stop string ended them here.
 
         `outputs` of a RequestOutput holds the children that changed this step; the
         final RequestOutput (finished=True) holds all of them, in index order.
+        `timestamp`: when the core sampled these tokens, on its monotonic clock (None: now).
         """
+        now = time.monotonic() if timestamp is None else timestamp
         changed: dict[str, tuple[ParentState, dict[int, CompletionOutput]]] = {}
         to_abort: list[str] = []
         for out in outputs:
@@ -105,6 +120,12 @@ class OutputProcessor:
                 continue
             if out.num_cached_tokens:
                 parent.num_cached_tokens = out.num_cached_tokens
+            if child.times is not None:
+                child.times.last_token = now
+            elif out.start_times is not None:
+                queued, scheduled = out.start_times
+                child.times = RequestTimes(out.request_id, queued, scheduled, now, now, self.clock_offset)
+                parent.times.append(child.times)
             ids = out.new_token_ids
             # The EOS or stop token that ended the sequence counts as a token but, as in
             # vLLM, its text stays out of the output unless asked for.
@@ -134,7 +155,7 @@ class OutputProcessor:
             results.append(RequestOutput(
                 request_id=rid, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
                 outputs=[comps[i] for i in sorted(comps)], finished=finished,
-                num_cached_tokens=parent.num_cached_tokens))
+                num_cached_tokens=parent.num_cached_tokens, engine_times=parent.times))
         return results, to_abort
 
     @staticmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lockgate.engine.sampling_params import SamplingParams
+from lockgate.engine.step_stats import HistogramCounts
 
 
 @dataclass(slots=True)
@@ -45,6 +46,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # None | "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
+    # First output only: (entered the core, first scheduled), on the core's monotonic clock.
+    start_times: tuple[float, float] | None = None
 
 
 @dataclass(slots=True)
@@ -58,6 +61,41 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found
     num_preemptions: int
+    # Cumulative since the core started (step_stats.py buckets): seconds per step, tokens per step.
+    step_seconds: HistogramCounts | None = None
+    iteration_tokens: HistogramCounts | None = None
+
+
+@dataclass(slots=True)
+class RequestTimes:
+    """One engine request's timeline on the engine core's monotonic clock (seconds).
+
+    Intervals between these are taken on one clock (the core's); `clock_offset`
+    turns them into Unix time for traces.
+    """
+
+    request_id: str  # the engine request (a child id when n > 1)
+    queued: float  # entered the engine core
+    scheduled: float  # first ran in a step
+    first_token: float  # end of the step that sampled its first token
+    last_token: float  # end of the step that sampled its latest token
+    clock_offset: float = 0.0  # Unix time = core time + clock_offset
+
+    @property
+    def queue_s(self) -> float:
+        return self.scheduled - self.queued
+
+    @property
+    def prefill_s(self) -> float:
+        return self.first_token - self.scheduled
+
+    @property
+    def decode_s(self) -> float:
+        return self.last_token - self.first_token
+
+    @property
+    def inference_s(self) -> float:
+        return self.last_token - self.scheduled
 
 
 @dataclass(slots=True)
@@ -92,3 +130,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # Engine timelines of the children that have started (shared, updated in place as tokens come).
+    engine_times: list[RequestTimes] = field(default_factory=list)
