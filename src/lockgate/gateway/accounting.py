@@ -18,6 +18,26 @@ from lockgate.gateway.limits import LimitState
 from lockgate.store.models import Reservation, UsageRecord
 
 
+def finish_reason_of(reasons: list[str | None] | None, error: str | None) -> str:
+    """The ledger's finish reason from how generation ended (the request's metrics record)."""
+    if error is None:
+        return "length" if reasons and "length" in reasons else "stop"
+    if error == "client_disconnected":
+        return "abort"
+    if error == "rejected":
+        return "rejected"
+    return "error"
+
+
+def finish_reason_from_status(status: int, outcome: str) -> str:
+    """For a request that never generated: what its HTTP answer says."""
+    if outcome == "internal" or status >= 500:
+        return "error"
+    if 400 <= status < 500 and status != 499:
+        return "rejected"
+    return "abort"
+
+
 @dataclass(slots=True)
 class Meter:
     request_id: str
@@ -36,6 +56,8 @@ class Meter:
     checkpointed: int = 0  # completion tokens last written to the reservation
     settled: bool = False
     skip: bool = False  # an idempotent replay: already billed by the original request
+    queue_time_s: float | None = None  # the engine's queue wait (entry in the core to first scheduled)
+    cost_usd: float | None = None  # set when settled
 
     @property
     def tenant_id(self) -> str:
@@ -52,14 +74,7 @@ class Meter:
         """From the request's metrics record: how generation ended."""
         if self.finish_reason is not None:
             return
-        if error is None:
-            self.finish_reason = "length" if reasons and "length" in reasons else "stop"
-        elif error == "client_disconnected":
-            self.finish_reason = "abort"
-        elif error == "rejected":
-            self.finish_reason = "rejected"
-        else:
-            self.finish_reason = "error"
+        self.finish_reason = finish_reason_of(reasons, error)
 
     def reservation_row(self) -> Reservation:
         now = time.time()
@@ -70,23 +85,17 @@ class Meter:
                            created_at=self.created_at, updated_at=now)
 
     def usage_row(self, status: int, outcome: str) -> UsageRecord:
-        reason = self.finish_reason
-        if reason is None:
-            if outcome == "internal" or status >= 500:
-                reason = "error"
-            elif 400 <= status < 500 and status != 499:
-                reason = "rejected"
-            else:
-                reason = "abort"
+        reason = self.finish_reason or finish_reason_from_status(status, outcome)
         tenant = self.principal.tenant
         assert tenant is not None
         cost = tenant.price_for(self.model).cost(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        self.cost_usd = cost
         end = time.monotonic()
         return UsageRecord(
             request_id=self.request_id, tenant_id=tenant.id,
             key_id=self.principal.key.id if self.principal.key else None, model=self.model,
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            cached_tokens=self.cached_tokens, queue_time_s=None,
+            cached_tokens=self.cached_tokens, queue_time_s=self.queue_time_s,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
             e2e_s=end - self.arrival, finish_reason=reason, status=status, cost_usd=cost,
             created_at=self.created_at)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("lockgate.gateway")
 
@@ -23,7 +24,7 @@ class InjectedFault(RuntimeError):
 
 
 class Lease:
-    __slots__ = ("_releases", "released", "fault", "outcome", "accounted", "status")
+    __slots__ = ("_releases", "released", "fault", "outcome", "accounted", "status", "code", "record")
 
     def __init__(self, fault: str | None = None) -> None:
         self._releases: list[Callable[[str], None]] = []
@@ -32,6 +33,8 @@ class Lease:
         self.outcome = "aborted"  # why unfinished holdings are released; set by whoever ends the request
         self.accounted = False  # True once a metrics record holds the request's success/failure
         self.status = 0  # the HTTP status sent (set by the guard middleware)
+        self.code: str | None = None  # the error code sent, if an error was (set by the error handlers)
+        self.record: Any = None  # an inference request's observability record (observability/record.py)
 
     def hold(self, release: Callable[[str], None]) -> None:
         """Register how to give back something just taken; called with the outcome on release."""

@@ -19,7 +19,7 @@ from lockgate.gateway.auth import Principal
 from lockgate.gateway.tenants import AdminService, KeyCreate, TenantCreate, TenantPatch
 from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
 from lockgate.server.errors import APIError, bad_request, json_response
-from lockgate.server.openapi import BODY_ERRORS, GUARDED, operation
+from lockgate.server.openapi import BODY_ERRORS, GUARDED, SloReport, operation
 
 admin_router = APIRouter()
 ADMIN_ERRORS = (*GUARDED, 400, 404)
@@ -150,3 +150,8 @@ async def audit_list(request: Request) -> Response:
 @admin_router.get("/admin/audit/verify", **operation(errors=GUARDED))
 async def audit_verify(request: Request) -> Response:
     return json_response(await _call(request, lambda s: s.audit_verify()))
+
+
+@admin_router.get("/admin/slo", **operation(ok=SloReport, errors=GUARDED))
+async def admin_slo(request: Request) -> Response:
+    return json_response(_ctx(request).observer.slo.to_json())

@@ -51,6 +51,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastA
                 await client.shutdown()
         finally:
             await ctx.gateway.stop()  # after the engine: in-flight requests have settled
+            ctx.observer.close()  # flush the request log and batched traces
 
     app = FastAPI(title="lockgate", version=lockgate.__version__, lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)

@@ -49,6 +49,14 @@ class ServerConfig:
     # No engine progress for this long while requests are in flight: fail them, restart the core (0: off).
     engine_stall_timeout_s: float = 60.0
     log_level: str = "info"
+    # Observability (lockgate/observability/): one JSON line per inference request ("json" | "off"),
+    # to stderr or this file; prompt text only with log_prompts.
+    request_log: str = "json"
+    request_log_file: str | None = None
+    log_prompts: bool = False
+    otel_endpoint: str | None = None  # OTLP/HTTP collector; None: the OTEL_EXPORTER_OTLP_* variables, else off
+    slo_period_s: float = 30 * 86400.0  # the SLO period: attainment and error budget are over it
+    metrics_max_tenants: int = 100  # distinct tenant label values; more share "other"
 
     def __post_init__(self) -> None:
         for name in ("max_request_body_bytes", "max_queued_requests", "max_queued_tokens", "max_n",
@@ -62,6 +70,12 @@ class ServerConfig:
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.request_log not in ("json", "off"):
+            raise ValueError(f"request_log must be 'json' or 'off', got {self.request_log!r}")
+        if not self.slo_period_s >= 60:
+            raise ValueError(f"slo_period_s must be >= 60, got {self.slo_period_s}")
+        if self.metrics_max_tenants < 0:
+            raise ValueError(f"metrics_max_tenants must be >= 0, got {self.metrics_max_tenants}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not 0 < self.port < 65536:

@@ -12,6 +12,7 @@ from lockgate.gateway.admission import Admission, AdmissionPolicy, QueueBounds
 from lockgate.gateway.classes import PriorityClass
 from lockgate.gateway.gateway import Gateway, GatewayConfig
 from lockgate.gateway.lease import Lease
+from lockgate.observability.observer import Observer
 from lockgate.server.config import ServerConfig
 from lockgate.server.errors import bad_request, model_not_found, unavailable
 from lockgate.server.metrics import ServerMetrics
@@ -35,6 +36,7 @@ class ServerContext:
     inflight: int = 0  # HTTP requests (past the guard middleware) not yet fully answered
     admission: Admission = field(init=False)
     gateway: Gateway = field(init=False)
+    observer: Observer = field(init=False)  # request records: logs, SLOs, traces
 
     def __post_init__(self) -> None:
         bounds = QueueBounds(self.config.max_queued_requests, self.config.max_queued_tokens)
@@ -44,6 +46,8 @@ class ServerContext:
         self.admission = Admission(bounds, self.client.queue, policy, self.metrics.reject,
                                    lambda: self.metrics.ttft_ema_s)
         self.gateway = Gateway(GatewayConfig(self.config.data_dir, self.config.admin_key))
+        self.observer = Observer.from_config(self.config, self.metrics, self.config.classes)
+        self.metrics.max_queued.labels(self.model_name).set(self.config.max_queued_requests)
 
     @property
     def model_name(self) -> str:

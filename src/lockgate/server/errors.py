@@ -130,6 +130,9 @@ def _render(request: Request, err: APIError) -> Response:
     ctx = getattr(request.app.state, "ctx", None)
     if ctx is not None:
         ctx.metrics.error(err.status, err.code)
+    lease = request.scope.get("lockgate.lease")  # context.LEASE_SCOPE_KEY (not imported: a cycle)
+    if lease is not None:
+        lease.code = err.code  # the request's record tells capacity refusals from client errors
     return err.response()
 
 

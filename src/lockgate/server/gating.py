@@ -17,8 +17,9 @@ from lockgate.gateway.auth import Principal
 from lockgate.gateway.lease import Lease
 from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
 from lockgate.server.errors import APIError, bad_request, model_not_found, unavailable
-from lockgate.server.metrics import RequestTracker
 from lockgate.gateway.classes import PriorityClass
+from lockgate.observability.record import RequestRecord
+from lockgate.server.metrics import RequestTracker
 
 PRIORITY_HEADER = "x-lockgate-priority"
 
@@ -29,13 +30,23 @@ class Gate:
     lease: Lease
     principal: Principal | None
     meter: Meter | None
+    record: RequestRecord
     priority_header: str | None = None
 
     @classmethod
     def open(cls, request: Request, ctx: ServerContext, lease: Lease, request_id: str) -> Gate:
         principal: Principal | None = request.scope.get(PRINCIPAL_SCOPE_KEY)
         meter = ctx.gateway.open_meter(lease, principal, request_id) if principal is not None else None
-        return cls(ctx, lease, principal, meter, request.headers.get(PRIORITY_HEADER))
+        record = ctx.observer.open(request_id, request.url.path, principal)
+        record.meter = meter
+        lease.record = record  # closed by the guard middleware when the request ends
+        return cls(ctx, lease, principal, meter, record, request.headers.get(PRIORITY_HEADER))
+
+    def note(self, stream: bool, prompt: object) -> None:
+        """For the request log: streamed or not, and the prompt (kept only with --log-prompts)."""
+        self.record.stream = stream
+        if self.ctx.config.log_prompts:
+            self.record.prompt = prompt
 
     @property
     def cache_salt(self) -> str | None:
@@ -43,6 +54,7 @@ class Gate:
         return self.principal.tenant_id if self.principal is not None else None
 
     def check_model(self, requested: str | None, served: str) -> None:
+        self.record.model = served
         if self.meter is not None:
             self.meter.model = served
         tenant = self.principal.tenant if self.principal is not None else None
@@ -66,6 +78,11 @@ class Gate:
     def priority(self, body_priority: int | str | None) -> tuple[PriorityClass, int]:
         """The request's class and engine priority: its tenant's class unless it asks for a lower
         one (header `x-lockgate-priority` or body `priority`, a class name or an integer); higher is 403."""
+        cls, value = self._priority(body_priority)
+        self.record.cls = cls  # from here on the request counts for its class's SLO
+        return cls, value
+
+    def _priority(self, body_priority: int | str | None) -> tuple[PriorityClass, int]:
         classes = self.ctx.config.classes
         tenant = self.principal.tenant if self.principal is not None else None
         base = (classes.get(tenant.priority) or classes.default) if tenant is not None else None
@@ -114,10 +131,17 @@ class Gate:
                               retry_after_s=5) from None
 
     def track(self, tracker: RequestTracker) -> None:
-        """Feed the meter from the request's metrics record (tokens as they stream, how it ended)."""
+        """Feed the meter from the request's metrics record (tokens as they stream, how it ended,
+        the engine's queue time)."""
         meter = self.meter
         if meter is None:
             return
         gw = self.ctx.gateway
+        record = self.record
+
+        def finish(reasons: list[str | None] | None, error: str | None) -> None:
+            meter.queue_time_s = record.queue_s
+            meter.finish(reasons, error)
+
         tracker.on_tokens = lambda n, cached: gw.on_tokens(meter, n, cached)
-        tracker.on_finish = meter.finish
+        tracker.on_finish = finish

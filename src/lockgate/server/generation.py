@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -70,7 +71,10 @@ def start(ctx: ServerContext, lease: Lease, request_id: str, prompts: list[list[
     """Take what a generation needs (a metrics record, one engine stream per prompt), each put
     on the lease as it is taken, so any failure from here to the last byte gives it all back."""
     lease.checkpoint("track")
-    tracker = ctx.metrics.tracker(sum(len(ids) for ids in prompts))
+    record = gate.record if gate is not None else None
+    if record is not None:
+        record.admitted = time.monotonic()  # admission ends: the engine takes over
+    tracker = ctx.metrics.tracker(sum(len(ids) for ids in prompts), record)
     if gate is not None:
         gate.track(tracker)
     lease.hold(lambda outcome: tracker.finish(None, error=outcome))

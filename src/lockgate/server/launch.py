@@ -178,6 +178,12 @@ def serve_command(
     enable_fault_injection: Annotated[bool, typer.Option(hidden=True, help="Test only: honour x-lockgate-fault")] = False,  # noqa: E501
     engine_stall_timeout: Annotated[float, typer.Option(help="Seconds without engine progress, with requests in flight, before they fail and the engine restarts (0: off)")] = 60.0,  # noqa: E501
     debug_hang_at_step: Annotated[int | None, typer.Option(hidden=True, help="Test only: the first engine hangs in this step")] = None,  # noqa: E501
+    request_log: Annotated[str, typer.Option(help="json: one JSON line per inference request (stderr, or --request-log-file) | off")] = "json",  # noqa: E501
+    request_log_file: Annotated[str | None, typer.Option(help="Append the request log to this file instead of stderr")] = None,  # noqa: E501
+    log_prompts: Annotated[bool, typer.Option(help="Put prompts (text or messages) in the request log")] = False,
+    otel_endpoint: Annotated[str | None, typer.Option(help="OTLP/HTTP collector for traces, e.g. http://localhost:4318 (default: OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)")] = None,  # noqa: E501
+    slo_period_days: Annotated[float, typer.Option(help="SLO period: attainment and error budget are over it")] = 30.0,  # noqa: E501
+    metrics_max_tenants: Annotated[int, typer.Option(help="Distinct tenant label values in /metrics; more share 'other'")] = 100,  # noqa: E501
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, ...)."""
     try:
@@ -190,7 +196,10 @@ def serve_command(
             server_options={"allowed_origins": list(allowed_origins or []), "allowed_hosts": allowed_hosts or None,
                             "header_timeout_s": header_timeout, "body_timeout_s": body_timeout,
                             "max_connections": max_connections, "enable_fault_injection": enable_fault_injection,
-                            "metrics_auth": metrics_auth, "slo_admission": slo_admission},
+                            "metrics_auth": metrics_auth, "slo_admission": slo_admission,
+                            "request_log": request_log, "request_log_file": request_log_file,
+                            "log_prompts": log_prompts, "otel_endpoint": otel_endpoint,
+                            "slo_period_s": slo_period_days * 86400.0, "metrics_max_tenants": metrics_max_tenants},
             class_config=class_config,
             debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

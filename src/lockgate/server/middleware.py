@@ -4,8 +4,10 @@ In order: Host and Origin checks (open mode), CORS preflight, the caller's key
 (keyed mode: 401, and 403 for a key without the route's scope), drain (503),
 JSON-only bodies (415), body size (413) and body deadline (408); then the
 route runs with a `Lease` in its scope that is released here when the call ends,
-however it ends. An exception no route handled is logged once and answered as
-an OpenAI-shaped 500. Every response is counted by route and status.
+however it ends; then, still here, an inference request's record is closed (its
+log line, SLO verdict and cost) and its trace finished. An exception no route
+handled is logged once and answered as an OpenAI-shaped 500. Every response is
+counted by route and status.
 
 A pure ASGI middleware (not Starlette's BaseHTTPMiddleware) so streaming
 responses and disconnect notifications pass through untouched.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,12 +27,17 @@ from lockgate.server.context import LEASE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, Server
 from lockgate.server.errors import APIError, internal_error, unavailable
 from lockgate.server.origins import OriginPolicy, cors_headers
 
+if TYPE_CHECKING:
+    from lockgate.observability.observer import Observer
+    from lockgate.observability.tracing import RequestTracer
+
 log = logging.getLogger("lockgate.server")
 
 # Reachable without an API key and while draining (load balancers and scrapers use them);
 # /metrics too unless the server runs with --metrics-auth.
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
 ADMIN_PREFIX = "/admin/"
+SLO_PATH = "/slo"  # open mode's SLO report; with keys it needs the admin scope, as /admin/slo
 DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect"})  # any valid key
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 FAULT_HEADER = b"x-lockgate-fault"
@@ -115,6 +124,7 @@ class GuardMiddleware:
                 return APIError(403, "the admin API needs the server to run with --admin-key",
                                 code="admin_disabled")
             return None
+        admin_route = admin_route or path == SLO_PATH
         try:
             principal: Principal = gw.authenticate(headers.get(b"authorization"))
         except APIError as err:
@@ -186,6 +196,10 @@ class GuardMiddleware:
         lease = Lease(fault)
         scope[LEASE_SCOPE_KEY] = lease
         started = False
+        observer: Observer | None = getattr(ctx, "observer", None)
+        # Tracing: only when configured, and not for probes and scrapes (the open paths).
+        tracer = observer.tracer if observer is not None and headers is not None else None
+        span = tracer.start_http(scope["method"], scope["path"], headers) if tracer is not None else None
 
         async def send_tracked(message: Message) -> None:
             nonlocal started
@@ -197,6 +211,11 @@ class GuardMiddleware:
                 principal = scope.get(PRINCIPAL_SCOPE_KEY)
                 if principal is not None and principal.tenant is not None:
                     message = _with_rate_headers(message, ctx.gateway.rate_headers(principal))
+            elif span is not None and lease.record is not None:  # the answer's first and last byte
+                now = time.monotonic()
+                if lease.record.response_started is None:
+                    lease.record.response_started = now
+                lease.record.response_ended = now
             await send(message)
 
         ctx.inflight += 1
@@ -205,7 +224,11 @@ class GuardMiddleware:
         except Exception as exc:  # noqa: BLE001 - the one place an unhandled error is logged and answered
             lease.outcome = "internal"
             if not lease.accounted:  # a request with a metrics record is counted by it on release
-                ctx.metrics.fail("internal")
+                rec = lease.record
+                if rec is not None:
+                    ctx.metrics.fail("internal", rec.tenant, rec.class_name)
+                else:
+                    ctx.metrics.fail("internal")
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not started:
                 err = internal_error(exc)
@@ -216,6 +239,20 @@ class GuardMiddleware:
         finally:
             ctx.inflight -= 1
             lease.release()
+            self._observe(scope, lease, observer, tracer, span)
+
+    @staticmethod
+    def _observe(scope: Scope, lease: Lease, observer: Observer | None, tracer: RequestTracer | None,
+                 span: Any) -> None:
+        """The request has ended and given everything back: close its record and its trace."""
+        try:
+            if lease.record is not None and observer is not None:
+                observer.end(lease.record, lease)
+            if span is not None and tracer is not None:
+                route = getattr(scope.get("route"), "path", None)
+                tracer.end_http(span, scope["method"], route, lease.status, lease.record)
+        except Exception:  # noqa: BLE001 - observing a request must never fail it
+            log.exception("recording the end of a request failed")
 
     async def _reply(self, send: Send, err: APIError) -> None:
         self.ctx.metrics.error(err.status, err.code)

@@ -137,12 +137,44 @@ class VersionResponse(_Doc):
     version: str
 
 
+class SloTargets(_Doc):
+    ttft_s: float
+    tpot_s: float
+
+
+class SloAlerts(_Doc):
+    fast_burn: bool = Field(description="Page: the 1h and 5m burn rates are both above 14.4")
+    slow_burn: bool = Field(description="Ticket: the 6h and 30m burn rates are both above 6")
+
+
+class SloClass(_Doc):
+    class_: str = Field(alias="class", description="The priority class")
+    objective: float = Field(description="Target fraction of good requests")
+    targets: SloTargets
+    requests: int = Field(description="SLO events over the period (good + bad)")
+    good: int
+    bad: int
+    attainment: float | None = Field(description="good / requests; null without requests")
+    error_budget_remaining: float = Field(description="1 untouched, 0 spent, negative overspent")
+    burn_rates: dict[str, float] = Field(description="Window (5m, 30m, 1h, 6h) to error rate / (1 - objective)")
+    alerts: SloAlerts
+
+
+class SloReport(_Doc):
+    """Per priority class: attainment, error budget and burn rates (in memory since the server started)."""
+
+    object: Literal["slo"]
+    period_s: float
+    windows: list[str]
+    classes: list[SloClass]
+
+
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
     TenantCreate, TenantPatch, KeyCreate)
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ErrorResponse, CompletionResponse, ChatCompletionResponse, ModelList, ModelCard, TokenizeResponse,
-    DetokenizeResponse, HealthResponse, VersionResponse)
+    DetokenizeResponse, HealthResponse, VersionResponse, SloReport)
 
 
 # -- Per-route pieces ----------------------------------------------------------------------------

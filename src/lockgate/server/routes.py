@@ -22,6 +22,7 @@ from lockgate.server.openapi import (
     HealthResponse,
     ModelCard,
     ModelList,
+    SloReport,
     TokenizeResponse,
     VersionResponse,
     operation,
@@ -155,3 +156,9 @@ async def version() -> Response:
                                 errors=(*OPEN, 401)))  # 401 with --metrics-auth
 async def metrics(request: Request) -> Response:
     return Response(_ctx(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@_get("/slo", **operation(ok=SloReport, ok_description="SLO attainment, error budget and burn rates per class",
+                            errors=GUARDED))  # open mode; with keys the admin scope, as /admin/slo
+async def slo(request: Request) -> Response:
+    return json_response(_ctx(request).observer.slo.to_json())

@@ -80,6 +80,7 @@ async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate
     params = gate.cap(chat_params(body, ctx.config, ctx.engine_config), param)
     cls, priority = gate.priority(body.priority)
     messages = chat_messages(body.messages, ctx.config)
+    gate.note(bool(body.stream), messages)
     ctx.check_engine()
     args = (ctx, messages, bool(body.add_generation_prompt), bool(body.continue_final_message),
             body.chat_template_kwargs)

@@ -60,6 +60,7 @@ async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate
     params = gate.cap(completion_params(body, ctx.config, ctx.engine_config), "max_tokens")
     cls, priority = gate.priority(body.priority)
     prompts = completion_prompts(body, ctx.config)
+    gate.note(bool(body.stream), prompts if len(prompts) > 1 else prompts[0])
     ctx.check_engine()
     ids_list: list[list[int]] = []
     texts: list[str | None] = []
