@@ -310,4 +310,25 @@ def test_a_version_1_database_is_migrated_and_keeps_its_tenants(tmp_path: Path) 
     finally:
         s.close()
     with contextlib.closing(sqlite3.connect(path)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_schema_3_keeps_the_model_version_and_migrates_a_version_2_database(tmp_path: Path) -> None:
+    """Schema 3 adds the serving model version to usage rows and reservations (NULL for older rows)."""
+    path = tmp_path / DB_FILENAME
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        for stmt in (*MIGRATIONS[0], *MIGRATIONS[1]):
+            raw.execute(stmt)
+        raw.execute("PRAGMA user_version = 2")
+        raw.execute("INSERT INTO usage(request_id, tenant_id, key_id, model, prompt_tokens, completion_tokens, "
+                    "cached_tokens, finish_reason, status, cost_usd, created_at) "
+                    "VALUES ('old', 'ten_a', NULL, 'm1', 1, 1, 0, 'stop', 200, 0.5, 1.0)")
+    s = SQLiteStore(path)
+    try:
+        s.add_reservations([Reservation("r1", "ten_a", None, "m1", 1.0, 10, model_version="v2")])
+        assert s.list_reservations()[0].model_version == "v2"
+        s.settle([_usage("new", model_version="v2", at=2.0)])
+        rows = {r["request_id"]: r for r in s.query_usage(UsageQuery())}
+        assert rows["old"]["model_version"] is None and rows["new"]["model_version"] == "v2"
+    finally:
+        s.close()

@@ -43,6 +43,7 @@ class Meter:
     request_id: str
     principal: Principal
     model: str = ""
+    model_version: str | None = None  # the version of `model` that serves it (lifecycle/)
     arrival: float = field(default_factory=time.monotonic)
     created_at: float = field(default_factory=time.time)
     prompt_tokens: int = 0
@@ -82,7 +83,7 @@ class Meter:
                            key_id=self.principal.key.id if self.principal.key else None, model=self.model,
                            reserved_usd=self.reserved_usd, prompt_tokens=self.prompt_tokens,
                            completion_tokens=self.completion_tokens, cached_tokens=self.cached_tokens,
-                           created_at=self.created_at, updated_at=now)
+                           created_at=self.created_at, updated_at=now, model_version=self.model_version)
 
     def usage_row(self, status: int, outcome: str) -> UsageRecord:
         reason = self.finish_reason or finish_reason_from_status(status, outcome)
@@ -98,4 +99,4 @@ class Meter:
             cached_tokens=self.cached_tokens, queue_time_s=self.queue_time_s,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
             e2e_s=end - self.arrival, finish_reason=reason, status=status, cost_usd=cost,
-            created_at=self.created_at)
+            created_at=self.created_at, model_version=self.model_version)

@@ -141,7 +141,7 @@ class Gateway:
                 prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                 cached_tokens=r.cached_tokens, queue_time_s=None, ttft_s=None,
                 e2e_s=max(0.0, r.updated_at - r.created_at), finish_reason="interrupted", status=0,
-                cost_usd=cost, created_at=r.created_at))
+                cost_usd=cost, created_at=r.created_at, model_version=r.model_version))
         await self.astore.settle(rows)
         log.warning("settled %d request(s) interrupted by the previous shutdown", len(rows))
 

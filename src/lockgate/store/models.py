@@ -84,6 +84,7 @@ class Reservation:
     cached_tokens: int = 0
     created_at: float = 0.0
     updated_at: float = 0.0
+    model_version: str | None = None  # the version of `model` that served it (None: before versions)
 
 
 @dataclass(slots=True)
@@ -104,6 +105,7 @@ class UsageRecord:
     status: int  # HTTP status
     cost_usd: float
     created_at: float = 0.0
+    model_version: str | None = None  # the version of `model` that served it (None: before versions)
 
 
 @dataclass(slots=True)

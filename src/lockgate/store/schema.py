@@ -103,6 +103,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
     # 2: a tenant's fair-share weight (the engine's virtual token counters divide by it).
     ("ALTER TABLE tenants ADD COLUMN weight REAL NOT NULL DEFAULT 1.0",),
+    # 3: the model version that served a request (lifecycle/: several versions of a model at once).
+    ("ALTER TABLE usage ADD COLUMN model_version TEXT",
+     "ALTER TABLE reservations ADD COLUMN model_version TEXT"),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

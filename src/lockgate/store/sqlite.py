@@ -85,10 +85,10 @@ _TENANT_COLS = ("id, name, models, rpm, tpm, max_concurrency, max_tokens, priori
 _KEY_COLS = ("id, tenant_id, name, prefix, key_hash, scopes, rpm, tpm, max_concurrency, max_tokens, "
              "expires_at, revoked_at, created_at")
 _RES_COLS = ("request_id, tenant_id, key_id, model, reserved_usd, prompt_tokens, completion_tokens, "
-             "cached_tokens, created_at, updated_at")
+             "cached_tokens, created_at, updated_at, model_version")
 _USAGE_COLS = ("request_id", "tenant_id", "key_id", "model", "prompt_tokens", "completion_tokens",
                "cached_tokens", "queue_time_s", "ttft_s", "e2e_s", "finish_reason", "status", "cost_usd",
-               "created_at")
+               "created_at", "model_version")
 _AUDIT_COLS = "id, ts, actor, action, target, details, prev_hash, hash"
 
 
@@ -381,12 +381,12 @@ class SQLiteStore:
         now = time.time()
         # A request already settled gets no new hold (a late or repeated add is a no-op).
         conn.executemany(
-            f"INSERT INTO reservations({_RES_COLS}) SELECT ?,?,?,?,?,?,?,?,?,? "
+            f"INSERT INTO reservations({_RES_COLS}) SELECT ?,?,?,?,?,?,?,?,?,?,? "
             "WHERE NOT EXISTS (SELECT 1 FROM usage WHERE request_id = ?) "
             "ON CONFLICT(request_id) DO NOTHING",
             [(r.request_id, r.tenant_id, r.key_id, r.model, float(r.reserved_usd), int(r.prompt_tokens),
               int(r.completion_tokens), int(r.cached_tokens), r.created_at or now, r.updated_at or now,
-              r.request_id) for r in reservations])
+              r.model_version, r.request_id) for r in reservations])
 
     @staticmethod
     def _checkpoint(conn: sqlite3.Connection, updates: list[tuple[str, int, int]]) -> None:
@@ -404,7 +404,7 @@ class SQLiteStore:
             "ON CONFLICT(request_id) DO NOTHING",
             [(r.request_id, r.tenant_id, r.key_id, r.model, int(r.prompt_tokens), int(r.completion_tokens),
               int(r.cached_tokens), r.queue_time_s, r.ttft_s, r.e2e_s, r.finish_reason, int(r.status),
-              float(r.cost_usd), r.created_at or now) for r in records])
+              float(r.cost_usd), r.created_at or now, r.model_version) for r in records])
         conn.executemany("DELETE FROM reservations WHERE request_id = ?", [(r.request_id,) for r in records])
 
     def add_reservations(self, reservations: list[Reservation]) -> None:
