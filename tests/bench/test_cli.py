@@ -57,8 +57,8 @@ def assert_png(path: Path) -> None:
 
 
 def success_count(srv: ServerProcess) -> float:
-    return sum(v for k, v in srv.metrics().items()
-               if k.startswith('lockgate:request_success_total{finished_reason="length"'))
+    return sum(v for k, v in srv.metrics().items()  # every tenant and class label set
+               if k.startswith("lockgate:request_success_total{") and 'finished_reason="length"' in k)
 
 
 @pytest.fixture(scope="module")
