@@ -115,11 +115,10 @@ class EngineCore:
                 if queued is not None:
                     self._started_at[req.request_id] = (queued, t0)
         # Prompt tokens computed this step (chunks count as they run; prefix-cache hits are not computed).
-        prompt_tokens = 0
-        for req, start, n in zip(batch.requests, batch.start, batch.num_tokens):
-            p = len(req.prompt_token_ids)
-            if start < p:
-                prompt_tokens += min(start + n, p) - start
+        # A generator, not a loop: this runs every step over the whole batch (decodes add nothing).
+        prompt_tokens = sum(min(start + n, len(req.prompt_token_ids)) - start
+                            for req, start, n in zip(batch.requests, batch.start, batch.num_tokens)
+                            if start < len(req.prompt_token_ids))
         sampled = self.runner.execute(batch)
         self.scheduler.after_step(batch)
         outputs: list[EngineCoreOutput] = []
