@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -56,6 +57,9 @@ def test_no_class_no_verdict_and_ledger_reasons() -> None:
     r.status, r.outcome = 500, "internal"
     assert r.finish_reason == "error"
     assert _done(0.1, 0.1, 2).finish_reason == "length"
+    replay = RequestRecord("r", "/v1/completions")
+    replay.status, replay.meter = 200, SimpleNamespace(skip=True, cost_usd=1.0)  # type: ignore[assignment]
+    assert replay.finish_reason == "replayed" and replay.cost_usd is None  # billed by the original
 
 
 def test_queue_time_is_the_first_engine_request_to_start() -> None:

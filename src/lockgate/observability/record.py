@@ -89,7 +89,10 @@ class RequestRecord:
 
     @property
     def finish_reason(self) -> str:
-        """As the ledger says it: stop, length, abort, error or rejected."""
+        """As the ledger says it: stop, length, abort, error or rejected (`replayed`: an
+        Idempotency-Key retry answered from the stored response)."""
+        if self.meter is not None and self.meter.skip:
+            return "replayed"
         if self.completed or self.error is not None:
             return finish_reason_of(self.finish_reasons, self.error)
         return finish_reason_from_status(self.status, self.outcome)
