@@ -36,26 +36,31 @@ def test_drain_rate_is_measured_only_while_backlogged() -> None:
     clock = Clock()
     q = QueueView(window_s=10, clock=clock)
     assert q.drain_rate() is None  # nothing measured: admission has no basis to refuse
-    for i in range(5):
+    for i in range(6):
         q.add(f"r{i}", 1, 1, 100)
-    for i in range(4):  # four requests leave over 2 s: 2 req/s, 200 tok/s
+    for i in range(4):  # four requests leave over 2 s, each with others behind it: 2 req/s, 200 tok/s
         clock.t += 0.5
+        if i < 3:
+            assert q.drain_rate() is None  # too few departures yet to trust a first rate
         q.leave(f"r{i}", served=True)
     r = q.drain_rate()
     assert r is not None
     assert r.requests_per_s == pytest.approx(2.0) and r.tokens_per_s == pytest.approx(200.0)
-    # Nothing leaves for 3 more seconds while one still waits: the live rate falls (the last
+    # Nothing leaves for 3 more seconds while two still wait: the live rate falls (the last
     # rate, 2/s, weighs as PRIOR_S seconds of evidence).
     clock.t += 3
     prior = QueueView.PRIOR_S
     r = q.drain_rate()
     assert r is not None and r.requests_per_s == pytest.approx((4 + 2 * prior) / (5 + prior))
     q.leave("r4", served=True)
-    # Idle now: the last measured rate is kept for the next busy period.
+    # One request left: no backlog; the last measured rate is kept for the next busy period.
     clock.t += 1000
     last = q.drain_rate()
     assert last is not None and last.requests_per_s == pytest.approx((5 + 2 * prior) / (5 + prior))
-    q.add("n", 0, 1, 10)  # a new busy period starts: nothing measured yet, the last rate stands
+    q.leave("r5", served=True)  # a lone request's departure is its latency, not throughput
+    assert q.drain_rate() == last
+    q.add("n", 0, 1, 10)
+    q.add("m", 0, 1, 10)  # a new backlog: nothing measured yet, the last rate stands
     assert q.drain_rate() == last
     # A stall: nothing leaves for a minute; the rate falls to the floor PRIOR_S / (window + PRIOR_S) of it.
     clock.t += 60

@@ -168,3 +168,19 @@ def test_a_stalled_queue_refuses_everything_that_must_wait() -> None:
     clock.t += 60
     e = reject(adm, 1, 100, I, 0)
     assert e.code == "slo_unattainable" and 1 <= int(e.headers["Retry-After"]) <= 60
+
+
+def test_lone_requests_are_no_basis_to_refuse() -> None:
+    """A server's first requests (a warm-up, one at a time) measure latency, not throughput: a
+    regression where a 1-token warm-up made the next real prompt look unservable."""
+    adm, q, clock, rejected = make()
+    for i in range(3):  # one at a time, each alone in the queue
+        k = add(q, 0, 1)
+        clock.t += 0.5
+        q.leave(k, served=True)
+    assert q.drain_rate() is None
+    add(q, 1, 30)
+    add(q, 1, 30)
+    adm.check(1, 30, S, 1)
+    adm.check(1, 3000, B, 2)
+    assert rejected == []

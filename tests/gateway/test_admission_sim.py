@@ -95,11 +95,13 @@ def test_at_2x_capacity_admitted_requests_meet_their_class_target() -> None:
     admitted = [r for r in rep.results.values() if r.admitted]
     rejected = len(reqs) - len(admitted)
     assert rejected >= len(reqs) // 3, (rejected, len(reqs))
-    # Past the first seconds (nothing measured yet: everything is admitted), every class meets its target.
+    # Past the first seconds (nothing measured yet: everything is admitted), every class meets its
+    # target. Interactive and standard alone are 1.2x capacity: batch is (almost) all shed.
     for cls in CLASSES.classes:
         ttfts = [r.ttft for r in admitted if r.request.priority == cls.rank and r.request.arrival_s > 10]
-        assert len(ttfts) >= 10, cls.name
-        assert percentile(ttfts, 95) <= cls.ttft_s, (cls.name, percentile(ttfts, 95))
+        assert len(ttfts) >= (10 if cls.name != "batch" else 0), cls.name
+        if ttfts:
+            assert percentile(ttfts, 95) <= cls.ttft_s, (cls.name, percentile(ttfts, 95))
     # Lowest class first.
     n = {c.name: sum(1 for r in reqs if r.priority == c.rank) for c in CLASSES.classes}
     frac = {c: gate.rejected.get(c, 0) / n[c] for c in n}

@@ -1,10 +1,11 @@
 """The API process's live view of the engine's queue: what waits, per priority, and how fast it leaves.
 
 A request is queued from submission until its first output. The drain rate
-(requests and prompt tokens leaving the queue per second) is measured only
-while the queue is non-empty, so it is the engine's real service rate under
-backlog, whatever limits it (prefill compute, batch slots, KV blocks). Admission
-predicts a new request's wait from it; nothing here waits on the engine.
+(requests and prompt tokens leaving the queue per second) is measured only under
+backlog (another request waiting behind the one that leaves), so it is the
+engine's real service rate, whatever limits it (prefill compute, batch slots, KV
+blocks), and never a lone request's latency. Admission predicts a new request's
+wait from it; nothing here waits on the engine.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ class DrainRate:
 
 
 class QueueView:
-    MIN_SPAN_S = 1.0  # the first rate ever needs a departure and a quarter of this much backlog
+    BACKLOG = 2  # queued requests that make a backlog: a departure then shows throughput
+    MIN_EVENTS = 4  # departures under backlog before the first rate is trusted
+    MIN_SPAN_S = 1.0  # ... and a quarter of this much backlogged time
     PRIOR_S = 2.0  # the last rate weighs as much as this many seconds of new measurement
 
     def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -43,6 +46,7 @@ class QueueView:
         self._busy_since: float | None = None
         self._events: deque[tuple[float, int, int]] = deque()  # departures: (time, requests, tokens)
         self._last: DrainRate | None = None
+        self._departures = 0  # under backlog, ever
         self._arrivals: deque[tuple[float, int, int, int]] = deque()  # (time, priority, requests, tokens)
         self._started = clock()
 
@@ -52,7 +56,7 @@ class QueueView:
             raise ValueError(f"{key!r} is already queued")
         self._priority_of[key] = priority
         self._entries.setdefault(priority, {})[key] = (now, requests, tokens)
-        if self.num_requests == 0:
+        if self.num_requests < self.BACKLOG <= self.num_requests + requests:
             self._busy_since = now
             self._events.clear()
         slot = self.by_priority.setdefault(priority, [0, 0])
@@ -82,15 +86,17 @@ class QueueView:
         slot[1] -= tokens
         if slot[0] == 0:
             del self.by_priority[priority]
+        backlogged = self._busy_since is not None
         self.num_requests -= requests
         self.num_tokens -= tokens
         now = self.clock()
-        if served:
+        if served and backlogged:
             self._events.append((now, requests, tokens))
+            self._departures += 1
             rate = self._measure(now)
             if rate is not None:
                 self._last = rate
-        if self.num_requests == 0:
+        if self.num_requests < self.BACKLOG:
             self._busy_since = None
 
     def ahead(self, priority: int | None, aging_s: float = 0.0, horizon_s: float = 0.0) -> tuple[int, int]:
@@ -152,7 +158,7 @@ class QueueView:
         toks = sum(e[2] for e in self._events)
         last = self._last
         if last is None:
-            if reqs == 0 or span < self.MIN_SPAN_S / 4:
+            if self._departures < self.MIN_EVENTS or span < self.MIN_SPAN_S / 4:
                 return None
             return DrainRate(reqs / span, toks / span)
         t = span + self.PRIOR_S
