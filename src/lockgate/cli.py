@@ -1,4 +1,4 @@
-"""`lockgate` command line: serve, generate, chat (admin commands and bench register themselves)."""
+"""`lockgate` command line: serve, generate, chat (admin commands, bench and eval register themselves)."""
 from __future__ import annotations
 
 import sys
@@ -116,6 +116,9 @@ _register_admin(app)  # tenants | keys | usage | audit
 from lockgate.bench.cli import register as _register_bench  # noqa: E402
 
 _register_bench(app)  # bench
+from lockgate.eval.cli import register as _register_eval  # noqa: E402
+
+_register_eval(app)  # eval
 
 
 def main() -> None:

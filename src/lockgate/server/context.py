@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lockgate.engine.client import AsyncEngineClient
 from lockgate.engine.config import EngineConfig
@@ -16,6 +17,9 @@ from lockgate.observability.observer import Observer
 from lockgate.server.config import ServerConfig
 from lockgate.server.errors import bad_request, model_not_found, unavailable
 from lockgate.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from lockgate.lifecycle.registry import ModelRegistry
 
 LEASE_SCOPE_KEY = "lockgate.lease"  # where the guard middleware puts each request's Lease
 PRINCIPAL_SCOPE_KEY = "lockgate.principal"  # and the authenticated caller (keyed mode)
@@ -36,6 +40,9 @@ class ServerContext:
     inflight: int = 0  # HTTP requests (past the guard middleware) not yet fully answered
     admission: Admission = field(init=False)
     gateway: Gateway = field(init=False)
+    # Every served model and version (lifecycle/registry.py); routes bind a request to one version,
+    # whose engine is then `client` (the server's first version's until then).
+    models: ModelRegistry = field(init=False)
     observer: Observer = field(init=False)  # request records: logs, SLOs, traces
 
     def __post_init__(self) -> None:

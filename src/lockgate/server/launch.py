@@ -21,6 +21,7 @@ import uvicorn
 
 from lockgate.engine.config import EngineConfig
 from lockgate.gateway.classes import ClassTable
+from lockgate.lifecycle.build import plan_from_args
 from lockgate.server.app import build_app, drain
 from lockgate.server.config import ServerConfig
 from lockgate.server.context import ServerContext
@@ -77,7 +78,8 @@ def has_tenants(data_dir: str) -> bool:
             return False
 
 
-def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *,
+def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: int = 8000, *,
+          config: str | None = None,
           served_model_name: list[str] | str | None = None, admin_key: str | None = None,
           data_dir: str = "./lockgate-data", insecure_no_auth: bool = False,
           max_request_body_bytes: int = 4 * 1024 * 1024, max_queued_requests: int = 256,
@@ -87,14 +89,20 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *
           **engine_options: Any) -> int:
     """Serve `model` (None: the embedded SmolLM2) until stopped; returns the exit status.
 
+    `model` may also be a list of `NAME=PATH` / `NAME@VERSION=PATH` values, and `config` a models
+    file (lifecycle/models_config.py): several models and versions, each in its own engine.
+
     `engine_options` are `EngineConfig` fields (max_model_len, max_num_seqs, kv_cache_memory_gb, ...;
     the server schedules by priority class unless `scheduling_policy="fcfs"`); `class_config` a
     priority-class file (YAML or JSON, gateway/classes.py); `server_options` more `ServerConfig`
     fields (allowed_origins, header_timeout_s, slo_admission, ...).
     """
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+    models = [model] if isinstance(model, str) else list(model or [])
+    plan = plan_from_args(models, config, names)  # None: one plain model, as before
+    model = models[0] if plan is None and models else None
     if model is not None and not Path(model).exists():
         raise ValueError(f"model path {model!r} does not exist")
-    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     engine_options.setdefault("scheduling_policy", "priority")
     engine_config = EngineConfig(model=model, **engine_options)
     classes = ClassTable.load(class_config) if class_config else ClassTable()
@@ -113,7 +121,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *
                              "tenants and keys), or pass --insecure-no-auth to serve anyone who can reach it")
         log.warning("listening on %s without authentication (--insecure-no-auth): anyone who can reach it "
                     "can use it", host)
-    app = build_app(engine_config, server_config)
+    app = build_app(engine_config, server_config, plan)
     sc = server_config
     # httptools (llhttp) rejects ambiguous framing; the subclass adds head deadlines and size bounds.
     http = protocol_class(sc.header_timeout_s, sc.max_header_bytes)
@@ -133,7 +141,8 @@ def _default(name: str) -> Any:
 
 
 def serve_command(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="HF checkpoint directory or GGUF file; default: the embedded SmolLM2-135M-Instruct")] = None,  # noqa: E501
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="PATH (an HF checkpoint directory or GGUF file), or NAME=PATH / NAME@VERSION=PATH, repeatable (each version its own engine); default: the embedded SmolLM2-135M-Instruct")] = None,  # noqa: E501
+    config: Annotated[str | None, typer.Option("--config", help="Models file (YAML or JSON): models, versions, per-version engine options, traffic weights, shadow, rollback rules")] = None,  # noqa: E501
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     served_model_name: Annotated[list[str] | None, typer.Option(help="Name(s) clients use as `model` (repeatable)")] = None,  # noqa: E501
@@ -188,7 +197,8 @@ def serve_command(
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, ...)."""
     try:
         code = serve(
-            model, host, port, served_model_name=served_model_name, admin_key=admin_key, data_dir=data_dir,
+            model, host, port, config=config, served_model_name=served_model_name, admin_key=admin_key,
+            data_dir=data_dir,
             insecure_no_auth=insecure_no_auth,
             max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
             max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout, max_n=max_n,

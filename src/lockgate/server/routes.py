@@ -27,6 +27,7 @@ from lockgate.server.openapi import (
     VersionResponse,
     operation,
 )
+from lockgate.server.model_select import model_cards
 from lockgate.server.params import chat_messages
 from lockgate.server.protocol import (
     ChatCompletionRequest,
@@ -73,32 +74,25 @@ async def chat_completions(request: Request) -> Response:
     return await create_chat_completion(request, _ctx(request))
 
 
-def _model_card(ctx: ServerContext, name: str) -> dict[str, object]:
-    return {"id": name, "object": "model", "created": ctx.created, "owned_by": "lockgate",
-            "root": ctx.engine_config.model or ctx.model_name, "parent": None,
-            "max_model_len": ctx.client.max_model_len}
-
-
 @_get("/v1/models", **operation(ok=ModelList, errors=GUARDED))
 async def list_models(request: Request) -> Response:
-    ctx = _ctx(request)
-    names = [n for n in ctx.model_names if _visible(request, n)]
-    return json_response({"object": "list", "data": [_model_card(ctx, n) for n in names]})
+    cards = [c for c in model_cards(_ctx(request)) if _visible(request, str(c["id"]))]
+    return json_response({"object": "list", "data": cards})
 
 
 @_get("/v1/models/{model:path}", **operation(ok=ModelCard, errors=(404, *GUARDED)))
 async def get_model(model: str, request: Request) -> Response:
-    ctx = _ctx(request)
-    if model not in ctx.model_names or not _visible(request, model):
+    card = next((c for c in model_cards(_ctx(request)) if c["id"] == model), None)
+    if card is None or not _visible(request, model):
         raise model_not_found(model)
-    return json_response(_model_card(ctx, model))
+    return json_response(card)
 
 
 @router.post("/tokenize", **operation(body=TokenizeRequest, ok=TokenizeResponse, errors=BODY_ERRORS))
 async def tokenize(request: Request) -> Response:
     ctx = _ctx(request)
     body = await parse_body(request, TokenizeRequest)
-    ctx.resolve_model(body.model)
+    ctx = ctx.models.bind(ctx, ctx.models.any_version(body.model))  # that model's tokenizer and limits
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("send exactly one of `prompt` and `messages`", param="prompt")
     if body.messages is not None:
@@ -121,7 +115,7 @@ async def tokenize(request: Request) -> Response:
 async def detokenize(request: Request) -> Response:
     ctx = _ctx(request)
     body = await parse_body(request, DetokenizeRequest)
-    ctx.resolve_model(body.model)
+    ctx = ctx.models.bind(ctx, ctx.models.any_version(body.model))
     vocab = ctx.tokenizer.vocab_size
     if ctx.client.model_config is not None:
         vocab = max(vocab, ctx.client.model_config.vocab_size)
@@ -137,7 +131,7 @@ async def health(request: Request) -> Response:
     ctx = _ctx(request)
     if ctx.draining:
         return APIError(503, "the server is shutting down", code="server_draining").response()
-    if not ctx.client.healthy:
+    if not ctx.models.healthy:  # every model can serve its traffic
         return APIError(503, "the engine is unavailable", code="engine_unavailable").response()
     return json_response({"status": "ok"})
 

@@ -25,6 +25,7 @@ from lockgate.server.generation import (
     stream_error_event,
 )
 from lockgate.server.idempotency import idempotent
+from lockgate.server.model_select import route
 from lockgate.server.logprobs import chat_logprobs
 from lockgate.server.metrics import RequestTracker
 from lockgate.server.params import chat_messages, chat_params
@@ -68,8 +69,7 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     gate = Gate.open(request, ctx, lease, request_id)
     body = await parse_body(request, ChatCompletionRequest)
-    model = ctx.resolve_model(body.model)
-    gate.check_model(body.model, model)
+    ctx, model = route(request, ctx, gate, body.model, body.user)  # the version that serves it, bound in
     return await idempotent(request, gate, bool(body.stream), request_id,
                             lambda: _create(request, ctx, lease, gate, request_id, body, model))
 

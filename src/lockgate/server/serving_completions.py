@@ -26,6 +26,7 @@ from lockgate.server.generation import (
     stream_error_event,
 )
 from lockgate.server.idempotency import idempotent
+from lockgate.server.model_select import route
 from lockgate.server.logprobs import completion_logprobs
 from lockgate.server.metrics import RequestTracker
 from lockgate.server.params import completion_params, completion_prompts
@@ -49,8 +50,7 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     gate = Gate.open(request, ctx, lease, request_id)
     body = await parse_body(request, CompletionRequest)
-    model = ctx.resolve_model(body.model)
-    gate.check_model(body.model, model)
+    ctx, model = route(request, ctx, gate, body.model, body.user)  # the version that serves it, bound in
     return await idempotent(request, gate, bool(body.stream), request_id,
                             lambda: _create(request, ctx, lease, gate, request_id, body, model))
 

@@ -1,0 +1,102 @@
+"""`lockgate eval`'s measurements on one model, offline with the `LLM` class.
+
+A side is `PATH[:TAG[,TAG]]`: PATH a checkpoint or `default` (the embedded model), TAGs a
+dtype (`float32`, `bfloat16`, `float16`, `auto`) and/or a quantization (`int8`, `int4`,
+`none`): `default:float32`, `default:int8`, `./qwen:bfloat16,int8`. A suffix that is not
+all tags is part of the path.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lockgate import LLM, SamplingParams
+from lockgate.eval import scoring
+from lockgate.eval.data import Prompt, Question
+from lockgate.eval.perplexity import token_logprobs
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("int8", "int4", "none")
+ANSWER_TOKENS = 24  # per question: the accepted answer comes first in a short reply
+
+
+@dataclass(slots=True)
+class Side:
+    path: str = "default"
+    dtype: str = "auto"
+    quantization: str | None = None
+
+    @property
+    def label(self) -> str:
+        tags = [self.dtype] + ([self.quantization] if self.quantization else [])
+        return f"{self.path}:{','.join(tags)}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spec": self.label, "path": self.path, "dtype": self.dtype, "quantization": self.quantization}
+
+
+def parse_side(value: str, dtype: str | None = None, quantization: str | None = None) -> Side:
+    """A side from its spec and the explicit --dtype/--quantization flags (which must not contradict it)."""
+    path, tags = value, []
+    head, sep, tail = value.rpartition(":")
+    if sep and head and tail and all(t in DTYPES + QUANTIZATIONS for t in tail.split(",")):
+        path, tags = head, tail.split(",")
+    side = Side(path=path or "default")
+    for t in tags:
+        if t in DTYPES:
+            side.dtype = t
+        else:
+            side.quantization = None if t == "none" else t
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if any(t in DTYPES for t in tags) and side.dtype != dtype:
+            raise ValueError(f"{value!r} says dtype {side.dtype} but the flag says {dtype}")
+        side.dtype = dtype
+    if quantization is not None:
+        q = None if quantization == "none" else quantization
+        if q not in (None, "int8", "int4"):
+            raise ValueError(f"quantization must be int8, int4 or none, got {quantization!r}")
+        if any(t in QUANTIZATIONS for t in tags) and side.quantization != q:
+            raise ValueError(f"{value!r} says quantization {side.quantization} but the flag says {quantization}")
+        side.quantization = q
+    if side.path != "default" and not Path(side.path).expanduser().exists():
+        raise ValueError(f"model path {side.path!r} does not exist (or use 'default' for the embedded model)")
+    return side
+
+
+def _prompt_ids(llm: LLM, prompts: list[Prompt]) -> list[list[int]]:
+    tok = llm.tokenizer
+    out = []
+    for p in prompts:
+        if p.messages is not None:
+            out.append(tok.encode(tok.apply_chat_template(p.messages, add_generation_prompt=True),
+                                  add_special_tokens=False))
+        else:
+            out.append(tok.encode(p.text or "", add_special_tokens=True))
+    return out
+
+
+def measure(side: Side, prompts: list[Prompt], questions: list[Question], passage: str, max_tokens: int,
+            num_threads: int | None = None) -> tuple[dict[str, Any], list[list[int]]]:
+    """(figures, greedy answer token ids per prompt) for one side; the model is freed after."""
+    t0 = time.monotonic()
+    llm = LLM(None if side.path == "default" else side.path, dtype=side.dtype, quantization=side.quantization,
+              enable_prefix_caching=False, num_threads=num_threads)
+    loaded = time.monotonic()
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    outs = llm.generate(_prompt_ids(llm, prompts), greedy)
+    answers = [list(o.outputs[0].token_ids) for o in outs]
+    replies = [o.outputs[0].text for o in llm.chat([[{"role": "user", "content": q.question}] for q in questions],
+                                                   SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS))]
+    acc = scoring.accuracy(questions, replies)
+    lps = token_logprobs(llm, llm.tokenizer.encode(passage, add_special_tokens=True))
+    figures = {**acc, "perplexity": round(scoring.perplexity(lps), 4), "perplexity_tokens": len(lps),
+               "load_seconds": round(loaded - t0, 2), "eval_seconds": round(time.monotonic() - loaded, 2),
+               "replies": replies}
+    del llm, outs
+    gc.collect()  # one model in memory at a time
+    return figures, answers

@@ -1,0 +1,120 @@
+"""`lockgate serve --config lockgate.yaml`: the models to serve, their versions, per-version
+engine options and traffic weights, shadow and rollback rules (YAML or JSON).
+
+    models:
+      - name: smol
+        aliases: [SmolLM2-135M-Instruct]        # more names for `model` (optional)
+        versions:
+          - {version: v1, path: default, traffic: 90, engine: {dtype: float32}}
+          - {version: v2, path: default, traffic: 10, engine: {quantization: int8}}
+        shadow: {version: v2, fraction: 0.1}     # optional
+        rollback: {max_error_rate: 0.02, min_requests: 50}   # optional (these rules are on by default)
+
+A model's weights must sum to 100 when any is given; without weights its first version
+takes all the traffic. The same checks as `POST`/`PATCH /admin/models` apply.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lockgate.lifecycle.admin import GateBody
+from lockgate.lifecycle.settings import (
+    MAX_MODELS,
+    MAX_VERSIONS,
+    RollbackBody,
+    RollbackRules,
+    ShadowBody,
+    ShadowConfig,
+    Weight,
+    check_traffic,
+)
+from lockgate.lifecycle.spec import DEFAULT_VERSION, GateSpec, VersionSpec
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class _Version(BaseModel):
+    model_config = _STRICT
+    version: Annotated[str, Field(min_length=1, max_length=64)] = DEFAULT_VERSION
+    path: Annotated[str, Field(min_length=1, max_length=4096)] = "default"
+    traffic: Weight | None = None
+    engine: dict[str, Any] = Field(default_factory=dict)
+    gate: bool | GateBody = False
+    fail_fraction: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0  # TEST ONLY
+
+
+class _Model(BaseModel):
+    model_config = _STRICT
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    aliases: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=16)] = \
+        Field(default_factory=list)
+    versions: Annotated[list[_Version], Field(min_length=1, max_length=MAX_VERSIONS)]
+    shadow: ShadowBody | None = None
+    rollback: RollbackBody | None = None
+
+
+class _File(BaseModel):
+    model_config = _STRICT
+    models: Annotated[list[_Model], Field(min_length=1, max_length=MAX_MODELS)]
+
+
+@dataclass(slots=True)
+class ModelSettings:
+    shadow: ShadowConfig | None
+    rules: RollbackRules
+
+
+def load(path: str) -> tuple[list[VersionSpec], dict[str, ModelSettings]]:
+    """The versions to start, in order, and each model's settings; ValueError naming what is wrong."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror or e}") from None
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # only for YAML files
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the file's
+        raise ValueError(f"--config {path}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
+                         f"{e}") from None
+    try:
+        parsed = _File.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "(top level)"
+        raise ValueError(f"--config {path}: {where}: {err.get('msg', 'invalid value')}") from None
+    specs: list[VersionSpec] = []
+    settings: dict[str, ModelSettings] = {}
+    for m in parsed.models:
+        if m.name in settings:
+            raise ValueError(f"--config {path}: model {m.name!r} is listed twice")
+        names = [v.version for v in m.versions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--config {path}: model {m.name!r} lists a version twice")
+        weights = {v.version: v.traffic for v in m.versions if v.traffic is not None}
+        if weights:
+            try:
+                check_traffic({v.version: v.traffic or 0.0 for v in m.versions}, set(names))
+            except ValueError as e:
+                raise ValueError(f"--config {path}: model {m.name!r}: {e}") from None
+        if m.shadow is not None and m.shadow.version not in names:
+            raise ValueError(f"--config {path}: model {m.name!r}: shadow version {m.shadow.version!r} is not listed")
+        for v in m.versions:
+            gate = GateSpec(**v.gate.model_dump()) if isinstance(v.gate, GateBody) else (GateSpec() if v.gate else None)
+            specs.append(VersionSpec(name=m.name, version=v.version, path=v.path, engine=dict(v.engine),
+                                     traffic=(v.traffic or 0.0) if weights else None, aliases=list(m.aliases),
+                                     gate=gate, fail_fraction=v.fail_fraction))
+        shadow = None
+        if m.shadow is not None:
+            shadow = ShadowConfig(m.shadow.version, m.shadow.fraction, m.shadow.max_concurrency)
+        settings[m.name] = ModelSettings(shadow, m.rollback.rules() if m.rollback else RollbackRules())
+    return specs, settings

@@ -1,0 +1,282 @@
+"""`ModelRegistry`: every served model, its versions (one engine-core process each) and its
+release settings (traffic split, shadow, rollback rules); routing a request to a version.
+
+A request names `NAME` (follows the sticky traffic split, gateway/routing.py) or
+`NAME@VERSION` (pins it). The chosen version is bound into a per-request view of the
+`ServerContext` (`bind`): the same routes then tokenize, check, admit (the version's own
+admission queue) and submit against that version's engine without knowing there are
+several. Admin changes (admin.py) go through `set_traffic`, `set_shadow`, `add`, `remove`.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lockgate.engine.client import AsyncEngineClient, EngineStartError
+from lockgate.engine.config import EngineConfig
+from lockgate.engine.sampling_params import SamplingParams
+from lockgate.gateway.admission import Admission, AdmissionPolicy, QueueBounds
+from lockgate.gateway.routing import pick, split_ref, sticky_point
+from lockgate.lifecycle import rollback
+from lockgate.lifecycle.gate import run_gate
+from lockgate.lifecycle.settings import RollbackRules, ShadowConfig
+from lockgate.lifecycle.shadow import ShadowRunner
+from lockgate.lifecycle.spec import VersionSpec
+from lockgate.lifecycle.stats import Outcome, ShadowStats
+from lockgate.lifecycle.tap import OnEnd, VersionClient
+from lockgate.lifecycle.version import ModelVersion, State
+from lockgate.server.errors import model_not_found, unavailable
+
+if TYPE_CHECKING:
+    from lockgate.server.context import ServerContext
+
+log = logging.getLogger("lockgate.lifecycle")
+
+# (actor, action, target, details) -> the audit record is on disk
+Audit = Callable[[str, str, str, dict[str, Any]], Awaitable[None]]
+MAX_ROLLBACK_HISTORY = 20
+
+
+@dataclass(slots=True)
+class Model:
+    name: str
+    aliases: list[str] = field(default_factory=list)
+    versions: dict[str, ModelVersion] = field(default_factory=dict)  # in load order
+    traffic: dict[str, float] = field(default_factory=dict)  # version -> weight; sums to 100 once any is set
+    shadow: ShadowConfig | None = None
+    shadow_stats: dict[str, ShadowStats] = field(default_factory=dict)  # per shadow version
+    rules: RollbackRules = field(default_factory=RollbackRules)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+
+    def share(self, version: str) -> float:
+        total = sum(self.traffic.values())
+        return self.traffic.get(version, 0.0) / total if total > 0 else 0.0
+
+    def stable(self) -> str | None:
+        return rollback.stable_version(self.traffic, list(self.versions))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "aliases": self.aliases, "stable": self.stable(),
+                "traffic": {v: w for v, w in self.traffic.items() if w > 0},
+                "shadow": self.shadow.to_json() if self.shadow else None, "rollback": self.rules.to_json(),
+                "versions": [v.to_json(self.share(name)) for name, v in self.versions.items()],
+                "rollbacks": self.rollbacks}
+
+
+class ModelRegistry:
+    def __init__(self, ctx: ServerContext, audit: Audit) -> None:
+        self.ctx = ctx
+        self.audit = audit
+        self.models: dict[str, Model] = {}
+        self._names: dict[str, str] = {}  # served name or alias -> model name
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.lowest_priority = len(ctx.config.classes.names) - 1  # shadows and gates: the lowest class
+        self.shadows = ShadowRunner(self.lowest_priority)
+        self.on_rollback: list[Callable[[str, str, str], None]] = []  # (model, version, rule): metrics
+
+    # ---- building ----------------------------------------------------------------------
+    def new_version(self, spec: VersionSpec, engine_config: EngineConfig, client: AsyncEngineClient | None = None,
+                    admission: Admission | None = None) -> ModelVersion:
+        """A version with its own engine client and admission queue (given ones: the server's first)."""
+        cfg = self.ctx.config
+        if client is None:
+            client = AsyncEngineClient(engine_config, startup_timeout_s=cfg.engine_startup_timeout_s,
+                                       stall_timeout_s=cfg.engine_stall_timeout_s)
+        if admission is None:
+            metrics = self.ctx.metrics
+            policy = AdmissionPolicy(cfg.classes, slo=cfg.slo_admission,
+                                     fcfs=engine_config.scheduling_policy == "fcfs",
+                                     aging_s=engine_config.priority_aging_s)
+            admission = Admission(QueueBounds(cfg.max_queued_requests, cfg.max_queued_tokens), client.queue, policy,
+                                  metrics.reject, lambda: metrics.ttft_ema_s)
+        version = ModelVersion(spec, engine_config, client, admission)
+        version.client.on_restart = lambda: log.warning("engine core of %s restarted (%d restarts so far)",
+                                                        spec.ref, version.client.num_restarts)
+        return version
+
+    def register(self, version: ModelVersion) -> Model:
+        spec = version.spec
+        model = self.models.get(spec.name)
+        if model is None:
+            model = self.models[spec.name] = Model(spec.name, list(spec.aliases))
+            self._names[spec.name] = spec.name
+            for alias in spec.aliases:
+                self._names.setdefault(alias, spec.name)
+        model.versions[spec.version] = version
+        if spec.traffic is not None:
+            model.traffic[spec.version] = float(spec.traffic)
+        return model
+
+    async def start(self) -> None:
+        """Load every registered version at once (server start-up); a failure stops the start."""
+        for m in self.models.values():
+            if not any(w > 0 for w in m.traffic.values()):
+                m.traffic = {next(iter(m.versions)): 100.0}  # a model's first version takes its traffic
+        versions = [v for m in self.models.values() for v in m.versions.values()]
+        await asyncio.gather(*(self._load(v) for v in versions))
+        failed = [v for v in versions if v.state is State.FAILED]
+        if failed:
+            raise EngineStartError("; ".join(f"{v.spec.ref}: {v.reason}" for v in failed))
+
+    def load_in_background(self, version: ModelVersion) -> None:
+        task = asyncio.get_running_loop().create_task(self._load(version), name=f"load {version.spec.ref}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        version.load_task = task
+
+    async def _load(self, version: ModelVersion) -> None:
+        gate = self._gate if version.spec.gate is not None else None
+        if await version.load(gate):
+            model = self.models.get(version.name)
+            if model is not None and not any(w > 0 for w in model.traffic.values()):
+                model.traffic = {version.version: 100.0}  # a new model's first ready version
+
+    async def _gate(self, version: ModelVersion) -> dict[str, Any]:
+        spec = version.spec.gate
+        assert spec is not None
+        model = self.models[version.name]
+        ref_name = spec.against or model.stable()
+        ref = model.versions.get(ref_name) if ref_name and ref_name != version.version else None
+        if ref is not None and not ref.available:
+            raise RuntimeError(f"quality gate: reference version {ref_name!r} is not ready")
+        return await run_gate(version.client, ref.client if ref else None, ref.version if ref else None,
+                              spec, self.lowest_priority)
+
+    async def shutdown(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await self.shadows.close()
+        versions = [v for m in self.models.values() for v in m.versions.values()]
+        await asyncio.gather(*(v.stop() for v in versions), return_exceptions=True)
+
+    # ---- routing ----------------------------------------------------------------------
+    @property
+    def default(self) -> Model:
+        return next(iter(self.models.values()))
+
+    def resolve(self, requested: str | None) -> tuple[Model, str | None]:
+        """The model and pinned version (None: follow the split) a `model` field names; 404 otherwise."""
+        if requested is None:
+            return self.default, None
+        name = self._names.get(requested)
+        if name is not None:
+            return self.models[name], None
+        base, version = split_ref(requested)
+        name = self._names.get(base)
+        if name is None or version is None or version not in self.models[name].versions:
+            raise model_not_found(requested)
+        return self.models[name], version
+
+    def pick(self, model: Model, pinned: str | None, key: str | None) -> ModelVersion:
+        """The version that serves this request: the pinned one, or the split's (sticky on `key`)."""
+        if pinned is not None:
+            v = model.versions[pinned]
+            if v.state is not State.READY:  # a restarting core is the routes' usual 503 engine_unavailable
+                detail = f": {v.reason}" if v.state is State.FAILED and v.reason else ""
+                raise unavailable(f"model version `{model.name}@{pinned}` is {v.state}{detail}",
+                                  "model_version_unavailable",
+                                  retry_after_s=5 if v.state in (State.LOADING, State.WARMING) else None)
+            return v
+        point = sticky_point(model.name, key)
+        ready = {n for n, v in model.versions.items() if v.state is State.READY}
+        healthy = {n for n in ready if model.versions[n].client.healthy}
+        chosen = pick(model.traffic, point, healthy) or pick(model.traffic, point, ready)
+        if chosen is None:
+            raise unavailable(f"model `{model.name}` has no version ready to serve", "engine_unavailable",
+                              retry_after_s=5)
+        return model.versions[chosen]
+
+    def bind(self, ctx: ServerContext, version: ModelVersion) -> ServerContext:
+        """`ctx` as one request routed to `version` sees it: that version's engine, config, admission."""
+        view = copy.copy(ctx)
+        view.client = VersionClient(version, self._on_outcome, self._mirror)  # type: ignore[assignment]
+        view.engine_config = version.engine_config
+        view.admission = version.admission
+        model = self.models[version.name]
+        view.model_names = [model.name, *model.aliases]
+        return view
+
+    def any_version(self, requested: str | None) -> ModelVersion:
+        """For routes that only need a model's tokenizer and limits (tokenize, detokenize)."""
+        model, pinned = self.resolve(requested)
+        return self.pick(model, pinned, None)
+
+    # ---- observing ----------------------------------------------------------------------
+    def _on_outcome(self, version: ModelVersion, outcome: Outcome) -> None:
+        version.stats.record(outcome)
+        model = self.models.get(version.name)
+        if model is not None and model.versions.get(version.version) is version:
+            self._check_rules(model)
+
+    def _mirror(self, version: ModelVersion, request_id: str, prompt: list[int], params: SamplingParams
+                ) -> OnEnd | None:
+        model = self.models.get(version.name)
+        cfg = model.shadow if model is not None else None
+        if model is None or cfg is None or cfg.version == version.version:
+            return None
+        shadow = model.versions.get(cfg.version)
+        if shadow is None:
+            return None
+        stats = model.shadow_stats.setdefault(cfg.version, ShadowStats(window=model.rules.window))
+        return self.shadows.mirror(shadow, cfg, stats, request_id, prompt, params,
+                                   lambda _pair: self._check_rules(model))
+
+    def _check_rules(self, model: Model) -> None:
+        shadow = None
+        if model.shadow is not None and model.shadow.version in model.shadow_stats:
+            shadow = (model.shadow.version, model.shadow_stats[model.shadow.version])
+        exempt = {v for v, ver in model.versions.items() if ver.rolled_back is not None}
+        stats = {v: ver.stats for v, ver in model.versions.items()}
+        for breach in rollback.check(model.rules, model.traffic, list(model.versions), stats, shadow, exempt):
+            self._roll_back(model, breach)
+
+    def _roll_back(self, model: Model, breach: rollback.Breach) -> None:
+        """Traffic of the breaching version to 0 at once (its share to the stable version), then
+        the audit record, the metric and the log line."""
+        version = model.versions[breach.version]
+        before = dict(model.traffic)
+        share = model.traffic.pop(breach.version, 0.0)
+        stable = model.stable()
+        if share > 0 and stable is not None:
+            model.traffic[stable] = model.traffic.get(stable, 0.0) + share
+        event = {"version": breach.version, "rule": breach.rule, "figures": breach.figures,
+                 "traffic_before": before, "traffic_after": dict(model.traffic), "at": time.time()}
+        version.rolled_back = event
+        model.rollbacks = [*model.rollbacks, event][-MAX_ROLLBACK_HISTORY:]
+        log.warning("automatic rollback of %s@%s: %s; traffic now %s", model.name, breach.version,
+                    breach.message(), model.traffic)
+        for fn in self.on_rollback:
+            fn(model.name, breach.version, breach.rule)
+        self.spawn(self.audit("system", "model.rollback", f"{model.name}@{breach.version}", event))
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        """Fire and forget, kept referenced until done (an audit write, a drain)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    # ---- state for /health and /metrics --------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        """Every model with a traffic split can serve it (one of its versions is up), and one has one."""
+        live = [m for m in self.models.values() if any(w > 0 for w in m.traffic.values())]
+        return bool(live) and all(
+            any(m.versions[v].available for v, w in m.traffic.items() if w > 0 and v in m.versions) for m in live)
+
+    def versions(self) -> Iterator[ModelVersion]:
+        for m in self.models.values():
+            yield from m.versions.values()
+
+    def clients(self) -> list[AsyncEngineClient]:
+        return [v.client for v in self.versions()]
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("model lifecycle task failed: %s", task.exception())

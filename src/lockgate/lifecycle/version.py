@@ -1,0 +1,173 @@
+"""`ModelVersion`: one model version's engine (its own core process, client and supervisor),
+its admission queue and its life: loading -> warming -> ready -> draining, or failed.
+
+A version takes traffic only when `ready`: its core is up and has answered one real
+forward pass (a 1-token greedy generation), and the quality gate, when asked for,
+has passed. Loading runs in the background: the event loop only awaits the core's
+start-up, so the other versions keep serving while it loads.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+from typing import Any
+
+from lockgate.engine.client import AsyncEngineClient
+from lockgate.engine.config import EngineConfig
+from lockgate.engine.sampling_params import SamplingParams
+from lockgate.gateway.admission import Admission
+from lockgate.lifecycle.spec import VersionSpec
+from lockgate.lifecycle.stats import VersionStats
+
+log = logging.getLogger("lockgate.lifecycle")
+
+MAX_REASON_CHARS = 2000
+
+
+class State(StrEnum):
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class ModelVersion:
+    def __init__(self, spec: VersionSpec, engine_config: EngineConfig, client: AsyncEngineClient,
+                 admission: Admission) -> None:
+        self.spec = spec
+        self.engine_config = engine_config
+        self.client = client
+        self.admission = admission
+        self.state = State.LOADING
+        self.reason: str | None = None  # why it failed
+        self.created_at = time.time()
+        self.load_seconds: float | None = None  # start of loading to ready (warm-up and gate included)
+        self.ready_at: float | None = None
+        self.users = 0  # requests routed here and not yet ended (a drain waits for them)
+        self.stats = VersionStats()
+        self.gate_report: dict[str, Any] | None = None
+        self.rolled_back: dict[str, Any] | None = None  # the last automatic rollback's rule and figures
+        self.load_task: asyncio.Task[None] | None = None  # a load started by the admin API
+        self._faults = 0  # TEST ONLY: requests seen by fail_fraction
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopped = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    @property
+    def available(self) -> bool:
+        """May take new requests: ready, and its core is up (not restarting after a crash)."""
+        return self.state is State.READY and self.client.healthy
+
+    # ---- life -----------------------------------------------------------------------
+    async def load(self, gate: Callable[[ModelVersion], Awaitable[dict[str, Any] | None]] | None = None) -> bool:
+        """Start the core, warm it, run the gate; True when ready. Never raises: a failure is the
+        `failed` state with its reason (the other versions keep serving)."""
+        started = time.monotonic()
+        try:
+            await self.client.start()
+            if self.state is not State.LOADING:  # unloaded while it loaded
+                return False
+            self.state = State.WARMING
+            await self._warm_up()
+            if gate is not None:
+                report = await gate(self)
+                self.gate_report = report
+                if report is not None and not report.get("passed", False):
+                    raise RuntimeError(f"quality gate failed: {'; '.join(report.get('failures', [])) or 'see gate'}")
+        except asyncio.CancelledError:
+            self.fail("loading was cancelled")
+            raise
+        except Exception as exc:  # noqa: BLE001 - any load failure is this version's state, not the server's
+            self.fail(f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                await self.stop()  # the core (if it started), its sockets and temp dir
+            return False
+        if self.state is not State.WARMING:
+            return False
+        self.load_seconds = time.monotonic() - started
+        self.ready_at = time.time()
+        self.state = State.READY
+        log.info("model %s is ready (loaded and warmed in %.1f s)", self.spec.ref, self.load_seconds)
+        return True
+
+    async def _warm_up(self) -> None:
+        """One real forward pass: the first request must not pay for lazy initialisation."""
+        tok = self.client.tokenizer
+        ids = tok.encode("Hello", add_special_tokens=True) if tok is not None else []
+        stream = self.client.add_request(f"warmup-{self.spec.ref}-{time.monotonic_ns()}", ids or [1],
+                                         SamplingParams(temperature=0.0, max_tokens=1))
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            stream.abort()
+
+    def fail(self, reason: str) -> None:
+        self.state = State.FAILED
+        self.reason = reason[:MAX_REASON_CHARS]
+        log.error("model %s failed: %s", self.spec.ref, self.reason)
+
+    def enter(self) -> Callable[[str], None]:
+        """A request is routed here: hold the version until it ends (returns the release)."""
+        self.users += 1
+        self._idle.clear()
+        done = False
+
+        def release(_outcome: str = "") -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            self.users -= 1
+            if self.users <= 0:
+                self._idle.set()
+
+        return release
+
+    async def drain(self, timeout_s: float) -> None:
+        """No new requests (the caller has set `draining`); wait for those routed here, up to
+        `timeout_s`, then cut the rest short."""
+        self.state = State.DRAINING
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        if self.users > 0:
+            log.warning("model %s: drain timeout, cutting %d request(s) short", self.spec.ref, self.users)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.client.shutdown()
+
+    def inject_fault(self) -> bool:
+        """TEST ONLY (`fail_fraction`): whether this request fails. Deterministic: the k-th request
+        fails when floor(k * f) steps up, so f = 0.5 fails every second request."""
+        f = self.spec.fail_fraction
+        if f <= 0:
+            return False
+        self._faults += 1
+        k = self._faults
+        return int(k * f) > int((k - 1) * f)
+
+    def to_json(self, share: float) -> dict[str, Any]:
+        s = self.spec
+        return {"version": s.version, "path": s.path, "state": str(self.state), "reason": self.reason,
+                "healthy": self.client.healthy if self.state is State.READY else None,
+                "traffic_share": round(share, 6), "load_seconds": None if self.load_seconds is None
+                else round(self.load_seconds, 3), "created_at": self.created_at, "ready_at": self.ready_at,
+                "in_flight": self.users, "engine": dict(s.engine), "fail_fraction": s.fail_fraction or None,
+                "gate": self.gate_report, "rolled_back": self.rolled_back,
+                "max_model_len": self.client.max_model_len or None}

@@ -1,0 +1,86 @@
+"""`lockgate eval`: the quality gate between two precisions of the default model, offline.
+
+Real model runs (float32 and int8, one thread each, a few prompts and questions) for the
+report and the exit codes; bad input is refused before any model loads.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lockgate.cli import app
+from lockgate.eval.data import load_passage, load_prompts, load_questions, parse_prompts
+from lockgate.eval.offline import parse_side
+
+QUICK = ["--limit", "3", "--max-tokens", "8", "--num-threads", "1"]
+
+
+def _eval(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lockgate.cli", "eval", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_bundled_sets_and_side_syntax(tmp_path: Path) -> None:
+    assert len(load_prompts()) >= 16 and len(load_questions()) >= 20 and len(load_passage().split()) > 300
+    assert parse_side("default:float32").dtype == "float32"
+    s = parse_side("default:bfloat16,int8")
+    assert (s.path, s.dtype, s.quantization) == ("default", "bfloat16", "int8")
+    assert parse_side("default", quantization="int4").quantization == "int4"
+    with pytest.raises(ValueError, match="says dtype"):
+        parse_side("default:float32", dtype="bfloat16")
+    with pytest.raises(ValueError, match="does not exist"):
+        parse_side(str(tmp_path / "nope:int8"))
+    assert [p.text for p in parse_prompts('"plain"\n{"prompt": "x"}\n', "f")] == ["plain", "x"]
+    for bad in ('{"prompt": ""}', "[1]", "{nope", '{"messages": [{"role": 1}]}'):
+        with pytest.raises(ValueError, match="f:1"):
+            parse_prompts(bad, "f")
+
+
+def test_bad_input_exits_2_before_loading_anything(tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad = tmp_path / "p.jsonl"
+    bad.write_text("{not json\n")
+    for args in (["--model", str(tmp_path / "missing")], ["--model", "default", "--prompts", str(bad)],
+                 ["--model", "default:int8", "--quantization", "int4"], ["--model", "default", "--min-agreement", "2"],
+                 ["--model", "default", "--against-dtype", "float32"], ["--model", "default", "--limit", "0"]):
+        r = runner.invoke(app, ["eval", *args])
+        assert r.exit_code == 2, (args, r.output)
+        assert "error:" in r.output
+
+
+@pytest.mark.slow
+def test_int8_against_float32_passes_with_a_full_report(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    r = _eval("--model", "default:int8", "--against", "default:float32", *QUICK, "--output", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report == json.loads(r.stdout)
+    assert report["passed"] is True and report["failures"] == []
+    assert report["model"]["quantization"] == "int8" and report["against"]["dtype"] == "float32"
+    assert report["settings"]["prompts"] == 3 and report["settings"]["questions"] == 3
+    for side in ("results", "against_results"):
+        res = report[side]
+        assert res["questions"] == 3 and 0 <= res["correct"] <= 3 and 1 < res["perplexity"] < 200
+        assert res["perplexity_tokens"] > 300
+    agree = report["agreement"]
+    assert 0.6 <= agree["token_agreement"] <= 1.0 and 0 <= agree["first_32_match_rate"] <= 1
+    assert {c["name"] for c in report["checks"]} == {"accuracy", "token_agreement", "accuracy_vs_reference",
+                                                     "perplexity_vs_reference"}
+    # The two perplexities are of one text under nearly the same weights.
+    assert report["results"]["perplexity"] == pytest.approx(report["against_results"]["perplexity"], rel=0.1)
+
+
+@pytest.mark.slow
+def test_a_failing_check_exits_1() -> None:
+    r = _eval("--model", "default:int8", "--limit", "1", "--max-tokens", "4", "--num-threads", "1",
+              "--max-perplexity", "1.5")
+    assert r.returncode == 1, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["passed"] is False and report["against"] is None
+    assert [c["name"] for c in report["checks"] if not c["passed"]] == ["perplexity"]
+    assert "FAIL" in r.stderr
