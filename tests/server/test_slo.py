@@ -52,8 +52,9 @@ class Result:
     cls: str
     status: int
     code: str | None
-    latency_s: float  # to the first token (200) or to the whole answer (an error)
+    latency_s: float  # to the first token (200) or to the whole answer (an error), client side
     tokens: int = 0
+    server_s: float = 0.0  # the server's own time to the status line (Server-Timing)
 
 
 def _prompt(n: int, rng: random.Random) -> list[int]:
@@ -63,19 +64,26 @@ def _prompt(n: int, rng: random.Random) -> list[int]:
 
 async def _stream(client: httpx.AsyncClient, cls: str, prompt: list[int], max_tokens: int,
                   headers: dict[str, str] | None = None) -> Result:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "priority": cls}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "priority": cls,
+            "stream_options": {"include_usage": True}}
     t0 = time.monotonic()
     async with client.stream("POST", "/v1/completions", json=body, headers=headers or {}) as r:
         if r.status_code != 200:
             await r.aread()
-            return Result(cls, r.status_code, r.json()["error"]["code"], time.monotonic() - t0)
+            timing = r.headers["server-timing"]
+            assert timing.startswith("app;dur="), timing
+            return Result(cls, r.status_code, r.json()["error"]["code"], time.monotonic() - t0,
+                          server_s=float(timing.split("=")[1]) / 1000)
         first: float | None = None
-        tokens = 0
+        tokens = 0  # from the usage chunk: under load one chunk may carry several tokens
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and '"text"' in line:
-                tokens += 1
-                if first is None:
-                    first = time.monotonic() - t0
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.monotonic() - t0
         return Result(cls, 200, None, first if first is not None else float("inf"), tokens)
 
 
@@ -183,8 +191,10 @@ def test_overload_sheds_lowest_class_first_and_admitted_requests_meet_their_targ
     assert {r.status for r in results} <= {200, 429}, [(r.status, r.code) for r in results if r.status not in (200, 429)]
     assert len(shed) >= len(results) // 5, f"only {len(shed)} of {len(results)} shed at 2x load"
     assert {r.code for r in shed} <= {"slo_unattainable", "queue_full"}
-    # A rejection never waits on the engine.
-    assert _p([r.latency_s for r in shed], 0.99) < 0.05, sorted(r.latency_s for r in shed)[-5:]
+    # A rejection never waits on the engine: the server answers within 50 ms at p99 (its own
+    # Server-Timing); seen from this client, which shares 2 cores with it, well under a step.
+    assert _p([r.server_s for r in shed], 0.99) < 0.05, sorted(r.server_s for r in shed)[-5:]
+    assert _p([r.latency_s for r in shed], 0.99) < 0.25, sorted(r.latency_s for r in shed)[-5:]
     # Lowest class first.
     frac = {c: sum(r.status == 429 for r in rs) / max(1, len(rs)) for c, rs in by_cls.items()}
     assert frac["batch"] >= frac["standard"] >= frac["interactive"], frac

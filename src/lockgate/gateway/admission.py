@@ -27,6 +27,8 @@ from lockgate.server.errors import APIError
 SHED_HOLD_S = 1.0
 # A prediction is a mean and the target a p95: admit only what is predicted well inside it.
 TARGET_HEADROOM = 0.6
+# Higher classes arrive in bursts: count their recent demand this much above its mean.
+HIGHER_DEMAND_MARGIN = 1.25
 
 
 @dataclass(slots=True)
@@ -89,8 +91,9 @@ class Admission:
             # Higher classes that keep arriving are served first: only what they leave drains this queue.
             hi = q.arrival_rate(priority)
             contended = hi.requests_per_s > 0
-            rate = DrainRate(max(0.0, rate.requests_per_s - hi.requests_per_s),
-                             max(0.0, rate.tokens_per_s - hi.tokens_per_s))
+            m = HIGHER_DEMAND_MARGIN
+            rate = DrainRate(max(0.0, rate.requests_per_s - m * hi.requests_per_s),
+                             max(0.0, rate.tokens_per_s - m * hi.tokens_per_s))
         if ahead_req == 0 and not contended:
             return  # alone: even a request too big for its target is served, never refused forever
         wait = rate.wait_s(ahead_req + num_requests, ahead_tok + num_tokens)

@@ -60,14 +60,19 @@ class GuardMiddleware:
         origin_s = origin.decode("latin-1") if origin is not None else None
         cors = origin_s is not None and self.policy.cors_allowed(origin_s)
         status = 0
+        t0 = time.perf_counter()
 
         async def send_counted(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers_out = message.get("headers", [])
+                headers_out = list(message.get("headers", []))
                 if cors and not any(k == b"access-control-allow-origin" for k, _ in headers_out):
-                    message = {**message, "headers": [*headers_out, *cors_headers(origin_s or "", preflight=False)]}
+                    headers_out += cors_headers(origin_s or "", preflight=False)
+                # The server's own time to the status line (a 429 is decided here, not by the engine).
+                dur_ms = (time.perf_counter() - t0) * 1000
+                headers_out.append((b"server-timing", f"app;dur={dur_ms:.1f}".encode()))
+                message = {**message, "headers": headers_out}
             await send(message)
 
         try:
