@@ -118,6 +118,7 @@ class _BusyCore:
 
     def __init__(self, steps: int, step_s: float) -> None:
         self.left, self.step_s = steps, step_s
+        self.last_step_end = time.monotonic()  # stamped on every StepOutputs
 
     def has_unfinished_requests(self) -> bool:
         return self.left > 0
@@ -125,6 +126,7 @@ class _BusyCore:
     def step(self) -> list:
         time.sleep(self.step_s)
         self.left -= 1
+        self.last_step_end = time.monotonic()
         return []
 
     def stats(self) -> EngineStats:
