@@ -71,6 +71,7 @@ TENANTS = (TenantSpec("chat", "interactive", 0.20), TenantSpec("app", "standard"
            TenantSpec("flood", "standard", 0.25), TenantSpec("etl", "batch", 0.30))
 # Prompt and output lengths (lognormal means) per class: chat is short, batch long.
 LENGTHS = {"interactive": (120, 48), "standard": (300, 64), "batch": (600, 96)}
+MAX_PROMPT = 3000  # the lognormal tail, clipped so prompt + output fits --max-model-len 4096
 
 CONFIGS = {
     "slo": ["--scheduling-policy", "priority"],
@@ -150,7 +151,7 @@ def plan(rate: float, seconds: float, seed: int) -> list[Planned]:
             return out
         ten = rng.choices(TENANTS, weights=[x.share for x in TENANTS])[0]
         p_len, o_len = LENGTHS[ten.cls]
-        out.append(Planned(t, ten, words(sample_len(p_len, "lognormal", rng), rng),
+        out.append(Planned(t, ten, words(min(MAX_PROMPT, sample_len(p_len, "lognormal", rng)), rng),
                            sample_len(o_len, "lognormal", rng)))
 
 
@@ -185,7 +186,7 @@ async def measure_capacity(url: str, keys: dict[str, str], seconds: float, concu
             while time.perf_counter() < end:
                 ten = rng.choices(TENANTS, weights=[x.share for x in TENANTS])[0]
                 p_len, o_len = LENGTHS[ten.cls]
-                spec = RequestSpec(w * 100000 + i, words(sample_len(p_len, "lognormal", rng), rng), None,
+                spec = RequestSpec(w * 100000 + i, words(min(MAX_PROMPT, sample_len(p_len, "lognormal", rng)), rng), None,
                                    sample_len(o_len, "lognormal", rng), Tenant(ten.name, keys[ten.name], 1, ""))
                 rec = await send(http, target, spec, 0.0, t0)
                 if rec.status == OK:

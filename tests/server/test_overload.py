@@ -13,7 +13,8 @@ from tests.server.conftest import ServerProcess, start_server, wait_for
 @pytest.fixture(scope="module")
 def small_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # One request runs at a time; at most 2 requests / 200 prompt tokens may wait.
-    srv = start_server(tmp_path_factory.mktemp("overload"), "--max-num-seqs", "1",
+    # Queue bounds only: SLO admission would refuse some of these earlier (tests/server/test_slo.py).
+    srv = start_server(tmp_path_factory.mktemp("overload"), "--max-num-seqs", "1", "--no-slo-admission",
                        "--max-queued-requests", "2", "--max-queued-tokens", "200")
     yield srv
     srv.stop()
