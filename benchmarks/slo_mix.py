@@ -186,8 +186,9 @@ async def measure_capacity(url: str, keys: dict[str, str], seconds: float, concu
             while time.perf_counter() < end:
                 ten = rng.choices(TENANTS, weights=[x.share for x in TENANTS])[0]
                 p_len, o_len = LENGTHS[ten.cls]
-                spec = RequestSpec(w * 100000 + i, words(min(MAX_PROMPT, sample_len(p_len, "lognormal", rng)), rng), None,
-                                   sample_len(o_len, "lognormal", rng), Tenant(ten.name, keys[ten.name], 1, ""))
+                prompt = words(min(MAX_PROMPT, sample_len(p_len, "lognormal", rng)), rng)
+                spec = RequestSpec(w * 100000 + i, prompt, None, sample_len(o_len, "lognormal", rng),
+                                   Tenant(ten.name, keys[ten.name], 1, ""))
                 rec = await send(http, target, spec, 0.0, t0)
                 if rec.status == OK:
                     done.append(time.perf_counter())
