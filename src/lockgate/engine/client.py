@@ -251,13 +251,16 @@ class AsyncEngineClient:
         from lockgate.engine.fake_runner import checkpoint_load_format
         from lockgate.engine.loader import load_checkpoint  # weights are lazy: cheap here
 
-        # Tokenizer here and model in the core load in parallel.
-        self._ckpt_task = asyncio.ensure_future(
-            asyncio.to_thread(load_checkpoint, self.config.model, checkpoint_load_format(self.config.load_format)))
+        # Tokenizer here and model in the core load in parallel; unless the caller set them (another
+        # engine of the same checkpoint shares its own: loading holds the GIL for seconds).
+        if self.tokenizer is None or self.model_config is None:
+            self.tokenizer = None
+            self._ckpt_task = asyncio.ensure_future(asyncio.to_thread(
+                load_checkpoint, self.config.model, checkpoint_load_format(self.config.load_format)))
         try:
             await self._spawn()
         finally:
-            if not self._ckpt_task.done():
+            if self._ckpt_task is not None and not self._ckpt_task.done():
                 self._ckpt_task.cancel()
         self._supervisor = asyncio.create_task(self._supervise(), name="engine-supervisor")
         if self._watchdog.enabled:
@@ -266,6 +269,11 @@ class AsyncEngineClient:
     @property
     def healthy(self) -> bool:
         return self._healthy and not self._closing
+
+    @property
+    def core_pid(self) -> int | None:
+        """The engine-core process, from its spawn on (`engine_pid` is set only once it is ready)."""
+        return self._proc.pid if self._proc is not None else None
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the core (Shutdown message, then SIGKILL after `timeout_s`) and clean up."""

@@ -34,7 +34,7 @@ def eval_command(
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts and questions (quick runs)")] = None,  # noqa: E501
     num_threads: Annotated[Optional[int], typer.Option(help="CPU threads per model")] = None,
     output: Annotated[Optional[str], typer.Option(help="Also write the JSON report here")] = None,
-    min_agreement: Annotated[float, typer.Option(help="Greedy token agreement with --against at least this")] = 0.6,
+    min_agreement: Annotated[float, typer.Option(help="Greedy token agreement with --against at least this")] = 0.4,
     max_accuracy_drop: Annotated[float, typer.Option(help="Accuracy at most this much below --against's")] = 0.1,
     max_perplexity_ratio: Annotated[float, typer.Option(help="Perplexity at most this times --against's")] = 1.10,
     min_accuracy: Annotated[float, typer.Option(help="Accuracy at least this (absolute)")] = 0.0,

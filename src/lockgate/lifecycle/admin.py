@@ -34,7 +34,7 @@ LOAD_FIELDS = ("name", "version", "path", "gate", "fail_fraction")
 class GateBody(BaseModel):
     model_config = _STRICT
     against: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    min_agreement: _Unit = 0.6
+    min_agreement: _Unit = 0.4
     max_accuracy_drop: _Unit = 0.1
     min_accuracy: _Unit = 0.0
     max_tokens: Annotated[int, Field(ge=1, le=256)] = 16

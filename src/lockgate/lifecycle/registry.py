@@ -87,6 +87,7 @@ class ModelRegistry:
         if client is None:
             client = AsyncEngineClient(engine_config, startup_timeout_s=cfg.engine_startup_timeout_s,
                                        stall_timeout_s=cfg.engine_stall_timeout_s)
+            self._share_tokenizer(client)
         if admission is None:
             metrics = self.ctx.metrics
             policy = AdmissionPolicy(cfg.classes, slo=cfg.slo_admission,
@@ -98,6 +99,19 @@ class ModelRegistry:
         version.client.on_restart = lambda: log.warning("engine core of %s restarted (%d restarts so far)",
                                                         spec.ref, version.client.num_restarts)
         return version
+
+    def _share_tokenizer(self, client: AsyncEngineClient) -> None:
+        """A checkpoint some version already serves: take its tokenizer instead of loading it again in
+        this process (that holds the GIL for seconds: every stream's latency would show it)."""
+        from lockgate.engine.fake_runner import checkpoint_load_format
+
+        cfg = client.config
+        for v in self.versions():
+            other = v.client
+            if (other.tokenizer is not None and other.model_config is not None and other.config.model == cfg.model
+                    and checkpoint_load_format(other.config.load_format) == checkpoint_load_format(cfg.load_format)):
+                client.tokenizer, client.model_config = other.tokenizer, other.model_config
+                return
 
     def register(self, version: ModelVersion) -> Model:
         spec = version.spec
@@ -124,14 +138,15 @@ class ModelRegistry:
             raise EngineStartError("; ".join(f"{v.spec.ref}: {v.reason}" for v in failed))
 
     def load_in_background(self, version: ModelVersion) -> None:
-        task = asyncio.get_running_loop().create_task(self._load(version), name=f"load {version.spec.ref}")
+        task = asyncio.get_running_loop().create_task(self._load(version, background=True),
+                                                      name=f"load {version.spec.ref}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         version.load_task = task
 
-    async def _load(self, version: ModelVersion) -> None:
+    async def _load(self, version: ModelVersion, background: bool = False) -> None:
         gate = self._gate if version.spec.gate is not None else None
-        if await version.load(gate):
+        if await version.load(gate, background):
             model = self.models.get(version.name)
             if model is not None and not any(w > 0 for w in model.traffic.values()):
                 model.traffic = {version.version: 100.0}  # a new model's first ready version

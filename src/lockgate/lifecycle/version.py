@@ -20,12 +20,14 @@ from lockgate.engine.client import AsyncEngineClient
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.gateway.admission import Admission
+from lockgate.lifecycle import priority
 from lockgate.lifecycle.spec import VersionSpec
 from lockgate.lifecycle.stats import VersionStats
 
 log = logging.getLogger("lockgate.lifecycle")
 
 MAX_REASON_CHARS = 2000
+IDLE_LOAD_LIMIT_S = 60.0  # a background load runs at idle CPU priority for this long at most
 
 
 class State(StrEnum):
@@ -72,12 +74,17 @@ class ModelVersion:
         return self.state is State.READY and self.client.healthy
 
     # ---- life -----------------------------------------------------------------------
-    async def load(self, gate: Callable[[ModelVersion], Awaitable[dict[str, Any] | None]] | None = None) -> bool:
+    async def load(self, gate: Callable[[ModelVersion], Awaitable[dict[str, Any] | None]] | None = None,
+                   background: bool = False) -> bool:
         """Start the core, warm it, run the gate; True when ready. Never raises: a failure is the
-        `failed` state with its reason (the other versions keep serving)."""
+        `failed` state with its reason (the other versions keep serving). `background`: other
+        versions serve meanwhile, so the core loads at idle CPU priority (priority.py)."""
         started = time.monotonic()
         try:
-            await self.client.start()
+            if background:
+                await self._start_at_idle_priority()
+            else:
+                await self.client.start()
             if self.state is not State.LOADING:  # unloaded while it loaded
                 return False
             self.state = State.WARMING
@@ -102,6 +109,30 @@ class ModelVersion:
         self.state = State.READY
         log.info("model %s is ready (loaded and warmed in %.1f s)", self.spec.ref, self.load_seconds)
         return True
+
+    async def _start_at_idle_priority(self) -> None:
+        """`client.start()` with the core at SCHED_IDLE until it is ready (warm-up and serving run
+        at normal priority), for IDLE_LOAD_LIMIT_S at most: a machine saturated for longer must
+        not starve the load for ever."""
+        start = asyncio.ensure_future(self.client.start())
+        pid, idle = None, False
+        deadline = time.monotonic() + IDLE_LOAD_LIMIT_S
+        try:
+            while not start.done():
+                if pid is None and self.client.core_pid is not None:
+                    pid = self.client.core_pid
+                    idle = priority.set_idle(pid, True)
+                if idle and time.monotonic() > deadline:
+                    log.warning("model %s still loading after %.0f s at idle CPU priority; going on at normal "
+                                "priority", self.spec.ref, IDLE_LOAD_LIMIT_S)
+                    idle = not priority.set_idle(pid, False)  # type: ignore[arg-type]
+                await asyncio.wait({start}, timeout=0.02)
+        finally:
+            if pid is not None and idle:
+                priority.set_idle(pid, False)
+            if not start.done():
+                start.cancel()
+        await start
 
     async def _warm_up(self) -> None:
         """One real forward pass: the first request must not pay for lazy initialisation."""
