@@ -157,6 +157,8 @@ class ModelRegistry:
         model = self.models[version.name]
         ref_name = spec.against or model.stable()
         ref = model.versions.get(ref_name) if ref_name and ref_name != version.version else None
+        while ref is not None and ref.state in (State.LOADING, State.WARMING):  # loading with it (start-up)
+            await asyncio.sleep(0.2)
         if ref is not None and not ref.available:
             raise RuntimeError(f"quality gate: reference version {ref_name!r} is not ready")
         return await run_gate(version.client, ref.client if ref else None, ref.version if ref else None,
