@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lockgate.engine.tokenizer import Tokenizer
+
 MAX_PROMPTS = 10_000
 MAX_LINE_CHARS = 100_000
 
@@ -68,6 +70,18 @@ def parse_prompts(text: str, source: str) -> list[Prompt]:
             raise ValueError(f"{source}: more than {MAX_PROMPTS} prompts")
     if not out:
         raise ValueError(f"{source}: no prompts")
+    return out
+
+
+def encode_prompts(tok: Tokenizer, prompts: list[Prompt]) -> list[list[int]]:
+    """Token ids per prompt: chat messages through the template (it has the special tokens), text as is."""
+    out = []
+    for p in prompts:
+        if p.messages is not None:
+            out.append(tok.encode(tok.apply_chat_template(p.messages, add_generation_prompt=True),
+                                  add_special_tokens=False))
+        else:
+            out.append(tok.encode(p.text or "", add_special_tokens=True))
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from lockgate import LLM, SamplingParams
 from lockgate.eval import scoring
-from lockgate.eval.data import Prompt, Question
+from lockgate.eval.data import Prompt, Question, encode_prompts
 from lockgate.eval.perplexity import token_logprobs
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -68,18 +68,6 @@ def parse_side(value: str, dtype: str | None = None, quantization: str | None = 
     return side
 
 
-def _prompt_ids(llm: LLM, prompts: list[Prompt]) -> list[list[int]]:
-    tok = llm.tokenizer
-    out = []
-    for p in prompts:
-        if p.messages is not None:
-            out.append(tok.encode(tok.apply_chat_template(p.messages, add_generation_prompt=True),
-                                  add_special_tokens=False))
-        else:
-            out.append(tok.encode(p.text or "", add_special_tokens=True))
-    return out
-
-
 def measure(side: Side, prompts: list[Prompt], questions: list[Question], passage: str, max_tokens: int,
             num_threads: int | None = None) -> tuple[dict[str, Any], list[list[int]]]:
     """(figures, greedy answer token ids per prompt) for one side; the model is freed after."""
@@ -88,7 +76,7 @@ def measure(side: Side, prompts: list[Prompt], questions: list[Question], passag
               enable_prefix_caching=False, num_threads=num_threads)
     loaded = time.monotonic()
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    outs = llm.generate(_prompt_ids(llm, prompts), greedy)
+    outs = llm.generate(encode_prompts(llm.tokenizer, prompts), greedy)
     answers = [list(o.outputs[0].token_ids) for o in outs]
     replies = [o.outputs[0].text for o in llm.chat([[{"role": "user", "content": q.question}] for q in questions],
                                                    SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS))]

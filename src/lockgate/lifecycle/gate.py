@@ -44,16 +44,8 @@ async def _greedy(client: AsyncEngineClient, prompts: list[list[int]], max_token
 
 
 def _encode(client: AsyncEngineClient, prompts: list[data.Prompt]) -> list[list[int]]:
-    tok = client.tokenizer
-    assert tok is not None
-    out = []
-    for p in prompts:
-        if p.messages is not None:
-            out.append(tok.encode(tok.apply_chat_template(p.messages, add_generation_prompt=True),
-                                  add_special_tokens=False))
-        else:
-            out.append(tok.encode(p.text or "", add_special_tokens=True))
-    return out
+    assert client.tokenizer is not None
+    return data.encode_prompts(client.tokenizer, prompts)
 
 
 async def run_gate(candidate: AsyncEngineClient, reference: AsyncEngineClient | None, reference_name: str | None,
