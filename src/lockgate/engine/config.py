@@ -117,6 +117,9 @@ class EngineConfig:
     # more than this many rows (CPUs whose bf16 GEMM outruns the int kernels at large batches, e.g.
     # AMX). None: no copy, the quantized kernels serve every batch size (least memory).
     quantization_float_above: int | None = None
+    # Kernels for quantized weights: "native" (GGUF blocks, engine/native; needs a C compiler),
+    # "torch" (PyTorch's int4/int8 CPU kernels) or "auto" (native where it builds).
+    quantization_kernels: str = "auto"
     seed: int = 0
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
@@ -159,6 +162,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be None, 'int4' or 'int8', got {self.quantization!r}")
         if self.quantization_float_above is not None and self.quantization_float_above < 0:
             raise ValueError(f"quantization_float_above must be >= 0, got {self.quantization_float_above}")
+        if self.quantization_kernels not in ("auto", "native", "torch"):
+            raise ValueError(f"quantization_kernels must be 'auto', 'native' or 'torch', "
+                             f"got {self.quantization_kernels!r}")
         if self.debug_hang_at_step is not None and self.debug_hang_at_step < 1:
             raise ValueError(f"debug_hang_at_step must be >= 1, got {self.debug_hang_at_step}")
         if self.load_format not in ("auto", "dummy", "fake"):

@@ -1,15 +1,16 @@
 """Weight-only quantization for CPU decode: `quantize_model(model, "int4" | "int8")`.
 
 A small-batch decode step is bound by reading every weight once, so fewer bytes
-per weight is the speed-up:
+per weight is the speed-up. Two kernel sets:
 
-- `int4`: 4-bit codes with a scale and zero per 32 weights. A GGUF Q4_0/Q4_1
-  checkpoint's blocks map onto this exactly (the scale and zero are rounded to
-  bfloat16), so the default model runs on its weights as stored; float
-  checkpoints are quantized the Q4_1 way (min/max per group).
-- `int8`: symmetric per-output-channel int8 of the float weights.
-
-The token embedding (the tied LM head too) is stored as per-row int8 in both.
+- native (default where a C compiler is found, engine/native/): GGUF blocks. `int4`
+  is Q4_1 (a GGUF Q4_0/Q4_1 checkpoint's blocks exactly, so the default model runs
+  on its weights as stored; float checkpoints quantized min/max per 32 weights),
+  `int8` is Q8_0; the embedding and tied LM head are Q8_0 (the GGUF's own when it
+  has one). Decode-only steps run the whole model in one native call.
+- torch (fallback, or `kernels="torch"`): PyTorch's int4/int8 CPU kernels. `int4`:
+  4-bit codes with a bfloat16 scale and zero per 32 weights; `int8`: symmetric
+  per-output-channel int8. The embedding (and tied head) is per-row int8.
 No float copy of a quantized matrix is kept unless `keep_float=True` (then
 steps with more than `max_rows` rows multiply by it instead: for CPUs with
 AMX, where a bf16 GEMM outruns the int kernels at large batches).
@@ -24,7 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lockgate.engine.quant.gguf_blocks import Int4Groups
+from lockgate.engine.native import blocks as native_blocks
+from lockgate.engine.native.build import load as load_native
+from lockgate.engine.native.linear import BlockEmbedding, BlockLinear
+from lockgate.engine.quant.gguf_blocks import Int4Groups, Int8Groups
 from lockgate.engine.quant.linear import (
     Int4Linear,
     Int8Linear,
@@ -38,11 +42,12 @@ from lockgate.engine.quant.linear import (
 log = logging.getLogger(__name__)
 
 QUANTIZATION_METHODS = ("int4", "int8")
+KERNELS = ("auto", "native", "torch")
 # With keep_float, steps with more than this many rows use the float copy.
 FLOAT_MIN_ROWS = 32
 
-__all__ = ["QUANTIZATION_METHODS", "quantize_model", "weight_bytes", "Int4Linear", "Int8Linear",
-           "QuantEmbedding", "QuantLinear", "quantize_rows", "quantize_int4"]
+__all__ = ["QUANTIZATION_METHODS", "KERNELS", "quantize_model", "weight_bytes", "Int4Linear", "Int8Linear",
+           "QuantEmbedding", "QuantLinear", "BlockLinear", "BlockEmbedding", "quantize_rows", "quantize_int4"]
 
 # fused module -> the HF projections stacked in it, in row order
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -70,33 +75,100 @@ def _stored_int4(source: dict[str, Any], prefix: str, proj: str) -> Int4Groups |
                       np.concatenate([p.zero for p in parts]))
 
 
+def _stored(source: dict[str, Any], name: str) -> Any:
+    return source.get(name) if source else None
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str, device: torch.device,
                    stored: Callable[[], Iterator[tuple[str, Any]]] | None = None,
-                   keep_float: bool = False, max_rows: int = FLOAT_MIN_ROWS) -> None:
+                   keep_float: bool = False, max_rows: int = FLOAT_MIN_ROWS, kernels: str = "auto") -> str:
     """Swap every linear layer and the embedding/LM head for quantized ones, in place.
-    `stored`: a GGUF checkpoint's quantized tensors (loader), used as they are for int4."""
+    `stored`: a GGUF checkpoint's quantized tensors (loader), used as they are where they fit.
+    `kernels`: "native" (GGUF blocks, engine/native), "torch" (PyTorch's int kernels) or
+    "auto" (native where it builds). Returns the kernel set used."""
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; got {method!r}")
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {kernels!r}")
     if device.type != "cpu":
         raise ValueError(f"quantization {method!r} is a CPU decode path; device is {device.type}")
-    source = dict(stored()) if (stored is not None and method == "int4") else {}
-    from_file = 0
+    if kernels != "torch" and load_native() is None:
+        if kernels == "native":
+            raise ValueError("native CPU kernels are unavailable (no C compiler, or LOCKGATE_NATIVE=0)")
+        kernels = "torch"
+    if kernels == "auto":
+        kernels = "native"
+    source = dict(stored()) if stored is not None else {}
+    if kernels == "native":
+        _quantize_native(model, method, source, keep_float, max_rows)
+    else:
+        _quantize_torch(model, method, source if method == "int4" else {}, keep_float, max_rows)
+    return kernels
+
+
+def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
     for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or name == "lm_head":
-                continue
-            w, b = child.weight, child.bias
-            keep = w if keep_float else None
-            if method == "int8":
-                setattr(parent, name, Int8Linear(*quantize_rows(w), b, keep, max_rows))
-                continue
-            if not int4_supported(*w.shape):
-                log.info("%s.%s: shape %s does not fit the int4 kernel; left unquantized", prefix, name, tuple(w.shape))
-                continue
+            if isinstance(child, nn.Linear) and name != "lm_head":
+                yield prefix, parent, name, child
+
+
+def _quantize_native(model: nn.Module, method: str, source: dict[str, Any], keep_float: bool, max_rows: int) -> None:
+    wtype = native_blocks.Q4_1 if method == "int4" else native_blocks.Q8_0
+    from_file = 0
+    for prefix, parent, name, child in _linears(model):
+        w, b = child.weight, child.bias
+        n, k = w.shape
+        if not native_blocks.fits(n, k):
+            log.info("%s.%s: shape %s does not fit the native kernels; left unquantized", prefix, name, (n, k))
+            continue
+        table = None
+        if method == "int4":
             groups = _stored_int4(source, f"model.{prefix}", name)  # loader names carry "model."
-            from_file += groups is not None
-            setattr(parent, name, Int4Linear(groups or quantize_int4(w), b, keep, max_rows))
+            table = None if groups is None else native_blocks.q4_1_from_groups(groups)
+        from_file += table is not None
+        if table is None:
+            table = (native_blocks.q4_1_from_float if method == "int4" else native_blocks.q8_0_from_float)(w)
+        setattr(parent, name, BlockLinear(table, wtype, k, n, b, w if keep_float else None, max_rows))
+    if source:
+        log.info("%s: %d matrices taken as stored in the checkpoint", method, from_file)
+    tied = model.lm_head is None
+    head = model.embed_tokens.weight if tied else model.lm_head.weight
+    head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    model.head_q = _block_embedding(head, _stored(source, head_name))
+    if tied:
+        model.embed_tokens = model.head_q
+    else:
+        model.embed_tokens = _block_embedding(model.embed_tokens.weight, _stored(source, "model.embed_tokens.weight"))
+        model.lm_head = None
+
+
+def _block_embedding(w: torch.Tensor, stored: Any) -> nn.Module:
+    """Q8_0 table of an embedding/LM head: the checkpoint's own Q8_0 blocks when it has them."""
+    n, k = w.shape
+    if not native_blocks.fits(n, k):
+        q, s = quantize_rows(w)
+        return QuantEmbedding(q, s, w.dtype)
+    table = native_blocks.q8_0_from_groups(stored) if isinstance(stored, Int8Groups) \
+        else native_blocks.q8_0_from_float(w)
+    return BlockEmbedding(table, native_blocks.Q8_0, k, w.dtype)
+
+
+def _quantize_torch(model: nn.Module, method: str, source: dict[str, Any], keep_float: bool, max_rows: int) -> None:
+    from_file = 0
+    for prefix, parent, name, child in _linears(model):
+        w, b = child.weight, child.bias
+        keep = w if keep_float else None
+        if method == "int8":
+            setattr(parent, name, Int8Linear(*quantize_rows(w), b, keep, max_rows))
+            continue
+        if not int4_supported(*w.shape):
+            log.info("%s.%s: shape %s does not fit the int4 kernel; left unquantized", prefix, name, tuple(w.shape))
+            continue
+        groups = _stored_int4(source, f"model.{prefix}", name)  # loader names carry "model."
+        from_file += groups is not None
+        setattr(parent, name, Int4Linear(groups or quantize_int4(w), b, keep, max_rows))
     if source:
         log.info("int4: %d matrices taken as stored in the checkpoint", from_file)
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight

@@ -18,6 +18,7 @@ from lockgate.engine.config import EngineConfig, ModelConfig
 from lockgate.engine.kv_cache import blocks_for
 from lockgate.engine.loader import LoadedCheckpoint
 from lockgate.engine.models.llama import LlamaForCausalLM
+from lockgate.engine.native.decoder import NativeDecoder
 from lockgate.engine.outputs import TokenLogprob
 from lockgate.engine.quantization import quantize_model
 from lockgate.engine.request import Request
@@ -82,10 +83,12 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.model = build_model(ckpt, max_model_len, self.device, self.dtype)
+        self.kernels = "float"
         if config.quantization:
             above = config.quantization_float_above
-            quantize_model(self.model, config.quantization, self.device, stored=ckpt.quantized,
-                           keep_float=above is not None, max_rows=above or 0)
+            self.kernels = quantize_model(self.model, config.quantization, self.device, stored=ckpt.quantized,
+                                          keep_float=above is not None, max_rows=above or 0,
+                                          kernels=config.quantization_kernels)
         self.vocab_size = ckpt.config.vocab_size
         self.eos_token_ids = list(ckpt.tokenizer.eos_token_ids or ckpt.config.eos_token_ids)
         self.num_blocks = config.num_kv_blocks or max(
@@ -96,6 +99,9 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(cfg.num_hidden_layers)]
         self.sampler = Sampler()
+        # Decode-only steps of a block-quantized model run in one native call.
+        self.native = NativeDecoder.build(self.model, self.kv_caches, self.block_size) \
+            if self.kernels == "native" else None
 
     # ---- batch preparation -----------------------------------------------------
     def _slots(self, req: Request, start: int, end: int) -> np.ndarray:
@@ -149,13 +155,32 @@ class ModelRunner:
         return input_ids, positions, meta, samplers, rows
 
     # ---- the step ---------------------------------------------------------------
+    def native_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """A decode-only step through the native decoder: hidden states of every row (all sample)."""
+        n = len(batch)
+        ends = np.asarray(batch.start, dtype=np.int64) + 1
+        ids = np.fromiter((r.token_ids(s, s + 1)[0] for r, s in zip(batch.requests, batch.start)), np.int64, n)
+        nb = int(max(blocks_for(int(e), self.block_size) for e in ends))
+        tables = np.zeros((n, nb), dtype=np.int64)
+        for j, (r, e) in enumerate(zip(batch.requests, ends)):
+            b = r.block_ids[: blocks_for(int(e), self.block_size)]
+            tables[j, : len(b)] = b
+        pos = ends - 1
+        slots = tables[np.arange(n), pos // self.block_size] * self.block_size + pos % self.block_size
+        return self.native(ids, pos, slots, tables, ends), list(range(n))
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int, TokenLogprob | None]]:
-        input_ids, positions, meta, samplers, rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not samplers:
-            return []
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if self.native is not None and batch.requests and all(n == 1 for n in batch.num_tokens) and all(
+                s + 1 == r.num_tokens for r, s in zip(batch.requests, batch.start)):
+            hidden, samplers = self.native_decode(batch)
+            logits = self.model.compute_logits(hidden)
+        else:
+            input_ids, positions, meta, samplers, rows = self.prepare(batch)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            if not samplers:
+                return []
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         reqs = [batch.requests[i] for i in samplers]
         for r in reqs:
             if r.params.seed is not None and r.generator is None:
