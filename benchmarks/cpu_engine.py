@@ -5,7 +5,7 @@ EOS ignored). Output tokens/s counts the whole request (prefill included), for:
 
 - llama.cpp (llama-cpp-python, on the same GGUF file as stored: Q4_1 weights) at 1 stream;
 - lockgate at 1/16/64 streams in each precision: float (its default CPU dtype, on the
-  dequantized GGUF), `int8` and `int4` (the GGUF's own Q4_1 blocks);
+  dequantized GGUF), `int8` and `int4` (the GGUF's own Q4_1 blocks, native kernels);
 - transformers `generate` (float32, the same dequantized weights) at 16 streams.
 
 With each precision's bounds at 1 stream: the *kernel bound* (tokens/s if a decode
@@ -36,7 +36,9 @@ import torch.nn.functional as F
 
 from lockgate import LLM, SamplingParams
 from lockgate.engine.loader import default_model_path, load_checkpoint
-from lockgate.engine.quantization import QuantEmbedding, QuantLinear, weight_bytes
+from lockgate.engine.native import blocks as native_blocks
+from lockgate.engine.native.linear import gemm as native_gemm
+from lockgate.engine.quantization import BlockEmbedding, BlockLinear, QuantEmbedding, QuantLinear, weight_bytes
 from lockgate.engine.quant.linear import KERNEL_DTYPE
 
 PROMPT_LEN = 64
@@ -94,12 +96,18 @@ def kernel_bound(llm: LLM) -> float:
     dtype = llm.engine.core.runner.dtype
     calls = []
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, BlockLinear):
+            calls.append((lambda x, m=m: native_gemm(x, m.table, m.wtype, m.out_features), torch.randn(1, m.in_features)))
+        elif isinstance(m, QuantLinear):
             calls.append((m.qmm, torch.randn(1, m.in_features, dtype=KERNEL_DTYPE)))
         elif isinstance(m, torch.nn.Linear):
             calls.append((lambda x, w=m.weight: F.linear(x, w), torch.randn(1, m.in_features, dtype=dtype)))
     head = model.head_q if model.head_q is not None else None
-    if isinstance(head, QuantEmbedding):
+    if isinstance(head, BlockEmbedding):
+        rank = head.rank_table if head.rank_table is not None else head.table
+        wtype = native_blocks.Q4_1 if head.rank_table is not None else head.wtype
+        calls.append((lambda x: native_gemm(x, rank, wtype, head.vocab), torch.randn(1, head.hidden)))
+    elif isinstance(head, QuantEmbedding):
         calls.append((lambda x, h=head: torch.ops.aten._weight_int8pack_mm(x, h.qweight, h.scales),
                       torch.randn(1, head.qweight.shape[1], dtype=KERNEL_DTYPE)))
     elif model.lm_head is None:
@@ -126,6 +134,9 @@ def matrix_bytes(llm: LLM) -> int:
     total = weight_bytes(model)
     if model.lm_head is not None:  # untied: the embedding table is only looked up, one row
         total -= weight_bytes(model.embed_tokens)
+    head = model.head_q
+    if isinstance(head, BlockEmbedding) and head.rank_table is not None:
+        total -= head.table.numel()  # logits are ranked on the 4-bit copy; 64 Q8_0 rows are read
     return total
 
 
@@ -192,7 +203,8 @@ def bench_llamacpp(py: str, prompts: list[list[int]], reps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", default="1,16,64")
-    ap.add_argument("--precisions", default="float,int8,int4")
+    ap.add_argument("--precisions", default="float,int8,int4",
+                    help="comma-separated; a precision may name its kernels: int8:native, int4:torch")
     ap.add_argument("--dtype", default="auto", help="lockgate's float dtype (auto: bf16 with AMX/AVX512-BF16)")
     ap.add_argument("--reps", type=int, default=2, help="runs per measurement; the best is reported")
     ap.add_argument("--skip-hf", action="store_true")
@@ -227,10 +239,12 @@ def main() -> None:
         del hf
 
     rows = []
-    for prec in precisions:
-        llm = LLM(None, dtype=args.dtype, quantization=None if prec == "float" else prec)
+    for spec in precisions:
+        prec, _, kernels = spec.partition(":")  # e.g. int8:native
+        llm = LLM(None, dtype=args.dtype, quantization=None if prec == "float" else prec,
+                  quantization_kernels=kernels or "auto")
         runner = llm.engine.core.runner
-        name = f"{prec} ({runner.dtype})".replace("torch.", "") if prec == "float" else prec
+        name = f"{prec} ({runner.dtype})".replace("torch.", "") if prec == "float" else f"{prec} ({runner.kernels})"
         mb = weight_bytes(runner.model) / 2**20
         kb = kernel_bound(llm)
         bb = bw / matrix_bytes(llm)

@@ -1,7 +1,8 @@
 """Quality gate of each quantized precision against float32 on the default model (SmolLM2 Q4_1).
 
 float32 runs the GGUF's weights dequantized; `int4` runs the same Q4_1 blocks through the
-int4 kernel (bfloat16 activations), `int8` re-quantizes them per channel. Gate: the
+native kernels (int8 activations per 32 values, as llama.cpp), `int8` re-quantizes them per
+channel (PyTorch's kernel, bfloat16 activations: its native Q8_0 form failed this gate). Gate: the
 precision answers as many questions as float32 (one fewer at most) and its greedy tokens
 agree with float32's on most of each answer. `python -m tests.engine.test_quality_gate`
 prints the table kept in docs/PERFORMANCE.md.

@@ -135,9 +135,11 @@ def test_int4_takes_gguf_blocks_as_stored(tmp_path: Path, kernels: str):
     assert calls
     for name in ("layers.0.self_attn.qkv_proj", "layers.1.mlp.gate_up_proj", "layers.1.mlp.down_proj"):
         mod = model.get_submodule(name)
-        assert isinstance(mod, Int4Linear if kernels == "torch" else BlockLinear)
+        # down_proj's 96 inputs are an odd number of blocks: PyTorch's kernel takes it then.
+        native = kernels == "native" and "down" not in name
+        assert isinstance(mod, BlockLinear if native else Int4Linear)
         w = ref[f"{name}.weight"]
-        tol = 0.02 if kernels == "torch" else 1e-6
+        tol = 1e-6 if native else 0.02
         assert (mod.dequantized() - w).abs().max() <= tol * w.abs().max()
         assert mod.float_weight is None
 
@@ -170,7 +172,8 @@ def test_quantized_engine_tracks_float32_and_memory_falls(tmp_path, method):
     assert s.num_free_blocks == s.num_total_blocks
     full_bytes = weight_bytes(full_llm.engine.core.runner.model)
     quant_bytes = weight_bytes(quant_llm.engine.core.runner.model)
-    assert quant_bytes < full_bytes * (0.2 if method == "int4" else 0.3)  # no float copy kept
+    # No float copy kept (int4: 4-bit layers plus the 8-bit embedding and its 4-bit ranking copy).
+    assert quant_bytes < full_bytes * (0.25 if method == "int4" else 0.3)
 
 
 def test_batch_size_switching_gives_the_same_tokens(tmp_path):

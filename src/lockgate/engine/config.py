@@ -118,7 +118,8 @@ class EngineConfig:
     # AMX). None: no copy, the quantized kernels serve every batch size (least memory).
     quantization_float_above: int | None = None
     # Kernels for quantized weights: "native" (GGUF blocks, engine/native; needs a C compiler),
-    # "torch" (PyTorch's int4/int8 CPU kernels) or "auto" (native where it builds).
+    # "torch" (PyTorch's int4/int8 CPU kernels) or "auto" (native for int4 where it builds; torch
+    # for int8, whose native form failed the quality gate).
     quantization_kernels: str = "auto"
     seed: int = 0
     block_size: int = 16

@@ -3,12 +3,12 @@
 A small-batch decode step is bound by reading every weight once, so fewer bytes
 per weight is the speed-up. Two kernel sets:
 
-- native (default where a C compiler is found, engine/native/): GGUF blocks. `int4`
+- native (the default for int4 where a C compiler is found, engine/native/): GGUF blocks. `int4`
   is Q4_1 (a GGUF Q4_0/Q4_1 checkpoint's blocks exactly, so the default model runs
   on its weights as stored; float checkpoints quantized min/max per 32 weights),
   `int8` is Q8_0; the embedding and tied LM head are Q8_0 (the GGUF's own when it
   has one). Decode-only steps run the whole model in one native call.
-- torch (fallback, or `kernels="torch"`): PyTorch's int4/int8 CPU kernels. `int4`:
+- torch (the default for int8, the fallback, or `kernels="torch"`): PyTorch's int4/int8 CPU kernels. `int4`:
   4-bit codes with a bfloat16 scale and zero per 32 weights; `int8`: symmetric
   per-output-channel int8. The embedding (and tied head) is per-row int8.
 No float copy of a quantized matrix is kept unless `keep_float=True` (then
@@ -98,7 +98,9 @@ def quantize_model(model: nn.Module, method: str, device: torch.device,
             raise ValueError("native CPU kernels are unavailable (no C compiler, or LOCKGATE_NATIVE=0)")
         kernels = "torch"
     if kernels == "auto":
-        kernels = "native"
+        # Native int8 (Q8_0 of the weights, int8 activations) failed the quality gate on the
+        # default model (6/10 answers vs float32's 8/10; docs/PERFORMANCE.md): not a default.
+        kernels = "native" if method == "int4" else "torch"
     source = dict(stored()) if stored is not None else {}
     if kernels == "native":
         _quantize_native(model, method, source, keep_float, max_rows)
@@ -120,8 +122,9 @@ def _quantize_native(model: nn.Module, method: str, source: dict[str, Any], keep
     for prefix, parent, name, child in _linears(model):
         w, b = child.weight, child.bias
         n, k = w.shape
-        if not native_blocks.fits(n, k):
-            log.info("%s.%s: shape %s does not fit the native kernels; left unquantized", prefix, name, (n, k))
+        if not native_blocks.fits(n, k):  # PyTorch's kernels take it, if they can
+            log.info("%s.%s: shape %s does not fit the native kernels", prefix, name, (n, k))
+            _torch_linear(parent, name, child, method, source, prefix, keep_float, max_rows)
             continue
         table = None
         if method == "int4":
@@ -155,20 +158,26 @@ def _block_embedding(w: torch.Tensor, stored: Any) -> nn.Module:
     return BlockEmbedding(table, native_blocks.Q8_0, k, w.dtype)
 
 
+def _torch_linear(parent: nn.Module, name: str, child: nn.Linear, method: str, source: dict[str, Any],
+                  prefix: str, keep_float: bool, max_rows: int) -> bool:
+    """Swap one linear for PyTorch's int kernels; True when it took the checkpoint's own blocks."""
+    w, b = child.weight, child.bias
+    keep = w if keep_float else None
+    if method == "int8":
+        setattr(parent, name, Int8Linear(*quantize_rows(w), b, keep, max_rows))
+        return False
+    if not int4_supported(*w.shape):
+        log.info("%s.%s: shape %s does not fit the int4 kernel; left unquantized", prefix, name, tuple(w.shape))
+        return False
+    groups = _stored_int4(source, f"model.{prefix}", name)  # loader names carry "model."
+    setattr(parent, name, Int4Linear(groups or quantize_int4(w), b, keep, max_rows))
+    return groups is not None
+
+
 def _quantize_torch(model: nn.Module, method: str, source: dict[str, Any], keep_float: bool, max_rows: int) -> None:
     from_file = 0
     for prefix, parent, name, child in _linears(model):
-        w, b = child.weight, child.bias
-        keep = w if keep_float else None
-        if method == "int8":
-            setattr(parent, name, Int8Linear(*quantize_rows(w), b, keep, max_rows))
-            continue
-        if not int4_supported(*w.shape):
-            log.info("%s.%s: shape %s does not fit the int4 kernel; left unquantized", prefix, name, tuple(w.shape))
-            continue
-        groups = _stored_int4(source, f"model.{prefix}", name)  # loader names carry "model."
-        from_file += groups is not None
-        setattr(parent, name, Int4Linear(groups or quantize_int4(w), b, keep, max_rows))
+        from_file += _torch_linear(parent, name, child, method, source, prefix, keep_float, max_rows)
     if source:
         log.info("int4: %d matrices taken as stored in the checkpoint", from_file)
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight

@@ -25,7 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.c"
-ABI = 5  # must match LG_ABI in the C source
+ABI = 6  # must match LG_ABI in the C source
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-fno-math-errno"]
 
 
@@ -102,8 +102,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lg_gemm.restype = i
     lib.lg_rows.argtypes = [p, i, i, p, i, p]
     lib.lg_rows.restype = None
-    lib.lg_rows_dot.argtypes = [p, i, i, p, i, p, i, p]
-    lib.lg_rows_dot.restype = None
+    lib.lg_logits.argtypes = [p, i, p, i, i, i, p, i, i, p]
+    lib.lg_logits.restype = i
     lib.lg_decode.argtypes = [p, i, p, p, p, p, i, p, p]
     lib.lg_decode.restype = i
     lib.lg_has_avx2.restype = i

@@ -24,7 +24,7 @@
 #endif
 
 #define QK 32
-#define LG_ABI 5
+#define LG_ABI 6
 
 enum { LG_Q4_1 = 0, LG_Q8_0 = 1 };
 
@@ -69,6 +69,9 @@ int lg_has_avx2(void) {
  * pair order above, so one 32-byte load meets one 32-byte load of weights. */
 
 #define GROUP_BLOCKS 8
+#ifndef PREFETCH
+#define PREFETCH 2048 /* bytes ahead of the weight stream */
+#endif
 
 typedef struct {
     float *d, *s; /* [M][nb + 8] (zero padded) */
@@ -87,24 +90,75 @@ static int act_alloc(act_t *a, int M, int nb) {
 
 static void act_free(act_t *a) { free(a->d); free(a->s); free(a->q); }
 
+#ifdef LG_AVX2
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* Float dot product (attention scores, norms): vectorized by hand, since the compiler
+ * keeps a float sum's order (and so scalar code) without -ffast-math. */
+static inline float dot_f32(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.f;
+#ifdef LG_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    s = hsum(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 /* Quantize x[k] (k = 32 nb) into row m of a, in pair order. */
 static void quantize_row(const float *x, int k, const act_t *a, int m) {
     float *dd = a->d + (size_t)m * a->stride, *ss = a->s + (size_t)m * a->stride;
     int8_t *qq = a->q + (size_t)m * a->nb * QK;
     for (int b = 0; b < k / QK; b++) {
         const float *xb = x + b * QK;
+        int8_t *dst = qq + (b & ~1) * QK + (b & 1) * 16; /* pair base, then this block's half */
+#ifdef LG_AVX2
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+        __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4);
+        float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        const __m256 mul = _mm256_set1_ps(id);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC; /* half to even, as lrintf */
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), rnd));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), rnd));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), rnd));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), rnd));
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        s4 = _mm_hadd_epi32(s4, s4);
+        __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        q = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* undo the lane interleave */
+        _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(q));
+        _mm_storeu_si128((__m128i *)(dst + 32), _mm256_extracti128_si256(q, 1));
+        int isum = _mm_cvtsi128_si32(s4);
+#else
         float amax = 0.f;
         for (int j = 0; j < QK; j++) { float v = fabsf(xb[j]); amax = v > amax ? v : amax; }
         float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-        int sum = 0;
-        int8_t *dst = qq + (b & ~1) * QK + (b & 1) * 16; /* pair base, then this block's half */
+        int isum = 0;
         for (int j = 0; j < QK; j++) {
             int q = (int)lrintf(xb[j] * id);
             dst[(j >> 4) * 32 + (j & 15)] = (int8_t)q;
-            sum += q;
+            isum += q;
         }
+#endif
         dd[b] = d;
-        ss[b] = d * (float)sum;
+        ss[b] = d * (float)isum;
     }
 }
 
@@ -113,13 +167,6 @@ static inline size_t row_bytes(int wtype, int nb) { return (size_t)nb * (wtype =
 /* ---- block dot products: one weight row against R activation rows ---------- */
 
 #ifdef LG_AVX2
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 static inline __m256 load_f16(const uint16_t *p, int G) {
     if (G == GROUP_BLOCKS) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     uint16_t t[8] = {0};
@@ -131,16 +178,20 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
                                                            int m0, int R, float *out) {
     const int nb = a->nb;
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    __m256 acc[4], off[4];
-    for (int r = 0; r < 4; r++) { acc[r] = _mm256_setzero_ps(); off[r] = _mm256_setzero_ps(); }
+    __m256 acc[4]; /* lanes are summed at the end, so the Q4_1 offset term can share them */
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += GROUP_BLOCKS) {
         const int G = nb - b0 < GROUP_BLOCKS ? nb - b0 : GROUP_BLOCKS;
         const uint16_t *d16 = (const uint16_t *)w;
+        _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + PREFETCH + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + PREFETCH + 128, _MM_HINT_T0);
         __m256 dw = load_f16(d16, G), prod[4];
+        __m256 mw = wtype == LG_Q4_1 ? load_f16(d16 + G, G) : dw;
         for (int r = 0; r < R; r++) {
             size_t o = (size_t)(m0 + r) * a->stride + b0;
             prod[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(a->d + o));
-            if (wtype == LG_Q4_1) off[r] = _mm256_fmadd_ps(load_f16(d16 + G, G), _mm256_loadu_ps(a->s + o), off[r]);
+            if (wtype == LG_Q4_1) acc[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a->s + o), acc[r]);
         }
         if (wtype == LG_Q4_1) {
             const uint8_t *qs = w + 4 * G;
@@ -176,7 +227,7 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
             w += 34 * G;
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum(_mm256_add_ps(acc[r], off[r]));
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
 }
 #else
 static void dot_row(const uint8_t *w, int wtype, const act_t *a, int m0, int R, float *out) {
@@ -275,21 +326,46 @@ void lg_rows(const void *W, int wtype, int K, const int64_t *ids, int n, float *
     for (int i = 0; i < n; i++) dequant_row(W, wtype, K, ids[i], out + (size_t)i * K);
 }
 
-/* out[m, j] = float32 dot of dequantized row ids[m, j] with h[m] (exact logits of candidates). */
-void lg_rows_dot(const void *W, int wtype, int K, const float *h, int M, const int64_t *ids, int k, float *out) {
-#pragma omp parallel
-    {
-        float *row = malloc(sizeof(float) * K);
-#pragma omp for schedule(static)
-        for (int i = 0; i < M * k; i++) {
-            const float *hm = h + (size_t)(i / k) * K;
-            dequant_row(W, wtype, K, ids[i], row);
-            float s = 0.f;
-            for (int j = 0; j < K; j++) s += row[j] * hm[j];
-            out[i] = s;
-        }
-        free(row);
+/* Min-heap of (value, index) keeping the k largest values seen. */
+static void heap_push(float *hv, int64_t *hi, int *n, int k, float v, int64_t i) {
+    if (*n < k) {
+        int c = (*n)++;
+        while (c > 0 && hv[(c - 1) / 2] > v) { hv[c] = hv[(c - 1) / 2]; hi[c] = hi[(c - 1) / 2]; c = (c - 1) / 2; }
+        hv[c] = v; hi[c] = i;
+        return;
     }
+    if (v <= hv[0]) return;
+    int c = 0; /* replace the root, sift down */
+    for (;;) {
+        int l = 2 * c + 1, r = l + 1, m = c;
+        float mv = v;
+        if (l < k && hv[l] < mv) { m = l; mv = hv[l]; }
+        if (r < k && hv[r] < mv) { m = r; }
+        if (m == c) break;
+        hv[c] = hv[m]; hi[c] = hi[m]; c = m;
+    }
+    hv[c] = v; hi[c] = i;
+}
+
+/* Logits [M, V]: ranked by `rank` (any block table, e.g. a 4-bit copy), then the k best of each
+ * row recomputed as exact float32 dots with the dequantized rows of `table`. */
+int lg_logits(const void *rank, int rank_type, const void *table, int wtype, int K, int V,
+              const float *h, int M, int k, float *out) {
+    if (lg_gemm(h, M, K, rank, rank_type, V, NULL, out)) return -1;
+    if (k > V) k = V;
+#pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++) {
+        float *row = out + (size_t)m * V, *hv = malloc(sizeof(float) * k), *w = malloc(sizeof(float) * K);
+        int64_t *hi = malloc(sizeof(int64_t) * k);
+        int n = 0;
+        for (int v = 0; v < V; v++) heap_push(hv, hi, &n, k, row[v], v);
+        for (int j = 0; j < n; j++) {
+            dequant_row(table, wtype, K, hi[j], w);
+            row[hi[j]] = dot_f32(w, h + (size_t)m * K, K);
+        }
+        free(hv); free(hi); free(w);
+    }
+    return 0;
 }
 
 /* ---- the fused decode step ------------------------------------------------- */
@@ -310,9 +386,7 @@ typedef struct {
 } lg_model;
 
 static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
-    float ss = 0.f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
-    float r = 1.f / sqrtf(ss / n + eps);
+    float r = 1.f / sqrtf(dot_f32(x, x, n) / n + eps);
     for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
@@ -330,25 +404,45 @@ static void attend(const float *q, const lg_model *md, const lg_layer *L, int kv
                    int ctx, float *scores, float *out) {
     const int d = md->head_dim, kvh = md->n_kv_heads, bs = md->block_size;
     float mx = -INFINITY;
-    for (int t = 0; t < ctx; t++) {
-        int64_t slot = blocks[t / bs] * bs + t % bs;
-        const float *k = L->k_cache + ((size_t)slot * kvh + kv) * d;
-        float s = 0.f;
-        for (int i = 0; i < d; i++) s += q[i] * k[i];
-        s *= md->scale;
-        scores[t] = s;
-        mx = s > mx ? s : mx;
+    for (int t0 = 0, blk = 0; t0 < ctx; t0 += bs, blk++) {
+        const float *k = L->k_cache + ((size_t)blocks[blk] * bs * kvh + kv) * d;
+        const int n = ctx - t0 < bs ? ctx - t0 : bs;
+        for (int j = 0; j < n; j++) {
+#ifdef LG_AVX2
+            const char *ahead = (const char *)(k + (size_t)(j + 4) * kvh * d); /* DRAM latency, not bandwidth */
+            for (int c = 0; c < d * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+#endif
+            float s = dot_f32(q, k + (size_t)j * kvh * d, d) * md->scale;
+            scores[t0 + j] = s;
+            mx = s > mx ? s : mx;
+        }
     }
     float sum = 0.f;
     for (int t = 0; t < ctx; t++) { scores[t] = expf(scores[t] - mx); sum += scores[t]; }
+    const float inv = 1.f / sum;
     for (int i = 0; i < d; i++) out[i] = 0.f;
-    for (int t = 0; t < ctx; t++) {
-        int64_t slot = blocks[t / bs] * bs + t % bs;
-        const float *v = L->v_cache + ((size_t)slot * kvh + kv) * d;
-        float p = scores[t] / sum;
-        for (int i = 0; i < d; i++) out[i] += p * v[i];
+    for (int t0 = 0, blk = 0; t0 < ctx; t0 += bs, blk++) {
+        const float *v = L->v_cache + ((size_t)blocks[blk] * bs * kvh + kv) * d;
+        const int n = ctx - t0 < bs ? ctx - t0 : bs;
+        for (int j = 0; j < n; j++) {
+#ifdef LG_AVX2
+            const char *ahead = (const char *)(v + (size_t)(j + 4) * kvh * d);
+            for (int c = 0; c < d * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+#endif
+            const float p = scores[t0 + j] * inv, *vj = v + (size_t)j * kvh * d;
+            for (int i = 0; i < d; i++) out[i] += p * vj[i];
+        }
     }
 }
+
+#ifdef LG_PROFILE
+#include <omp.h>
+static double prof[8], prof_t;
+#define PT(i) do { if (omp_get_thread_num() == 0) { double t_ = omp_get_wtime(); prof[i] += t_ - prof_t; prof_t = t_; } } while (0)
+void lg_prof(double *out) { for (int i = 0; i < 8; i++) { out[i] = prof[i]; prof[i] = 0; } }
+#else
+#define PT(i) do { } while (0)
+#endif
 
 static inline float silu(float x) { return x / (1.f + expf(-x)); }
 
@@ -380,6 +474,9 @@ int lg_decode(const lg_model *md, int M, const int64_t *ids, const int64_t *pos,
 #pragma omp parallel
     {
         float *scores = malloc(sizeof(float) * (max_ctx > 0 ? max_ctx : 1));
+#ifdef LG_PROFILE
+        if (omp_get_thread_num() == 0) prof_t = omp_get_wtime();
+#endif
         for (int l = 0; l < md->n_layers; l++) {
             const lg_layer *L = md->layers + l;
 #pragma omp for schedule(static)
@@ -387,7 +484,9 @@ int lg_decode(const lg_model *md, int M, const int64_t *ids, const int64_t *pos,
                 rms_norm(x + (size_t)m * H, L->attn_norm, H, md->eps, h + (size_t)m * H);
                 quantize_row(h + (size_t)m * H, H, &aH, m);
             }
+            PT(0);
             gemm_q(&aH, M, L->qkv, md->wtype, nqkv, L->qkv_bias, qkv, nqkv, 0);
+            PT(1);
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) {
                 float *r = qkv + (size_t)m * nqkv;
@@ -400,21 +499,27 @@ int lg_decode(const lg_model *md, int M, const int64_t *ids, const int64_t *pos,
                 memcpy(L->k_cache + (size_t)slots[m] * kvs, r + qs, sizeof(float) * kvs);
                 memcpy(L->v_cache + (size_t)slots[m] * kvs, r + qs + kvs, sizeof(float) * kvs);
             }
+            PT(2);
 #pragma omp for schedule(static)
             for (int i = 0; i < M * nh; i++) {
                 int m = i / nh, head = i % nh;
                 attend(qkv + (size_t)m * nqkv + head * d, md, L, head / group, block_tables + (size_t)m * max_blocks,
                        (int)ctx_lens[m], scores, att + (size_t)m * qs + head * d);
             }
+            PT(7);
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) quantize_row(att + (size_t)m * qs, qs, &aQ, m);
+            PT(3);
             gemm_q(&aQ, M, L->o, md->wtype, H, NULL, x, H, 1);
+            PT(4);
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) {
                 rms_norm(x + (size_t)m * H, L->ffn_norm, H, md->eps, h + (size_t)m * H);
                 quantize_row(h + (size_t)m * H, H, &aH, m);
             }
+            PT(0);
             gemm_q(&aH, M, L->gate_up, md->wtype, 2 * I, NULL, gu, 2 * I, 0);
+            PT(5);
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) {
                 const float *g = gu + (size_t)m * 2 * I, *u = g + I;
@@ -422,7 +527,9 @@ int lg_decode(const lg_model *md, int M, const int64_t *ids, const int64_t *pos,
                 for (int j = 0; j < I; j++) a[j] = silu(g[j]) * u[j];
                 quantize_row(a, I, &aI, m);
             }
+            PT(0);
             gemm_q(&aI, M, L->down, md->wtype, H, NULL, x, H, 1);
+            PT(6);
         }
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) rms_norm(x + (size_t)m * H, md->final_norm, H, md->eps, out + (size_t)m * H);
