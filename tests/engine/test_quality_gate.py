@@ -32,7 +32,9 @@ MAX_TOKENS = 24
 
 @functools.cache
 def answers(precision: str) -> tuple[list[list[int]], list[str]]:
-    llm = LLM(dtype="float32", quantization=None if precision == "float32" else precision)
+    prec, _, kernels = precision.partition(":")  # e.g. "int8:native"
+    llm = LLM(dtype="float32", quantization=None if prec == "float32" else prec,
+              quantization_kernels=kernels or "auto")
     outs = llm.chat([[{"role": "user", "content": q}] for q, _ in QUESTIONS],
                     SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
     return [list(o.outputs[0].token_ids) for o in outs], [o.outputs[0].text for o in outs]
@@ -63,6 +65,6 @@ def test_precision_passes_the_gate(precision):
 if __name__ == "__main__":
     print("| precision | answers correct | greedy agreement with float32 | answers identical to float32 |")
     print("|---|---|---|---|")
-    for p in ("float32", "int4", "int8"):
+    for p in ("float32", "int4", "int8", "int4:torch", "int8:native"):
         c, a, i = scores(p)
         print(f"| {p} | {c}/{len(QUESTIONS)} | {a:.0%} | {i}/{len(QUESTIONS)} |")

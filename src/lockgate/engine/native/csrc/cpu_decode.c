@@ -24,7 +24,7 @@
 #endif
 
 #define QK 32
-#define LG_ABI 7
+#define LG_ABI 6
 
 enum { LG_Q4_1 = 0, LG_Q8_0 = 1 };
 
@@ -174,72 +174,55 @@ static inline __m256 load_f16(const uint16_t *p, int G) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
 }
 
-/* Integer dot products of one block pair against activation row x: 8 int32 lanes, the first 4
- * summing to block 2p, the last 4 to block 2p + 1. */
-static inline __m256i pair_q4(__m256i lo, __m256i hi, const int8_t *x) {
-    __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
-                                   _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));
-    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
-}
-
-static inline __m256i pair_q8(const int8_t *w, const int8_t *x) {
-    __m256i w1 = _mm256_loadu_si256((const __m256i *)w), w2 = _mm256_loadu_si256((const __m256i *)(w + 32));
-    __m256i x1 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), w1);
-    __m256i x2 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32)), w2);
-    const __m256i ones = _mm256_set1_epi16(1);
-    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w1, w1), x1), ones),
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w2, w2), x2), ones));
-}
-
-/* Four pair results -> the group's 8 block sums, lanes ordered [b0 b2 b4 b6 | b1 b3 b5 b7]
- * (hadd works within 128-bit halves); scales are permuted to match once per group instead of
- * converting and scaling every pair. */
-static inline __m256i group_sums(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
-    return _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
-}
-
 static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int wtype, const act_t *a,
                                                            int m0, int R, float *out) {
     const int nb = a->nb;
-    const __m256i low = _mm256_set1_epi8(0x0f), order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    const __m256i zero = _mm256_setzero_si256();
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     __m256 acc[4]; /* lanes are summed at the end, so the Q4_1 offset term can share them */
     for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += GROUP_BLOCKS) {
-        const int G = nb - b0 < GROUP_BLOCKS ? nb - b0 : GROUP_BLOCKS, P = G / 2;
+        const int G = nb - b0 < GROUP_BLOCKS ? nb - b0 : GROUP_BLOCKS;
         const uint16_t *d16 = (const uint16_t *)w;
         _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
         _mm_prefetch((const char *)w + PREFETCH + 64, _MM_HINT_T0);
         _mm_prefetch((const char *)w + PREFETCH + 128, _MM_HINT_T0);
-        const __m256 dw = load_f16(d16, G);
+        __m256 dw = load_f16(d16, G), prod[4];
+        __m256 mw = wtype == LG_Q4_1 ? load_f16(d16 + G, G) : dw;
+        for (int r = 0; r < R; r++) {
+            size_t o = (size_t)(m0 + r) * a->stride + b0;
+            prod[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(a->d + o));
+            if (wtype == LG_Q4_1) acc[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a->s + o), acc[r]);
+        }
         if (wtype == LG_Q4_1) {
-            const __m256 mw = load_f16(d16 + G, G);
             const uint8_t *qs = w + 4 * G;
-            __m256i lo[4], hi[4];
-            for (int p = 0; p < 4; p++) {
-                __m256i raw = p < P ? _mm256_loadu_si256((const __m256i *)(qs + 32 * p)) : zero;
-                lo[p] = _mm256_and_si256(raw, low);
-                hi[p] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-            }
-            for (int r = 0; r < R; r++) {
-                const size_t o = (size_t)(m0 + r) * a->stride + b0;
-                const int8_t *x = a->q + ((size_t)(m0 + r) * nb + b0) * QK;
-                __m256i s[4];
-                for (int p = 0; p < 4; p++) s[p] = p < P ? pair_q4(lo[p], hi[p], x + 64 * p) : zero;
-                __m256 prod = _mm256_permutevar8x32_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(a->d + o)), order);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_sums(s[0], s[1], s[2], s[3])), prod, acc[r]);
-                acc[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a->s + o), acc[r]);
+            for (int p = 0; p < G / 2; p++) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+                __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                __m256i idx = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *x = a->q + ((size_t)(m0 + r) * nb + b0 + 2 * p) * QK;
+                    __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                                                   _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));
+                    __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+                    acc[r] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(prod[r], idx), acc[r]);
+                }
             }
             w += 20 * G;
         } else {
-            const int8_t *qs = (const int8_t *)w + 2 * G;
-            for (int r = 0; r < R; r++) {
-                const size_t o = (size_t)(m0 + r) * a->stride + b0;
-                const int8_t *x = a->q + ((size_t)(m0 + r) * nb + b0) * QK;
-                __m256i s[4];
-                for (int p = 0; p < 4; p++) s[p] = p < P ? pair_q8(qs + 64 * p, x + 64 * p) : zero;
-                __m256 prod = _mm256_permutevar8x32_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(a->d + o)), order);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_sums(s[0], s[1], s[2], s[3])), prod, acc[r]);
+            const uint8_t *qs = w + 2 * G;
+            for (int p = 0; p < G / 2; p++) {
+                __m256i w1 = _mm256_loadu_si256((const __m256i *)(qs + 64 * p));
+                __m256i w2 = _mm256_loadu_si256((const __m256i *)(qs + 64 * p + 32));
+                __m256i a1 = _mm256_sign_epi8(w1, w1), a2 = _mm256_sign_epi8(w2, w2);
+                __m256i idx = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *x = a->q + ((size_t)(m0 + r) * nb + b0 + 2 * p) * QK;
+                    __m256i x1 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), w1);
+                    __m256i x2 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32)), w2);
+                    __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(a1, x1), ones),
+                                                   _mm256_madd_epi16(_mm256_maddubs_epi16(a2, x2), ones));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_permutevar8x32_ps(prod[r], idx), acc[r]);
+                }
             }
             w += 34 * G;
         }
