@@ -1,7 +1,8 @@
 """lockgate vs llama.cpp vs Hugging Face transformers on the default model, CPU, one run.
 
 Same prompts for every engine (64 random prompt tokens, 64 output tokens, greedy,
-EOS ignored). Output tokens/s counts the whole request (prefill included), for:
+EOS ignored). Output tokens/s counts the whole request (prefill included); at 1 stream
+the decode rate after the first token is printed too, for lockgate and llama.cpp. For:
 
 - llama.cpp (llama-cpp-python, on the same GGUF file as stored: Q4_1 weights) at 1 stream;
 - lockgate at 1/16/64 streams in each precision: float (its default CPU dtype, on the
@@ -57,13 +58,17 @@ def run(prompt, n):
         got += 1
         if got == n:
             return
+def timed(prompt, n):
+    t, first, got = time.perf_counter(), None, 0
+    for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        got += 1
+        if got == 1:
+            first = time.perf_counter()
+        if got == n:
+            end = time.perf_counter()
+            return n / (end - t), (n - 1) / (end - first)
 run(prompts[0][:8], 4)  # warm-up
-rates = []
-for _ in range(reps):
-    t = time.perf_counter()
-    run(prompts[0], out_len)
-    rates.append(out_len / (time.perf_counter() - t))
-print(json.dumps(rates))
+print(json.dumps([timed(prompts[0], out_len) for _ in range(reps)]))
 """
 
 
@@ -73,19 +78,23 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(PROMPT_LEN)] for _ in range(n)]
 
 
-def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int) -> float:
-    """Best of `reps` runs (the machine is shared: the best run is the least disturbed)."""
+def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int) -> tuple[float, float]:
+    """(output tokens/s over the whole run, decode tokens/s after the first tokens): the best of
+    `reps` runs (the machine is shared: the best run is the least disturbed)."""
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
-    best = 0.0
+    best, best_decode = 0.0, 0.0
     for _ in range(reps):
         llm.engine.core.kv.reset_prefix_cache()
         t = time.perf_counter()
         outs = llm.generate(prompts, params)
         dt = time.perf_counter() - t
         assert all(len(o.outputs[0].token_ids) == OUTPUT_LEN for o in outs)
+        times = [o.engine_times[0] for o in outs]
+        span = max(x.last_token for x in times) - min(x.first_token for x in times)
         best = max(best, len(prompts) * OUTPUT_LEN / dt)
-    return best
+        best_decode = max(best_decode, len(prompts) * (OUTPUT_LEN - 1) / span)
+    return best, best_decode
 
 
 @torch.inference_mode()
@@ -193,11 +202,13 @@ def find_llamacpp_python(explicit: str | None) -> str | None:
     return None
 
 
-def bench_llamacpp(py: str, prompts: list[list[int]], reps: int) -> float:
+def bench_llamacpp(py: str, prompts: list[list[int]], reps: int) -> tuple[float, float]:
+    """(output tokens/s, decode tokens/s after the first token), each the best of `reps` runs."""
     cmd = [py, "-c", LLAMACPP_SCRIPT, str(default_model_path()), str(torch.get_num_threads()),
            json.dumps(prompts), str(OUTPUT_LEN), str(reps)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
-    return max(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = json.loads(out.stdout.strip().splitlines()[-1])
+    return max(r[0] for r in runs), max(r[1] for r in runs)
 
 
 def main() -> None:
@@ -220,14 +231,17 @@ def main() -> None:
     vocab = load_checkpoint(None).config.vocab_size
     prompts = {b: make_prompts(b, vocab, seed=b) for b in streams}
 
-    llama_rate = None
+    llama_rate = llama_decode = None
+    decodes: dict[str, float | None] = {}
     if not args.skip_llamacpp:
         py = find_llamacpp_python(args.llamacpp_python)
         if py is None:
             print(f"llama-cpp-python is not installed; skipping llama.cpp. To compare, run:\n    {INSTALL_HINT}")
         else:
-            llama_rate = bench_llamacpp(py, prompts[1] if 1 in prompts else make_prompts(1, vocab, 1), args.reps)
-            print(f"llama.cpp (llama-cpp-python, {default_model_path().name}) 1 stream: {llama_rate:.1f} tok/s")
+            llama_rate, llama_decode = bench_llamacpp(py, prompts[1] if 1 in prompts else make_prompts(1, vocab, 1),
+                                                      args.reps)
+            print(f"llama.cpp (llama-cpp-python, {default_model_path().name}) 1 stream: {llama_rate:.1f} tok/s, "
+                  f"decode after the first token {llama_decode:.1f} tok/s")
 
     hf_rates: dict[int, float] = {}
     if not args.skip_hf:
@@ -248,10 +262,14 @@ def main() -> None:
         mb = weight_bytes(runner.model) / 2**20
         kb = kernel_bound(llm)
         bb = bw / matrix_bytes(llm)
-        rates = {b: bench_lockgate(llm, prompts[b], args.reps) for b in streams}
+        both = {b: bench_lockgate(llm, prompts[b], args.reps) for b in streams}
+        rates = {b: r for b, (r, _) in both.items()}
+        decodes[name] = both[1][1] if 1 in both else None
         rows.append((name, mb, kb, bb, rates))
         print(f"lockgate {name}: weights {mb:.0f} MiB, bounds {kb:.0f} (kernels) / {bb:.0f} (bandwidth) tok/s, "
-              + ", ".join(f"{b} streams {r:.1f} tok/s" for b, r in rates.items()), flush=True)
+              + ", ".join(f"{b} streams {r:.1f} tok/s" for b, r in rates.items())
+              + (f", 1-stream decode after the first token {decodes[name]:.1f} tok/s" if decodes[name] else ""),
+              flush=True)
         del llm
 
     print(f"\n| precision | weights MiB | 1-stream kernel bound | bandwidth bound | "
@@ -271,6 +289,12 @@ def main() -> None:
               + " - |" * len(hf_rates))
     for b, r in hf_rates.items():
         print(f"transformers generate float32, {b} streams: {r:.1f} tok/s")
+    if llama_decode:  # the same ratio without the prompt's prefill
+        print("\n1-stream decode after the first token (tok/s; ratio to llama.cpp's):")
+        for name, d in decodes.items():
+            if d:
+                print(f"  lockgate {name}: {d:.1f} ({d / llama_decode:.2f}x)")
+        print(f"  llama.cpp Q4_1: {llama_decode:.1f}")
 
 
 if __name__ == "__main__":
