@@ -94,8 +94,8 @@ def test_block_embedding_rows_and_exact_top_logits(rank):
 @pytest.mark.parametrize("arch", ["llama3.1", "qwen2", "qwen3"])  # rope scaling, qkv bias, q/k norm
 @pytest.mark.parametrize("method", ["int4", "int8"])
 def test_fused_decode_matches_the_pytorch_model_on_the_same_tables(tmp_path: Path, arch: str, method: str):
-    """Decode steps through the fused native call give the tokens and logprobs of the PyTorch
-    model running the same block tables one matmul at a time, for single and batched steps."""
+    """Steps through the fused native call (prefills, decodes, batched) give the tokens and
+    logprobs of the PyTorch model running the same block tables one matmul at a time."""
     make_checkpoint(tmp_path, arch)
     prompts = [[5, 17, 99, 3, 42, 7], [200, 1, 2, 3], list(range(30, 70))]  # 40 tokens: 3 KV blocks
     p = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3)
@@ -103,18 +103,25 @@ def test_fused_decode_matches_the_pytorch_model_on_the_same_tables(tmp_path: Pat
     runner = llm.engine.core.runner
     assert runner.kernels == "native" and runner.native is not None
     calls = []
-    real = runner.native_decode
+    real = runner.native_step
 
     def spy(batch):
-        calls.append(len(batch))
-        return real(batch)
+        out = real(batch)
+        calls.append((batch.total_tokens, out is not None))
+        return out
 
-    runner.native_decode = spy
+    runner.native_step = spy
     fused = llm.generate(prompts, p)
-    assert calls and max(calls) == 3  # batched decode steps went through the native call
+    assert (50, True) in calls  # the three prompts' prefill, in one native call
+    assert (3, True) in calls  # batched decode steps too
+    # A prompt sharing the first 32 tokens of one above: its prefill starts after the cached prefix.
+    shared = [list(range(30, 62)) + [7, 8, 9]]
+    fused_shared = llm.generate(shared, p)
+    assert calls[-10][0] < 35  # the chunk after the cached blocks, not the whole prompt
     runner.native = None  # the same model, one PyTorch op at a time
     plain = llm.generate(prompts, p)
-    for a, b in zip(fused, plain):
+    plain_shared = llm.generate(shared, p)
+    for a, b in zip(fused + fused_shared, plain + plain_shared):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             for tok, lp in la.items():

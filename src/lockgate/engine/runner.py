@@ -28,6 +28,10 @@ from lockgate.engine.scheduler import ScheduledBatch
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Steps whose attention covers more (query, key) pairs than this run the PyTorch model: the
+# native decoder attends row by row, fine for decodes and short prompts (a 64-token prompt is
+# 2,080 pairs), slower than SDPA for long ones.
+NATIVE_MAX_ATTENTION = 1 << 16
 
 
 @functools.cache
@@ -155,26 +159,45 @@ class ModelRunner:
         return input_ids, positions, meta, samplers, rows
 
     # ---- the step ---------------------------------------------------------------
-    def native_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """A decode-only step through the native decoder: hidden states of every row (all sample)."""
-        n = len(batch)
-        ends = np.asarray(batch.start, dtype=np.int64) + 1
-        ids = np.fromiter((r.token_ids(s, s + 1)[0] for r, s in zip(batch.requests, batch.start)), np.int64, n)
-        nb = int(max(blocks_for(int(e), self.block_size) for e in ends))
-        tables = np.zeros((n, nb), dtype=np.int64)
-        for j, (r, e) in enumerate(zip(batch.requests, ends)):
-            b = r.block_ids[: blocks_for(int(e), self.block_size)]
-            tables[j, : len(b)] = b
-        pos = ends - 1
-        slots = tables[np.arange(n), pos // self.block_size] * self.block_size + pos % self.block_size
-        return self.native(ids, pos, slots, tables, ends), list(range(n))
+    def native_step(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], list[int]] | None:
+        """The step through the native decoder, or None when its attention would be too costly.
+
+        Every scheduled token is a row with its own position and the block table of its sequence;
+        all rows' K/V are written before any row attends, so a row attending to the cache up to its
+        own position is causal attention for prefill chunks too. Returns hidden states, the batch
+        entries that sample and their rows."""
+        if sum((s + n) * n for s, n in zip(batch.start, batch.num_tokens)) > NATIVE_MAX_ATTENTION:
+            return None  # long prompts: PyTorch's fused SDPA does their attention far better
+        bs = self.block_size
+        total = batch.total_tokens
+        ends = [s + n for s, n in zip(batch.start, batch.num_tokens)]
+        nb = max(blocks_for(e, bs) for e in ends)
+        ids = np.empty(total, dtype=np.int64)
+        pos = np.empty(total, dtype=np.int64)
+        tables = np.zeros((total, nb), dtype=np.int64)
+        samplers: list[int] = []
+        rows: list[int] = []
+        t = 0
+        for i, (req, s, e) in enumerate(zip(batch.requests, batch.start, ends)):
+            ids[t:t + e - s] = req.token_ids(s, e)
+            pos[t:t + e - s] = np.arange(s, e)
+            table = req.block_ids[: blocks_for(e, bs)]
+            tables[t:t + e - s, : len(table)] = table
+            t += e - s
+            if e == req.num_tokens:  # reached the end of what is known: sample the next token
+                samplers.append(i)
+                rows.append(t - 1)
+        slots = tables[np.arange(total), pos // bs] * bs + pos % bs
+        return self.native(ids, pos, slots, tables, pos + 1), samplers, rows
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int, TokenLogprob | None]]:
-        if self.native is not None and batch.requests and all(n == 1 for n in batch.num_tokens) and all(
-                s + 1 == r.num_tokens for r, s in zip(batch.requests, batch.start)):
-            hidden, samplers = self.native_decode(batch)
-            logits = self.model.compute_logits(hidden)
+        step = self.native_step(batch) if self.native is not None and batch.requests else None
+        if step is not None:
+            hidden, samplers, rows = step
+            if not samplers:
+                return []
+            logits = self.model.compute_logits(hidden[rows] if len(rows) < hidden.shape[0] else hidden)
         else:
             input_ids, positions, meta, samplers, rows = self.prepare(batch)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)

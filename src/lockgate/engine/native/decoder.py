@@ -1,10 +1,12 @@
-"""Decode-only steps of a block-quantized Llama-family model in one native call.
+"""Steps of a block-quantized Llama-family model in one native call.
 
-The runner hands a step here when every scheduled request computes exactly one token
-(the steady state of generation). `lg_decode` (csrc/cpu_decode.c) then runs the
-embedding lookup, every layer (norms, fused QKV, q/k norm, RoPE, the KV write, paged
-attention, O, gate/up, SiLU, down, residuals) and the final norm over the same tables,
-caches and RoPE tables the PyTorch model uses, so either path can take any step.
+The runner hands a step here as rows of tokens, each with its position, KV slot and its
+sequence's block table (decodes, and prefill chunks whose attention is small enough:
+runner.NATIVE_MAX_ATTENTION). `lg_decode` (csrc/cpu_decode.c) then runs the embedding
+lookup, every layer (norms, fused QKV, q/k norm, RoPE, the KV write of every row, paged
+attention of each row up to its own position, so causal within a chunk, O, gate/up,
+SiLU, down, residuals) and the final norm over the same tables, caches and RoPE tables
+the PyTorch model uses, so either path can take any step.
 """
 from __future__ import annotations
 
