@@ -98,8 +98,9 @@ def quantize_model(model: nn.Module, method: str, device: torch.device,
             raise ValueError("native CPU kernels are unavailable (no C compiler, or LOCKGATE_NATIVE=0)")
         kernels = "torch"
     if kernels == "auto":
-        # Native int8 (Q8_0 of the weights, int8 activations) failed the quality gate on the
-        # default model (6/10 answers vs float32's 8/10; docs/PERFORMANCE.md): not a default.
+        # Native int8 (Q8_0 of the weights, int8 activations) sits at the edge of the quality
+        # gate on the default model (failed once at 6/10 answers vs float32's 8/10, then passed
+        # at 7/10; docs/PERFORMANCE.md): not a default.
         kernels = "native" if method == "int4" else "torch"
     source = dict(stored()) if stored is not None else {}
     if kernels == "native":

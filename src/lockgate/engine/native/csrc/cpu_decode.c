@@ -10,8 +10,9 @@
  * maddubs), as llama.cpp does: at one stream a decode step reads each weight byte once
  * and the int8 dot keeps up with memory on two AVX2 cores.
  *
- * lg_decode runs every layer of a decode-only step (one new token per row) in one
- * call and one OpenMP parallel region: Python sees one call per step, not ~20 per layer.
+ * lg_decode runs every layer of a step (each row one token with its own position:
+ * decodes, and prefill chunks attending causally up to each row) in one call and one
+ * OpenMP parallel region: Python sees one call per step, not ~20 per layer.
  */
 #include <math.h>
 #include <stdint.h>
@@ -446,8 +447,10 @@ void lg_prof(double *out) { for (int i = 0; i < 8; i++) { out[i] = prof[i]; prof
 
 static inline float silu(float x) { return x / (1.f + expf(-x)); }
 
-/* M decode rows: token ids, positions, KV slots, block tables [M, max_blocks] and context
- * lengths (the new token included). Writes the final-normed hidden states [M, hidden]. */
+/* M rows, one token each: token ids, positions, KV slots, block tables [M, max_blocks] and
+ * context lengths (= position + 1). Every row's K/V is written before any row attends, so
+ * rows of one sequence's prefill chunk attend causally. Writes the final-normed hidden
+ * states [M, hidden]. */
 int lg_decode(const lg_model *md, int M, const int64_t *ids, const int64_t *pos, const int64_t *slots,
               const int64_t *block_tables, int max_blocks, const int64_t *ctx_lens, float *out) {
     const int H = md->hidden, nh = md->n_heads, nkv = md->n_kv_heads, d = md->head_dim, I = md->inter;
