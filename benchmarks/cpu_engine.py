@@ -37,7 +37,6 @@ import torch.nn.functional as F
 
 from lockgate import LLM, SamplingParams
 from lockgate.engine.loader import default_model_path, load_checkpoint
-from lockgate.engine.native import blocks as native_blocks
 from lockgate.engine.native.linear import gemm as native_gemm
 from lockgate.engine.quantization import BlockEmbedding, BlockLinear, QuantEmbedding, QuantLinear, weight_bytes
 from lockgate.engine.quant.linear import KERNEL_DTYPE
@@ -113,8 +112,7 @@ def kernel_bound(llm: LLM) -> float:
             calls.append((lambda x, w=m.weight: F.linear(x, w), torch.randn(1, m.in_features, dtype=dtype)))
     head = model.head_q if model.head_q is not None else None
     if isinstance(head, BlockEmbedding):
-        rank = head.rank_table if head.rank_table is not None else head.table
-        wtype = native_blocks.Q4_1 if head.rank_table is not None else head.wtype
+        rank, wtype = head.ranking()
         calls.append((lambda x: native_gemm(x, rank, wtype, head.vocab), torch.randn(1, head.hidden)))
     elif isinstance(head, QuantEmbedding):
         calls.append((lambda x, h=head: torch.ops.aten._weight_int8pack_mm(x, h.qweight, h.scales),

@@ -7,7 +7,7 @@ per weight is the speed-up. Two kernel sets:
   is Q4_1 (a GGUF Q4_0/Q4_1 checkpoint's blocks exactly, so the default model runs
   on its weights as stored; float checkpoints quantized min/max per 32 weights),
   `int8` is Q8_0; the embedding and tied LM head are Q8_0 (the GGUF's own when it
-  has one). Decode-only steps run the whole model in one native call.
+  has one). Decodes and short prefills run the whole model in one native call.
 - torch (the default for int8, the fallback, or `kernels="torch"`): PyTorch's int4/int8 CPU kernels. `int4`:
   4-bit codes with a bfloat16 scale and zero per 32 weights; `int8`: symmetric
   per-output-channel int8. The embedding (and tied head) is per-row int8.
@@ -75,10 +75,6 @@ def _stored_int4(source: dict[str, Any], prefix: str, proj: str) -> Int4Groups |
                       np.concatenate([p.zero for p in parts]))
 
 
-def _stored(source: dict[str, Any], name: str) -> Any:
-    return source.get(name) if source else None
-
-
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str, device: torch.device,
                    stored: Callable[[], Iterator[tuple[str, Any]]] | None = None,
@@ -102,11 +98,13 @@ def quantize_model(model: nn.Module, method: str, device: torch.device,
         # gate on the default model (failed once at 6/10 answers vs float32's 8/10, then passed
         # at 7/10; docs/PERFORMANCE.md): not a default.
         kernels = "native" if method == "int4" else "torch"
-    source = dict(stored()) if stored is not None else {}
+    # The checkpoint's blocks (decoding them all takes seconds): PyTorch's int8 path uses none.
+    uses_stored = stored is not None and (kernels == "native" or method == "int4")
+    source = dict(stored()) if uses_stored else {}
     if kernels == "native":
         _quantize_native(model, method, source, keep_float, max_rows)
     else:
-        _quantize_torch(model, method, source if method == "int4" else {}, keep_float, max_rows)
+        _quantize_torch(model, method, source, keep_float, max_rows)
     return kernels
 
 
@@ -140,11 +138,11 @@ def _quantize_native(model: nn.Module, method: str, source: dict[str, Any], keep
     tied = model.lm_head is None
     head = model.embed_tokens.weight if tied else model.lm_head.weight
     head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
-    model.head_q = _block_embedding(head, _stored(source, head_name))
+    model.head_q = _block_embedding(head, source.get(head_name))
     if tied:
         model.embed_tokens = model.head_q
     else:
-        model.embed_tokens = _block_embedding(model.embed_tokens.weight, _stored(source, "model.embed_tokens.weight"))
+        model.embed_tokens = _block_embedding(model.embed_tokens.weight, source.get("model.embed_tokens.weight"))
         model.lm_head = None
 
 

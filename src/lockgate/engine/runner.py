@@ -103,7 +103,7 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(cfg.num_hidden_layers)]
         self.sampler = Sampler()
-        # Decode-only steps of a block-quantized model run in one native call.
+        # Steps of a block-quantized model (decodes, short prefills) run in one native call.
         self.native = NativeDecoder.build(self.model, self.kv_caches, self.block_size) \
             if self.kernels == "native" else None
 
@@ -174,6 +174,7 @@ class ModelRunner:
         nb = max(blocks_for(e, bs) for e in ends)
         ids = np.empty(total, dtype=np.int64)
         pos = np.empty(total, dtype=np.int64)
+        slots = np.empty(total, dtype=np.int64)
         tables = np.zeros((total, nb), dtype=np.int64)
         samplers: list[int] = []
         rows: list[int] = []
@@ -181,13 +182,13 @@ class ModelRunner:
         for i, (req, s, e) in enumerate(zip(batch.requests, batch.start, ends)):
             ids[t:t + e - s] = req.token_ids(s, e)
             pos[t:t + e - s] = np.arange(s, e)
+            slots[t:t + e - s] = self._slots(req, s, e)
             table = req.block_ids[: blocks_for(e, bs)]
             tables[t:t + e - s, : len(table)] = table
             t += e - s
             if e == req.num_tokens:  # reached the end of what is known: sample the next token
                 samplers.append(i)
                 rows.append(t - 1)
-        slots = tables[np.arange(total), pos // bs] * bs + pos % bs
         return self.native(ids, pos, slots, tables, pos + 1), samplers, rows
 
     @torch.inference_mode()
@@ -195,15 +196,12 @@ class ModelRunner:
         step = self.native_step(batch) if self.native is not None and batch.requests else None
         if step is not None:
             hidden, samplers, rows = step
-            if not samplers:
-                return []
-            logits = self.model.compute_logits(hidden[rows] if len(rows) < hidden.shape[0] else hidden)
         else:
             input_ids, positions, meta, samplers, rows = self.prepare(batch)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-            if not samplers:
-                return []
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if not samplers:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         reqs = [batch.requests[i] for i in samplers]
         for r in reqs:
             if r.params.seed is not None and r.generator is None:

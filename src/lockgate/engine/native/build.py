@@ -93,11 +93,13 @@ def load() -> ctypes.CDLL | None:
         log.warning("native CPU kernels: ABI %s != %s; using PyTorch's kernels", lib.lg_abi(), ABI)
         return None
     _declare(lib)
+    log.info("native CPU kernels loaded from %s (%s)", path,
+             "AVX2" if lib.lg_has_avx2() else "portable C: no AVX2/F16C/FMA, several times slower")
     return lib
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    p, i = ctypes.c_void_p, ctypes.c_int
     lib.lg_gemm.argtypes = [p, i, i, p, i, i, p, p]
     lib.lg_gemm.restype = i
     lib.lg_rows.argtypes = [p, i, i, p, i, p]
@@ -107,8 +109,3 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lg_decode.argtypes = [p, i, p, p, p, p, i, p, p]
     lib.lg_decode.restype = i
     lib.lg_has_avx2.restype = i
-    del f
-
-
-def available() -> bool:
-    return load() is not None

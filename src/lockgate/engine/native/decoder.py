@@ -101,7 +101,7 @@ class NativeDecoder:
               block_size: int) -> NativeDecoder | None:
         reason = why_not(model, kv_caches)
         if reason is not None:
-            log.info("decode steps run the PyTorch model: %s", reason)
+            log.info("steps run the PyTorch model: %s", reason)
             return None
         return cls(model, kv_caches, block_size)
 

@@ -1,8 +1,7 @@
 """Linear layers and the embedding/LM head on GGUF blocks, multiplied by the native kernels.
 
-`BlockLinear` serves every step that is not decode-only (prefills, mixed steps) one
-matmul per call; decode-only steps run the whole model in `NativeDecoder` on the same
-tables. Nothing keeps a float copy unless `float_weight` is given (then steps with more
+`BlockLinear` serves the steps `NativeDecoder` does not take (long prompts) one matmul
+per call; the others run the whole model in `NativeDecoder` on the same tables. Nothing keeps a float copy unless `float_weight` is given (then steps with more
 than `max_rows` rows use a float GEMM on it: for CPUs with AMX).
 """
 from __future__ import annotations
@@ -13,9 +12,7 @@ from torch import nn
 
 from lockgate.engine.native import blocks
 from lockgate.engine.native.build import load
-
-# Candidates per row whose logits the head recomputes exactly in float32.
-REFINE = 64
+from lockgate.engine.quant.linear import REFINE  # candidates per row recomputed exactly in float32
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -88,12 +85,16 @@ class BlockEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         h = _f32(hidden)
         out = torch.empty(h.shape[0], self.vocab, dtype=torch.float32)
-        rank, rank_type = (self.table, self.wtype) if self.rank_table is None else (self.rank_table, blocks.Q4_1)
+        rank, rank_type = self.ranking()
         if h.shape[0] and load().lg_logits(rank.data_ptr(), rank_type, self.table.data_ptr(), self.wtype,
                                            self.hidden, self.vocab, h.data_ptr(), h.shape[0], REFINE,
                                            out.data_ptr()):
             raise MemoryError("native logits could not allocate their scratch memory")
         return out
+
+    def ranking(self) -> tuple[torch.Tensor, int]:
+        """The table (and its block type) the logits are ranked on."""
+        return (self.table, self.wtype) if self.rank_table is None else (self.rank_table, blocks.Q4_1)
 
     def dequantized(self) -> torch.Tensor:
         return blocks.dequantize(self.table, self.wtype, self.hidden)
