@@ -49,10 +49,11 @@ def test_float_quantization_error_is_within_half_a_step(wtype):
 
 
 @pytest.mark.parametrize("wtype", [blocks.Q4_1, blocks.Q8_0])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 64, 130])
 def test_block_linear_multiplies_by_its_weights(wtype, rows):
     """Activations are quantized to int8 per 32 values (as llama.cpp does): the product with the
-    stored weights is within that rounding, for every row count the 4-row tiles split into."""
+    stored weights is within that rounding, for every row count the 4-row tiles and the 64-row
+    passes over the weights split into."""
     torch.manual_seed(rows)
     k, n = 576, 200
     w, b = torch.randn(n, k) * 0.05, torch.randn(n)
@@ -97,7 +98,8 @@ def test_fused_decode_matches_the_pytorch_model_on_the_same_tables(tmp_path: Pat
     """Steps through the fused native call (prefills, decodes, batched) give the tokens and
     logprobs of the PyTorch model running the same block tables one matmul at a time."""
     make_checkpoint(tmp_path, arch)
-    prompts = [[5, 17, 99, 3, 42, 7], [200, 1, 2, 3], list(range(30, 70))]  # 40 tokens: 3 KV blocks
+    # 70 tokens: 5 KV blocks; 80 in all, more than one 64-row pass of the native matmuls.
+    prompts = [[5, 17, 99, 3, 42, 7], [200, 1, 2, 3], list(range(30, 100))]
     p = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3)
     llm = LLM(str(tmp_path), dtype="float32", quantization=method, quantization_kernels="native", block_size=16)
     runner = llm.engine.core.runner
@@ -112,7 +114,7 @@ def test_fused_decode_matches_the_pytorch_model_on_the_same_tables(tmp_path: Pat
 
     runner.native_step = spy
     fused = llm.generate(prompts, p)
-    assert (50, True) in calls  # the three prompts' prefill, in one native call
+    assert (80, True) in calls  # the three prompts' prefill, in one native call
     assert (3, True) in calls  # batched decode steps too
     # A prompt sharing the first 32 tokens of one above: its prefill starts after the cached prefix.
     shared = [list(range(30, 62)) + [7, 8, 9]]

@@ -70,6 +70,9 @@ int lg_has_avx2(void) {
  * pair order above, so one 32-byte load meets one 32-byte load of weights. */
 
 #define GROUP_BLOCKS 8
+#ifndef M_CHUNK
+#define M_CHUNK 64 /* activation rows per pass over the weights (gemm_q) */
+#endif
 #ifndef PREFETCH
 #define PREFETCH 2048 /* bytes ahead of the weight stream */
 #endif
@@ -266,25 +269,32 @@ static void dot_row(const uint8_t *w, int wtype, const act_t *a, int m0, int R, 
 static void gemm_q(const act_t *a, int M, const void *W, int wtype, int N,
                    const float *bias, float *y, int ldy, int accumulate) {
     const size_t rb = row_bytes(wtype, a->nb);
-#pragma omp for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *wr = (const uint8_t *)W + (size_t)n * rb;
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            float out[4];
-            int R = M - m0 < 4 ? M - m0 : 4;
-            switch (R) {
-            case 1: dot_row(wr, wtype, a, m0, 1, out); break;
-            case 2: dot_row(wr, wtype, a, m0, 2, out); break;
-            case 3: dot_row(wr, wtype, a, m0, 3, out); break;
-            default: dot_row(wr, wtype, a, m0, 4, out); break;
-            }
-            float b = bias ? bias[n] : 0.f;
-            for (int r = 0; r < R; r++) {
-                float *dst = y + (size_t)(m0 + r) * ldy + n;
-                *dst = accumulate ? *dst + out[r] + b : out[r] + b;
+    /* Activation rows in chunks that stay in L2 while each thread's weight rows pass over them
+     * (all of a big prefill's rows would be re-read from memory for every weight row). The
+     * static schedule gives a thread the same weight rows in every chunk, so no barrier between. */
+    for (int c0 = 0; c0 < M; c0 += M_CHUNK) {
+        const int c1 = M - c0 < M_CHUNK ? M : c0 + M_CHUNK;
+#pragma omp for schedule(static) nowait
+        for (int n = 0; n < N; n++) {
+            const uint8_t *wr = (const uint8_t *)W + (size_t)n * rb;
+            for (int m0 = c0; m0 < c1; m0 += 4) {
+                float out[4];
+                int R = c1 - m0 < 4 ? c1 - m0 : 4;
+                switch (R) {
+                case 1: dot_row(wr, wtype, a, m0, 1, out); break;
+                case 2: dot_row(wr, wtype, a, m0, 2, out); break;
+                case 3: dot_row(wr, wtype, a, m0, 3, out); break;
+                default: dot_row(wr, wtype, a, m0, 4, out); break;
+                }
+                float b = bias ? bias[n] : 0.f;
+                for (int r = 0; r < R; r++) {
+                    float *dst = y + (size_t)(m0 + r) * ldy + n;
+                    *dst = accumulate ? *dst + out[r] + b : out[r] + b;
+                }
             }
         }
     }
+#pragma omp barrier
 }
 
 /* y[M, N] = x[M, K] . W^T (+ bias): the per-matmul entry (prefill and mixed steps). */
