@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
@@ -410,11 +411,52 @@ static void rope(float *x, const float *c, const float *s, int d) {
     }
 }
 
-/* One query head over its sequence's paged context (two passes: scores, then softmax-weighted V). */
-static void attend(const float *q, const lg_model *md, const lg_layer *L, int kv, const int64_t *blocks,
+#ifdef LG_AVX2
+/* e^x for x <= 0 (softmax after the max is taken out): Cephes' range reduction and degree-5
+ * polynomial, within 2 ulp of expf; below -87.3 (e^x < 2^-126) it returns 0. */
+static inline __m256 exp_neg(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* Softmax of s[n] in place; returns nothing, s sums to 1. */
+static void softmax(float *s, int n) {
+    float mx = -INFINITY, sum = 0.f;
+    int t = 0;
+    for (t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    t = 0;
+#ifdef LG_AVX2
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
+        _mm256_storeu_ps(s + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum(acc);
+#endif
+    for (; t < n; t++) { s[t] = expf(s[t] - mx); sum += s[t]; }
+    const float inv = 1.f / sum;
+    for (t = 0; t < n; t++) s[t] *= inv;
+}
+
+/* The g query heads q[g][d] that share KV head kv, over their sequence's paged context: each
+ * K and V row is read once for all of them (grouped-query attention). scores: [g][ctx]. */
+static void attend(const float *q, int g, const lg_model *md, const lg_layer *L, int kv, const int64_t *blocks,
                    int ctx, float *scores, float *out) {
     const int d = md->head_dim, kvh = md->n_kv_heads, bs = md->block_size;
-    float mx = -INFINITY;
     for (int t0 = 0, blk = 0; t0 < ctx; t0 += bs, blk++) {
         const float *k = L->k_cache + ((size_t)blocks[blk] * bs * kvh + kv) * d;
         const int n = ctx - t0 < bs ? ctx - t0 : bs;
@@ -423,15 +465,12 @@ static void attend(const float *q, const lg_model *md, const lg_layer *L, int kv
             const char *ahead = (const char *)(k + (size_t)(j + 4) * kvh * d); /* DRAM latency, not bandwidth */
             for (int c = 0; c < d * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
 #endif
-            float s = dot_f32(q, k + (size_t)j * kvh * d, d) * md->scale;
-            scores[t0 + j] = s;
-            mx = s > mx ? s : mx;
+            const float *kj = k + (size_t)j * kvh * d;
+            for (int h = 0; h < g; h++) scores[(size_t)h * ctx + t0 + j] = dot_f32(q + (size_t)h * d, kj, d) * md->scale;
         }
     }
-    float sum = 0.f;
-    for (int t = 0; t < ctx; t++) { scores[t] = expf(scores[t] - mx); sum += scores[t]; }
-    const float inv = 1.f / sum;
-    for (int i = 0; i < d; i++) out[i] = 0.f;
+    for (int h = 0; h < g; h++) softmax(scores + (size_t)h * ctx, ctx);
+    for (int i = 0; i < g * d; i++) out[i] = 0.f;
     for (int t0 = 0, blk = 0; t0 < ctx; t0 += bs, blk++) {
         const float *v = L->v_cache + ((size_t)blocks[blk] * bs * kvh + kv) * d;
         const int n = ctx - t0 < bs ? ctx - t0 : bs;
@@ -440,14 +479,17 @@ static void attend(const float *q, const lg_model *md, const lg_layer *L, int kv
             const char *ahead = (const char *)(v + (size_t)(j + 4) * kvh * d);
             for (int c = 0; c < d * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
 #endif
-            const float p = scores[t0 + j] * inv, *vj = v + (size_t)j * kvh * d;
-            for (int i = 0; i < d; i++) out[i] += p * vj[i];
+            const float *vj = v + (size_t)j * kvh * d;
+            for (int h = 0; h < g; h++) {
+                const float p = scores[(size_t)h * ctx + t0 + j];
+                float *o = out + (size_t)h * d;
+                for (int i = 0; i < d; i++) o[i] += p * vj[i];
+            }
         }
     }
 }
 
 #ifdef LG_PROFILE
-#include <omp.h>
 static double prof[8], prof_t;
 #define PT(i) do { if (omp_get_thread_num() == 0) { double t_ = omp_get_wtime(); prof[i] += t_ - prof_t; prof_t = t_; } } while (0)
 void lg_prof(double *out) { for (int i = 0; i < 8; i++) { out[i] = prof[i]; prof[i] = 0; } }
@@ -472,6 +514,9 @@ int lg_decode(const lg_model *md, int M, const int64_t *ids, const int64_t *pos,
         max_ctx = ctx_lens[m] > max_ctx ? (int)ctx_lens[m] : max_ctx;
     }
     const int kmax = (H > I ? H : I) > qs ? (H > I ? H : I) : qs;
+    /* Attention work items: a row's query heads in their KV groups, unless that leaves too few
+     * items to share among the threads (a single stream): then one head each. */
+    const int gsz = M * nkv >= 4 * omp_get_max_threads() ? group : 1, per_row = nh / gsz;
     float *x = malloc(sizeof(float) * M * H), *h = malloc(sizeof(float) * M * H);
     float *qkv = malloc(sizeof(float) * M * nqkv), *att = malloc(sizeof(float) * M * qs);
     float *gu = malloc(sizeof(float) * M * 2 * I), *act = malloc(sizeof(float) * M * I);
@@ -486,7 +531,7 @@ int lg_decode(const lg_model *md, int M, const int64_t *ids, const int64_t *pos,
     for (int m = 0; m < M; m++) dequant_row(md->embed, md->embed_type, H, ids[m], x + (size_t)m * H);
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * (max_ctx > 0 ? max_ctx : 1));
+        float *scores = malloc(sizeof(float) * gsz * (max_ctx > 0 ? max_ctx : 1));
 #ifdef LG_PROFILE
         if (omp_get_thread_num() == 0) prof_t = omp_get_wtime();
 #endif
@@ -514,10 +559,10 @@ int lg_decode(const lg_model *md, int M, const int64_t *ids, const int64_t *pos,
             }
             PT(2);
 #pragma omp for schedule(static)
-            for (int i = 0; i < M * nh; i++) {
-                int m = i / nh, head = i % nh;
-                attend(qkv + (size_t)m * nqkv + head * d, md, L, head / group, block_tables + (size_t)m * max_blocks,
-                       (int)ctx_lens[m], scores, att + (size_t)m * qs + head * d);
+            for (int i = 0; i < M * per_row; i++) {
+                int m = i / per_row, head = i % per_row * gsz;
+                attend(qkv + (size_t)m * nqkv + head * d, gsz, md, L, head / group,
+                       block_tables + (size_t)m * max_blocks, (int)ctx_lens[m], scores, att + (size_t)m * qs + head * d);
             }
             PT(7);
 #pragma omp for schedule(static)
