@@ -5,8 +5,10 @@ EOS ignored). Output tokens/s counts the whole request (prefill included); at 1 
 the decode rate after the first token is printed too, for lockgate and llama.cpp. For:
 
 - llama.cpp (llama-cpp-python, on the same GGUF file as stored: Q4_1 weights) at 1 stream,
-  before and after lockgate (its better run counts), its prompt cache cleared before each run
-  as lockgate's is (llama-cpp-python otherwise reuses the KV of a repeated prompt);
+  one llama.cpp run just before each lockgate run, so each pair sees the same machine (its
+  speed drifts by tens of percent over minutes); the ratio reported is the median over
+  pairs. Its prompt cache is cleared before each run, as lockgate's is (llama-cpp-python
+  otherwise reuses the KV of a repeated prompt);
 - lockgate at 1/16/64 streams in each precision: float (its default CPU dtype, on the
   dequantized GGUF), `int8` and `int4` (the GGUF's own Q4_1 blocks, native kernels);
 - transformers `generate` (float32, the same dequantized weights) at 16 streams.
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -47,18 +50,13 @@ PROMPT_LEN = 64
 OUTPUT_LEN = 64
 INSTALL_HINT = "python3 -m venv /tmp/llamacpp-venv && /tmp/llamacpp-venv/bin/pip install llama-cpp-python"
 
-# Runs inside llama-cpp-python's interpreter: greedy decode of each prompt, one stream.
+# Runs inside llama-cpp-python's interpreter: a warm-up, then one timed greedy decode of the
+# prompt (one stream) per line read from stdin, each answered with a JSON line.
 LLAMACPP_SCRIPT = r"""
 import json, sys, time
 from llama_cpp import Llama
-path, threads, prompts, out_len, reps = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, threads, prompt, out_len = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 llm = Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-def run(prompt, n):
-    got = 0
-    for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-        got += 1
-        if got == n:
-            return
 def timed(prompt, n):
     # llama-cpp-python reuses the KV of the longest prefix shared with its last call: forget it,
     # as lockgate's prefix cache is reset before each run, so both pay the whole prefill.
@@ -71,9 +69,36 @@ def timed(prompt, n):
         if got == n:
             end = time.perf_counter()
             return n / (end - t), (n - 1) / (end - first)
-run(prompts[0][:8], 4)  # warm-up
-print(json.dumps([timed(prompts[0], out_len) for _ in range(reps)]))
+timed(prompt[:8], 4)  # warm-up
+print("ready", flush=True)
+for line in sys.stdin:
+    print(json.dumps(timed(prompt, out_len)), flush=True)
 """
+
+
+class LlamaCpp:
+    """llama.cpp in its own interpreter, kept running so its timed runs can alternate with
+    lockgate's: each pair of runs sees the same machine (it drifts by tens of percent)."""
+
+    def __init__(self, py: str, prompt: list[int]) -> None:
+        cmd = [py, "-c", LLAMACPP_SCRIPT, str(default_model_path()), str(torch.get_num_threads()),
+               json.dumps(prompt), str(OUTPUT_LEN)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("llama.cpp did not start")
+        self.runs: list[tuple[float, float]] = []
+
+    def run(self) -> tuple[float, float]:
+        """One timed run: (output tokens/s, decode tokens/s after the first token)."""
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        r = tuple(json.loads(self.proc.stdout.readline()))
+        self.runs.append(r)
+        return r
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -82,13 +107,17 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(PROMPT_LEN)] for _ in range(n)]
 
 
-def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int) -> tuple[float, float]:
-    """(output tokens/s over the whole run, decode tokens/s after the first tokens): the best of
-    `reps` runs (the machine is shared: the best run is the least disturbed)."""
+def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int, peer: LlamaCpp | None = None
+                   ) -> tuple[float, float, list[tuple[float, float]]]:
+    """(output tokens/s over the whole run, decode tokens/s after the first tokens), each the best
+    of `reps` runs (the machine is shared: the best run is the least disturbed), and the ratios
+    to `peer`'s run just before each (output, decode), when a peer is given."""
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
-    best, best_decode = 0.0, 0.0
+    best, best_decode, ratios = 0.0, 0.0, []
     for _ in range(reps):
+        theirs = peer.run() if peer is not None else None
+        time.sleep(0.2)  # let the other engine's threads stop spinning
         llm.engine.core.kv.reset_prefix_cache()
         t = time.perf_counter()
         outs = llm.generate(prompts, params)
@@ -96,9 +125,11 @@ def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int) -> tuple[float
         assert all(len(o.outputs[0].token_ids) == OUTPUT_LEN for o in outs)
         times = [o.engine_times[0] for o in outs]
         span = max(x.last_token for x in times) - min(x.first_token for x in times)
-        best = max(best, len(prompts) * OUTPUT_LEN / dt)
-        best_decode = max(best_decode, len(prompts) * (OUTPUT_LEN - 1) / span)
-    return best, best_decode
+        rate, decode = len(prompts) * OUTPUT_LEN / dt, len(prompts) * (OUTPUT_LEN - 1) / span
+        best, best_decode = max(best, rate), max(best_decode, decode)
+        if theirs is not None:
+            ratios.append((rate / theirs[0], decode / theirs[1]))
+    return best, best_decode, ratios
 
 
 @torch.inference_mode()
@@ -205,15 +236,6 @@ def find_llamacpp_python(explicit: str | None) -> str | None:
     return None
 
 
-def bench_llamacpp(py: str, prompts: list[list[int]], reps: int) -> tuple[float, float]:
-    """(output tokens/s, decode tokens/s after the first token), each the best of `reps` runs."""
-    cmd = [py, "-c", LLAMACPP_SCRIPT, str(default_model_path()), str(torch.get_num_threads()),
-           json.dumps(prompts), str(OUTPUT_LEN), str(reps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
-    runs = json.loads(out.stdout.strip().splitlines()[-1])
-    return max(r[0] for r in runs), max(r[1] for r in runs)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", default="1,16,64")
@@ -234,17 +256,13 @@ def main() -> None:
     vocab = load_checkpoint(None).config.vocab_size
     prompts = {b: make_prompts(b, vocab, seed=b) for b in streams}
 
-    llama_rate = llama_decode = None
-    decodes: dict[str, float | None] = {}
+    peer: LlamaCpp | None = None
     if not args.skip_llamacpp:
         py = find_llamacpp_python(args.llamacpp_python)
         if py is None:
             print(f"llama-cpp-python is not installed; skipping llama.cpp. To compare, run:\n    {INSTALL_HINT}")
-        else:
-            llama_prompts = prompts[1] if 1 in prompts else make_prompts(1, vocab, 1)
-            llama_rate, llama_decode = bench_llamacpp(py, llama_prompts, args.reps)
-            print(f"llama.cpp (llama-cpp-python, {default_model_path().name}) 1 stream: {llama_rate:.1f} tok/s, "
-                  f"decode after the first token {llama_decode:.1f} tok/s")
+        elif 1 in streams:
+            peer = LlamaCpp(py, prompts[1][0])
 
     hf_rates: dict[int, float] = {}
     if not args.skip_hf:
@@ -256,6 +274,8 @@ def main() -> None:
         del hf
 
     rows = []
+    decodes: dict[str, float | None] = {}
+    paired: dict[str, list[tuple[float, float]]] = {}
     for spec in precisions:
         prec, _, kernels = spec.partition(":")  # e.g. int8:native
         llm = LLM(None, dtype=args.dtype, quantization=None if prec == "float" else prec,
@@ -265,44 +285,53 @@ def main() -> None:
         mb = weight_bytes(runner.model) / 2**20
         kb = kernel_bound(llm)
         bb = bw / matrix_bytes(llm)
-        both = {b: bench_lockgate(llm, prompts[b], args.reps) for b in streams}
-        rates = {b: r for b, (r, _) in both.items()}
-        decodes[name] = both[1][1] if 1 in both else None
+        runs = {b: bench_lockgate(llm, prompts[b], args.reps, peer if b == 1 else None) for b in streams}
+        rates = {b: r[0] for b, r in runs.items()}
+        decodes[name] = runs[1][1] if 1 in runs else None
+        paired[name] = runs[1][2] if 1 in runs else []
         rows.append((name, mb, kb, bb, rates))
         print(f"lockgate {name}: weights {mb:.0f} MiB, bounds {kb:.0f} (kernels) / {bb:.0f} (bandwidth) tok/s, "
               + ", ".join(f"{b} streams {r:.1f} tok/s" for b, r in rates.items())
               + (f", 1-stream decode after the first token {decodes[name]:.1f} tok/s" if decodes[name] else ""),
               flush=True)
         del llm
-    if llama_rate:  # again after lockgate: the machine drifts, so llama.cpp gets its better run of the two
-        again = bench_llamacpp(py, llama_prompts, args.reps)
-        print(f"llama.cpp again: 1 stream {again[0]:.1f} tok/s, decode after the first token {again[1]:.1f} tok/s")
-        llama_rate, llama_decode = max(llama_rate, again[0]), max(llama_decode or 0.0, again[1])
+    if peer is not None:
+        peer.close()
+    llama = max(peer.runs) if peer is not None and peer.runs else None
+    llama_decode = max(r[1] for r in peer.runs) if llama else None
+    if llama:
+        print(f"llama.cpp (llama-cpp-python, {default_model_path().name}) 1 stream: {len(peer.runs)} runs, "
+              f"{min(r[0] for r in peer.runs):.1f}-{llama[0]:.1f} tok/s")
 
     print(f"\n| precision | weights MiB | 1-stream kernel bound | bandwidth bound | "
           + " | ".join(f"{b} streams tok/s" for b in streams)
-          + (" | 1 stream / llama.cpp" if llama_rate else "") + " | 1 stream / kernel bound"
+          + (" | 1 stream / llama.cpp (paired median)" if llama else "") + " | 1 stream / kernel bound"
           + "".join(f" | {b} streams / HF generate" for b in streams if b in hf_rates) + " |")
-    print("|" + "---|" * (4 + len(streams) + bool(llama_rate) + 1 + len(hf_rates)))
+    print("|" + "---|" * (4 + len(streams) + bool(llama) + 1 + len(hf_rates)))
     for name, mb, kb, bb, rates in rows:
         line = f"| lockgate {name} | {mb:.0f} | {kb:.0f} | {bb:.0f} | " + " | ".join(f"{rates[b]:.1f}" for b in streams)
-        if llama_rate:
-            line += f" | {rates.get(1, 0) / llama_rate:.2f}x" if 1 in rates else " | -"
+        if llama:
+            line += f" | {median(r for r, _ in paired[name]):.2f}x" if paired[name] else " | -"
         line += f" | {rates[1] / kb:.0%}" if 1 in rates else " | -"
         line += "".join(f" | {rates[b] / hf_rates[b]:.2f}x" for b in streams if b in hf_rates)
         print(line + " |")
-    if llama_rate:
-        print(f"| llama.cpp Q4_1 | - | - | - | {llama_rate:.1f}" + " | -" * (len(streams) - 1) + " | 1.00x | - |"
-              + " - |" * len(hf_rates))
+    if llama:
+        print(f"| llama.cpp Q4_1 (best run) | - | - | - | {llama[0]:.1f}" + " | -" * (len(streams) - 1)
+              + " | 1.00x | - |" + " - |" * len(hf_rates))
     for b, r in hf_rates.items():
         print(f"transformers generate float32, {b} streams: {r:.1f} tok/s")
-    if llama_decode:  # the same ratio without the prompt's prefill
-        print("\n1-stream decode after the first token (tok/s; ratio to llama.cpp's):")
-        for name, d in decodes.items():
-            if d:
-                print(f"  lockgate {name}: {d:.1f} ({d / llama_decode:.2f}x)")
-        print(f"  llama.cpp Q4_1: {llama_decode:.1f}")
-
+    if llama:
+        # Each lockgate run against the llama.cpp run just before it, then the best runs of each.
+        print("\n1 stream against llama.cpp: each lockgate run over the llama.cpp run just before it "
+              "(output tok/s, decode tok/s after the first token)")
+        for name, pairs in paired.items():
+            if pairs:
+                shown = ", ".join(f"{r:.2f}x/{d:.2f}x" for r, d in pairs)
+                print(f"  lockgate {name}: {shown}; median {median(r for r, _ in pairs):.2f}x output, "
+                      f"{median(d for _, d in pairs):.2f}x decode")
+        print("best runs, decode after the first token: "
+              + ", ".join(f"lockgate {n} {d:.1f}" for n, d in decodes.items() if d)
+              + f", llama.cpp {llama_decode:.1f} tok/s")
 
 if __name__ == "__main__":
     main()
