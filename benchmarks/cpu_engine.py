@@ -11,7 +11,8 @@ the decode rate after the first token is printed too, for lockgate and llama.cpp
   otherwise reuses the KV of a repeated prompt);
 - lockgate at 1/16/64 streams in each precision: float (its default CPU dtype, on the
   dequantized GGUF), `int8` and `int4` (the GGUF's own Q4_1 blocks, native kernels);
-- transformers `generate` (float32, the same dequantized weights) at 16 streams.
+- transformers `generate` (float32, the same dequantized weights) at 16 and 64 streams,
+  paired the same way: one of its runs just before each lockgate run.
 
 With each precision's bounds at 1 stream: the *kernel bound* (tokens/s if a decode
 step did nothing but run each weight matrix once with that precision's own kernels)
@@ -36,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 from statistics import median
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -107,8 +109,13 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(PROMPT_LEN)] for _ in range(n)]
 
 
-def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int, peer: LlamaCpp | None = None
-                   ) -> tuple[float, float, list[tuple[float, float]]]:
+# A peer engine's timed run at the same load: (output tokens/s, decode tokens/s after the first
+# token, or None where not measured).
+Peer = Callable[[], tuple[float, float | None]]
+
+
+def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int, peer: Peer | None = None
+                   ) -> tuple[float, float, list[tuple[float, float | None]]]:
     """(output tokens/s over the whole run, decode tokens/s after the first tokens), each the best
     of `reps` runs (the machine is shared: the best run is the least disturbed), and the ratios
     to `peer`'s run just before each (output, decode), when a peer is given."""
@@ -116,7 +123,7 @@ def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int, peer: LlamaCpp
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
     best, best_decode, ratios = 0.0, 0.0, []
     for _ in range(reps):
-        theirs = peer.run() if peer is not None else None
+        theirs = peer() if peer is not None else None
         time.sleep(0.2)  # let the other engine's threads stop spinning
         llm.engine.core.kv.reset_prefix_cache()
         t = time.perf_counter()
@@ -128,7 +135,7 @@ def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int, peer: LlamaCpp
         rate, decode = len(prompts) * OUTPUT_LEN / dt, len(prompts) * (OUTPUT_LEN - 1) / span
         best, best_decode = max(best, rate), max(best_decode, decode)
         if theirs is not None:
-            ratios.append((rate / theirs[0], decode / theirs[1]))
+            ratios.append((rate / theirs[0], decode / theirs[1] if theirs[1] else None))
     return best, best_decode, ratios
 
 
@@ -256,26 +263,32 @@ def main() -> None:
     vocab = load_checkpoint(None).config.vocab_size
     prompts = {b: make_prompts(b, vocab, seed=b) for b in streams}
 
-    peer: LlamaCpp | None = None
+    llama: LlamaCpp | None = None
     if not args.skip_llamacpp:
         py = find_llamacpp_python(args.llamacpp_python)
         if py is None:
             print(f"llama-cpp-python is not installed; skipping llama.cpp. To compare, run:\n    {INSTALL_HINT}")
         elif 1 in streams:
-            peer = LlamaCpp(py, prompts[1][0])
+            llama = LlamaCpp(py, prompts[1][0])
 
-    hf_rates: dict[int, float] = {}
-    if not args.skip_hf:
-        hf = load_hf()
-        for b in streams:
-            if b > 1:
-                hf_rates[b] = bench_hf_generate(hf, prompts[b])
-                print(f"transformers generate (float32) {b} streams: {hf_rates[b]:.1f} tok/s")
-        del hf
+    hf = None if args.skip_hf else load_hf()
+    hf_runs: dict[int, list[float]] = {b: [] for b in streams if b > 1 and hf is not None}
+
+    def peer_for(b: int) -> Peer | None:
+        """llama.cpp at 1 stream, transformers generate at more."""
+        if b == 1:
+            return llama.run if llama is not None else None
+        if hf is None:
+            return None
+
+        def run_hf() -> tuple[float, None]:
+            hf_runs[b].append(bench_hf_generate(hf, prompts[b]))
+            return hf_runs[b][-1], None
+        return run_hf
 
     rows = []
     decodes: dict[str, float | None] = {}
-    paired: dict[str, list[tuple[float, float]]] = {}
+    paired: dict[str, dict[int, list[tuple[float, float | None]]]] = {}
     for spec in precisions:
         prec, _, kernels = spec.partition(":")  # e.g. int8:native
         llm = LLM(None, dtype=args.dtype, quantization=None if prec == "float" else prec,
@@ -285,53 +298,59 @@ def main() -> None:
         mb = weight_bytes(runner.model) / 2**20
         kb = kernel_bound(llm)
         bb = bw / matrix_bytes(llm)
-        runs = {b: bench_lockgate(llm, prompts[b], args.reps, peer if b == 1 else None) for b in streams}
+        runs = {b: bench_lockgate(llm, prompts[b], args.reps, peer_for(b)) for b in streams}
         rates = {b: r[0] for b, r in runs.items()}
         decodes[name] = runs[1][1] if 1 in runs else None
-        paired[name] = runs[1][2] if 1 in runs else []
+        paired[name] = {b: r[2] for b, r in runs.items()}
         rows.append((name, mb, kb, bb, rates))
         print(f"lockgate {name}: weights {mb:.0f} MiB, bounds {kb:.0f} (kernels) / {bb:.0f} (bandwidth) tok/s, "
               + ", ".join(f"{b} streams {r:.1f} tok/s" for b, r in rates.items())
               + (f", 1-stream decode after the first token {decodes[name]:.1f} tok/s" if decodes[name] else ""),
               flush=True)
         del llm
-    if peer is not None:
-        peer.close()
-    llama = max(peer.runs) if peer is not None and peer.runs else None
-    llama_decode = max(r[1] for r in peer.runs) if llama else None
-    if llama:
-        print(f"llama.cpp (llama-cpp-python, {default_model_path().name}) 1 stream: {len(peer.runs)} runs, "
-              f"{min(r[0] for r in peer.runs):.1f}-{llama[0]:.1f} tok/s")
+    if llama is not None:
+        llama.close()
+    best_llama = max(llama.runs) if llama is not None and llama.runs else None
+    if best_llama:
+        print(f"llama.cpp (llama-cpp-python, {default_model_path().name}) 1 stream: {len(llama.runs)} runs, "
+              f"{min(r[0] for r in llama.runs):.1f}-{best_llama[0]:.1f} tok/s")
+    for b, runs_b in hf_runs.items():
+        print(f"transformers generate (float32) {b} streams: {len(runs_b)} runs, "
+              f"{min(runs_b):.1f}-{max(runs_b):.1f} tok/s")
 
-    print(f"\n| precision | weights MiB | 1-stream kernel bound | bandwidth bound | "
+    def ratio(name: str, b: int) -> str:
+        pairs = paired[name].get(b, [])
+        return f"{median(r for r, _ in pairs):.2f}x" if pairs else "-"
+
+    hf_cols = [b for b in streams if b in hf_runs]
+    print("\n| precision | weights MiB | 1-stream kernel bound | bandwidth bound | "
           + " | ".join(f"{b} streams tok/s" for b in streams)
-          + (" | 1 stream / llama.cpp (paired median)" if llama else "") + " | 1 stream / kernel bound"
-          + "".join(f" | {b} streams / HF generate" for b in streams if b in hf_rates) + " |")
-    print("|" + "---|" * (4 + len(streams) + bool(llama) + 1 + len(hf_rates)))
+          + (" | 1 stream / llama.cpp" if best_llama else "") + " | 1 stream / kernel bound"
+          + "".join(f" | {b} streams / HF generate" for b in hf_cols) + " |")
+    print("|" + "---|" * (4 + len(streams) + bool(best_llama) + 1 + len(hf_cols)))
     for name, mb, kb, bb, rates in rows:
         line = f"| lockgate {name} | {mb:.0f} | {kb:.0f} | {bb:.0f} | " + " | ".join(f"{rates[b]:.1f}" for b in streams)
-        if llama:
-            line += f" | {median(r for r, _ in paired[name]):.2f}x" if paired[name] else " | -"
+        if best_llama:
+            line += f" | {ratio(name, 1)}"
         line += f" | {rates[1] / kb:.0%}" if 1 in rates else " | -"
-        line += "".join(f" | {rates[b] / hf_rates[b]:.2f}x" for b in streams if b in hf_rates)
+        line += "".join(f" | {ratio(name, b)}" for b in hf_cols)
         print(line + " |")
-    if llama:
-        print(f"| llama.cpp Q4_1 (best run) | - | - | - | {llama[0]:.1f}" + " | -" * (len(streams) - 1)
-              + " | 1.00x | - |" + " - |" * len(hf_rates))
-    for b, r in hf_rates.items():
-        print(f"transformers generate float32, {b} streams: {r:.1f} tok/s")
-    if llama:
-        # Each lockgate run against the llama.cpp run just before it, then the best runs of each.
-        print("\n1 stream against llama.cpp: each lockgate run over the llama.cpp run just before it "
-              "(output tok/s, decode tok/s after the first token)")
-        for name, pairs in paired.items():
+    if best_llama:
+        print(f"| llama.cpp Q4_1 (best run) | - | - | - | {best_llama[0]:.1f}" + " | -" * (len(streams) - 1)
+              + " | 1.00x | - |" + " - |" * len(hf_cols))
+    for b in hf_cols:
+        print(f"transformers generate float32 (best run), {b} streams: {max(hf_runs[b]):.1f} tok/s")
+    print("\nRatios are medians over pairs: each lockgate run over the peer's run just before it.")
+    for name in paired:
+        for b, pairs in paired[name].items():
             if pairs:
-                shown = ", ".join(f"{r:.2f}x/{d:.2f}x" for r, d in pairs)
-                print(f"  lockgate {name}: {shown}; median {median(r for r, _ in pairs):.2f}x output, "
-                      f"{median(d for _, d in pairs):.2f}x decode")
-        print("best runs, decode after the first token: "
+                shown = ", ".join(f"{r:.2f}x" + (f"/{d:.2f}x" if d else "") for r, d in pairs)
+                print(f"  lockgate {name}, {b} stream{'s' * (b > 1)} over "
+                      f"{'llama.cpp (output/decode after the first token)' if b == 1 else 'transformers'}: {shown}")
+    if best_llama:
+        print("best runs, 1-stream decode after the first token: "
               + ", ".join(f"lockgate {n} {d:.1f}" for n, d in decodes.items() if d)
-              + f", llama.cpp {llama_decode:.1f} tok/s")
+              + f", llama.cpp {max(r[1] for r in llama.runs):.1f} tok/s")
 
 if __name__ == "__main__":
     main()
