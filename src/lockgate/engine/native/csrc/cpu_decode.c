@@ -431,7 +431,7 @@ static inline __m256 exp_neg(__m256 x) {
 }
 #endif
 
-/* Softmax of s[n] in place; returns nothing, s sums to 1. */
+/* Softmax of s[n], in place. */
 static void softmax(float *s, int n) {
     float mx = -INFINITY, sum = 0.f;
     int t = 0;
