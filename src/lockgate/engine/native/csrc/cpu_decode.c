@@ -172,11 +172,14 @@ static inline size_t row_bytes(int wtype, int nb) { return (size_t)nb * (wtype =
 /* ---- block dot products: one weight row against R activation rows ---------- */
 
 #ifdef LG_AVX2
+/* G float16 scales (lanes past G zeroed). A full 16-byte load stays inside the group
+ * (20 G or 34 G bytes, G >= 2), and a masked load avoids a copy whose 16-byte reload would
+ * miss store forwarding in every short last group. */
 static inline __m256 load_f16(const uint16_t *p, int G) {
-    if (G == GROUP_BLOCKS) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    uint16_t t[8] = {0};
-    memcpy(t, p, sizeof(uint16_t) * G);
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    if (G < GROUP_BLOCKS)
+        v = _mm_and_si128(v, _mm_cmpgt_epi16(_mm_set1_epi16((short)G), _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7)));
+    return _mm256_cvtph_ps(v);
 }
 
 static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int wtype, const act_t *a,
