@@ -30,6 +30,14 @@ def test_missing_model_path_is_a_clear_error(tmp_path: Path):
     assert "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_serve_refuses_unknown_kernels_before_loading(tmp_path: Path):
+    r = run(["serve", "--quantization", "int8", "--quantization-kernels", "gpu", "--port", "0",
+             "--data-dir", str(tmp_path / "data")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "quantization_kernels must be 'auto', 'native' or 'torch', got 'gpu'" in r.stderr
+    assert not (tmp_path / "data").exists()  # refused before the store was opened
+
+
 def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     r = run(["generate", "--model", str(tmp_path), "hello"])

@@ -31,6 +31,11 @@ def test_bundled_sets_and_side_syntax(tmp_path: Path) -> None:
     s = parse_side("default:bfloat16,int8")
     assert (s.path, s.dtype, s.quantization) == ("default", "bfloat16", "int8")
     assert parse_side("default", quantization="int4").quantization == "int4"
+    k = parse_side("default:int8,native")
+    assert (k.quantization, k.kernels, k.label) == ("int8", "native", "default:auto,int8,native")
+    assert parse_side("default:int4").kernels == "auto"
+    with pytest.raises(ValueError, match="need a quantization"):
+        parse_side("default:torch")
     with pytest.raises(ValueError, match="says dtype"):
         parse_side("default:float32", dtype="bfloat16")
     with pytest.raises(ValueError, match="does not exist"):

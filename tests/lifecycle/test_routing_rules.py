@@ -76,6 +76,13 @@ def test_version_specs_are_checked_before_anything_starts(tmp_path: Path) -> Non
             validate(VersionSpec(**fields), base)
         assert len(str(e.value)) < 600  # never the client's 1 MB echoed back
     assert engine_options({"quantization": "int8"}) == {"quantization": "int8"}
+    kernels = {"quantization": "int8", "quantization_kernels": "native"}
+    assert engine_options(kernels) == kernels
+    assert validate(VersionSpec(name="smol", engine=kernels), base).quantization_kernels == "native"
+    for bad in ("gpu", "x" * 10**6, 1):
+        with pytest.raises(ValueError, match="quantization_kernels") as e:
+            engine_options({"quantization_kernels": bad})
+        assert len(str(e.value)) < 600
 
 
 def test_config_file(tmp_path: Path) -> None:

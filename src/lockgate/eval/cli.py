@@ -23,7 +23,7 @@ from lockgate.eval.thresholds import Thresholds, judge
 
 
 def eval_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="PATH[:TAGS]: a checkpoint or 'default'; TAGS: a dtype and/or int8|int4 (e.g. default:int8, default:bfloat16)")],  # noqa: E501
+    model: Annotated[str, typer.Option("--model", "-m", help="PATH[:TAGS]: a checkpoint or 'default'; TAGS: a dtype, int8|int4 and its kernels native|torch (e.g. default:int8, default:bfloat16, default:int8,native)")],  # noqa: E501
     against: Annotated[Optional[str], typer.Option(help="The reference, same syntax (e.g. default:float32); without it only absolute thresholds apply")] = None,  # noqa: E501
     dtype: Annotated[Optional[str], typer.Option(help="--model's dtype (auto | float32 | bfloat16 | float16)")] = None,
     quantization: Annotated[Optional[str], typer.Option(help="--model's quantization (int8 | int4 | none)")] = None,

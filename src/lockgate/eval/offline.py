@@ -1,9 +1,10 @@
 """`lockgate eval`'s measurements on one model, offline with the `LLM` class.
 
 A side is `PATH[:TAG[,TAG]]`: PATH a checkpoint or `default` (the embedded model), TAGs a
-dtype (`float32`, `bfloat16`, `float16`, `auto`) and/or a quantization (`int8`, `int4`,
-`none`): `default:float32`, `default:int8`, `./qwen:bfloat16,int8`. A suffix that is not
-all tags is part of the path.
+dtype (`float32`, `bfloat16`, `float16`, `auto`), a quantization (`int8`, `int4`, `none`)
+and/or its kernels (`native`, `torch`): `default:float32`, `default:int8`,
+`default:int8,native`, `./qwen:bfloat16,int8`. A suffix that is not all tags is part of
+the path.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from lockgate.eval.perplexity import token_logprobs
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8", "int4", "none")
+KERNELS = ("native", "torch")  # quantized matmuls: lockgate's C kernels or PyTorch's (default: per precision)
 ANSWER_TOKENS = 24  # per question: the accepted answer comes first in a short reply
 
 
@@ -28,26 +30,31 @@ class Side:
     path: str = "default"
     dtype: str = "auto"
     quantization: str | None = None
+    kernels: str = "auto"
 
     @property
     def label(self) -> str:
         tags = [self.dtype] + ([self.quantization] if self.quantization else [])
+        tags += [self.kernels] if self.kernels != "auto" else []
         return f"{self.path}:{','.join(tags)}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"spec": self.label, "path": self.path, "dtype": self.dtype, "quantization": self.quantization}
+        return {"spec": self.label, "path": self.path, "dtype": self.dtype, "quantization": self.quantization,
+                "kernels": self.kernels}
 
 
 def parse_side(value: str, dtype: str | None = None, quantization: str | None = None) -> Side:
     """A side from its spec and the explicit --dtype/--quantization flags (which must not contradict it)."""
     path, tags = value, []
     head, sep, tail = value.rpartition(":")
-    if sep and head and tail and all(t in DTYPES + QUANTIZATIONS for t in tail.split(",")):
+    if sep and head and tail and all(t in DTYPES + QUANTIZATIONS + KERNELS for t in tail.split(",")):
         path, tags = head, tail.split(",")
     side = Side(path=path or "default")
     for t in tags:
         if t in DTYPES:
             side.dtype = t
+        elif t in KERNELS:
+            side.kernels = t
         else:
             side.quantization = None if t == "none" else t
     if dtype is not None:
@@ -63,6 +70,8 @@ def parse_side(value: str, dtype: str | None = None, quantization: str | None = 
         if any(t in QUANTIZATIONS for t in tags) and side.quantization != q:
             raise ValueError(f"{value!r} says quantization {side.quantization} but the flag says {quantization}")
         side.quantization = q
+    if side.kernels != "auto" and side.quantization is None:
+        raise ValueError(f"{value!r}: kernels {side.kernels!r} need a quantization (int8 or int4)")
     if side.path != "default" and not Path(side.path).expanduser().exists():
         raise ValueError(f"model path {side.path!r} does not exist (or use 'default' for the embedded model)")
     return side
@@ -73,7 +82,7 @@ def measure(side: Side, prompts: list[Prompt], questions: list[Question], passag
     """(figures, greedy answer token ids per prompt) for one side; the model is freed after."""
     t0 = time.monotonic()
     llm = LLM(None if side.path == "default" else side.path, dtype=side.dtype, quantization=side.quantization,
-              enable_prefix_caching=False, num_threads=num_threads)
+              quantization_kernels=side.kernels, enable_prefix_caching=False, num_threads=num_threads)
     loaded = time.monotonic()
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     outs = llm.generate(encode_prompts(llm.tokenizer, prompts), greedy)

@@ -39,6 +39,7 @@ class EngineOptions(BaseModel):
     fake_step_delay_s: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] | None = None
     fake_token_delay_s: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] | None = None
     quantization: Literal["int4", "int8"] | None = None
+    quantization_kernels: Literal["auto", "native", "torch"] | None = None
     quantization_float_above: Annotated[int, Field(ge=0, le=_INT)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     block_size: Annotated[int, Field(ge=1, le=1024)] | None = None

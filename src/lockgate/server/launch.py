@@ -172,6 +172,7 @@ def serve_command(
     max_logprobs: Annotated[int, typer.Option(help="Max logprobs / top_logprobs per token")] = _default("max_logprobs"),  # noqa: E501
     num_threads: Annotated[int | None, typer.Option(help="CPU threads of the engine process")] = None,
     quantization: Annotated[str | None, typer.Option(help="int4 (the GGUF's 4-bit blocks) or int8: weight-only, less memory for CPU decode")] = None,
+    quantization_kernels: Annotated[str, typer.Option(help="auto (native C kernels for int4, PyTorch's for int8) | native | torch")] = "auto",  # noqa: E501
     max_request_body_bytes: Annotated[int, typer.Option(help="Larger bodies get 413")] = 4 * 1024 * 1024,
     max_queued_requests: Annotated[int, typer.Option(help="Waiting requests before 429")] = 256,
     max_queued_tokens: Annotated[int, typer.Option(help="Waiting prompt tokens before 429")] = 262_144,
@@ -219,7 +220,7 @@ def serve_command(
             priority_aging_s=priority_aging,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             scheduling_policy=scheduling_policy, max_logprobs=max_logprobs, num_threads=num_threads,
-            quantization=quantization,
+            quantization=quantization, quantization_kernels=quantization_kernels,
         )
     except ValueError as exc:  # a bad option value (EngineConfig / ServerConfig validation)
         typer.echo(f"error: {exc}", err=True)
