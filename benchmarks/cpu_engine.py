@@ -123,8 +123,10 @@ def bench_lockgate(llm: LLM, prompts: list[list[int]], reps: int, peer: Peer | N
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
     best, best_decode, ratios = 0.0, 0.0, []
     for _ in range(reps):
-        theirs = peer() if peer is not None else None
-        time.sleep(0.2)  # let the other engine's threads stop spinning
+        theirs = None
+        if peer is not None:
+            theirs = peer()
+            time.sleep(0.2)  # let the peer's threads stop spinning before lockgate's run
         llm.engine.core.kv.reset_prefix_cache()
         t = time.perf_counter()
         outs = llm.generate(prompts, params)

@@ -437,9 +437,8 @@ static inline __m256 exp_neg(__m256 x) {
 /* Softmax of s[n], in place. */
 static void softmax(float *s, int n) {
     float mx = -INFINITY, sum = 0.f;
+    for (int i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
     int t = 0;
-    for (t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
-    t = 0;
 #ifdef LG_AVX2
     const __m256 vmx = _mm256_set1_ps(mx);
     __m256 acc = _mm256_setzero_ps();
@@ -452,7 +451,7 @@ static void softmax(float *s, int n) {
 #endif
     for (; t < n; t++) { s[t] = expf(s[t] - mx); sum += s[t]; }
     const float inv = 1.f / sum;
-    for (t = 0; t < n; t++) s[t] *= inv;
+    for (int i = 0; i < n; i++) s[i] *= inv;
 }
 
 /* The g query heads q[g][d] that share KV head kv, over their sequence's paged context: each
