@@ -35,6 +35,16 @@ class Principal:
     def tenant_id(self) -> str | None:
         return self.tenant.id if self.tenant is not None else None
 
+    @property
+    def is_global_admin(self) -> bool:
+        """The bootstrap admin key, or an admin key bound to no tenant: manages everything."""
+        return self.is_admin and self.tenant is None
+
+    @property
+    def can_read_metrics(self) -> bool:
+        """`/metrics` in keyed mode: a global admin key, or a key with the `metrics` scope."""
+        return self.is_global_admin or (self.key is not None and "metrics" in self.key.scopes)
+
 
 def unauthorized(message: str = "invalid or missing API key (send `Authorization: Bearer <key>`)") -> APIError:
     return APIError(401, message, code="invalid_api_key")

@@ -105,7 +105,7 @@ Rate = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]  # USD per 1M 
 Priority = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]  # a configured class name
 Weight = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
 Period = Literal["day", "month", "total"]
-Scope = Literal["inference", "admin"]
+Scope = Literal["inference", "admin", "metrics"]
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -151,7 +151,7 @@ class TenantPatch(_TenantFields):
 class KeyCreate(BaseModel):
     model_config = _STRICT
     name: Name = "default"
-    scopes: Annotated[list[Scope], Field(min_length=1, max_length=2)] = Field(default_factory=lambda: ["inference"])
+    scopes: Annotated[list[Scope], Field(min_length=1, max_length=3)] = Field(default_factory=lambda: ["inference"])
     expires_at: Annotated[str, StringConstraints(max_length=64)] | None = None
     rpm: LimitInt | None = None
     tpm: LimitInt | None = None
