@@ -21,7 +21,7 @@ serve: $(STAMP)
 	$(BIN)/lockgate serve
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_engine.py

@@ -453,9 +453,13 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
     """/metrics: each metric summed over its label sets, and per label set (less model_name) as
     `name{labels}`; {} when it cannot be read."""
     try:
-        text = (await client.get("/metrics", timeout=10)).text
+        resp = await client.get("/metrics", timeout=10)
     except httpx.HTTPError:
         return {}
+    if resp.status_code != 200:  # keyed mode: /metrics needs a metrics-scope or global admin key
+        raise SystemExit(f"/metrics answered {resp.status_code}: give --metrics-key (a metrics-scope or "
+                         f"global admin key) for a keyed server: {resp.text[:200]}")
+    text = resp.text
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = METRIC_LINE.match(line)
@@ -532,7 +536,9 @@ class Soak:
         self.calibration = Tally()  # the bad-request sweep and the calibration
         self.last: tuple[float, float | None, float | None, int | None] = (time.monotonic(), None, None, None)
         # /metrics on its own connection-per-scrape client, so it holds no socket open between samples.
-        self.metrics_client = httpx.AsyncClient(base_url=server.base_url, headers=headers,
+        mkey = self.args.metrics_key or self.args.api_key
+        self.metrics_client = httpx.AsyncClient(base_url=server.base_url,
+                                                headers={"authorization": f"Bearer {mkey}"} if mkey else {},
                                                 limits=httpx.Limits(max_keepalive_connections=0))
 
     def new_client(self, connections: int) -> httpx.AsyncClient:
@@ -830,6 +836,8 @@ def main() -> int:
     ap.add_argument("--api-pid", type=int, help="with --url: the API process, for RSS and descriptors")
     ap.add_argument("--engine-pid", type=int, help="with --url: the engine process (default: the API's child)")
     ap.add_argument("--api-key", default=os.environ.get("LOCKGATE_API_KEY"))
+    ap.add_argument("--metrics-key", default=os.environ.get("LOCKGATE_METRICS_KEY"),
+                    help="a metrics-scope or global admin key for /metrics of a keyed server (default: --api-key)")
     ap.add_argument("--server-args", default="", help="extra `lockgate serve` options, space separated")
     ap.add_argument("--load-fraction", type=float, default=0.7, help="arrival rate as a fraction of capacity")
     ap.add_argument("--rate", type=float, help="arrival rate in req/s (skips calibration)")

@@ -4,7 +4,8 @@ Every command opens the store in `--data-dir` (default ./lockgate-data, env
 LOCKGATE_DATA_DIR) directly: it works with or without a running server (SQLite
 WAL lets both use the file; the server notices admin changes). Output is JSON
 (CSV for `usage --format csv`); errors go to stderr with a non-zero exit status.
-The actor recorded in the audit log is "cli".
+The actor recorded in the audit log is "cli"; the CLI is a global admin (whoever can
+open the database file can change it anyway).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ DataDirOpt = Annotated[Optional[str], typer.Option(
     help="directory of lockgate.db [default: ./lockgate-data]")]
 
 tenants_app = typer.Typer(no_args_is_help=True, help="Create, list, change and delete tenants.")
-keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke a tenant's API keys.")
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys (a tenant's, or global ones).")
 audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log of admin actions.")
 
 
@@ -114,7 +115,8 @@ TpmOpt = Annotated[Optional[int], typer.Option(help="tokens per minute")]
 ConcOpt = Annotated[Optional[int], typer.Option(help="requests in flight")]
 MaxTokOpt = Annotated[Optional[int], typer.Option(help="cap on a request's max_tokens")]
 PrioOpt = Annotated[Optional[str], typer.Option(help="priority class: interactive | standard | batch")]
-WeightOpt = Annotated[Optional[float], typer.Option(help="fair-share weight within its class (default 1)")]
+WeightOpt = Annotated[Optional[float], typer.Option(
+    help="fair-share weight within its class, 0.01 to 100 (default 1)")]
 BudgetOpt = Annotated[Optional[float], typer.Option(help="budget in USD per period")]
 PeriodOpt = Annotated[Optional[str], typer.Option(help="day | month | total")]
 PriceOpt = Annotated[Optional[list[str]], typer.Option(
@@ -193,19 +195,27 @@ def tenants_delete(tenant_id: Annotated[str, typer.Argument()], data_dir: DataDi
 
 @keys_app.command("create")
 def keys_create(
-    tenant_id: Annotated[str, typer.Argument()],
+    tenant_id: Annotated[Optional[str], typer.Argument(help="the key's tenant (leave out with --global)")] = None,
+    global_: Annotated[bool, typer.Option(
+        "--global", help="a key bound to no tenant: a global admin key (--scope admin, the default) or a "
+                         "metrics scraper's (--scope metrics)")] = False,
     name: Annotated[Optional[str], typer.Option(help="display name")] = None,
     scope: Annotated[Optional[list[str]], typer.Option(
-        "--scope", help="inference | admin; repeatable [default: inference]")] = None,
+        "--scope", help="inference | admin | metrics; repeatable [default: inference; admin with --global]. "
+                        "A tenant's admin key manages only that tenant")] = None,
     expires_at: Annotated[Optional[str], typer.Option(help="ISO-8601 time, e.g. 2027-01-01T00:00:00Z")] = None,
     rpm: RpmOpt = None, tpm: TpmOpt = None, max_concurrency: ConcOpt = None, max_tokens: MaxTokOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Create an API key; the key itself is printed once, here, and never again."""
+    if global_ == (tenant_id is not None):
+        _fail("give a TENANT_ID or --global (a key bound to no tenant), not both", 2)
     given = {"name": name, "scopes": scope or None, "expires_at": expires_at, "rpm": rpm, "tpm": tpm,
              "max_concurrency": max_concurrency, "max_tokens": max_tokens}
+    body = {k: v for k, v in given.items() if v is not None}
     with _service(data_dir) as svc:
-        _print(svc.create_key(tenant_id, {k: v for k, v in given.items() if v is not None}, actor=ACTOR))
+        _print(svc.create_global_key(body, actor=ACTOR) if tenant_id is None
+               else svc.create_key(tenant_id, body, actor=ACTOR))
 
 
 @keys_app.command("list")
@@ -232,7 +242,8 @@ def usage(
     model: Annotated[Optional[str], typer.Option()] = None,
     since: Annotated[Optional[str], typer.Option(help="ISO-8601 date/time or Unix seconds (inclusive)")] = None,
     until: Annotated[Optional[str], typer.Option(help="ISO-8601 date/time or Unix seconds (exclusive)")] = None,
-    group_by: Annotated[str, typer.Option("--group-by", help="request | day | model")] = "request",
+    group_by: Annotated[str, typer.Option(
+        "--group-by", help="request | day | model | refusals (refused requests, per hour)")] = "request",
     format: Annotated[str, typer.Option("--format", help="json | csv")] = "json",
     limit: Annotated[int, typer.Option(help="at most this many rows")] = 1000,
     data_dir: DataDirOpt = None,

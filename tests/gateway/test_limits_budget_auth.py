@@ -21,15 +21,28 @@ def test_requests_per_minute_bucket_refills_continuously() -> None:
     lim = RateLimiter()
     st = lim.state("t:a", Limits(rpm=3), "tenant", now=0.0)
     for _ in range(3):
+        lim.charge([st], now=0.0)  # a request unit is charged on arrival, refused or not
         lim.check([st], 10, now=0.0)
         lim.take([st], 10)
         lim.release([st])
     with pytest.raises(APIError) as e:
-        lim.check([st], 10, now=0.0)
+        lim.charge([st], now=0.0)
     assert e.value.status == 429 and e.value.code == "rate_limit_exceeded"
     assert e.value.headers["Retry-After"] == "20"  # one request per 20 s at 3 rpm
     assert e.value.headers["x-ratelimit-remaining-requests"] == "0"
-    lim.check([st], 10, now=20.0)  # refilled one
+    lim.check([st], 10, now=0.0)  # admission itself no longer looks at requests per minute
+    lim.charge([st], now=20.0)  # refilled one
+
+
+def test_charge_takes_from_tenant_and_key_or_from_neither() -> None:
+    lim = RateLimiter()
+    tenant = lim.state("t:a", Limits(rpm=5), "tenant", now=0.0)
+    key = lim.state("k:a", Limits(rpm=1), "key", now=0.0)
+    lim.charge([tenant, key], now=0.0)
+    with pytest.raises(APIError) as e:
+        lim.charge([tenant, key], now=0.0)
+    assert "key rate limit reached: 1 requests per minute" in e.value.message
+    assert tenant.requests is not None and tenant.requests.level == 4  # the refused call took nothing
 
 
 def test_tokens_per_minute_counts_prompt_then_streamed_tokens() -> None:

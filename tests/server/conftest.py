@@ -26,6 +26,8 @@ class ServerProcess:
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        # With keys, /metrics needs one: metrics() uses the --admin-key unless told otherwise.
+        self.admin_key = args[args.index("--admin-key") + 1] if "--admin-key" in args else None
         self.log_path = log_path
         self._log = open(log_path, "wb")
         cmd = [sys.executable, "-m", "lockgate.server", "--port", str(self.port), "--no-access-log", *args]
@@ -57,8 +59,16 @@ class ServerProcess:
         assert len(kids) == 1, f"expected one engine process, found {kids}"
         return kids[0]
 
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+    def metrics_text(self, key: str | None = None) -> str:
+        """The /metrics page, read with `key` (default: the admin key, if the server has one)."""
+        key = key or self.admin_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.get(f"{self.base_url}/metrics", headers=headers, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.text
+
+    def metrics(self, key: str | None = None) -> dict[str, float]:
+        text = self.metrics_text(key)
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith("#") or not line.strip():

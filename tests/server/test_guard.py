@@ -150,9 +150,22 @@ def test_scopes() -> None:
     _err(client.get("/admin/tenants", headers=tenant), 403, "insufficient_scope")
     assert client.get("/admin/tenants", headers=admin).status_code == 404  # passes the guard (no such route here)
     assert client.get("/health").status_code == 200  # the allowlist needs no key
-    assert client.get("/metrics").status_code == 404  # open unless --metrics-auth (no such route here)
-    client2, _, _ = _app(admin_key="root", metrics_auth=True)
-    _err(client2.get("/metrics"), 401, "invalid_api_key")
+    # /metrics names every tenant: a metrics-scope or global admin key (404: passes the guard, no route here).
+    _err(client.get("/metrics"), 401, "invalid_api_key")
+    _err(client.get("/metrics", headers={"Authorization": "Bearer nope"}), 401, "invalid_api_key")
+    r = client.get("/metrics", headers=tenant)
+    _err(r, 403, "insufficient_scope")
+    assert "metrics scope" in r.json()["error"]["message"]
+    assert client.get("/metrics", headers=admin).status_code == 404
+    scraper = ApiKey(id="key_2", tenant_id="ten_1", name="prom", prefix="lg-pro", key_hash=hash_key("lg-prom"),
+                     scopes=["metrics"])
+    client.app.state.ctx.gateway.ring.load([Tenant(id="ten_1", name="t")], [scraper])
+    assert client.get("/metrics", headers={"Authorization": "Bearer lg-prom"}).status_code == 404
+    _err(client.post("/echo", content=b"{}", headers={**JSON, "Authorization": "Bearer lg-prom"}), 403,
+         "insufficient_scope")  # a scraper's key infers nothing
+    public, _, _ = _app(admin_key="root", metrics_public=True)
+    assert public.get("/metrics").status_code == 404
+    assert _app()[0].get("/metrics").status_code == 404  # open mode (loopback, no keys): open as before
 
 
 def test_open_mode_has_no_admin_api() -> None:

@@ -54,7 +54,7 @@ def _tenant(srv: ServerProcess, name: str, priority: str) -> tuple[str, str]:
 
 
 def _samples(srv: ServerProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
+    text = srv.metrics_text()  # with the admin key: /metrics needs one on a keyed server
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -192,7 +192,7 @@ def test_slo_routes_need_the_admin_scope(keyed: ServerProcess) -> None:
 
 def _exposed_names(srv: ServerProcess) -> set[str]:
     """Every series name the exposition offers: histograms as _bucket/_sum/_count, counters as _total."""
-    text = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
+    text = srv.metrics_text()  # with the admin key: /metrics needs one on a keyed server
     names: set[str] = set()
     for fam in text_string_to_metric_families(text):
         if fam.type == "histogram":

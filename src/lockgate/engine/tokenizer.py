@@ -5,13 +5,19 @@ Chat prompts: the rendered template already contains every special token the
 model wants (BOS included where the template writes it), so encode it with
 `add_special_tokens=False`, as transformers' `apply_chat_template(tokenize=True)`
 does. `encode` never doubles a BOS the text already starts with anyway.
+
+Long texts are encoded and decoded through the backend's batch calls, which
+release the GIL (the single calls hold it for the whole call: a 4 MB prompt held
+every other thread for 2.5 s), so several threads tokenize in parallel. `max_token_chars`
+bounds how much text one token can stand for, so a server can refuse a prompt
+that cannot fit its context before paying for tokenizing it.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,9 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ChatTemplate = str | Mapping[str, str]
+# Up to this many characters (or ids) the single calls, which keep the GIL: a release and
+# re-acquire per call would cost more than the call (the detokenizer decodes every step).
+_SMALL = 2048
 
 
 class Tokenizer:
@@ -77,13 +86,52 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # The backend's post-processor is bypassed: BOS handling is ours (`add_bos`), so
         # GGUF and HF tokenizers behave the same.
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if len(text) <= _SMALL:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        if len(ids) <= _SMALL:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+
+    @cached_property
+    def _char_bound(self) -> tuple[int, str] | None:
+        """(most input characters one token stands for, characters that vanish), or None.
+
+        A vocabulary entry's stored form is never shorter than the text it covers: byte-level
+        BPE stores one character per byte, SentencePiece (Metaspace) one per character, byte
+        fallback `<0xNN>` six for one byte, added tokens their literal content. That fails where
+        text can vanish or fuse into one token: a normalizer or pre-tokenizer that drops or
+        collapses characters, or a model that fuses unknown text into one unk (WordPiece,
+        WordLevel, Unigram or BPE without byte fallback): then None (no character bound; the
+        prompt is refused by its token count). NFC/NFKC compose at most 4 code points into one.
+        A byte-level vocabulary missing some ASCII control bytes (SmolLM2 lacks 0x13) drops
+        those characters: they are not counted (`countable_chars`)."""
+        factor = _shrink_factor(self.backend.normalizer)
+        vanishing = _vanishing_chars(self.backend) if factor is not None else None
+        if factor is None or vanishing is None:
+            return None
+        longest = max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
+        return max(1, longest) * factor, vanishing
+
+    @property
+    def max_token_chars(self) -> int | None:
+        """The most input characters one token can stand for; None when no sound bound exists."""
+        bound = self._char_bound
+        return None if bound is None else bound[0]
+
+    def countable_chars(self, text: str) -> int:
+        """Characters of `text` that cannot vanish in tokenizing (tens of ms for 4 MB: call it
+        only for a text already longer than the bound)."""
+        bound = self._char_bound
+        vanishing = bound[1] if bound is not None else ""
+        return len(text) - sum(text.count(c) for c in vanishing)
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         # Ids past the tokenizer's vocabulary (padded embeddings, random weights) map to "".
@@ -190,6 +238,101 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) and value else None
+
+
+# Normalizers that never make text shorter (character counts kept or grown).
+_NON_SHRINKING = frozenset({"NFD", "NFKD", "Lowercase", "Prepend", "ByteLevel"})
+_COMPOSING = frozenset({"NFC", "NFKC"})
+# Canonical composition folds a base and its marks into one code point (Greek: omega, two
+# accents and iota subscript); 4 input characters per normalized one covers every composition.
+_COMPOSE_FACTOR = 4
+# Pre-tokenizers that split text without dropping any of it (Split unless it removes matches).
+_KEEPING_PRE = frozenset({"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts", "Split"})
+
+
+def _spec(component: Any) -> dict[str, Any] | None:
+    try:
+        spec = json.loads(component.__getstate__())
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) else None
+
+
+def _parts(spec: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    return list(spec.get(key, [])) if spec.get("type") == "Sequence" else [spec]
+
+
+def _shrink_factor(normalizer: Any) -> int | None:
+    """How many input characters one normalized character may come from (None: unbounded)."""
+    if normalizer is None:
+        return 1
+    spec = _spec(normalizer)
+    if spec is None:
+        return None
+    factor = 1
+    for part in _parts(spec, "normalizers"):
+        kind = part.get("type")
+        if kind == "Replace" and _replace_keeps_length(part):
+            continue
+        if kind in _COMPOSING:
+            factor = _COMPOSE_FACTOR
+        elif kind not in _NON_SHRINKING:
+            return None  # strip, collapse, drop: any length may vanish
+    return factor
+
+
+def _vanishing_chars(backend: tokenizers.Tokenizer) -> str | None:
+    """The characters tokenizing drops ("" for none), or None when text can vanish or fuse
+    into one token without bound."""
+    if any(t.lstrip or t.rstrip for t in backend.get_added_tokens_decoder().values()):
+        return None  # such a token swallows all the whitespace beside it
+    if backend.pre_tokenizer is not None:
+        spec = _spec(backend.pre_tokenizer)
+        if spec is None:
+            return None
+        for part in _parts(spec, "pretokenizers"):
+            if part.get("type") not in _KEEPING_PRE or str(part.get("behavior", "")).lower() == "removed":
+                return None
+    model = _spec(backend.model)
+    if model is None:
+        return None
+    if model.get("byte_fallback"):  # unknown characters become <0xNN> byte tokens, when all 256 exist
+        vocab = backend.get_vocab(with_added_tokens=False)
+        if all(f"<0x{b:02X}>" in vocab for b in range(256)):
+            return ""
+    if model.get("type") != "BPE":
+        return None  # WordPiece, WordLevel, Unigram: unknown text fuses into one unk
+    if model.get("unk_token") is None:  # unknown characters are dropped
+        return _byte_level_missing(backend)
+    return None if model.get("fuse_unk") else ""
+
+
+def _byte_chars() -> dict[int, str]:
+    """Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, the others
+    take the code points from 256 on, in byte order."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out = {b: chr(b) for b in kept}
+    for n, b in enumerate(b for b in range(256) if b not in out):
+        out[b] = chr(256 + n)
+    return out
+
+
+# Bytes no UTF-8 text contains: a vocabulary may lack them at no cost.
+_NEVER_UTF8 = frozenset({0xC0, 0xC1, *range(0xF5, 0x100)})
+
+
+def _byte_level_missing(backend: tokenizers.Tokenizer) -> str | None:
+    """Byte-level BPE: the ASCII characters whose byte the vocabulary lacks (dropped whole);
+    None when it is not byte-level, or lacks a continuation byte (then a longer character could
+    vanish whole; one that keeps its continuation bytes keeps a stored character per input one)."""
+    spec = _spec(backend.pre_tokenizer) if backend.pre_tokenizer is not None else None
+    if spec is None or not any(p.get("type") == "ByteLevel" for p in _parts(spec, "pretokenizers")):
+        return None
+    vocab = backend.get_vocab(with_added_tokens=False)
+    missing = [b for b, c in _byte_chars().items() if c not in vocab and b not in _NEVER_UTF8]
+    if any(0x80 <= b <= 0xBF for b in missing):
+        return None
+    return "".join(chr(b) for b in missing if b < 0x80)
 
 
 def _post_processor_adds(backend: tokenizers.Tokenizer, bos: int | None) -> bool:

@@ -2,10 +2,12 @@
 
 A meter is opened when an authenticated tenant's request arrives and is put on
 the request's lease, so it settles however the request ends: completed
-(`stop`/`length`), refused (`rejected`), failed (`error`) or cut off by the
-client (`abort`). Tokens actually generated are billed in every case; a
-process kill leaves the on-disk reservation, settled as `interrupted` with the
-checkpointed token count at the next start.
+(`stop`/`length`), refused after admission (`rejected`), failed (`error`) or
+cut off by the client (`abort`). Tokens actually generated are billed in every
+case; a process kill leaves the on-disk reservation, settled as `interrupted`
+with the checkpointed token count at the next start. A request refused before
+admission (nothing reserved, nothing generated) writes no ledger row: the
+gateway counts it per tenant, key, status, code and hour (`Gateway.count_refusal`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 from lockgate.gateway.auth import Principal
 from lockgate.gateway.limits import LimitState
-from lockgate.store.models import Reservation, UsageRecord
+from lockgate.store.models import Price, Reservation, UsageRecord
 
 
 def finish_reason_of(reasons: list[str | None] | None, error: str | None) -> str:
@@ -52,6 +54,7 @@ class Meter:
     first_token_at: float | None = None
     finish_reason: str | None = None  # set when known; derived from the outcome otherwise
     reserved_usd: float = 0.0
+    price: Price | None = None  # the prices it was admitted (reserved) at, and is billed at
     limit_states: list[LimitState] = field(default_factory=list)
     reservation: asyncio.Future[None] | None = None  # resolves once the reservation is on disk
     checkpointed: int = 0  # completion tokens last written to the reservation
@@ -89,7 +92,8 @@ class Meter:
         reason = self.finish_reason or finish_reason_from_status(status, outcome)
         tenant = self.principal.tenant
         assert tenant is not None
-        cost = tenant.price_for(self.model).cost(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        price = self.price if self.price is not None else tenant.price_for(self.model)
+        cost = price.cost(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
         self.cost_usd = cost
         end = time.monotonic()
         return UsageRecord(

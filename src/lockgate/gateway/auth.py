@@ -11,6 +11,7 @@ import hmac
 import time
 from dataclasses import dataclass
 
+from lockgate.gateway.admin_scope import AdminReach, forbidden
 from lockgate.gateway.tenants import hash_key
 from lockgate.server.errors import APIError
 from lockgate.store.models import ApiKey, Tenant
@@ -20,7 +21,7 @@ ADMIN_ACTOR = "admin-key"
 
 @dataclass(slots=True)
 class Principal:
-    """The authenticated caller: a tenant's key, or the operator's bootstrap admin key."""
+    """The authenticated caller: a tenant's key, a global key (no tenant), or the bootstrap admin key."""
 
     tenant: Tenant | None
     key: ApiKey | None
@@ -45,6 +46,14 @@ class Principal:
         """`/metrics` in keyed mode: a global admin key, or a key with the `metrics` scope."""
         return self.is_global_admin or (self.key is not None and "metrics" in self.key.scopes)
 
+    @property
+    def admin_reach(self) -> AdminReach:
+        """What this caller may manage in the admin API (gateway/admin_scope.py); a key without the
+        admin scope manages nothing (the guard refuses it first; this keeps a slip from making it global)."""
+        if not self.is_admin:
+            raise forbidden("this key has no admin scope")
+        return AdminReach(None if self.is_global_admin else self.tenant_id)
+
 
 def unauthorized(message: str = "invalid or missing API key (send `Authorization: Bearer <key>`)") -> APIError:
     return APIError(401, message, code="invalid_api_key")
@@ -53,7 +62,7 @@ def unauthorized(message: str = "invalid or missing API key (send `Authorization
 class KeyRing:
     def __init__(self, admin_key: str | None) -> None:
         self._admin_hash = hash_key(admin_key) if admin_key else None
-        self._keys: dict[str, tuple[ApiKey, Tenant]] = {}
+        self._keys: dict[str, tuple[ApiKey, Tenant | None]] = {}
         self.num_tenants = 0
 
     @property
@@ -63,10 +72,13 @@ class KeyRing:
 
     def load(self, tenants: list[Tenant], keys: list[ApiKey]) -> None:
         by_id = {t.id: t for t in tenants}
-        ring: dict[str, tuple[ApiKey, Tenant]] = {}
+        ring: dict[str, tuple[ApiKey, Tenant | None]] = {}
         for k in keys:
-            tenant = by_id.get(k.tenant_id)
-            if tenant is not None and k.revoked_at is None:
+            if k.revoked_at is not None:
+                continue
+            if k.tenant_id is None:  # a global key
+                ring[k.key_hash] = (k, None)
+            elif (tenant := by_id.get(k.tenant_id)) is not None:
                 ring[k.key_hash] = (k, tenant)
         self._keys = ring  # swapped whole: a request never sees half a reload
         self.num_tenants = len(tenants)
@@ -89,4 +101,4 @@ class KeyRing:
         if key.expires_at is not None and (now or time.time()) >= key.expires_at:
             raise unauthorized()  # the same answer as for an unknown key: nothing to probe
         return Principal(tenant=tenant, key=key, is_admin="admin" in key.scopes,
-                         can_infer="inference" in key.scopes)
+                         can_infer="inference" in key.scopes and tenant is not None)  # no tenant to bill

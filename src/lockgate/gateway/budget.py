@@ -6,6 +6,12 @@ only if spent + reserved + its worst case (prompt + max_tokens at the tenant's
 prices) fits the budget; check and reserve happen with no await in between, so
 20 concurrent requests against a budget that covers 4 admit exactly 4 and can
 never spend more than the budget. Periods are calendar days or months in UTC.
+
+Every tenant's book holds its live reservations, budget or not, and a new book
+(a period rolled over or changed) carries them: a budget, period or price set
+while requests are in flight counts what they may still spend, and each request
+releases exactly what it reserved (at the prices it was admitted with, which it
+is also billed at), so no settlement can free another request's hold.
 """
 from __future__ import annotations
 
@@ -44,18 +50,44 @@ class TenantBudget:
     start: float | None
     end: float
     spent: float = 0.0  # settled in this period
-    reserved: float = 0.0  # held by live requests
+    reserved: float = 0.0  # held by live requests (whatever their period)
+    settled: float = 0.0  # every cost ever settled into this tenant's books (see `mark`)
 
 
 class BudgetBook:
     def __init__(self) -> None:
         self._books: dict[str, TenantBudget] = {}
 
-    def load(self, tenant_id: str, period: str, start: float | None, spent: float) -> None:
-        """Set a tenant's spend for the period starting at `start` (from the ledger), keeping live holds."""
+    def load(self, tenant_id: str, period: str, start: float | None, spent: float,
+             mark: float | None = None) -> None:
+        """Set a tenant's spend for the period starting at `start` (from the ledger), keeping live holds.
+
+        `mark`: what `mark()` said before the ledger was read. Costs settled since then are added, as
+        they may have missed the read (one that did not is counted twice: the safe side)."""
         old = self._books.get(tenant_id)
-        self._books[tenant_id] = TenantBudget(period, start, period_end(period, start), spent,
-                                              old.reserved if old is not None else 0.0)
+        reserved = old.reserved if old is not None else 0.0
+        settled = old.settled if old is not None else 0.0
+        if mark is not None:
+            spent += max(0.0, settled - mark)
+        self._books[tenant_id] = TenantBudget(period, start, period_end(period, start), spent, reserved, settled)
+
+    def mark(self, tenant_id: str) -> float:
+        """The tenant's settled total now (taken before reading its spend from the ledger)."""
+        book = self._books.get(tenant_id)
+        return book.settled if book is not None else 0.0
+
+    def roll(self, tenant_id: str, period: str, now: float) -> None:
+        """A book for the tenant that covers `now`: created empty, or a new period of the same kind
+        started empty, live holds kept. A book whose kind of period changed is left to the ledger
+        reload (`Gateway.reload`), which knows what the new period already spent."""
+        book = self._books.get(tenant_id)
+        if book is None:
+            self.load(tenant_id, period, period_start(period, now), 0.0)
+        elif now >= book.end:
+            self.load(tenant_id, book.period, period_start(book.period, now), 0.0)
+
+    def has(self, tenant_id: str) -> bool:
+        return tenant_id in self._books
 
     def current(self, tenant: Tenant, now: float) -> bool:
         """Whether the tenant's book covers `now` in its configured period."""
@@ -63,11 +95,10 @@ class BudgetBook:
         return book is not None and book.period == tenant.budget_period and now < book.end
 
     def reserve(self, tenant: Tenant, amount: float) -> None:
-        """Hold `amount` USD or refuse with 429 budget_exceeded (insufficient_quota)."""
-        if tenant.budget_usd is None:
-            return
+        """Hold `amount` USD or refuse with 429 budget_exceeded (insufficient_quota). Held with no
+        budget too: a budget set later counts it (the tenant's book must exist: `roll`)."""
         book = self._books[tenant.id]
-        if book.spent + book.reserved + amount > tenant.budget_usd + 1e-12:
+        if tenant.budget_usd is not None and book.spent + book.reserved + amount > tenant.budget_usd + 1e-12:
             left = max(0.0, tenant.budget_usd - book.spent - book.reserved)
             raise APIError(
                 429, f"budget exceeded: this request may cost up to ${amount:.6f} but ${left:.6f} of the "
@@ -82,8 +113,14 @@ class BudgetBook:
         if book is None:
             return
         book.reserved = max(0.0, book.reserved - reserved)
+        book.settled += cost
         if book.start is None or book.start <= at < book.end:
             book.spent += cost
+
+    def reserved(self, tenant_id: str) -> float:
+        """What live requests hold (0 when none: nothing leaked)."""
+        book = self._books.get(tenant_id)
+        return book.reserved if book is not None else 0.0
 
     def remaining(self, tenant: Tenant) -> float | None:
         if tenant.budget_usd is None or tenant.id not in self._books:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,15 @@ from lockgate.gateway.tenants import hash_key
 from lockgate.gateway.budget import BudgetBook, period_start
 from lockgate.gateway.lease import Lease
 from lockgate.gateway.limits import LimitState, RateLimiter
-from lockgate.store.models import Tenant, UsageRecord
+from lockgate.server.errors import APIError
+from lockgate.store.models import RefusalCount, Tenant, UsageRecord
 
 log = logging.getLogger("lockgate.gateway")
 
 DB_NAME = "lockgate.db"
 CHECKPOINT_INTERVAL_S = 1.0  # streamed tokens reach the on-disk reservation at least this often
 REFRESH_INTERVAL_S = 2.0  # changes made by another process (the CLI) are picked up this fast
+REFUSAL_BUCKET_S = 3600.0  # refused requests are counted per hour (store/schema.py: refusals)
 
 
 @dataclass(slots=True)
@@ -48,6 +51,10 @@ class Gateway:
         self.store = None  # SQLiteStore, opened at start when there is anything to keep
         self.astore = None  # AsyncStore over it
         self._meters: dict[str, Meter] = {}
+        self._reload_lock = asyncio.Lock()
+        self._tenants: dict[str, Tenant] = {}  # the latest of each tenant (budget, prices, limits), by id
+        # Refusals counted since the last flush: (tenant, key, status, code, hour) -> count.
+        self._refusals: dict[tuple[str, str, int, str, float], int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[asyncio.Future[None]] = set()
         self._admin_version = -1  # the store's admin version the ring was built from
@@ -71,10 +78,11 @@ class Gateway:
                        asyncio.create_task(self._refresh_loop(), name="gateway-refresh")]
 
     def _open(self) -> None:
+        from lockgate.store.files import private_dir
         from lockgate.store.sqlite import SQLiteStore
         from lockgate.store.writer import AsyncStore
 
-        Path(self.config.data_dir).mkdir(parents=True, exist_ok=True)
+        private_dir(self.config.data_dir)  # 0700, or UnsafeDataDir if open to others (never widened first)
         self.store = SQLiteStore(self.db_path)
         self.astore = AsyncStore(self.store)
 
@@ -86,6 +94,7 @@ class Gateway:
                 await t
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        await self._flush_refusals()
         if self.astore is not None:
             await self.astore.aclose()
             self.astore = None
@@ -94,34 +103,70 @@ class Gateway:
             self.store = None
 
     async def reload(self) -> None:
-        """Rebuild the key ring and budget books from the store."""
+        """Rebuild the key ring and budget books from the store (one reload at a time: a slow one
+        must not apply what it read over a newer one's)."""
+        async with self._reload_lock:
+            await self._reload()
+
+    async def _reload(self) -> None:
         if self.astore is None:
             return
         store = self.store
         tenants, keys = await self.astore.call(lambda: (store.list_tenants(), store.list_keys()))
         now = time.time()
+        loads = []
         for t in tenants:
             if self.budgets.current(t, now):
                 continue  # in memory, spend is ahead of the ledger (settlements still queued)
             start = period_start(t.budget_period, now)
-            spent = await self.astore.call(store.spent_usd, t.id, start)
-            self.budgets.load(t.id, t.budget_period, start, spent)
+            # Settlements made so far reach the ledger before it is read; later ones are added by `mark`.
+            mark = self.budgets.mark(t.id)
+            if self._pending:
+                await asyncio.gather(*list(self._pending), return_exceptions=True)
+            loads.append((t, start, await self.astore.call(store.spent_usd, t.id, start), mark))
+        # Books, tenants and keys change together (no await): admission never sees a new budget with
+        # an old period's spend, or the reverse.
+        for t, start, spent, mark in loads:
+            self.budgets.load(t.id, t.budget_period, start, spent, mark)
+        self._tenants = {t.id: t for t in tenants}
         self.ring.load(tenants, keys)
         self._admin_version = await self.astore.call(store.admin_version)
 
     async def _record_admin_key(self) -> None:
-        """Audit the bootstrap admin key the first time it is used, and every time it changes."""
+        """Audit the bootstrap admin key the first time it is used, and every time it changes.
+
+        The record holds an HMAC-SHA256 of the key under a random per-database secret (the store's
+        meta table; no API shows it): an audit reader cannot test guesses of a weak key offline.
+        Records written before held a prefix of the key's plain SHA-256 (`admin_key_sha256`): the
+        first start on such a database compares the key with it once and records the new form as
+        `admin_key.fingerprint` (same key) or `admin_key.change` (another key); later starts compare
+        HMACs only. The old records stay in the chain (removing them would break it)."""
+        import hashlib
+        import hmac
+
         if not self.config.admin_key or self.astore is None:
             return
         store = self.store
-        fingerprint = hash_key(self.config.admin_key)[:16]  # identifies the key, reveals nothing
-        records = await self.astore.call(store.list_audit, 0, 1_000_000)
-        last = next((r for r in reversed(records) if r.action in ("bootstrap", "admin_key.change")), None)
+        secret = await self.astore.call(store.meta_secret, "admin_key_fingerprint")
+        raw = self.config.admin_key.encode("utf-8", "surrogateescape")
+        fingerprint = hmac.new(secret, raw, hashlib.sha256).hexdigest()[:32]
+        last, since = None, 0
+        while batch := await self.astore.call(store.list_audit, since, 10_000):  # paged: the log can be long
+            last = next((r for r in reversed(batch) if r.action in
+                         ("bootstrap", "admin_key.change", "admin_key.fingerprint")), last)
+            since = batch[-1].id
+        detail = {"admin_key_hmac": fingerprint}
         if last is None:
-            await self.astore.call(store.append_audit, "system", "bootstrap", None, {"admin_key_sha256": fingerprint})
-        elif last.details.get("admin_key_sha256") != fingerprint:
-            await self.astore.call(store.append_audit, "system", "admin_key.change", None,
-                                   {"admin_key_sha256": fingerprint})
+            action = "bootstrap"
+        elif "admin_key_hmac" in last.details:
+            action = None if hmac.compare_digest(str(last.details["admin_key_hmac"]), fingerprint) \
+                else "admin_key.change"
+        elif last.details.get("admin_key_sha256") == hash_key(self.config.admin_key)[:16]:
+            action = "admin_key.fingerprint"  # the same key: only the fingerprint's form changes
+        else:
+            action = "admin_key.change"
+        if action is not None:
+            await self.astore.call(store.append_audit, "system", action, None, detail)
 
     async def _recover(self) -> None:
         """Settle what a killed process left: each reservation becomes an `interrupted` usage row."""
@@ -155,13 +200,53 @@ class Gateway:
             return None
         meter = Meter(request_id, principal)
         self._meters[request_id] = meter
-        lease.hold(lambda outcome: self._settle(meter, lease.status, outcome))
+        lease.hold(lambda outcome: self._settle(meter, lease.status, outcome, lease.code))
         return meter
+
+    def latest(self, tenant: Tenant) -> Tenant:
+        """The tenant as last reloaded: a request authenticated before an admin change is admitted by
+        the budget, prices and limits in force when it is admitted."""
+        return self._tenants.get(tenant.id, tenant)
+
+    def charge_request(self, principal: Principal | None) -> None:
+        """One request unit of the tenant's and key's rpm for a call on an inference route, refused or
+        not (the guard middleware charges it once the key is known), or 429 rate_limit_exceeded."""
+        if principal is None or principal.tenant is None:
+            return
+        now = time.time()
+        try:
+            self.limiter.charge(self.limit_states(principal, now), now)
+        except APIError as err:
+            self.count_refusal(principal, err.status, err.code, now)
+            raise
+
+    def count_refusal(self, principal: Principal, status: int, code: str | None, at: float) -> None:
+        """A tenant's request refused before admission: counted (store: refusals), never a ledger row."""
+        if principal.tenant is None or self.astore is None:
+            return
+        key_id = principal.key.id if principal.key is not None else ""
+        bucket = math.floor(at / REFUSAL_BUCKET_S) * REFUSAL_BUCKET_S
+        slot = (principal.tenant.id, key_id, int(status), code or "", bucket)
+        self._refusals[slot] = self._refusals.get(slot, 0) + 1
+
+    async def _flush_refusals(self) -> None:
+        if not self._refusals or self.astore is None:
+            return
+        counts, self._refusals = self._refusals, {}
+        rows = [RefusalCount(t, k, status, code, bucket, n) for (t, k, status, code, bucket), n in counts.items()]
+        try:
+            await self.astore.call(self.store.add_refusals, rows)
+        except Exception:  # noqa: BLE001 - kept for the next flush
+            for (t, k, status, code, bucket), n in counts.items():
+                slot = (t, k, status, code, bucket)
+                self._refusals[slot] = self._refusals.get(slot, 0) + n
+            log.exception("could not write refusal counts")
 
     def limit_states(self, principal: Principal, now: float) -> list[LimitState]:
         states = []
         if principal.tenant is not None:
-            states.append(self.limiter.state(f"t:{principal.tenant.id}", principal.tenant.limits, "tenant", now))
+            tenant = self.latest(principal.tenant)
+            states.append(self.limiter.state(f"t:{tenant.id}", tenant.limits, "tenant", now))
         if principal.key is not None:
             states.append(self.limiter.state(f"k:{principal.key.id}", principal.key.limits, "key", now))
         return states
@@ -172,30 +257,26 @@ class Gateway:
         return min(caps) if caps else None
 
     def admit(self, lease: Lease, meter: Meter, prompt_tokens: int, worst_completion_tokens: int) -> None:
-        """Rate limits, concurrency and budget: all taken or none (429); each given back on release."""
-        tenant = meter.principal.tenant
-        assert tenant is not None
+        """Tokens per minute, concurrency and budget: all taken or none (429); each given back on
+        release. (The request unit of rpm was charged on arrival: `charge_request`.)"""
+        assert meter.principal.tenant is not None
+        tenant = self.latest(meter.principal.tenant)
         now = time.time()
         states = self.limit_states(meter.principal, now)
         self.limiter.check(states, prompt_tokens, now)
-        cost = tenant.price_for(meter.model).cost(prompt_tokens, worst_completion_tokens)
-        if tenant.budget_usd is not None:
-            self._ensure_period(tenant, now)
+        price = tenant.price_for(meter.model)
+        cost = price.cost(prompt_tokens, worst_completion_tokens)
+        self.budgets.roll(tenant.id, tenant.budget_period, now)
         self.budgets.reserve(tenant, cost)  # raises when it does not fit: nothing taken yet
         self.limiter.take(states, prompt_tokens)
         meter.prompt_tokens = prompt_tokens
         meter.reserved_usd = cost
+        meter.price = price  # settled at the prices it was reserved at
         meter.limit_states = states
         lease.hold(lambda _outcome: self.limiter.release(states))
         # On disk before the first token is sent (the routes await it before answering).
         assert self.astore is not None
         meter.reservation = asyncio.ensure_future(self.astore.add_reservations([meter.reservation_row()]))
-
-    def _ensure_period(self, tenant: Tenant, now: float) -> None:
-        """Roll a tenant's budget over at a period boundary (the new period starts empty)."""
-        if self.budgets.current(tenant, now):
-            return
-        self.budgets.load(tenant.id, tenant.budget_period, period_start(tenant.budget_period, now), 0.0)
 
     def on_tokens(self, meter: Meter, n: int, cached: int) -> None:
         meter.on_tokens(n, cached)
@@ -208,13 +289,17 @@ class Gateway:
         now = time.time()
         return self.limiter.headers(self.limit_states(principal, now), now)
 
-    def _settle(self, meter: Meter, status: int, outcome: str) -> None:
-        """Exactly once per request: release the budget hold, queue the usage row."""
+    def _settle(self, meter: Meter, status: int, outcome: str, code: str | None = None) -> None:
+        """Exactly once per request: release the budget hold, queue the usage row. A request refused
+        before admission (nothing reserved, nothing generated) is counted instead (`count_refusal`)."""
         if meter.settled:
             return
         meter.settled = True
         self._meters.pop(meter.request_id, None)
         if meter.skip:
+            return
+        if meter.reservation is None and meter.completion_tokens == 0:
+            self.count_refusal(meter.principal, status, code, meter.created_at)
             return
         row = meter.usage_row(status, outcome)
         if meter.principal.tenant is not None:
@@ -241,6 +326,7 @@ class Gateway:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
             if self.astore is None:
                 continue
+            await self._flush_refusals()
             updates = []
             for m in list(self._meters.values()):
                 if (m.reservation is not None and m.reservation.done() and not m.settled

@@ -3,9 +3,12 @@
 Requests and tokens per minute are token buckets (capacity = the per-minute
 limit, refilled continuously), which is what OpenAI's `x-ratelimit-*` headers
 describe: the limit, what remains now, and how long until the bucket is full.
-Prompt tokens are taken at admission; completion tokens as they stream, which
-may drive the bucket below zero (the next request then waits). Check and take
-happen with no await between them, so concurrent requests cannot overshoot.
+A request unit is charged for every call on an inference route as soon as its
+key is known (`charge`), refused or not, so malformed, oversized or forbidden
+calls cost the caller its rate like any other; prompt tokens are taken at
+admission; completion tokens as they stream, which may drive the bucket below
+zero (the next request then waits). Check and take happen with no await
+between them, so concurrent requests cannot overshoot.
 """
 from __future__ import annotations
 
@@ -87,17 +90,27 @@ class RateLimiter:
             st.limits, st.requests, st.tokens = lim, requests, tokens
         return st
 
+    @staticmethod
+    def charge(states: list[LimitState], now: float) -> None:
+        """One request unit from every bucket, or 429 with Retry-After and nothing taken."""
+        for st in states:
+            if st.requests is not None:
+                wait = st.requests.wait_s(1, now)
+                if wait > 0:
+                    raise _limited(f"{st.label} rate limit reached: {st.limits.rpm} requests per minute", wait,
+                                   states, now)
+        for st in states:
+            if st.requests is not None:
+                st.requests.level -= 1
+
     def check(self, states: list[LimitState], prompt_tokens: int, now: float) -> None:
-        """429 with Retry-After when any limit would be exceeded; takes nothing."""
+        """429 with Retry-After when concurrency or tokens per minute would be exceeded; takes nothing
+        (the request unit was charged on arrival)."""
         for st in states:
             lim = st.limits
             if lim.max_concurrency is not None and st.inflight >= lim.max_concurrency:
                 raise _limited(f"{st.label} concurrency limit reached: {st.inflight} of {lim.max_concurrency} "
                                "requests in flight", 1.0, states, now)
-            if st.requests is not None:
-                wait = st.requests.wait_s(1, now)
-                if wait > 0:
-                    raise _limited(f"{st.label} rate limit reached: {lim.rpm} requests per minute", wait, states, now)
             if st.tokens is not None:
                 if prompt_tokens > st.tokens.capacity:
                     raise _limited(f"the request's {prompt_tokens} prompt tokens exceed the {st.label} limit of "
@@ -110,8 +123,6 @@ class RateLimiter:
     def take(states: list[LimitState], prompt_tokens: int) -> None:
         for st in states:
             st.inflight += 1
-            if st.requests is not None:
-                st.requests.level -= 1
             if st.tokens is not None:
                 st.tokens.level -= prompt_tokens
 

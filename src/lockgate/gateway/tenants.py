@@ -4,7 +4,8 @@ Request bodies are strict pydantic models (unknown fields rejected, so a typo
 such as "rmp" is a 400, never a silent no-op; every number bounded and finite).
 Failures are `APIError`s (400 naming the field, 404 for unknown ids) that the
 REST layer renders as is and the CLI prints. Every change is audited with its
-actor in the same transaction as the change itself.
+actor in the same transaction as the change itself. How far the caller reaches
+(a global admin, or a tenant's admin key) is `AdminReach` (admin_scope.py).
 
 Methods are synchronous and touch disk: the server calls them through
 `AsyncStore.call(...)`, never on the event loop.
@@ -20,15 +21,17 @@ import logging
 import math
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from lockgate.gateway.admin_scope import AdminReach
 from lockgate.gateway.classes import DEFAULT_CLASS_NAMES
 from lockgate.server.errors import APIError, bad_request, validation_error
-from lockgate.store.base import Store
+from lockgate.store.base import DuplicateName, Store
 from lockgate.store.models import ApiKey, Limits, Price, Tenant, UsageQuery
 
 log = logging.getLogger(__name__)
@@ -96,14 +99,39 @@ def parse_time(value: str | float | int | None, param: str) -> float | None:
 
 # ---------------------------------------------------------------- request bodies
 
-_NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=_NO_CONTROL)]
-ModelName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=_NO_CONTROL)]
+# Control (C0, C1), format (bidi overrides and isolates, zero-width, BOM), surrogate and line/paragraph
+# separator characters: invisible or reordering in a terminal, log or dashboard, so a name could pass
+# for another one. Refused in every free-text admin string.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _text(max_len: int, strip: bool = False) -> BeforeValidator:
+    """A free-text field's check, before any stripping: a trailing U+0085 (a C1 control, and
+    whitespace to `str.strip`) is refused, never silently dropped; the length is checked first."""
+    def check(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value  # the strict str type refuses it
+        if len(value) > max_len:
+            raise ValueError(f"must be at most {max_len} characters (got {len(value)})")
+        for ch in value:
+            if unicodedata.category(ch) in _UNPRINTABLE:
+                raise ValueError(f"must not contain control or invisible formatting characters "
+                                 f"(found U+{ord(ch):04X})")
+        value = value.strip() if strip else value
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+    return BeforeValidator(check)
+
+
+Name = Annotated[str, _text(128, strip=True)]
+ModelName = Annotated[str, _text(256)]
 LimitInt = Annotated[int, Field(ge=1, le=INT32_MAX)]
 Usd = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
 Rate = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]  # USD per 1M tokens
 Priority = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]  # a configured class name
-Weight = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0  # fair-share weights: at most 10^4 between two tenants of a class
+Weight = Annotated[float, Field(ge=MIN_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)]
 Period = Literal["day", "month", "total"]
 Scope = Literal["inference", "admin", "metrics"]
 
@@ -166,6 +194,24 @@ class KeyCreate(BaseModel):
         return v
 
 
+class GlobalKeyCreate(BaseModel):
+    """A key bound to no tenant: a global admin key, or a metrics scraper's (no inference: no tenant to bill)."""
+
+    model_config = _STRICT
+    name: Name = "default"
+    scopes: Annotated[list[Scope], Field(min_length=1, max_length=3)] = Field(default_factory=lambda: ["admin"])
+    expires_at: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _no_inference(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("scopes must not repeat")
+        if "inference" in v:
+            raise ValueError("a key with no tenant cannot have the inference scope (create it for a tenant)")
+        return v
+
+
 _LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "max_tokens")
 _DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": "standard", "weight": 1.0, "budget_period": "month", "prices": {}}
 
@@ -178,6 +224,7 @@ def _body_error(errors: list[dict[str, Any]]) -> APIError:
     first = errors[0]
     param = ".".join(str(p) for p in first["loc"])
     msg = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid value")
+    msg = msg.removeprefix("Value error, ")  # our own validators' messages read as they are
     return bad_request(f"{param}: {msg}", param=param, code="invalid_value")
 
 
@@ -229,17 +276,31 @@ def _not_found(kind: str, id_: str, param: str) -> APIError:
     return APIError(404, f"{kind} {id_!r} not found", param=param, code="not_found")
 
 
+def _duplicate(name: str) -> APIError:
+    return APIError(409, f"name: a tenant named {name!r} exists already (names are compared ignoring case, "
+                         "after Unicode NFKC normalization)", param="name", code="conflict")
+
+
+def _future_time(value: str | None) -> float | None:
+    expires = parse_time(value, "expires_at")
+    if expires is not None and expires <= time.time():
+        raise bad_request("expires_at: is in the past", param="expires_at")
+    return expires
+
+
 # ---------------------------------------------------------------- the service
 
 
 class AdminService:
     def __init__(self, store: Store, on_change: Callable[[str, str], None] | None = None,
-                 class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES) -> None:
+                 class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES, reach: AdminReach | None = None) -> None:
         """`on_change(action, id)` runs after each committed change (e.g. to reload the key ring);
-        `class_names`: the priority classes a tenant may be put in."""
+        `class_names`: the priority classes a tenant may be put in; `reach`: whose admin the caller is
+        (gateway/admin_scope.py; None: a global admin, as the CLI)."""
         self.store = store
         self.on_change = on_change
         self.class_names = class_names
+        self.reach = reach or AdminReach()
 
     def _check_class(self, name: str | None) -> None:
         if name is not None and name not in self.class_names:
@@ -255,6 +316,7 @@ class AdminService:
 
     # -------------------------------------------------------------- tenants
     def create_tenant(self, body: Mapping[str, Any] | bytes | str, *, actor: str) -> dict[str, Any]:
+        self.reach.require_global("creating a tenant")
         req = parse_body(TenantCreate, body)
         self._check_class(req.priority)
         t = Tenant(id=new_id("ten_"), name=req.name, models=req.models if req.models is not None else ["*"],
@@ -262,12 +324,16 @@ class AdminService:
                    priority=req.priority or "standard", weight=req.weight or 1.0, budget_usd=req.budget_usd,
                    budget_period=req.budget_period or "month",
                    prices={m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in (req.prices or {}).items()})
-        self.store.create_tenant(t, actor)
+        try:
+            self.store.create_tenant(t, actor)
+        except DuplicateName:
+            raise _duplicate(t.name) from None
         self._changed("tenant.create", t.id)
         return tenant_json(t)
 
     def _tenant(self, tenant_id: str) -> Tenant:
-        t = self.store.get_tenant(tenant_id)
+        """The tenant, or the same 404 whether it does not exist or belongs to another tenant's admin."""
+        t = self.store.get_tenant(tenant_id) if self.reach.sees_tenant(tenant_id) else None
         if t is None:
             raise _not_found("tenant", tenant_id, "tenant_id")
         return t
@@ -276,12 +342,14 @@ class AdminService:
         return tenant_json(self._tenant(tenant_id))
 
     def list_tenants(self) -> dict[str, Any]:
-        return {"object": "list", "data": [tenant_json(t) for t in self.store.list_tenants()]}
+        tenants = [t for t in self.store.list_tenants() if self.reach.sees_tenant(t.id)]
+        return {"object": "list", "data": [tenant_json(t) for t in tenants]}
 
     def update_tenant(self, tenant_id: str, body: Mapping[str, Any] | bytes | str, *, actor: str) -> dict[str, Any]:
         req = parse_body(TenantPatch, body)
         self._check_class(req.priority)
         t = self._tenant(tenant_id)
+        self.reach.check_tenant_patch(req.model_fields_set)
         changes: dict[str, Any] = {}
         for f in sorted(req.model_fields_set):
             value = getattr(req, f)
@@ -306,10 +374,15 @@ class AdminService:
             self.store.update_tenant(t, changes, actor)
         except KeyError:  # deleted meanwhile
             raise _not_found("tenant", tenant_id, "tenant_id") from None
+        except DuplicateName:
+            raise _duplicate(t.name) from None
         self._changed("tenant.update", t.id)
         return tenant_json(t)
 
     def delete_tenant(self, tenant_id: str, *, actor: str) -> dict[str, Any]:
+        if not self.reach.sees_tenant(tenant_id):
+            raise _not_found("tenant", tenant_id, "tenant_id")
+        self.reach.require_global("deleting a tenant")
         if not self.store.delete_tenant(tenant_id, actor):
             raise _not_found("tenant", tenant_id, "tenant_id")
         self._changed("tenant.delete", tenant_id)
@@ -320,30 +393,45 @@ class AdminService:
                    actor: str) -> dict[str, Any]:
         """The new key's JSON with the plaintext `"key"`: the only time it is ever shown."""
         req = parse_body(KeyCreate, body)
-        expires = parse_time(req.expires_at, "expires_at")
-        if expires is not None and expires <= time.time():
-            raise bad_request("expires_at: is in the past", param="expires_at")
-        self._tenant(tenant_id)
+        expires = _future_time(req.expires_at)
+        t = self._tenant(tenant_id)
+        limits = Limits(req.rpm, req.tpm, req.max_concurrency, req.max_tokens)
+        self.reach.check_new_key(t, req.scopes, limits)
+        return self._new_key(tenant_id, req.name, list(req.scopes), limits, expires, actor)
+
+    def create_global_key(self, body: Mapping[str, Any] | bytes | str | None, *, actor: str) -> dict[str, Any]:
+        """A key bound to no tenant (admin and/or metrics scope); shown once, like any key."""
+        self.reach.require_global("creating a key with no tenant")
+        req = parse_body(GlobalKeyCreate, body)
+        return self._new_key(None, req.name, list(req.scopes), Limits(), _future_time(req.expires_at), actor)
+
+    def _new_key(self, tenant_id: str | None, name: str, scopes: list[str], limits: Limits,
+                 expires: float | None, actor: str) -> dict[str, Any]:
         key, prefix, digest = new_key()
-        k = ApiKey(id=new_id("key_"), tenant_id=tenant_id, name=req.name, prefix=prefix, key_hash=digest,
-                   scopes=list(req.scopes), limits=Limits(req.rpm, req.tpm, req.max_concurrency, req.max_tokens),
-                   expires_at=expires)
+        k = ApiKey(id=new_id("key_"), tenant_id=tenant_id, name=name, prefix=prefix, key_hash=digest,
+                   scopes=scopes, limits=limits, expires_at=expires)
         try:
             self.store.create_key(k, actor)
         except KeyError:
-            raise _not_found("tenant", tenant_id, "tenant_id") from None
+            raise _not_found("tenant", str(tenant_id), "tenant_id") from None
         self._changed("key.create", k.id)
         return {**key_json(k), "key": key}
 
     def list_keys(self, tenant_id: str | None = None) -> dict[str, Any]:
+        """One tenant's keys; without a tenant, every key a global admin sees (its own tenant's for a
+        tenant admin)."""
         if tenant_id is not None:
             self._tenant(tenant_id)
+        elif not self.reach.is_global:
+            tenant_id = self.reach.tenant_id
         return {"object": "list", "data": [key_json(k) for k in self.store.list_keys(tenant_id)]}
 
     def revoke_key(self, key_id: str, *, actor: str) -> dict[str, Any]:
         """Revokes at once; revoking a revoked key is a no-op (same answer, no new audit record)."""
-        if self.store.get_key(key_id) is None:
+        k = self.store.get_key(key_id)
+        if k is None or not self.reach.sees_key(k):
             raise _not_found("API key", key_id, "key_id")
+        self.reach.check_revoke(k)
         if self.store.revoke_key(key_id, actor):
             self._changed("key.revoke", key_id)
         k = self.store.get_key(key_id)
@@ -357,8 +445,8 @@ class AdminService:
         """Usage rows (newest first) or per-day / per-model totals: a JSON list object, or CSV text."""
         group_by = group_by or "request"
         format = format or "json"
-        if group_by not in ("request", "day", "model"):
-            raise bad_request("group_by: must be one of request, day, model", param="group_by")
+        if group_by not in ("request", "day", "model", "refusals"):
+            raise bad_request("group_by: must be one of request, day, model, refusals", param="group_by")
         if format not in ("json", "csv"):
             raise bad_request("format: must be json or csv", param="format")
         try:
@@ -372,10 +460,14 @@ class AdminService:
         for name, value in (("tenant_id", tenant_id), ("model", model)):
             if value is not None and len(value) > 256:
                 raise bad_request(f"{name}: too long", param=name)
+        tenant_id = self.reach.usage_tenant(tenant_id)
         q = UsageQuery(tenant_id=tenant_id or None, model=model or None, since=parse_time(since, "since"),
                        until=parse_time(until, "until"), group_by=group_by, limit=n)
-        rows = self.store.query_usage(q)
-        if group_by == "request":
+        rows = self.store.query_refusals(q) if group_by == "refusals" else self.store.query_usage(q)
+        if group_by == "refusals":  # requests refused before admission: counts per key, status, code, hour
+            columns = ("hour", "tenant_id", "key_id", "status", "code", "requests")
+            rows = [{**r, "hour": iso(r["hour"])} for r in rows]
+        elif group_by == "request":
             columns = USAGE_REQUEST_COLUMNS
             rows = [{c: (iso(r[c]) if c == "created_at" else r[c]) for c in columns} for r in rows]
         else:
@@ -391,6 +483,7 @@ class AdminService:
 
     # -------------------------------------------------------------- audit
     def audit_list(self, since_id: int = 0, limit: int = 1000) -> dict[str, Any]:
+        self.reach.require_global("the audit log")
         if isinstance(since_id, bool) or not isinstance(since_id, int) or since_id < 0:
             raise bad_request("since_id: expected an integer >= 0", param="since_id")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_USAGE_LIMIT:
@@ -402,6 +495,7 @@ class AdminService:
 
     def audit_verify(self) -> dict[str, Any]:
         """{"ok", "records", "first_bad"} (+ "head": the newest good hash, to anchor outside the database)."""
+        self.reach.require_global("the audit log")
         full = getattr(self.store, "verify_audit_full", None)
         if full is not None:
             r = full()

@@ -1,5 +1,9 @@
 """Admin REST API (admin scope; the guard middleware checks it): tenants, keys, usage, audit.
 
+How far a key reaches is decided in gateway/admin_scope.py, not here: a global
+admin manages everything, a tenant's admin key its own tenant (404 for anything
+of another tenant, 403 for what it may not change of its own).
+
 Also `GET /v1/usage`: the caller's own tenant's usage (another tenant's id is a
 404, as if it did not exist). Every call runs on the store's writer thread (the
 event loop never waits on disk); every change is audited with the caller as
@@ -15,14 +19,16 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lockgate.gateway.admin_scope import AdminReach
 from lockgate.gateway.auth import Principal
-from lockgate.gateway.tenants import AdminService, KeyCreate, TenantCreate, TenantPatch
+from lockgate.gateway.tenants import AdminService, GlobalKeyCreate, KeyCreate, TenantCreate, TenantPatch
 from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
 from lockgate.server.errors import APIError, bad_request, json_response
 from lockgate.server.openapi import BODY_ERRORS, GUARDED, SloReport, operation
 
 admin_router = APIRouter()
 ADMIN_ERRORS = (*GUARDED, 400, 404)
+TENANT_BODY_ERRORS = (*BODY_ERRORS, 409)  # 409: the name is taken
 
 
 def _ctx(request: Request) -> ServerContext:
@@ -37,12 +43,15 @@ def _principal(request: Request) -> Principal:
     return principal
 
 
-async def _call(request: Request, fn: Callable[[AdminService], Any], *, changes: bool = False) -> Any:
-    """Run `fn(service)` on the store's writer thread; after a change, rebuild the key ring."""
+async def _call(request: Request, fn: Callable[[AdminService], Any], *, changes: bool = False,
+                reach: AdminReach | None = None) -> Any:
+    """Run `fn(service)` on the store's writer thread; after a change, rebuild the key ring.
+    `reach`: the caller's admin reach unless given (`/v1/usage`: its own tenant)."""
     gw = _ctx(request).gateway
     if gw.astore is None or gw.store is None:
         raise APIError(503, "the store is not open", code="store_unavailable")
-    service = AdminService(gw.store, class_names=_ctx(request).config.classes.names)
+    reach = reach or _principal(request).admin_reach
+    service = AdminService(gw.store, class_names=_ctx(request).config.classes.names, reach=reach)
     result = await gw.astore.call(fn, service)
     if changes:
         await gw.reload()
@@ -61,7 +70,7 @@ def _int(request: Request, name: str, default: int) -> int:
         raise bad_request(f"{name}: expected an integer", param=name) from None
 
 
-@admin_router.post("/admin/tenants", status_code=201, **operation(body=TenantCreate, errors=BODY_ERRORS))
+@admin_router.post("/admin/tenants", status_code=201, **operation(body=TenantCreate, errors=TENANT_BODY_ERRORS))
 async def create_tenant(request: Request) -> Response:
     body, actor = await request.body(), _principal(request).actor
     return json_response(await _call(request, lambda s: s.create_tenant(body, actor=actor), changes=True), 201)
@@ -77,7 +86,7 @@ async def get_tenant(tenant_id: str, request: Request) -> Response:
     return json_response(await _call(request, lambda s: s.get_tenant(tenant_id)))
 
 
-@admin_router.patch("/admin/tenants/{tenant_id}", **operation(body=TenantPatch, errors=BODY_ERRORS))
+@admin_router.patch("/admin/tenants/{tenant_id}", **operation(body=TenantPatch, errors=TENANT_BODY_ERRORS))
 async def update_tenant(tenant_id: str, request: Request) -> Response:
     body, actor = await request.body(), _principal(request).actor
     return json_response(await _call(request, lambda s: s.update_tenant(tenant_id, body, actor=actor),
@@ -103,6 +112,19 @@ async def list_keys(tenant_id: str, request: Request) -> Response:
     return json_response(await _call(request, lambda s: s.list_keys(tenant_id)))
 
 
+@admin_router.post("/admin/keys", status_code=201, **operation(body=GlobalKeyCreate, errors=BODY_ERRORS))
+async def create_global_key(request: Request) -> Response:
+    body, actor = await request.body(), _principal(request).actor
+    return json_response(await _call(request, lambda s: s.create_global_key(body, actor=actor), changes=True),
+                         201)
+
+
+@admin_router.get("/admin/keys", **operation(errors=ADMIN_ERRORS))
+async def list_all_keys(request: Request) -> Response:
+    tenant_id = request.query_params.get("tenant_id") or None
+    return json_response(await _call(request, lambda s: s.list_keys(tenant_id)))
+
+
 @admin_router.delete("/admin/keys/{key_id}", **operation(errors=ADMIN_ERRORS))
 async def revoke_key(key_id: str, request: Request) -> Response:
     actor = _principal(request).actor
@@ -122,7 +144,7 @@ def _usage_args(request: Request) -> dict[str, Any]:
             "limit": q.get("limit", 1000)}
 
 
-@admin_router.get("/admin/usage", **operation(errors=(*GUARDED, 400)))
+@admin_router.get("/admin/usage", **operation(errors=ADMIN_ERRORS))  # 404: another tenant, to its admin
 async def admin_usage(request: Request) -> Response:
     args = _usage_args(request)
     return _usage_response(await _call(request, lambda s: s.usage(**args)))
@@ -138,7 +160,7 @@ async def own_usage(request: Request) -> Response:
     if args["tenant_id"] not in (None, "", own):
         raise APIError(404, f"tenant {args['tenant_id']!r} not found", param="tenant_id", code="not_found")
     args["tenant_id"] = own
-    return _usage_response(await _call(request, lambda s: s.usage(**args)))
+    return _usage_response(await _call(request, lambda s: s.usage(**args), reach=AdminReach(own)))
 
 
 @admin_router.get("/admin/audit", **operation(errors=(*GUARDED, 400)))
@@ -154,4 +176,5 @@ async def audit_verify(request: Request) -> Response:
 
 @admin_router.get("/admin/slo", **operation(ok=SloReport, errors=GUARDED))
 async def admin_slo(request: Request) -> Response:
+    _principal(request).admin_reach.require_global("the SLO report")
     return json_response(_ctx(request).observer.slo.to_json())

@@ -16,10 +16,11 @@ class ServerConfig:
     # Names clients may put in `model`; the first is the one /v1/models reports.
     served_model_names: list[str] = field(default_factory=list)
     # The gateway (lockgate.gateway): with an admin key set, or tenants in the store, every route
-    # but /health, /ping, /version (and /metrics unless metrics_auth) needs a key.
+    # but /health, /ping, /version needs a key; /metrics a metrics-scope or global admin key.
     admin_key: str | None = None
-    data_dir: str = "./lockgate-data"  # the SQLite store: tenants, keys, usage ledger, audit log
-    metrics_auth: bool = False  # /metrics needs an admin key too
+    # The SQLite store: tenants, keys, usage ledger, audit log, stored completions (kept 0700/0600).
+    data_dir: str = "./lockgate-data"
+    metrics_public: bool = False  # /metrics without a key even when keys are on (it names every tenant)
     insecure_no_auth: bool = False  # allow open (keyless) mode on a non-loopback address
     # Browser protection without a key (origins.py): extra Host names, and origins allowed
     # cross-origin (they also get CORS headers; "*" allows any). None: loopback + the bind address.

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lockgate.engine.client import AsyncEngineClient
 from lockgate.engine.config import EngineConfig
@@ -21,11 +24,17 @@ from lockgate.server.metrics import ServerMetrics
 if TYPE_CHECKING:
     from lockgate.lifecycle.registry import ModelRegistry
 
+T = TypeVar("T")
+
 LEASE_SCOPE_KEY = "lockgate.lease"  # where the guard middleware puts each request's Lease
 PRINCIPAL_SCOPE_KEY = "lockgate.principal"  # and the authenticated caller (keyed mode)
 
 # Longer texts are tokenized in a worker thread so the event loop keeps streaming.
 _INLINE_TOKENIZE_CHARS = 4096
+# The tokenizer releases the GIL on long texts (engine/tokenizer.py): one worker per core
+# tokenizes in parallel, and no more, so a burst of long prompts queues here instead of taking
+# every thread of asyncio's default pool.
+_TOKENIZE_POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="tokenize")
 
 
 @dataclass
@@ -98,8 +107,36 @@ class ServerContext:
                 f"Please reduce the length of the {what} or completion.",
                 param=param, code="context_length_exceeded")
 
-    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def max_prompt_chars(self) -> int | None:
+        """The longest text that could fit the context: max_model_len tokens of the longest
+        text one token stands for. Sound (never refuses a prompt that could fit); None for a
+        tokenizer that can drop or fuse text, which has no such bound (engine/tokenizer.py)."""
+        per_token = self.tokenizer.max_token_chars
+        return None if per_token is None else self.client.max_model_len * per_token
+
+    async def check_prompt_chars(self, text: str, param: str) -> None:
+        """400 context_length_exceeded for a text too long to fit, before it is tokenized."""
+        limit = self.max_prompt_chars()
+        if limit is None or len(text) <= limit:
+            return
+        num_chars = await run_blocking(self.tokenizer.countable_chars, text)  # tens of ms at 4 MB
+        if num_chars > limit:
+            what = "messages" if param.startswith("messages") else "prompt"
+            raise bad_request(
+                f"This model's maximum context length is {self.client.max_model_len} tokens, which hold at "
+                f"most {limit} characters of text. However, the {what} has {num_chars} characters. "
+                f"Please reduce the length of the {what}.",
+                param=param, code="context_length_exceeded")
+
+    async def encode(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
+        """Token ids of a prompt; a text too long for the context is refused before tokenizing."""
         tok = self.tokenizer
+        await self.check_prompt_chars(text, param)
         if len(text) <= _INLINE_TOKENIZE_CHARS:
             return tok.encode(text, add_special_tokens=add_special_tokens)
-        return await asyncio.to_thread(tok.encode, text, add_special_tokens)
+        return await run_blocking(tok.encode, text, add_special_tokens)
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Tokenizer work off the event loop, on the tokenizing threads."""
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZE_POOL, fn, *args)

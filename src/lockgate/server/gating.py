@@ -1,19 +1,25 @@
 """The gateway's part in an inference route: the caller's model access, caps, limits, budget, meter.
 
-`Gate.open` runs first in a route (so even a malformed body from a tenant leaves
-a `rejected` row in the ledger); `admit` takes the tenant's rate-limit slots and
-budget reservation after tokenization, when the worst case is known; `reserved`
-waits until the reservation is on disk, before anything is generated.
+The guard middleware charges every inference call one request of the tenant's
+rpm (`charge_request`) as soon as its key is known. `Gate.open` runs first in a
+route (so even a malformed body from a tenant is counted: a refusal counter, as
+the request never reserved anything); `admit` takes the tenant's tokens per
+minute, concurrency slot and budget reservation after tokenization, when the
+worst case is known; `reserved` waits until the reservation is on disk, before
+anything is generated.
 """
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.gateway.accounting import Meter
 from lockgate.gateway.auth import Principal
+from lockgate.gateway.gateway import Gateway
 from lockgate.gateway.lease import Lease
 from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
 from lockgate.server.errors import APIError, bad_request, model_not_found, unavailable
@@ -22,6 +28,31 @@ from lockgate.observability.record import RequestRecord
 from lockgate.server.metrics import RequestTracker
 
 PRIORITY_HEADER = "x-lockgate-priority"
+
+
+TOKEN_PATHS = frozenset({"/tokenize", "/detokenize"})
+
+
+def charge_request(gateway: Gateway, scope: MutableMapping[str, Any], path: str) -> APIError | None:
+    """Every call a tenant's key makes on an inference route (`/v1/*`, `/tokenize`, `/detokenize`)
+    costs one request of its rpm, whatever its answer: a malformed, oversized or refused call is not
+    free. Called by the guard middleware once the key is known; the 429 to send, or None."""
+    principal: Principal | None = scope.get(PRINCIPAL_SCOPE_KEY)
+    if principal is None or not (path.startswith("/v1/") or path in TOKEN_PATHS):
+        return None
+    try:
+        gateway.charge_request(principal)
+    except APIError as err:
+        return err
+    return None
+
+
+def check_model_access(principal: Principal | None, requested: str | None, served: str) -> None:
+    """A model the caller's tenant may not use answers exactly as a model that does not exist
+    (whatever version was named, whatever its state): checked before anything about it is shown."""
+    tenant = principal.tenant if principal is not None else None
+    if tenant is not None and not tenant.allows_model(served):
+        raise model_not_found(requested or served)
 
 
 @dataclass(slots=True)
@@ -57,9 +88,7 @@ class Gate:
         self.record.model = served
         if self.meter is not None:
             self.meter.model = served
-        tenant = self.principal.tenant if self.principal is not None else None
-        if tenant is not None and not tenant.allows_model(served):
-            raise model_not_found(requested or served)  # exactly as for a model that does not exist
+        check_model_access(self.principal, requested, served)
 
     def cap(self, params: SamplingParams, param: str) -> SamplingParams:
         """The tenant's (and key's) cap on max_tokens: fills it in when absent, refuses more."""

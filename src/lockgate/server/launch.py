@@ -27,6 +27,7 @@ from lockgate.server.config import ServerConfig
 from lockgate.server.context import ServerContext
 from lockgate.server.http_protocol import protocol_class
 from lockgate.server.origins import is_loopback_name
+from lockgate.store.files import UnsafeDataDir, check_private_dir
 
 log = logging.getLogger("lockgate.server")
 
@@ -115,6 +116,8 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
     level = log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lockgate").setLevel(level)
+    if Path(data_dir).exists():  # refused before the engine starts, not in a traceback after
+        check_private_dir(data_dir)
     if not is_loopback_name(host) and not admin_key and not has_tenants(data_dir):
         if not insecure_no_auth:
             raise ValueError(f"refusing to listen on {host} without authentication: set --admin-key (and create "
@@ -149,7 +152,8 @@ def serve_command(
     admin_key: Annotated[str | None, typer.Option(envvar="LOCKGATE_ADMIN_KEY", help="Operator key for /admin (turns on keys for every route)")] = None,  # noqa: E501
     data_dir: Annotated[str, typer.Option(envvar="LOCKGATE_DATA_DIR", help="Where tenants, keys, the usage ledger and the audit log are kept")] = "./lockgate-data",  # noqa: E501
     insecure_no_auth: Annotated[bool, typer.Option(help="Allow serving without keys on a non-loopback address")] = False,  # noqa: E501
-    metrics_auth: Annotated[bool, typer.Option(help="/metrics needs an admin key too")] = False,
+    metrics_public: Annotated[bool, typer.Option(help="/metrics without a key even when keys are on (it shows every tenant's usage); by default it needs a metrics-scope or global admin key")] = False,  # noqa: E501
+    metrics_auth: Annotated[bool, typer.Option(hidden=True, help="Deprecated, no effect: /metrics needs a key by default now")] = False,  # noqa: E501
     max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's, capped)")] = None,  # noqa: E501
     max_num_seqs: Annotated[int, typer.Option(help="Max requests in one batch")] = _default("max_num_seqs"),
     max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step")] = _default("max_num_batched_tokens"),  # noqa: E501
@@ -196,6 +200,10 @@ def serve_command(
     metrics_max_tenants: Annotated[int, typer.Option(help="Distinct tenant label values in /metrics; more share 'other'")] = 100,  # noqa: E501
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, ...)."""
+    if metrics_auth:
+        log.warning(
+            "--metrics-auth is deprecated and has no effect: with keys, /metrics needs a key by default "
+            "(a metrics-scope or global admin key); --metrics-public opens it")
     try:
         code = serve(
             model, host, port, config=config, served_model_name=served_model_name, admin_key=admin_key,
@@ -207,7 +215,7 @@ def serve_command(
             server_options={"allowed_origins": list(allowed_origins or []), "allowed_hosts": allowed_hosts or None,
                             "header_timeout_s": header_timeout, "body_timeout_s": body_timeout,
                             "max_connections": max_connections, "enable_fault_injection": enable_fault_injection,
-                            "metrics_auth": metrics_auth, "slo_admission": slo_admission,
+                            "metrics_public": metrics_public, "slo_admission": slo_admission,
                             "request_log": request_log, "request_log_file": request_log_file,
                             "log_prompts": log_prompts, "otel_endpoint": otel_endpoint,
                             "slo_period_s": slo_period_days * 86400.0, "metrics_max_tenants": metrics_max_tenants},
@@ -222,7 +230,7 @@ def serve_command(
             scheduling_policy=scheduling_policy, max_logprobs=max_logprobs, num_threads=num_threads,
             quantization=quantization, quantization_kernels=quantization_kernels,
         )
-    except ValueError as exc:  # a bad option value (EngineConfig / ServerConfig validation)
+    except (ValueError, UnsafeDataDir, NotADirectoryError) as exc:  # a bad option value or data directory
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if code:

@@ -1,7 +1,8 @@
 """The guard in front of every route.
 
 In order: Host and Origin checks (open mode), CORS preflight, the caller's key
-(keyed mode: 401, and 403 for a key without the route's scope), drain (503),
+(keyed mode: 401, and 403 for a key without the route's scope; `/metrics` needs
+a key with the metrics scope or a global admin key unless --metrics-public), drain (503),
 JSON-only bodies (415), body size (413) and body deadline (408); then the
 route runs with a `Lease` in its scope that is released here when the call ends,
 however it ends; then, still here, an inference request's record is closed (its
@@ -25,6 +26,7 @@ from lockgate.gateway.auth import Principal
 from lockgate.gateway.lease import FAULT_POINTS, Lease
 from lockgate.server.context import LEASE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, ServerContext
 from lockgate.server.errors import APIError, internal_error, unavailable
+from lockgate.server.gating import charge_request
 from lockgate.server.origins import OriginPolicy, cors_headers
 
 if TYPE_CHECKING:
@@ -33,9 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lockgate.server")
 
-# Reachable without an API key and while draining (load balancers and scrapers use them);
-# /metrics too unless the server runs with --metrics-auth.
-OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
+# Reachable without an API key and while draining (load balancers and probes use them).
+OPEN_PATHS = frozenset({"/health", "/ping", "/version"})
+# Every tenant's ids, spend and latencies: with keys, only a metrics or global admin key reads them
+# (unless --metrics-public); served while draining too, so the scrape shows the drain.
+METRICS_PATH = "/metrics"
 ADMIN_PREFIX = "/admin/"
 SLO_PATH = "/slo"  # open mode's SLO report; with keys it needs the admin scope, as /admin/slo
 DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect"})  # any valid key
@@ -97,10 +101,19 @@ class GuardMiddleware:
                                                       "(see --allowed-origins)", code="origin_not_allowed"))
             return
         path = scope["path"]
-        if path in OPEN_PATHS and not (path == "/metrics" and ctx.config.metrics_auth):
+        if path == METRICS_PATH:
+            err = self._authorize_metrics(headers)
+            if err is not None:
+                await self._reply(send, err)
+            else:
+                await self._run(scope, receive, send, None)
+            return
+        if path in OPEN_PATHS:
             await self._run(scope, receive, send, None)
             return
         err = self._authorize(scope, headers, path)
+        if err is None:  # every call on an inference route costs its caller one request of rpm
+            err = charge_request(ctx.gateway, scope, path)
         if err is not None:
             await self._reply(send, err)
             return
@@ -123,7 +136,7 @@ class GuardMiddleware:
     def _authorize(self, scope: Scope, headers: dict[bytes, bytes], path: str) -> APIError | None:
         """Keyed mode: who is calling, and may that key use this route? Open mode: no admin API."""
         gw = self.ctx.gateway
-        admin_route = path.startswith(ADMIN_PREFIX) or path == "/metrics"
+        admin_route = path.startswith(ADMIN_PREFIX)
         if not gw.keyed:
             if admin_route:
                 return APIError(403, "the admin API needs the server to run with --admin-key",
@@ -140,6 +153,20 @@ class GuardMiddleware:
             return APIError(403, "this key has no inference scope (use a tenant key with the inference scope)",
                             code="insufficient_scope")
         scope[PRINCIPAL_SCOPE_KEY] = principal
+        return None
+
+    def _authorize_metrics(self, headers: dict[bytes, bytes]) -> APIError | None:
+        """Open mode (loopback, no keys) and --metrics-public: anyone; else a metrics or global admin key."""
+        gw = self.ctx.gateway
+        if not gw.keyed or self.ctx.config.metrics_public:
+            return None
+        try:
+            principal: Principal = gw.authenticate(headers.get(b"authorization"))
+        except APIError as err:
+            return err
+        if not principal.can_read_metrics:
+            return APIError(403, "/metrics needs a key with the metrics scope or a global admin key (it shows "
+                                 "every tenant's usage; --metrics-public opens it)", code="insufficient_scope")
         return None
 
     def _screen(self, scope: Scope, headers: dict[bytes, bytes], origin: str | None) -> APIError | None:

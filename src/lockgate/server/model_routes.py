@@ -7,12 +7,13 @@
     DELETE /admin/models/{name}/versions/{version}    drain, then unload (202)
 
 The work is in lifecycle/admin.py; this file maps it to HTTP and documents it.
+Every route here needs a global admin key: a tenant's admin key gets 403.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -21,7 +22,16 @@ from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
 from lockgate.server.errors import json_response
 from lockgate.server.openapi import ERRORS, GUARDED, REF, ErrorResponse
 
-model_router = APIRouter()
+
+def _global_only(request: Request) -> None:
+    """Models serve every tenant: a tenant's admin key manages none of them (on the router, so a
+    route added later cannot miss it)."""
+    principal = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    if principal is not None:
+        principal.admin_reach.require_global("model management")
+
+
+model_router = APIRouter(dependencies=[Depends(_global_only)])
 
 _MORE_ERRORS = {409: "The model's state forbids it (a version that exists, is not ready, holds traffic, ...)"}
 

@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from lockgate.gateway.tenants import KeyCreate, TenantCreate, TenantPatch
+from lockgate.gateway.tenants import GlobalKeyCreate, KeyCreate, TenantCreate, TenantPatch
 from lockgate.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -171,7 +171,7 @@ class SloReport(_Doc):
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
-    TenantCreate, TenantPatch, KeyCreate)
+    TenantCreate, TenantPatch, KeyCreate, GlobalKeyCreate)
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ErrorResponse, CompletionResponse, ChatCompletionResponse, ModelList, ModelCard, TokenizeResponse,
     DetokenizeResponse, HealthResponse, VersionResponse, SloReport)
@@ -186,6 +186,7 @@ ERRORS: dict[int, str] = {
     403: "The key lacks this route's scope, or (without keys) the Host or Origin is not allowed",
     404: "The requested model is not served",
     408: "The request body did not arrive in time",
+    409: "Conflict with the current state (e.g. a tenant name already taken)",
     413: "The request body exceeds the server's limit",
     415: "The request body is not JSON (`Content-Type: application/json`)",
     429: "A rate limit, the budget or the request queue is exhausted; retry after `Retry-After` seconds",

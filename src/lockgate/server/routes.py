@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import lockgate
-from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
+from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext, run_blocking
 from lockgate.server.errors import APIError, bad_request, json_response, model_not_found
 from lockgate.server.openapi import (
     BODY_ERRORS,
@@ -27,6 +27,7 @@ from lockgate.server.openapi import (
     VersionResponse,
     operation,
 )
+from lockgate.server.gating import check_model_access
 from lockgate.server.model_select import model_cards
 from lockgate.server.params import chat_messages
 from lockgate.server.protocol import (
@@ -36,7 +37,7 @@ from lockgate.server.protocol import (
     TokenizeRequest,
     parse_body,
 )
-from lockgate.server.serving_chat import create_chat_completion, render_chat
+from lockgate.server.serving_chat import create_chat_completion, render_chat_async
 from lockgate.server.serving_completions import create_completion
 
 router = APIRouter()
@@ -88,26 +89,36 @@ async def get_model(model: str, request: Request) -> Response:
     return json_response(card)
 
 
+def _tokenizer_view(request: Request, ctx: ServerContext, requested: str | None) -> ServerContext:
+    """A model's tokenizer and limits, for a caller that may use the model: any other answers
+    exactly as a model that does not exist (checked before a version's state can show)."""
+    model, pinned = ctx.models.resolve(requested)
+    check_model_access(request.scope.get(PRINCIPAL_SCOPE_KEY), requested, model.name)
+    return ctx.models.bind(ctx, ctx.models.pick(model, pinned, None))
+
+
 @router.post("/tokenize", **operation(body=TokenizeRequest, ok=TokenizeResponse, errors=BODY_ERRORS))
 async def tokenize(request: Request) -> Response:
     ctx = _ctx(request)
     body = await parse_body(request, TokenizeRequest)
-    ctx = ctx.models.bind(ctx, ctx.models.any_version(body.model))  # that model's tokenizer and limits
+    ctx = _tokenizer_view(request, ctx, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("send exactly one of `prompt` and `messages`", param="prompt")
     if body.messages is not None:
         if not body.messages:
             raise bad_request("messages must not be empty", param="messages")
-        text = render_chat(ctx, chat_messages(body.messages, ctx.config), bool(body.add_generation_prompt),
-                           False, None)
+        text = await render_chat_async(ctx, chat_messages(body.messages, ctx.config),
+                                       bool(body.add_generation_prompt), False, None)
         special = bool(body.add_special_tokens)  # default False: the template has them
+        param = "messages"
     else:
         text = body.prompt or ""
         special = body.add_special_tokens is None or body.add_special_tokens
-    ids = await ctx.encode(text, add_special_tokens=special)
+        param = "prompt"
+    ids = await ctx.encode(text, add_special_tokens=special, param=param)
     out: dict[str, object] = {"count": len(ids), "max_model_len": ctx.client.max_model_len, "tokens": ids}
     if body.return_token_strs:
-        out["token_strs"] = ctx.tokenizer.convert_ids_to_tokens(ids)
+        out["token_strs"] = await run_blocking(ctx.tokenizer.convert_ids_to_tokens, ids)
     return json_response(out)
 
 
@@ -115,14 +126,15 @@ async def tokenize(request: Request) -> Response:
 async def detokenize(request: Request) -> Response:
     ctx = _ctx(request)
     body = await parse_body(request, DetokenizeRequest)
-    ctx = ctx.models.bind(ctx, ctx.models.any_version(body.model))
+    ctx = _tokenizer_view(request, ctx, body.model)
     vocab = ctx.tokenizer.vocab_size
     if ctx.client.model_config is not None:
         vocab = max(vocab, ctx.client.model_config.vocab_size)
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise bad_request(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-    return json_response({"prompt": ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+    text = await run_blocking(ctx.tokenizer.decode, body.tokens, False)  # skip_special_tokens=False
+    return json_response({"prompt": text})
 
 
 @_get("/health", **operation(ok=HealthResponse, ok_description="The server and its engine are up",
@@ -147,7 +159,7 @@ async def version() -> Response:
 
 
 @_get("/metrics", **operation(text="text/plain", ok_description="Prometheus text exposition format",
-                                errors=(*OPEN, 401)))  # 401 with --metrics-auth
+                                errors=(*OPEN, 401)))  # with keys: 401, 403 (no metrics scope)
 async def metrics(request: Request) -> Response:
     return Response(_ctx(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -155,4 +167,7 @@ async def metrics(request: Request) -> Response:
 @_get("/slo", **operation(ok=SloReport, ok_description="SLO attainment, error budget and burn rates per class",
                             errors=GUARDED))  # open mode; with keys the admin scope, as /admin/slo
 async def slo(request: Request) -> Response:
+    principal = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    if principal is not None:  # a tenant's admin key gets 403, as on /admin/slo
+        principal.admin_reach.require_global("the SLO report")
     return json_response(_ctx(request).observer.slo.to_json())

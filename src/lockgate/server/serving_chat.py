@@ -34,6 +34,8 @@ from lockgate.server.serving_completions import finish_reason, usage
 from lockgate.server.sse import DONE, SSEResponse, sse_event
 
 
+INLINE_RENDER_CHARS = 65536  # longer conversations are rendered in a worker thread
+
 # Template variables the server itself passes: a client may not override them.
 RESERVED_TEMPLATE_KEYS = frozenset({
     "messages", "add_generation_prompt", "tools", "continue_final_message", "documents",
@@ -64,6 +66,17 @@ def render_chat(ctx: ServerContext, messages: list[dict[str, Any]], add_generati
     return text
 
 
+async def render_chat_async(ctx: ServerContext, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                            continue_final: bool, kwargs: dict[str, Any] | None) -> str:
+    """`render_chat` off the event loop when the messages are many or long (the rendered text is
+    then bounded by `ServerContext.encode` before it is tokenized)."""
+    args = (ctx, messages, add_generation_prompt, continue_final, kwargs)
+    size = sum(len(m["content"]) for m in messages)
+    if len(messages) < 64 and size <= INLINE_RENDER_CHARS:
+        return render_chat(*args)
+    return await asyncio.to_thread(render_chat, *args)
+
+
 async def create_chat_completion(request: Request, ctx: ServerContext) -> Response:
     lease = lease_of(request)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -84,8 +97,8 @@ async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate
     ctx.check_engine()
     args = (ctx, messages, bool(body.add_generation_prompt), bool(body.continue_final_message),
             body.chat_template_kwargs)
-    prompt = render_chat(*args) if len(messages) < 64 else await asyncio.to_thread(render_chat, *args)
-    ids = await ctx.encode(prompt, add_special_tokens=False)  # the template has the special tokens
+    prompt = await render_chat_async(*args)
+    ids = await ctx.encode(prompt, add_special_tokens=False, param="messages")  # the template has them
     if not ids:
         raise bad_request("the rendered chat prompt is empty", param="messages")
     ctx.check_context(len(ids), params.max_tokens, "messages")

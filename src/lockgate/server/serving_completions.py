@@ -64,9 +64,13 @@ async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate
     ctx.check_engine()
     ids_list: list[list[int]] = []
     texts: list[str | None] = []
-    for i, p in enumerate(prompts):
-        ids = await ctx.encode(p, add_special_tokens=True) if isinstance(p, str) else p
-        ctx.check_context(len(ids), params.max_tokens, "prompt" if len(prompts) == 1 else f"prompt.{i}")
+    names = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
+    for name, p in zip(names, prompts):  # every text bounded before any is tokenized
+        if isinstance(p, str):
+            await ctx.check_prompt_chars(p, name)
+    for name, p in zip(names, prompts):
+        ids = await ctx.encode(p, add_special_tokens=True, param=name) if isinstance(p, str) else p
+        ctx.check_context(len(ids), params.max_tokens, name)
         ids_list.append(ids)
         texts.append(p if isinstance(p, str) else None)
     if body.echo:  # token-id prompts are echoed as their text

@@ -12,6 +12,7 @@ from lockgate.store.models import (
     ApiKey,
     AuditRecord,
     IdempotencyRecord,
+    RefusalCount,
     Reservation,
     Tenant,
     UsageQuery,
@@ -19,14 +20,18 @@ from lockgate.store.models import (
 )
 
 
+class DuplicateName(ValueError):
+    """Another live tenant already has this name (compared by `models.name_key`)."""
+
+
 class Store(Protocol):
     # ---- tenants and keys (admin; each change also appends an audit record in the same transaction)
-    def create_tenant(self, tenant: Tenant, actor: str) -> Tenant: ...
+    def create_tenant(self, tenant: Tenant, actor: str) -> Tenant: ...  # DuplicateName
     def get_tenant(self, tenant_id: str) -> Tenant | None: ...
     def list_tenants(self) -> list[Tenant]: ...
-    def update_tenant(self, tenant: Tenant, changes: dict[str, Any], actor: str) -> Tenant: ...
+    def update_tenant(self, tenant: Tenant, changes: dict[str, Any], actor: str) -> Tenant: ...  # DuplicateName
     def delete_tenant(self, tenant_id: str, actor: str) -> bool: ...  # also revokes its keys
-    def create_key(self, key: ApiKey, actor: str) -> ApiKey: ...
+    def create_key(self, key: ApiKey, actor: str) -> ApiKey: ...  # tenant_id None: a global key
     def list_keys(self, tenant_id: str | None = None) -> list[ApiKey]: ...
     def get_key(self, key_id: str) -> ApiKey | None: ...
     def get_key_by_hash(self, key_hash: str) -> ApiKey | None: ...
@@ -40,6 +45,8 @@ class Store(Protocol):
     def list_reservations(self) -> list[Reservation]: ...
     def spent_usd(self, tenant_id: str, since: float | None) -> float: ...  # settled cost since (None: all time)
     def query_usage(self, q: UsageQuery) -> list[dict[str, Any]]: ...
+    def add_refusals(self, counts: list[RefusalCount]) -> None: ...  # summed into (tenant, key, status, code, hour)
+    def query_refusals(self, q: UsageQuery) -> list[dict[str, Any]]: ...  # per hour, newest first
 
     # ---- idempotency
     def get_idempotency(self, tenant_id: str, key: str) -> IdempotencyRecord | None: ...
@@ -52,5 +59,6 @@ class Store(Protocol):
     def verify_audit(self) -> tuple[bool, int, int | None]: ...  # (ok, records, first bad id)
 
     def admin_version(self) -> int: ...  # bumped by every admin change, from any process (poll to reload)
+    def meta_secret(self, name: str) -> bytes: ...  # 32 random bytes made once per database; never shown
 
     def close(self) -> None: ...

@@ -5,12 +5,18 @@ Times are Unix seconds (float). Money is USD (float; prices are USD per 1M token
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 BUDGET_PERIODS = ("day", "month", "total")
-SCOPES = ("inference", "admin")
+SCOPES = ("inference", "admin", "metrics")
 # Why a request ended, as the ledger records it.
 FINISH_REASONS = ("stop", "length", "abort", "error", "rejected", "interrupted")
+
+
+def name_key(name: str) -> str:
+    """What makes two tenant names the same: NFKC (fullwidth, ligatures, compatibility forms) and case."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold()).strip()
 
 
 @dataclass(slots=True)
@@ -59,7 +65,7 @@ class Tenant:
 @dataclass(slots=True)
 class ApiKey:
     id: str
-    tenant_id: str
+    tenant_id: str | None  # None: a global key (admin or metrics scope), bound to no tenant
     name: str
     prefix: str  # the key's first characters, for display ("lg-AbCd…")
     key_hash: str  # hex SHA-256 of the whole key; the key itself is never stored
@@ -139,3 +145,15 @@ class UsageQuery:
     until: float | None = None
     group_by: str = "request"  # request | day | model
     limit: int = 1000
+
+
+@dataclass(slots=True)
+class RefusalCount:
+    """How many of a tenant's requests were refused before admission, per key, status, code and hour."""
+
+    tenant_id: str
+    key_id: str  # "" when the request had no key id
+    status: int  # HTTP status answered; 0: the client left before an answer
+    code: str  # OpenAI error code ("" when none)
+    bucket: float  # the hour's start, Unix seconds
+    count: int

@@ -106,6 +106,42 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # 3: the model version that served a request (lifecycle/: several versions of a model at once).
     ("ALTER TABLE usage ADD COLUMN model_version TEXT",
      "ALTER TABLE reservations ADD COLUMN model_version TEXT"),
+    # 4: global keys (admin or metrics scope, bound to no tenant): api_keys.tenant_id may be NULL.
+    # SQLite cannot drop NOT NULL in place: the table is rebuilt (nothing references api_keys).
+    (
+        """CREATE TABLE api_keys_v4 (
+            id TEXT PRIMARY KEY,
+            tenant_id TEXT REFERENCES tenants(id),  -- NULL: a global key
+            name TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            scopes TEXT NOT NULL,
+            rpm INTEGER, tpm INTEGER, max_concurrency INTEGER, max_tokens INTEGER,
+            expires_at REAL,
+            revoked_at REAL,
+            created_at REAL NOT NULL
+        )""",
+        "INSERT INTO api_keys_v4 SELECT id, tenant_id, name, prefix, key_hash, scopes, rpm, tpm, max_concurrency, "
+        "max_tokens, expires_at, revoked_at, created_at FROM api_keys",
+        "DROP TABLE api_keys",
+        "ALTER TABLE api_keys_v4 RENAME TO api_keys",
+        "CREATE INDEX api_keys_tenant ON api_keys(tenant_id)",
+    ),
+    # 5: refused requests (never admitted: nothing reserved, nothing generated), counted per tenant, key,
+    # HTTP status, error code and hour instead of one ledger row each: a tenant's refusals add at most
+    # one row per (key, status, code) an hour however many it sends.
+    (
+        """CREATE TABLE refusals (
+            tenant_id TEXT NOT NULL,
+            key_id TEXT NOT NULL DEFAULT '',   -- '' for a request with no key id
+            status INTEGER NOT NULL,           -- the HTTP status answered (0: the client left first)
+            code TEXT NOT NULL DEFAULT '',     -- the OpenAI error code answered
+            bucket REAL NOT NULL,              -- the hour's start (Unix seconds, UTC)
+            count INTEGER NOT NULL,
+            PRIMARY KEY (tenant_id, key_id, status, code, bucket)
+        )""",
+        "CREATE INDEX refusals_time ON refusals(bucket)",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -38,16 +39,20 @@ from lockgate.store.audit import (
     record_hash,
     verify_rows,
 )
+from lockgate.store.base import DuplicateName
+from lockgate.store.files import UnsafeDataDir, private_db_file, private_dir
 from lockgate.store.models import (
     ApiKey,
     AuditRecord,
     IdempotencyRecord,
     Limits,
     Price,
+    RefusalCount,
     Reservation,
     Tenant,
     UsageQuery,
     UsageRecord,
+    name_key,
 )
 from lockgate.store.schema import GENESIS_HASH, SCHEMA_VERSION, SchemaError, migrate
 
@@ -71,10 +76,12 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def open_store(data_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> SQLiteStore:
-    """The store in `data_dir` (created if missing)."""
+    """The store in `data_dir` (created 0700 if missing; refused if open to others: files.py)."""
     d = resolve_data_dir(data_dir)
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        private_dir(d)
+    except UnsafeDataDir:
+        raise  # its message names the fix
     except OSError as e:
         raise StoreError(f"cannot create data directory {d}: {e}") from e
     return SQLiteStore(d / DB_FILENAME, **kwargs)
@@ -133,6 +140,7 @@ class SQLiteStore:
         self._conns_lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._closed = False
+        private_db_file(self.path)  # 0700 directory, 0600 files; UnsafeDataDir (a PermissionError) if not
         conn = self._conn()  # opens, sets WAL, migrates: errors surface here, not on first use
         try:
             migrate(conn, self.path)
@@ -269,12 +277,33 @@ class SQLiteStore:
         row = self._conn().execute("SELECT value FROM meta WHERE key = 'admin_version'").fetchone()
         return int(row[0]) if row else 0
 
+    def meta_secret(self, name: str) -> bytes:
+        """32 random bytes made the first time `name` is asked for, the same ever after (any process).
+        Kept in `meta`, which no API shows: only a reader of the database file sees it."""
+        key = f"secret:{name}"
+        with self._write() as conn:
+            conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
+                         (key, secrets.token_hex(32)))
+            value = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+        return bytes.fromhex(value)
+
     # ------------------------------------------------------------------ tenants
+    @staticmethod
+    def _check_name_free(conn: sqlite3.Connection, name: str, tenant_id: str) -> None:
+        """Inside the write transaction, so two processes cannot both take a name. Names already
+        duplicated before this check existed are left as they are; only a new clash is refused."""
+        wanted = name_key(name)
+        for (other,) in conn.execute("SELECT name FROM tenants WHERE deleted_at IS NULL AND id != ?",
+                                     (tenant_id,)):
+            if name_key(other) == wanted:
+                raise DuplicateName(name)
+
     def create_tenant(self, tenant: Tenant, actor: str) -> Tenant:
         now = time.time()
         tenant.created_at = tenant.created_at or now
         tenant.updated_at = tenant.updated_at or tenant.created_at
         with self._write() as conn:
+            self._check_name_free(conn, tenant.name, tenant.id)
             conn.execute(f"INSERT INTO tenants({_TENANT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          self._tenant_values(tenant))
             self._append_audit(conn, actor, "tenant.create", tenant.id, _tenant_details(tenant))
@@ -304,6 +333,8 @@ class SQLiteStore:
         """Write `tenant` whole; `changes` (field -> new value) is what the audit record shows."""
         tenant.updated_at = time.time()
         with self._write() as conn:
+            if "name" in changes:
+                self._check_name_free(conn, tenant.name, tenant.id)
             cur = conn.execute(
                 "UPDATE tenants SET name=?, models=?, rpm=?, tpm=?, max_concurrency=?, max_tokens=?, "
                 "priority=?, budget_usd=?, budget_period=?, prices=?, updated_at=?, weight=? "
@@ -334,8 +365,8 @@ class SQLiteStore:
         key.created_at = key.created_at or time.time()
         lim = key.limits
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM tenants WHERE id = ? AND deleted_at IS NULL",
-                            (key.tenant_id,)).fetchone() is None:
+            if key.tenant_id is not None and conn.execute(
+                    "SELECT 1 FROM tenants WHERE id = ? AND deleted_at IS NULL", (key.tenant_id,)).fetchone() is None:
                 raise KeyError(key.tenant_id)
             conn.execute(f"INSERT INTO api_keys({_KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          (key.id, key.tenant_id, key.name, key.prefix, key.key_hash,
@@ -472,6 +503,33 @@ class SQLiteStore:
             f"total(cost_usd) FROM usage {cond} GROUP BY 1 ORDER BY {order} LIMIT ?", (*args, limit))
         return [{q.group_by: r[0], "requests": r[1], "prompt_tokens": int(r[2]), "completion_tokens": int(r[3]),
                  "cached_tokens": int(r[4]), "cost_usd": r[5]} for r in rows]
+
+    # ------------------------------------------------------------------ refused requests
+    def add_refusals(self, counts: list[RefusalCount]) -> None:
+        """Add counts to their (tenant, key, status, code, hour) rows: one row however many arrive."""
+        if not counts:
+            return
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO refusals(tenant_id, key_id, status, code, bucket, count) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(tenant_id, key_id, status, code, bucket) DO UPDATE SET count = count + excluded.count",
+                [(c.tenant_id, c.key_id, int(c.status), c.code, float(c.bucket), int(c.count)) for c in counts])
+
+    def query_refusals(self, q: UsageQuery) -> list[dict[str, Any]]:
+        """Refusal counts per tenant, key, status, code and hour (newest first); `since`/`until` select
+        the hours that start in [since, until)."""
+        where, args = [], []
+        for col, op, val in (("tenant_id", "=", q.tenant_id), ("bucket", ">=", q.since), ("bucket", "<", q.until)):
+            if val is not None:
+                where.append(f"{col} {op} ?")
+                args.append(val)
+        cond = f"WHERE {' AND '.join(where)}" if where else ""
+        limit = max(1, min(int(q.limit), MAX_QUERY_LIMIT))
+        rows = self._conn().execute(
+            f"SELECT bucket, tenant_id, key_id, status, code, count FROM refusals {cond} "
+            "ORDER BY bucket DESC, tenant_id, key_id, status, code LIMIT ?", (*args, limit))
+        return [{"hour": r[0], "tenant_id": r[1], "key_id": r[2] or None, "status": r[3], "code": r[4] or None,
+                 "requests": r[5]} for r in rows]
 
     # ------------------------------------------------------------------ idempotency
     def get_idempotency(self, tenant_id: str, key: str) -> IdempotencyRecord | None:
