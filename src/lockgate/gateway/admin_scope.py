@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lockgate.server.errors import APIError
+from lockgate.errors import APIError
 from lockgate.store.models import ApiKey, Limits, Tenant
 
 GLOBAL_ONLY = "needs a global admin key (the server's --admin-key, or an admin key created with no tenant)"

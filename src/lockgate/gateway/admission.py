@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from lockgate.engine.queue_view import DrainRate, QueueView
 from lockgate.gateway.classes import ClassTable, PriorityClass
-from lockgate.server.errors import APIError
+from lockgate.errors import APIError
 
 # After a class sheds a request, lower classes are shed for this long.
 SHED_HOLD_S = 1.0

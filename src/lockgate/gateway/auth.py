@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from lockgate.gateway.admin_scope import AdminReach, forbidden
 from lockgate.gateway.tenants import hash_key
-from lockgate.server.errors import APIError
+from lockgate.errors import APIError
 from lockgate.store.models import ApiKey, Tenant
 
 ADMIN_ACTOR = "admin-key"

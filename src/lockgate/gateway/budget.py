@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from lockgate.server.errors import APIError
+from lockgate.errors import APIError
 from lockgate.store.models import Tenant
 
 

@@ -25,7 +25,7 @@ from lockgate.gateway.tenants import hash_key
 from lockgate.gateway.budget import BudgetBook, period_start
 from lockgate.gateway.lease import Lease
 from lockgate.gateway.limits import LimitState, RateLimiter
-from lockgate.server.errors import APIError
+from lockgate.errors import APIError
 from lockgate.store.models import RefusalCount, Tenant, UsageRecord
 
 log = logging.getLogger("lockgate.gateway")

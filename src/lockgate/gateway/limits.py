@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lockgate.server.errors import APIError
+from lockgate.errors import APIError
 from lockgate.store.models import Limits
 
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 
 from lockgate.gateway.admin_scope import AdminReach
 from lockgate.gateway.classes import DEFAULT_CLASS_NAMES
-from lockgate.server.errors import APIError, bad_request, validation_error
+from lockgate.errors import APIError, bad_request, validation_error
 from lockgate.store.base import DuplicateName, Store
 from lockgate.store.models import ApiKey, Limits, Price, Tenant, UsageQuery
 

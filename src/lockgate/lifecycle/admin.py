@@ -22,7 +22,7 @@ from lockgate.lifecycle.registry import Model, ModelRegistry
 from lockgate.lifecycle.settings import MAX_MODELS, MAX_VERSIONS, ModelPatch, ShadowConfig, check_traffic
 from lockgate.lifecycle.spec import ENGINE_OPTION_NAMES, GateSpec, VersionSpec, validate
 from lockgate.lifecycle.version import ModelVersion, State
-from lockgate.server.errors import APIError, bad_request, unavailable
+from lockgate.errors import APIError, bad_request, unavailable
 
 log = logging.getLogger("lockgate.lifecycle")
 

@@ -30,7 +30,7 @@ from lockgate.lifecycle.spec import VersionSpec
 from lockgate.lifecycle.stats import Outcome, ShadowStats
 from lockgate.lifecycle.tap import OnEnd, VersionClient
 from lockgate.lifecycle.version import ModelVersion, State
-from lockgate.server.errors import model_not_found, unavailable
+from lockgate.errors import model_not_found, unavailable
 
 if TYPE_CHECKING:
     from lockgate.server.context import ServerContext
