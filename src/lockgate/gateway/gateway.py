@@ -78,12 +78,11 @@ class Gateway:
                        asyncio.create_task(self._refresh_loop(), name="gateway-refresh")]
 
     def _open(self) -> None:
-        from lockgate.store.files import private_dir
-        from lockgate.store.sqlite import SQLiteStore
+        from lockgate.store.sqlite import open_store
         from lockgate.store.writer import AsyncStore
 
-        private_dir(self.config.data_dir)  # 0700, or UnsafeDataDir if open to others (never widened first)
-        self.store = SQLiteStore(self.db_path)
+        # The directory 0700 and the files 0600, or UnsafeDataDir if open to others (store/files.py).
+        self.store = open_store(self.config.data_dir)
         self.astore = AsyncStore(self.store)
 
     async def stop(self) -> None:

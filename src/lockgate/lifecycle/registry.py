@@ -218,11 +218,6 @@ class ModelRegistry:
         view.model_names = [model.name, *model.aliases]
         return view
 
-    def any_version(self, requested: str | None) -> ModelVersion:
-        """For routes that only need a model's tokenizer and limits (tokenize, detokenize)."""
-        model, pinned = self.resolve(requested)
-        return self.pick(model, pinned, None)
-
     # ---- observing ----------------------------------------------------------------------
     def _on_outcome(self, version: ModelVersion, outcome: Outcome) -> None:
         version.stats.record(outcome)
