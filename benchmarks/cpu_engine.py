@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from lockgate import LLM, SamplingParams
 from lockgate.engine.loader import default_model_path, load_checkpoint
 from lockgate.engine.native.linear import gemm as native_gemm
-from lockgate.engine.quantization import BlockEmbedding, BlockLinear, QuantEmbedding, QuantLinear, weight_bytes
 from lockgate.engine.quant.linear import KERNEL_DTYPE
+from lockgate.engine.quant.quantize import BlockEmbedding, BlockLinear, QuantEmbedding, QuantLinear, weight_bytes
 
 PROMPT_LEN = 64
 OUTPUT_LEN = 64

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from lockgate.bench.procs import ServerProcess, free_port
+from lockgate.stats import percentile
 
 INSTALL_HINT = "pip install 'llama-cpp-python[server]'   # builds llama.cpp from source, ~10 min"
 
@@ -66,23 +68,12 @@ class RunResult:
         return self.output_tokens / self.wall_s if self.wall_s else 0.0
 
     def ttft(self, q: float) -> float:
-        return _quantile([r.ttft for r in self.ok], q)
+        """The q-quantile (q in [0, 1]) of TTFT; NaN with no successes."""
+        return percentile([r.ttft for r in self.ok], q * 100, empty=math.nan)
 
     def tpot(self, q: float) -> float:
-        return _quantile([(r.latency - r.ttft) / (r.tokens - 1) for r in self.ok if r.tokens > 1], q)
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return percentile([(r.latency - r.ttft) / (r.tokens - 1) for r in self.ok if r.tokens > 1], q * 100,
+                          empty=math.nan)
 
 
 def make_prompts(n: int, input_len: int, seed: int = 0) -> list[str]:
@@ -151,41 +142,14 @@ async def run_load(name: str, base_url: str, prompts: list[str], concurrency: in
         return RunResult(name, time.perf_counter() - t0, results)
 
 
-def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); log:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base_url}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"server not ready after {timeout} s; log:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def bench_server(name: str, cmd: list[str], port: int, prompts: list[str], args: argparse.Namespace,
                  extra: dict, logdir: Path) -> RunResult:
-    log = logdir / f"{name}.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    srv = ServerProcess([], logdir / f"{name}.log", command=cmd, port=port, wait=False)
     try:
-        wait_ready(base, proc, 600, log)
-        return asyncio.run(run_load(name, base, prompts, args.concurrency, args.output_len, extra))
+        srv.wait_healthy(600, path="/v1/models")  # llama-cpp-python's server has no /health
+        return asyncio.run(run_load(name, srv.base_url, prompts, args.concurrency, args.output_len, extra))
     finally:
-        stop(proc)
+        srv.stop()
 
 
 def find_llamacpp_python(explicit: str | None) -> str | None:

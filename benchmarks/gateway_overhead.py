@@ -56,7 +56,6 @@ import resource
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +65,8 @@ from typing import Any
 
 import httpx
 
-from lockgate.bench.procs import children, free_port
+from lockgate.bench.procs import ServerProcess, children
+from lockgate.stats import percentile
 
 TARGET_P50_MS = 2.0
 TARGET_P99_MS = 10.0
@@ -79,69 +79,40 @@ class SetupError(RuntimeError):
     pass
 
 
-class Server:
+class Server(ServerProcess):
     """One `python -m lockgate.server` process (fake engine) in its own working directory."""
 
     def __init__(self, name: str, workdir: Path, extra: list[str], server_args: list[str]) -> None:
         self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True)
-        self.log_path = workdir / "server.log"
-        self._log = open(self.log_path, "wb")
         env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
-        self.cmd = [sys.executable, "-m", "lockgate.server", "--load-format", "fake", "--port", str(self.port),
-                    "--no-access-log", "--log-level", "warning", *server_args, *extra]
         # cwd: the default ./lockgate-data of open mode lands in an empty directory of ours.
-        self.proc = subprocess.Popen(self.cmd, cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
+        super().__init__(["--load-format", "fake", "--log-level", "warning", *server_args, *extra],
+                         workdir / "server.log", wait=False, cwd=workdir, env=env, die_with_parent=True)
+        self.url = self.base_url
 
     def log_tail(self, n: int = 2500) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
+        return self.log_text()[-n:]
 
-    def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_tail()
-                hint = ""
-                if "No such option" in tail and ("--admin-key" in tail or "--data-dir" in tail):
-                    hint = ("\n  -> this lockgate has no --admin-key/--data-dir yet (issue 7's gateway has not "
-                            "landed), so the gateway cannot be switched on")
-                raise SetupError(f"{self.name} server exited with {self.proc.returncode} at startup{hint}\n"
-                                 f"  command: {' '.join(self.cmd)}\n  log tail:\n{_indent(tail)}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise SetupError(f"{self.name} server not healthy after {timeout:.0f} s\n  log tail:\n{_indent(self.log_tail())}")
+    def wait_healthy(self, timeout: float) -> None:  # type: ignore[override]
+        try:
+            super().wait_healthy(timeout)
+        except RuntimeError:  # it exited
+            tail = self.log_tail()
+            hint = ""
+            if "No such option" in tail and ("--admin-key" in tail or "--data-dir" in tail):
+                hint = ("\n  -> this lockgate has no --admin-key/--data-dir yet (issue 7's gateway has not "
+                        "landed), so the gateway cannot be switched on")
+            raise SetupError(f"{self.name} server exited with {self.proc.returncode} at startup{hint}\n"
+                             f"  command: {' '.join(self.cmd)}\n  log tail:\n{_indent(tail)}") from None
+        except TimeoutError:
+            raise SetupError(f"{self.name} server not healthy after {timeout:.0f} s\n  log tail:\n"
+                             f"{_indent(self.log_tail())}") from None
 
     def cpu_seconds(self) -> tuple[float, float]:
         """user + system CPU seconds of the API process and of its children (the engine core), from /proc."""
         api = _proc_cpu(self.proc.pid)
         return api, sum(_proc_cpu(pid) for pid in children(self.proc.pid))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the benchmark dies, however it dies (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _proc_cpu(pid: int) -> float:
@@ -381,15 +352,6 @@ def _self_cpu() -> float:
 
 
 # ---- report ----------------------------------------------------------------------------------
-def pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return math.nan
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def summarize(samples: list[Sample], idle: list[Sample], targets: list[Target], meter: dict[str, float],
               rate: float, seconds: float) -> dict[str, Any]:
     wall = meter["wall1"] - meter["wall0"]
@@ -410,9 +372,11 @@ def summarize(samples: list[Sample], idle: list[Sample], targets: list[Target], 
             "requests": len(mine), "ok": len(ok), "errors": errors,
             # Each mode had the stream for half the measured wall time (blocks alternate).
             "achieved_rps": len(ok) / (wall / len(targets)) if wall > 0 else math.nan,
-            "latency_ms": {f"p{q}": pct(ok, q) for q in (50, 90, 99)} | {"max": ok[-1] if ok else math.nan},
-            "latency_from_schedule_ms": {f"p{q}": pct(from_schedule, q) for q in (50, 99)},
-            "idle_latency_ms": {f"p{q}": pct(idle_ok, q) for q in (50, 90, 99)} | {"n": len(idle_ok)},
+            "latency_ms": {f"p{q}": percentile(ok, q, empty=math.nan) for q in (50, 90, 99)}
+            | {"max": ok[-1] if ok else math.nan},
+            "latency_from_schedule_ms": {f"p{q}": percentile(from_schedule, q, empty=math.nan) for q in (50, 99)},
+            "idle_latency_ms": {f"p{q}": percentile(idle_ok, q, empty=math.nan) for q in (50, 90, 99)}
+            | {"n": len(idle_ok)},
             "server_cpu_ms_per_request": srv_cpu * 1000 / len(mine) if mine else math.nan,
             "api_cpu_ms_per_request": api_cpu * 1000 / len(mine) if mine else math.nan,
             "engine_cpu_ms_per_request": engine_cpu * 1000 / len(mine) if mine else math.nan,
@@ -424,7 +388,8 @@ def summarize(samples: list[Sample], idle: list[Sample], targets: list[Target], 
     client = {
         "target_rps": rate,
         "dispatched_rps": len(samples) / span if span > 0 else math.nan,
-        "dispatch_lag_ms": {"p50": pct(lags, 50), "p99": pct(lags, 99), "max": lags[-1] if lags else math.nan},
+        "dispatch_lag_ms": {"p50": percentile(lags, 50, empty=math.nan), "p99": percentile(lags, 99, empty=math.nan),
+                            "max": lags[-1] if lags else math.nan},
         "cpu_cores": client_cpu / wall if wall > 0 else math.nan,
         "cpu_ms_per_request": client_cpu * 1000 / len(samples) if samples else math.nan,
     }

@@ -28,7 +28,7 @@ import asyncio
 import json
 import random
 import shutil
-import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import httpx
 
-from lockgate.bench.procs import free_port
+from lockgate.bench.procs import ServerProcess
+from lockgate.stats import percentile
 
 ADMIN = "model-swap-admin"
 MODEL = "smol"
@@ -59,13 +60,6 @@ class Result:
     ok: bool
     version: str | None
     error: str | None = None
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, int(round(q / 100 * len(v) + 0.5)) - 1))]
 
 
 async def one(client: httpx.AsyncClient, key: str, i: int, max_tokens: int, results: list[Result]) -> None:
@@ -156,31 +150,17 @@ def summarize(marks: dict[str, float], results: list[Result]) -> list[dict]:
         rs = [r for r in results if a <= r.start < b]
         ttfts = [r.ttft for r in rs if r.ok and r.ttft is not None]
         rows.append({"window": w, "seconds": round(b - a, 1), "requests": len(rs),
-                     "errors": sum(not r.ok for r in rs), "ttft_p50_s": pct(ttfts, 50), "ttft_p99_s": pct(ttfts, 99),
+                     "errors": sum(not r.ok for r in rs), "ttft_p50_s": percentile(ttfts, 50, empty=None),
+                     "ttft_p99_s": percentile(ttfts, 99, empty=None),
                      "v2_share": round(sum(r.version == "v2" for r in rs) / len(rs), 3) if rs else None,
                      "error_samples": [r.error for r in rs if not r.ok][:3]})
     return rows
 
 
-def start_server(args: argparse.Namespace, engine: dict, data: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "lockgate.server", "--port", str(port), "--no-access-log", "--admin-key", ADMIN,
-           "--data-dir", str(data), "--model", f"{MODEL}@v1=default", "--request-log", "off",
-           "--drain-timeout", "60", *engine["server"]]
-    log = open(data / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(data / 'server.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("server not healthy after 300 s")
+def start_server(args: argparse.Namespace, engine: dict, data: Path) -> ServerProcess:
+    return ServerProcess(["--admin-key", ADMIN, "--data-dir", str(data), "--model", f"{MODEL}@v1=default",
+                          "--request-log", "off", "--drain-timeout", "60", *engine["server"]],
+                         data / "server.log", timeout=300)
 
 
 def main() -> int:
@@ -201,9 +181,10 @@ def main() -> int:
     if args.engine == "model" and args.new_quantization is None:
         args.new_quantization = "int8"
     data = Path(tempfile.mkdtemp(prefix="model-swap-"))
-    proc = None
+    srv = None
     try:
-        proc, base = start_server(args, engine, data)
+        srv = start_server(args, engine, data)
+        base = srv.base_url
         t = httpx.post(f"{base}/admin/tenants", json={"name": "load"}, headers={"Authorization": f"Bearer {ADMIN}"})
         key = httpx.post(f"{base}/admin/tenants/{t.json()['id']}/keys", json={"name": "k"},
                          headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
@@ -212,9 +193,8 @@ def main() -> int:
         print(f"setup failed: {exc}", file=sys.stderr)
         return 2
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        if srv is not None:
+            srv.stop(signal.SIGTERM, timeout=60)
         shutil.rmtree(data, ignore_errors=True)
     rows = summarize(marks, out["results"])
     before = rows[0]["ttft_p99_s"]

@@ -38,7 +38,6 @@ import json
 import math
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ from pathlib import Path
 import httpx
 
 from lockgate.bench.client import Target, send
-from lockgate.bench.procs import free_port
+from lockgate.bench.procs import ServerProcess
 from lockgate.bench.record import OK, REJECTED, RequestRecord
 from lockgate.bench.stats import dist
 from lockgate.bench.tenants import Tenant
@@ -86,51 +85,23 @@ ENGINES = {
 }
 
 
-class Server:
-    def __init__(self, args: list[str], log: Path, data_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = data_dir
-        self._log = open(log, "wb")
-        cmd = [sys.executable, "-m", "lockgate.server", "--port", str(self.port), "--no-access-log",
-               "--admin-key", ADMIN, "--data-dir", str(data_dir), "--max-model-len", "4096", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+def start_server(args: list[str], log: Path, data_dir: Path) -> ServerProcess:
+    """A keyed server of `args`; returns once /health answers."""
+    return ServerProcess(["--admin-key", ADMIN, "--data-dir", str(data_dir), "--max-model-len", "4096", *args],
+                         log, timeout=600)
 
-    def wait(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("server did not become healthy")
 
-    def keys(self) -> dict[str, str]:
-        """One tenant and inference key per TenantSpec."""
-        h = {"Authorization": f"Bearer {ADMIN}"}
-        out = {}
-        for t in TENANTS:
-            r = httpx.post(f"{self.url}/admin/tenants", json={"name": t.name, "priority": t.cls}, headers=h,
-                           timeout=30)
-            r.raise_for_status()
-            k = httpx.post(f"{self.url}/admin/tenants/{r.json()['id']}/keys", json={"name": "bench"}, headers=h,
-                           timeout=30)
-            k.raise_for_status()
-            out[t.name] = k.json()["key"]
-        return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
+def tenant_keys(url: str) -> dict[str, str]:
+    """One tenant and inference key per TenantSpec."""
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    out = {}
+    for t in TENANTS:
+        r = httpx.post(f"{url}/admin/tenants", json={"name": t.name, "priority": t.cls}, headers=h, timeout=30)
+        r.raise_for_status()
+        k = httpx.post(f"{url}/admin/tenants/{r.json()['id']}/keys", json={"name": "bench"}, headers=h, timeout=30)
+        k.raise_for_status()
+        out[t.name] = k.json()["key"]
+    return out
 
 
 @dataclass(slots=True)
@@ -280,19 +251,19 @@ def main() -> int:
                     {"name": c.name, "ttft_p95_s": c.ttft_s, "tpot_p95_s": c.tpot_s, "max_queued": 1_000_000}
                     for c in DEFAULT_CLASSES]}))
                 extra = ["--class-config", str(cfg)]
-            srv = Server(CONFIGS[config] + ENGINES[args.engine] + extra, tmp / f"{config}.log",
-                         tmp / f"{config}-data")
+            srv = start_server(CONFIGS[config] + ENGINES[args.engine] + extra, tmp / f"{config}.log",
+                               tmp / f"{config}-data")
             try:
-                srv.wait()
-                keys = srv.keys()
+                keys = tenant_keys(srv.base_url)
                 if capacity is None:
                     conc = 64 if args.engine == "fake" else 16
-                    capacity = asyncio.run(measure_capacity(srv.url, keys, args.capacity_seconds, conc))
+                    capacity = asyncio.run(measure_capacity(srv.base_url, keys, args.capacity_seconds, conc))
                     print(f"capacity (fcfs, closed loop, {conc} clients): {capacity:.2f} req/s", flush=True)
                 for load in loads:
-                    asyncio.run(run_phase(srv.url, keys, plan(0.5 * capacity, args.warmup, args.seed + 1000)))
+                    asyncio.run(run_phase(srv.base_url, keys, plan(0.5 * capacity, args.warmup, args.seed + 1000)))
                     t = time.monotonic()
-                    recs = asyncio.run(run_phase(srv.url, keys, plan(load * capacity, args.seconds, args.seed)))
+                    recs = asyncio.run(run_phase(srv.base_url, keys,
+                                                 plan(load * capacity, args.seconds, args.seed)))
                     print(f"{config} at {load:g}x ({load * capacity:.2f} req/s): {len(recs)} requests in "
                           f"{time.monotonic() - t:.0f} s", flush=True)
                     rows += summarize(config, load, recs, args.seconds)

@@ -49,7 +49,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -62,7 +61,7 @@ from typing import Any
 
 import httpx
 
-from lockgate.bench.procs import children, free_port, pid_alive
+from lockgate.bench.procs import ServerProcess, children, pid_alive
 
 KINDS = ("stream", "nonstream", "n", "cancel", "bad")
 DEFAULT_MIX = "stream=0.40,nonstream=0.20,n=0.10,cancel=0.15,bad=0.15"
@@ -385,6 +384,7 @@ class Server:
     """The server under test: one we started, or one at --url."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        self.started: ServerProcess | None = None  # the server we started (none with --url)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
         self.api_pid: int | None = args.api_pid
@@ -394,15 +394,10 @@ class Server:
         if args.url:
             self.base_url = args.url.rstrip("/")
             return
-        port = free_port()
-        self.base_url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "lockgate.server", "--port", str(port), "--no-access-log",
-               *args.server_args.split()]
         self.log_path = Path(tempfile.mkdtemp(prefix="lockgate-soak-")) / "server.log"
-        print(f"server: {' '.join(cmd)}\nserver log: {self.log_path}", flush=True)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        self.api_pid = self.proc.pid
+        self.started = ServerProcess(args.server_args.split(), self.log_path, wait=False)
+        self.base_url, self.proc, self.api_pid = self.started.base_url, self.started.proc, self.started.pid
+        print(f"server: {' '.join(self.started.cmd)}\nserver log: {self.log_path}", flush=True)
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path else ""
@@ -435,14 +430,8 @@ class Server:
         return self.api_pid is None or pid_alive(self.api_pid)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.started is not None:
+            self.started.stop()
 
 
 METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")

@@ -126,5 +126,17 @@ def validation_error(exc_errors: list[dict[str, Any]]) -> APIError:
     return bad_request(f"{where}{msg}", param=param, code="invalid_value")
 
 
+def field_error(exc_errors: list[dict[str, Any]]) -> APIError:
+    """Pydantic errors -> one 400 naming the first bad field by its full path (admin bodies:
+    unknown fields refused, our own validators' messages read as they are)."""
+    if not exc_errors or exc_errors[0].get("type") == "json_invalid" or not exc_errors[0].get("loc"):
+        return validation_error(exc_errors)
+    first = exc_errors[0]
+    param = ".".join(str(p) for p in first["loc"])
+    msg = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid value")
+    msg = msg.removeprefix("Value error, ")
+    return bad_request(f"{param}: {msg}", param=param, code="invalid_value")
+
+
 def internal_error(exc: BaseException) -> APIError:
     return APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server.conftest import ServerProcess
+from lockgate.bench.procs import ServerProcess
 
 MAX_NUM_SEQS = 4
 STEP_DELAY_S = 0.02

@@ -6,7 +6,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lockgate.engine.detokenizer import IncrementalDetokenizer
+from lockgate.engine.frontend.detokenizer import IncrementalDetokenizer
 from lockgate.engine.sampling_params import SamplingParams
 
 CORPUS = [

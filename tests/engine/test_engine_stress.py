@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from lockgate import LLM, SamplingParams
-from lockgate.engine.request import RequestStatus
+from lockgate.engine.core.request import RequestStatus
 from tests.engine.tiny_models import make_checkpoint
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import openai
 import pytest
 
-from lockgate.engine import engine_core
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.engine_core import EngineCore
-from lockgate.engine.fake_runner import FakeRunner
+from lockgate.engine.core import engine_core
+from lockgate.engine.core.engine_core import EngineCore
+from lockgate.engine.core.fake_runner import FakeRunner
 from lockgate.engine.llm import LLM
 from lockgate.engine.loader import LoadedCheckpoint, load_checkpoint
-from lockgate.engine.outputs import EngineCoreRequest
+from lockgate.engine.messages import EngineCoreRequest
 from lockgate.engine.sampling_params import SamplingParams
 from tests.server.conftest import start_server
 

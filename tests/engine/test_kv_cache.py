@@ -1,9 +1,9 @@
 """Block accounting, prefix caching with salts, and LRU eviction of the KV block manager."""
 from __future__ import annotations
 
-from lockgate.engine.kv_cache import KVCacheManager
-from lockgate.engine.outputs import EngineCoreRequest
-from lockgate.engine.request import Request
+from lockgate.engine.core.kv_cache import KVCacheManager
+from lockgate.engine.core.request import Request
+from lockgate.engine.messages import EngineCoreRequest
 from lockgate.engine.sampling_params import SamplingParams
 
 

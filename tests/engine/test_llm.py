@@ -1,4 +1,10 @@
-"""The offline API on the embedded default model: answers, sampling, stops, n, bad input, accounting."""
+"""The offline API: answers, sampling, stops, n, bad input, accounting.
+
+What needs a model that knows things (an answer, a natural end of turn, readable text to cut with a
+stop string) runs on the embedded default model; the engine's mechanics (seeds, top-k, stop ids,
+n, logprobs, the prefix cache, bad input, aborts) run on a tiny random-weight Llama 3.1
+(tests/engine/tiny_models.py), where a step costs next to nothing.
+"""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +15,15 @@ from lockgate import LLM, SamplingParams
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    from tests.engine.tiny_models import make_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_checkpoint(path, "llama3.1")
+    return LLM(str(path), dtype="float32")
 
 
 def assert_idle(llm: LLM) -> None:
@@ -26,21 +41,21 @@ def test_default_model_knows_the_capital_of_france(llm):
     assert_idle(llm)
 
 
-def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
     p = SamplingParams(temperature=1.0, max_tokens=16, seed=1234, ignore_eos=True)
-    alone = llm.generate("Tell me a story about", p)[0].outputs[0].token_ids
-    mixed = llm.generate(["Tell me a story about", "Unrelated prompt", "Another one here"],
+    alone = tiny.generate("Tell me a story about", p)[0].outputs[0].token_ids
+    mixed = tiny.generate(["Tell me a story about", "Unrelated prompt", "Another one here"],
                          [p, SamplingParams(temperature=1.0, max_tokens=8), SamplingParams(max_tokens=20)])
     assert mixed[0].outputs[0].token_ids == alone
-    other = llm.generate("Tell me a story about", SamplingParams(temperature=1.0, max_tokens=16, seed=99,
+    other = tiny.generate("Tell me a story about", SamplingParams(temperature=1.0, max_tokens=16, seed=99,
                                                                  ignore_eos=True))[0].outputs[0].token_ids
     assert other != alone
 
 
-def test_top_k_1_equals_greedy(llm):
+def test_top_k_1_equals_greedy(tiny):
     prompts = ["The first three planets are", "def fibonacci(n):"]
-    greedy = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
-    topk1 = llm.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=12, ignore_eos=True))
+    greedy = tiny.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    topk1 = tiny.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=12, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in greedy] == [o.outputs[0].token_ids for o in topk1]
 
 
@@ -62,11 +77,11 @@ def test_stop_string_across_token_boundaries(llm):
     assert_idle(llm)
 
 
-def test_stop_token_ids_and_length(llm):
-    greedy = llm.generate("The sky is", SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]
+def test_stop_token_ids_and_length(tiny):
+    greedy = tiny.generate("The sky is", SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]
     ids = greedy.outputs[0].token_ids
     assert greedy.outputs[0].finish_reason == "length" and len(ids) == 10
-    out = llm.generate("The sky is", SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True,
+    out = tiny.generate("The sky is", SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True,
                                                     stop_token_ids=[ids[3]]))[0].outputs[0]
     first = ids.index(ids[3])
     assert out.token_ids == ids[: first + 1] and out.finish_reason == "stop" and out.stop_reason == ids[3]
@@ -82,22 +97,22 @@ def test_min_tokens_suppresses_eos(llm):
     assert llm.tokenizer.eos_token_id not in longer.token_ids[: n + 4]
 
 
-def test_n_samples_share_the_prompt_blocks(llm):
+def test_n_samples_share_the_prompt_blocks(tiny):
     prompt = "Here is a long shared prompt that spans several KV blocks. " * 6
-    before = llm.engine.stats().prefix_cache_hits
-    out = llm.generate(prompt, SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=7))[0]
+    before = tiny.engine.stats().prefix_cache_hits
+    out = tiny.generate(prompt, SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=7))[0]
     assert [c.index for c in out.outputs] == [0, 1, 2, 3]
     assert all(len(c.token_ids) > 0 for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # distinct samples
     prompt_len = len(out.prompt_token_ids)
     # Children 1..3 found the first child's full prompt blocks in the cache.
-    hits = llm.engine.stats().prefix_cache_hits - before
+    hits = tiny.engine.stats().prefix_cache_hits - before
     assert hits >= 3 * ((prompt_len - 1) // 16) * 16
-    assert_idle(llm)
+    assert_idle(tiny)
 
 
-def test_logprobs(llm):
-    out = llm.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=4, logprobs=5))[0]
+def test_logprobs(tiny):
+    out = tiny.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=4, logprobs=5))[0]
     comp = out.outputs[0]
     assert len(comp.logprobs) == len(comp.token_ids)
     for tok, entry in zip(comp.token_ids, comp.logprobs):
@@ -106,12 +121,12 @@ def test_logprobs(llm):
         assert all(lp.logprob <= 0 for lp in entry.values())
 
 
-def test_prefix_cache_hits_are_counted(llm):
+def test_prefix_cache_hits_are_counted(tiny):
     prompt = "A long enough system prompt to fill a few blocks of sixteen tokens each. " * 4
-    llm.generate(prompt, SamplingParams(max_tokens=2))
-    before = llm.engine.stats()
-    llm.generate(prompt, SamplingParams(max_tokens=2))
-    after = llm.engine.stats()
+    tiny.generate(prompt, SamplingParams(max_tokens=2))
+    before = tiny.engine.stats()
+    tiny.generate(prompt, SamplingParams(max_tokens=2))
+    after = tiny.engine.stats()
     assert after.prefix_cache_hits - before.prefix_cache_hits >= 48
     assert after.prefix_cache_queries > before.prefix_cache_queries
 
@@ -126,10 +141,10 @@ BAD = [
 
 
 @pytest.mark.parametrize("prompt,params,needle", BAD)
-def test_bad_prompts_raise_and_leave_the_engine_clean(llm, prompt, params, needle):
+def test_bad_prompts_raise_and_leave_the_engine_clean(tiny, prompt, params, needle):
     with pytest.raises(ValueError, match=needle):
-        llm.generate(prompt, params)
-    assert_idle(llm)
+        tiny.generate(prompt, params)
+    assert_idle(tiny)
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -146,33 +161,33 @@ def test_bad_sampling_params_name_the_field_and_limit(kwargs, needle):
         SamplingParams(**kwargs)
 
 
-def test_a_bad_request_in_a_batch_does_not_disturb_the_others(llm):
+def test_a_bad_request_in_a_batch_does_not_disturb_the_others(tiny):
     good = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    expected = llm.generate("The sky is", good)[0].outputs[0].token_ids
+    expected = tiny.generate("The sky is", good)[0].outputs[0].token_ids
     with pytest.raises(ValueError):
-        llm.generate(["The sky is", ""], good)  # all or nothing: nothing queued
-    assert_idle(llm)
-    llm.engine.add_request("running", "The sky is", good)
+        tiny.generate(["The sky is", ""], good)  # all or nothing: nothing queued
+    assert_idle(tiny)
+    tiny.engine.add_request("running", "The sky is", good)
     with pytest.raises(ValueError, match="vocabulary"):
-        llm.engine.add_request("bad", [10**9], good)
+        tiny.engine.add_request("bad", [10**9], good)
     done = []
-    while llm.engine.has_unfinished_requests():
-        done += [o for o in llm.engine.step() if o.finished]
+    while tiny.engine.has_unfinished_requests():
+        done += [o for o in tiny.engine.step() if o.finished]
     assert [o.request_id for o in done] == ["running"]
     assert done[0].outputs[0].token_ids == expected
-    assert_idle(llm)
+    assert_idle(tiny)
 
 
-def test_abort_frees_everything_at_once(llm):
+def test_abort_frees_everything_at_once(tiny):
     p = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
     for i in range(4):
-        llm.engine.add_request(f"abort-{i}", f"Request number {i} is about", p)
-    llm.engine.step()
-    llm.engine.step()
-    assert llm.engine.stats().num_running == 4
+        tiny.engine.add_request(f"abort-{i}", f"Request number {i} is about", p)
+    tiny.engine.step()
+    tiny.engine.step()
+    assert tiny.engine.stats().num_running == 4
     for i in range(4):
-        llm.engine.abort_request(f"abort-{i}")
-    assert_idle(llm)
+        tiny.engine.abort_request(f"abort-{i}")
+    assert_idle(tiny)
 
 
 def test_stop_token_text_is_hidden_unless_asked_for(llm):

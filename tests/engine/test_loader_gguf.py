@@ -290,3 +290,87 @@ def test_not_a_gguf_file(tmp_path: Path) -> None:
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(ValueError, match="broken.gguf"):
         load_checkpoint(bad)
+
+
+# ---------------------------------------------------------------- gguf_header (the fast reader)
+def test_fast_header_equals_gguf_reader(smollm_path: Path, smollm_reader) -> None:
+    from lockgate.engine.loader.gguf_header import read_gguf_header
+    from lockgate.engine.loader.gguf_meta import meta
+
+    header = read_gguf_header(smollm_path)
+    fields = smollm_reader.fields
+    # GGUFReader adds synthetic GGUF.version/tensor_count/kv_count fields; the header keeps those as attributes.
+    ref = {k: meta(fields, k) for k in fields if not k.startswith("GGUF.")}
+    assert list(header.metadata) == list(ref)
+    for key, value in ref.items():
+        got = header.metadata[key]
+        assert got == value and type(got) is type(value), key
+        if isinstance(value, list):
+            assert [type(v) for v in got] == [type(v) for v in value], key
+    assert len(header.metadata["tokenizer.ggml.tokens"]) == 49152
+    assert header.version == meta(fields, "GGUF.version")
+    assert header.data_offset == smollm_reader.data_offset
+    assert len(header.tensors) == len(smollm_reader.tensors)
+    for ours, theirs in zip(header.tensors, smollm_reader.tensors, strict=True):
+        assert (ours.name, ours.tensor_type, ours.data_offset) == (theirs.name, theirs.tensor_type, theirs.data_offset)
+        assert list(ours.shape) == theirs.shape.tolist()
+        assert ours.data.dtype == theirs.data.dtype and ours.data.shape == theirs.data.shape, ours.name
+        np.testing.assert_array_equal(ours.data, theirs.data)
+
+
+def test_default_model_metadata_paths_build_no_gguf_reader(smollm_path: Path, monkeypatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("GGUFReader built on a metadata path")
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", refuse)
+    for fmt in ("auto", "dummy"):
+        ck = load_checkpoint(None, load_format=fmt)
+        assert ck.config.vocab_size == 49152 and ck.tokenizer.bos_token_id == 1
+
+
+@pytest.mark.parametrize("keep", [0, 10, 23, 24, 40, 1000, 200_000, 1_785_000, -100])
+def test_fast_header_truncated_file(smollm_path: Path, tmp_path: Path, keep: int) -> None:
+    from lockgate.engine.loader.gguf_header import read_gguf_header
+
+    data = smollm_path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:keep])
+    with pytest.raises(ValueError, match="cut.gguf"):
+        read_gguf_header(cut)
+
+
+def _one_array_gguf(path: Path, elem_type: int, count: int) -> Path:
+    import struct
+
+    key = b"tokenizer.ggml.tokens"
+    body = struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, elem_type, count) + b"\0" * 64
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
+    return path
+
+
+@pytest.mark.parametrize("elem_type", [8, 4, 9])  # strings, uint32s, arrays
+def test_fast_header_bogus_array_count(tmp_path: Path, elem_type: int) -> None:
+    from lockgate.engine.loader.gguf_header import read_gguf_header
+
+    path = _one_array_gguf(tmp_path / "bogus.gguf", elem_type, 2**62)
+    with pytest.raises(ValueError, match="array length is 4611686018427387904"):
+        read_gguf_header(path)
+    with pytest.raises(ValueError, match="bogus.gguf"):
+        load_checkpoint(path)
+
+
+def test_fast_header_bogus_counts_and_version(tmp_path: Path) -> None:
+    import struct
+
+    from lockgate.engine.loader.gguf_header import read_gguf_header
+
+    path = tmp_path / "h.gguf"
+    for header, msg in [
+        (struct.pack("<IQQ", 3, 0, 2**40), "metadata key count"),
+        (struct.pack("<IQQ", 3, 2**40, 0), "tensor count"),
+        (struct.pack("<IQQ", 1, 0, 0), "unsupported GGUF version 1"),
+        (struct.pack(">IQQ", 3, 0, 0), "big-endian"),
+    ]:
+        path.write_bytes(b"GGUF" + header + b"\0" * 64)
+        with pytest.raises(ValueError, match=msg):
+            read_gguf_header(path)

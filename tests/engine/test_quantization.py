@@ -12,10 +12,11 @@ from gguf import GGMLQuantizationType as Q
 
 from lockgate import LLM, SamplingParams
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.core.runner import build_model
 from lockgate.engine.loader import load_checkpoint
-from lockgate.engine.quant import gguf_blocks
 from lockgate.engine.native.build import load as load_native
-from lockgate.engine.quantization import (
+from lockgate.engine.quant import gguf_blocks
+from lockgate.engine.quant.quantize import (
     BlockLinear,
     Int4Linear,
     Int8Linear,
@@ -25,7 +26,6 @@ from lockgate.engine.quantization import (
     quantize_rows,
     weight_bytes,
 )
-from lockgate.engine.runner import build_model
 from tests.engine.test_loader_gguf import DIMS, tiny_tensors, write_gguf
 from tests.engine.tiny_models import make_checkpoint
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from lockgate.engine.queue_view import DrainRate, QueueView
+from lockgate.engine.frontend.queue_view import DrainRate, QueueView
 
 
 class Clock:

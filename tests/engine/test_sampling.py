@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from lockgate.engine.outputs import TokenLogprob
-from lockgate.engine.sampling import Sampler, SamplingBatch
+from lockgate.engine.core.sampler import Sampler, SamplingBatch
+from lockgate.engine.messages import TokenLogprob
 from lockgate.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -228,7 +228,7 @@ def test_penalties_match_naive_reference() -> None:
     logits = rand_logits(len(params), seed=21)
     batch = make_batch(params, prompts, outputs)
     x = logits.clone()
-    from lockgate.engine.sampling import _apply_penalties
+    from lockgate.engine.core.sampler import _apply_penalties
 
     _apply_penalties(x, batch)
     ref = naive_penalise(logits, params, prompts, outputs)
@@ -342,7 +342,7 @@ def test_cuda_matches_cpu_for_seeded_and_greedy() -> None:
 
 
 def test_cpu_top_p_candidates_match_full_sort(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lockgate.engine import sampling
+    from lockgate.engine.core import sampler as sampling
 
     monkeypatch.setattr(sampling, "_TOP_P_CANDIDATES", (4, 64))  # exercise every stage on a small vocab
     g = torch.Generator().manual_seed(0)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.kv_cache import KVCacheManager
-from lockgate.engine.outputs import EngineCoreRequest
-from lockgate.engine.request import Request, RequestStatus
+from lockgate.engine.core.kv_cache import KVCacheManager
+from lockgate.engine.core.request import Request, RequestStatus
+from lockgate.engine.core.scheduler import Scheduler
+from lockgate.engine.messages import EngineCoreRequest
 from lockgate.engine.sampling_params import SamplingParams
-from lockgate.engine.scheduler import Scheduler
 
 
 def make(blocks: int = 64, block_size: int = 4, **cfg) -> Scheduler:

@@ -7,12 +7,12 @@ import math
 import pytest
 
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.kv_cache import KVCacheManager
-from lockgate.engine.outputs import EngineCoreRequest
-from lockgate.engine.request import Request, RequestStatus
+from lockgate.engine.core.kv_cache import KVCacheManager
+from lockgate.engine.core.request import Request, RequestStatus
+from lockgate.engine.core.scheduler import Scheduler
+from lockgate.engine.core.waiting import OUTPUT_WEIGHT, PROMPT_WEIGHT
+from lockgate.engine.messages import EngineCoreRequest
 from lockgate.engine.sampling_params import SamplingParams
-from lockgate.engine.scheduler import Scheduler
-from lockgate.engine.waiting import OUTPUT_WEIGHT, PROMPT_WEIGHT
 
 
 class Clock:
@@ -346,7 +346,7 @@ def test_config_defaults():
 
 
 def test_request_tenant_fields_and_validation():
-    from lockgate.engine.processor import check_tenant
+    from lockgate.engine.messages import check_tenant
 
     r = EngineCoreRequest("x", [1], SamplingParams(), 0.0)
     assert (r.tenant, r.tenant_weight) == ("", 1.0)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.sim import SimReport, SimRequest, StepCost, percentile, simulate
+from lockgate.engine.sim import SimReport, SimRequest, StepCost, simulate
+from lockgate.stats import percentile
 
 BLOCK = 16
 

@@ -5,12 +5,11 @@ import msgspec
 import pytest
 
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.engine_core import EngineCore
-from lockgate.engine.fake_runner import FakeRunner
+from lockgate.engine.core.engine_core import EngineCore
+from lockgate.engine.core.fake_runner import FakeRunner
+from lockgate.engine.frontend.output_processor import OutputProcessor
 from lockgate.engine.loader import LoadedCheckpoint, load_checkpoint
-from lockgate.engine.messages import CoreMessage, StepOutputs
-from lockgate.engine.output_processor import OutputProcessor
-from lockgate.engine.outputs import EngineCoreOutput, EngineCoreRequest
+from lockgate.engine.messages import CoreMessage, EngineCoreOutput, EngineCoreRequest, StepOutputs
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.step_stats import ITERATION_TOKENS_BUCKETS, STEP_SECONDS_BUCKETS, HistogramCounts
 
@@ -97,7 +96,7 @@ def test_abort_before_scheduling_leaves_nothing(ckpt: LoadedCheckpoint) -> None:
 def test_timings_cross_the_wire() -> None:
     stats = HistogramCounts.empty(STEP_SECONDS_BUCKETS)
     stats.observe(0.02, STEP_SECONDS_BUCKETS)
-    from lockgate.engine.outputs import EngineStats
+    from lockgate.engine.messages import EngineStats
 
     msg = StepOutputs(outputs=[EngineCoreOutput("r", [7], start_times=(1.5, 2.5))],
                       stats=EngineStats(0, 0, 0, 0, 0, 0.0, 0, 0, 0, step_seconds=stats), timestamp=3.5)

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
-from lockgate.engine.loader.gguf_tokenizer import gpt2_byte_chars
+from lockgate.engine.loader.gguf_tokenizer import gpt2_byte_chars, tokenizer_from_gguf
 from lockgate.engine.tokenizer import Tokenizer
 
 TEXTS = [
@@ -30,7 +30,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok(smollm_path: Path) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(gguf.GGUFReader(smollm_path))
+    return tokenizer_from_gguf(gguf.GGUFReader(smollm_path))
 
 
 def test_smollm_special_ids(tok: Tokenizer) -> None:
@@ -171,7 +171,7 @@ def test_sentencepiece_gguf_metadata() -> None:
         "tokenizer.ggml.scores": scores, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
         "tokenizer.ggml.unknown_token_id": 0,
     }
-    t = Tokenizer.from_gguf_metadata(fields)
+    t = tokenizer_from_gguf(fields)
     assert t.add_bos and t.bos_token_id == 1 and t.eos_token_ids == [2]
     ids = t.encode("hello world")
     assert t.convert_ids_to_tokens(ids) == ["<s>", "▁hello", "▁world"]

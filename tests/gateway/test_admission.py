@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lockgate.engine.queue_view import QueueView
+from lockgate.engine.frontend.queue_view import QueueView
 from lockgate.gateway.admission import SHED_HOLD_S, Admission, AdmissionPolicy, QueueBounds
 from lockgate.gateway.classes import ClassTable, PriorityClass
 from lockgate.server.errors import APIError

@@ -6,8 +6,9 @@ from __future__ import annotations
 import random
 
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.queue_view import QueueView
-from lockgate.engine.sim import SimReport, SimRequest, StepCost, percentile, simulate
+from lockgate.engine.frontend.queue_view import QueueView
+from lockgate.engine.sim import SimReport, SimRequest, StepCost, simulate
+from lockgate.stats import percentile
 from lockgate.gateway.admission import Admission, AdmissionPolicy, QueueBounds
 from lockgate.gateway.classes import ClassTable, PriorityClass
 from lockgate.server.errors import APIError

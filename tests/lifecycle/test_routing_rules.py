@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from lockgate.engine.config import EngineConfig
+from lockgate.eval.agreement import first_tokens_match, token_agreement
 from lockgate.gateway.routing import pick, split_ref, sticky_point
 from lockgate.lifecycle import models_config, rollback
 from lockgate.lifecycle.build import plan_from_args
 from lockgate.lifecycle.settings import RollbackRules, check_traffic
 from lockgate.lifecycle.spec import VersionSpec, engine_options, parse_model_arg, validate
-from lockgate.lifecycle.stats import Outcome, Pair, ShadowStats, VersionStats, first_tokens_match, token_agreement
+from lockgate.lifecycle.stats import Outcome, Pair, ShadowStats, VersionStats
 
 
 def test_split_ref_takes_the_last_at() -> None:

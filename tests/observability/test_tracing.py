@@ -92,7 +92,7 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestC
     app = build_app(EngineConfig(load_format="fake", fake_step_delay_s=0.005, max_model_len=256),
                     ServerConfig(data_dir=str(data), request_log="off", allowed_hosts=["testserver"]))
     tracer, exporter = _memory_tracer()
-    app.state.ctx.observer.tracer = tracer  # as --otel-endpoint would, with an in-memory exporter
+    app.state.lockgate.observer.tracer = tracer  # as --otel-endpoint would, with an in-memory exporter
     with TestClient(app) as client:
         yield client, exporter
 

@@ -13,7 +13,7 @@ from lockgate.gateway.auth import hash_key
 from lockgate.gateway.gateway import Gateway, GatewayConfig
 from lockgate.server.config import ServerConfig
 from lockgate.store.models import ApiKey, Tenant
-from lockgate.server.context import LEASE_SCOPE_KEY
+from lockgate.server.state import LEASE_SCOPE_KEY
 from lockgate.server.errors import install_error_handlers
 from lockgate.server.middleware import GuardMiddleware
 from lockgate.server.origins import OriginPolicy, is_loopback_name, split_host
@@ -37,7 +37,7 @@ def _app(admin_key: str | None = None, tenant_key: str | None = None,
     ctx = SimpleNamespace(config=ServerConfig(**cfg), draining=False, inflight=0, metrics=_Metrics(),
                           gateway=gateway_with(admin_key, tenant_key))
     app = FastAPI()
-    app.state.ctx = ctx
+    app.state.lockgate = ctx
     install_error_handlers(app)
 
     @app.post("/echo")
@@ -54,7 +54,7 @@ def _app(admin_key: str | None = None, tenant_key: str | None = None,
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    app.add_middleware(GuardMiddleware, ctx=ctx)
+    app.add_middleware(GuardMiddleware, state=ctx)
     return TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False), ctx, released
 
 
@@ -159,7 +159,7 @@ def test_scopes() -> None:
     assert client.get("/metrics", headers=admin).status_code == 404
     scraper = ApiKey(id="key_2", tenant_id="ten_1", name="prom", prefix="lg-pro", key_hash=hash_key("lg-prom"),
                      scopes=["metrics"])
-    client.app.state.ctx.gateway.ring.load([Tenant(id="ten_1", name="t")], [scraper])
+    client.app.state.lockgate.gateway.ring.load([Tenant(id="ten_1", name="t")], [scraper])
     assert client.get("/metrics", headers={"Authorization": "Bearer lg-prom"}).status_code == 404
     _err(client.post("/echo", content=b"{}", headers={**JSON, "Authorization": "Bearer lg-prom"}), 403,
          "insufficient_scope")  # a scraper's key infers nothing

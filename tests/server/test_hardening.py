@@ -1,6 +1,7 @@
 """Hostile input against a real server: huge integers, template arguments, content types,
 Host/Origin, HTTP framing, slow and idle connections, injected failures at every admission
-step. Afterwards nothing is queued, in flight or holding KV blocks, and requests still work."""
+step. Afterwards nothing is queued, in flight or holding KV blocks, and requests still work.
+The server runs the fake engine: none of this depends on the model's tokens."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from lockgate.gateway.lease import FAULT_POINTS
-from lockgate.server.serving_chat import RESERVED_TEMPLATE_KEYS
+from lockgate.server.prompts import RESERVED_TEMPLATE_KEYS
 from tests.server.conftest import ServerProcess, start_server, wait_for
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -30,7 +31,8 @@ CHAT_INT_FIELDS = ["n", "max_tokens", "max_completion_tokens", "seed", "top_k", 
 
 @pytest.fixture(scope="module")
 def hard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = start_server(tmp_path_factory.mktemp("hard"), "--enable-fault-injection",
+    srv = start_server(tmp_path_factory.mktemp("hard"), "--load-format", "fake", "--fake-step-delay", "0.01",
+                       "--enable-fault-injection",
                        "--allowed-origins", "https://app.example",
                        "--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S),
                        "--max-model-len", "512", "--num-kv-blocks", "64", "--scheduling-policy", "fcfs")

@@ -135,6 +135,8 @@ def test_the_character_bound_is_given_only_where_it_is_sound() -> None:
     assert _toy(models.BPE(vocab, [("a", "b")], unk_token="<unk>"), normalizers.NFC()).max_token_chars == 20
     byte_vocab = {**{f"<0x{b:02X}>": b for b in range(256)}, "<unk>": 256}
     assert _toy(models.BPE(byte_vocab, [], unk_token="<unk>", fuse_unk=True, byte_fallback=True)).max_token_chars == 6
+    spaced = normalizers.Replace(" ", "\u2581")  # SentencePiece's: a literal for one as long
+    assert _toy(models.BPE(vocab, [("a", "b")], unk_token="<unk>"), spaced).max_token_chars == 5
     del byte_vocab["<0x7A>"]  # "zzz" would fuse into one unk
     missing_z = _toy(models.BPE(byte_vocab, [], unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     assert missing_z.max_token_chars is None
@@ -144,6 +146,7 @@ def test_the_character_bound_is_given_only_where_it_is_sound() -> None:
         _toy(models.WordLevel({"<unk>": 0, "ab": 1}, unk_token="<unk>")),
         _toy(models.Unigram([("<unk>", 0.0), ("ab", -1.0)], 0, False)),
         _toy(models.BPE(vocab, [("a", "b")], unk_token="<unk>"), normalizers.Strip()),
+        _toy(models.BPE(vocab, [("a", "b")], unk_token="<unk>"), normalizers.Replace("ab", "a")),  # text vanishes
         _toy(models.BPE(vocab, [("a", "b")], unk_token="<unk>"), pre=pre_tokenizers.Whitespace()),
         _toy(models.BPE(vocab, [("a", "b")])),  # unknown characters dropped
     ):

@@ -1,4 +1,8 @@
-"""Process life cycle: SIGTERM drains, and a dead engine process is replaced."""
+"""Process life cycle: SIGTERM drains, and a dead engine process is replaced.
+
+On the fake engine (the model's tokens are not the point): one token per 50 ms step, so a
+stream lasts as long as its max_tokens says.
+"""
 from __future__ import annotations
 
 import json
@@ -15,6 +19,7 @@ import pytest
 from tests.server.conftest import pid_alive, start_server, wait_for
 
 MODEL = "SmolLM2-135M-Instruct"
+FAKE = ["--load-format", "fake", "--fake-step-delay", "0.05"]
 
 
 class _Stream:
@@ -51,10 +56,10 @@ def _health(base_url: str) -> int:
 
 
 def test_sigterm_drains_in_flight_then_exits(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, "--drain-timeout", "150")
+    srv = start_server(tmp_path, *FAKE, "--drain-timeout", "150")
     try:
         engine = srv.engine_pid()
-        stream = _Stream(srv.base_url, max_tokens=40)
+        stream = _Stream(srv.base_url, max_tokens=80)  # about 4 s
         assert stream.first.wait(120)
         srv.proc.send_signal(signal.SIGTERM)
         # New requests are refused at once, and health tells load balancers to go away.
@@ -75,7 +80,7 @@ def test_sigterm_drains_in_flight_then_exits(tmp_path: Path) -> None:
 
 
 def test_drain_timeout_cuts_long_requests(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, "--drain-timeout", "1")
+    srv = start_server(tmp_path, *FAKE, "--drain-timeout", "1")
     try:
         stream = _Stream(srv.base_url, max_tokens=5000)
         assert stream.first.wait(120)
@@ -91,7 +96,7 @@ def test_drain_timeout_cuts_long_requests(tmp_path: Path) -> None:
 
 
 def test_engine_death_fails_requests_and_recovers(tmp_path: Path) -> None:
-    srv = start_server(tmp_path)
+    srv = start_server(tmp_path, *FAKE)
     try:
         engine = srv.engine_pid()
         client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0, timeout=60)

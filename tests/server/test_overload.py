@@ -1,4 +1,5 @@
-"""The bounded waiting queue: when full, new requests get 429 + Retry-After at once."""
+"""The bounded waiting queue: when full, new requests get 429 + Retry-After at once (fake engine:
+one token per 20 ms step, so a running request holds its slot while the queue fills)."""
 from __future__ import annotations
 
 import threading
@@ -14,7 +15,8 @@ from tests.server.conftest import ServerProcess, start_server, wait_for
 def small_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # One request runs at a time; at most 2 requests / 200 prompt tokens may wait.
     # Queue bounds only: SLO admission would refuse some of these earlier (tests/server/test_slo.py).
-    srv = start_server(tmp_path_factory.mktemp("overload"), "--max-num-seqs", "1", "--no-slo-admission",
+    srv = start_server(tmp_path_factory.mktemp("overload"), "--load-format", "fake", "--fake-step-delay", "0.02",
+                       "--max-num-seqs", "1", "--no-slo-admission",
                        "--max-queued-requests", "2", "--max-queued-tokens", "200")
     yield srv
     srv.stop()

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server.conftest import ServerProcess, start_server
+from tests.server.conftest import start_server
 
 ADMIN = "matrix-admin-key"
 MODEL = "SmolLM2-135M-Instruct"

@@ -1,8 +1,8 @@
 """SLO-aware scheduling over real HTTP: class requests and their limits, shedding at 2x overload,
 an interactive stream through a batch flood, and decodes that keep going while a long prompt fills.
 
-The load tests use the fake engine (`--load-format fake`) with a cost per step and per token, so
-the server's capacity is known without a model; the long-prompt test uses the real small model.
+All of them use the fake engine (`--load-format fake`) with a cost per step and per token, so the
+server's capacity is known without a model, and a long prompt's prefill costs what its tokens say.
 """
 from __future__ import annotations
 
@@ -223,7 +223,9 @@ def test_interactive_keeps_its_target_through_a_batch_flood(tmp_path: Path) -> N
         async def run() -> tuple[list[Result], list[Result]]:
             limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
             async with httpx.AsyncClient(base_url=srv.base_url, timeout=300, limits=limits) as client:
-                flood = [asyncio.create_task(_stream(client, "batch", _prompt(200, rng), 24)) for _ in range(60)]
+                # About 8 s of work for 16 slots (prefill 60 x 100 tokens, then 24 decodes each): the
+                # flood outlasts the interactive requests below by seconds.
+                flood = [asyncio.create_task(_stream(client, "batch", _prompt(100, rng), 24)) for _ in range(60)]
                 await asyncio.sleep(1.0)  # the flood fills every slot and a long queue
                 inter = []
                 for _ in range(8):
@@ -245,12 +247,13 @@ def test_interactive_keeps_its_target_through_a_batch_flood(tmp_path: Path) -> N
         srv.stop()
 
 
-# ---- a long prompt does not stall running decodes (real model) --------------------------------
+# ---- a long prompt does not stall running decodes ---------------------------------------------
 
 def test_decodes_keep_emitting_while_a_long_prompt_is_prefilled(tmp_path: Path) -> None:
     chunk = 64
-    srv = start_server(tmp_path, "--max-prefill-tokens", str(chunk), "--max-model-len", "2048",
-                       "--data-dir", str(tmp_path / "data"))
+    srv = start_server(tmp_path, "--load-format", "fake", "--fake-step-delay", str(STEP_S),
+                       "--fake-token-delay", str(TOKEN_S), "--max-prefill-tokens", str(chunk),
+                       "--max-model-len", "2048", "--data-dir", str(tmp_path / "data"))
     try:
         srv.wait_healthy()
         rng = random.Random(5)

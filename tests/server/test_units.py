@@ -11,10 +11,10 @@ from fastapi.testclient import TestClient
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from lockgate.engine.client import RequestStream
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.messages import AddRequests, ClientMessage, decode_config, encode_config
-from lockgate.engine.outputs import CompletionOutput, EngineCoreRequest, RequestOutput
+from lockgate.engine.frontend.stream import RequestStream
+from lockgate.engine.messages import AddRequests, ClientMessage, EngineCoreRequest, decode_config, encode_config
+from lockgate.engine.outputs import CompletionOutput, RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.server.config import ServerConfig
 from lockgate.server.errors import install_error_handlers
@@ -120,7 +120,7 @@ def _guarded_app(tenant_key: str | None = None, **cfg: object) -> tuple[TestClie
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    app.add_middleware(GuardMiddleware, ctx=ctx)
+    app.add_middleware(GuardMiddleware, state=ctx)
     return TestClient(app), ctx
 
 

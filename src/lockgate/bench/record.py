@@ -5,7 +5,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lockgate.bench.slo import SLOTerm, percentile
+from lockgate.bench.slo import SLOTerm
+from lockgate.stats import percentile
 
 # status values
 OK, CANCELLED, REJECTED, ERROR = "ok", "cancelled", "rejected", "error"

@@ -56,16 +56,3 @@ def parse_slo(text: str) -> list[SLOTerm]:
             raise SLOError(f"SLO term {term.name} given twice")
         terms.append(term)
     return terms
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); inf counts as a value. NaN when empty."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    k = (len(xs) - 1) * p / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(xs) - 1)
-    if xs[hi] == math.inf:  # avoid inf - inf; interpolating towards inf is inf
-        return xs[lo] if k == lo else math.inf
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)

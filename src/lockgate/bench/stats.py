@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from lockgate.bench.record import CANCELLED, ERROR, OK, REJECTED, RequestRecord
-from lockgate.bench.slo import SLOTerm, percentile
+from lockgate.bench.slo import SLOTerm
+from lockgate.stats import percentile
 
 PERCENTILES = (50, 90, 95, 99)
 

@@ -106,7 +106,7 @@ class EngineConfig:
     model: str | None = None  # None: the embedded default model
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    load_format: str = "auto"  # auto | dummy (random weights from a config) | fake (no model: fake_runner.py)
+    load_format: str = "auto"  # auto | dummy (random weights from a config) | fake (no model: core/fake_runner.py)
     # load_format="fake" only: seconds each engine step sleeps (one sleep per step, shared by the batch).
     fake_step_delay_s: float = 0.0
     # load_format="fake" only: seconds per token computed in a step (prefill or decode), added to
@@ -172,6 +172,11 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto', 'dummy' or 'fake', got {self.load_format!r}")
         _check_seconds("fake_step_delay_s", self.fake_step_delay_s)
         _check_seconds("fake_token_delay_s", self.fake_token_delay_s)
+
+
+def checkpoint_load_format(load_format: str) -> str:
+    """What to pass the loader: "fake" reads the real checkpoint lazily (config + tokenizer only)."""
+    return "auto" if load_format == "fake" else load_format
 
 
 def _check_seconds(name: str, value: object) -> None:

@@ -1,15 +1,16 @@
 """LLMEngine: input processing + engine core + output processing in one process.
 
 What the offline `LLM` drives. The server runs the same three parts split across
-two processes (`core.py` and `client.py`).
+two processes (`core/proc.py` and `frontend/client.py`).
 """
 from __future__ import annotations
 
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.engine_core import EngineCore
-from lockgate.engine.output_processor import OutputProcessor
-from lockgate.engine.outputs import EngineStats, RequestOutput
-from lockgate.engine.processor import InputProcessor
+from lockgate.engine.core.engine_core import EngineCore
+from lockgate.engine.frontend.input_processor import InputProcessor
+from lockgate.engine.frontend.output_processor import OutputProcessor
+from lockgate.engine.messages import EngineStats
+from lockgate.engine.outputs import RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
 
 

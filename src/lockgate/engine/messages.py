@@ -1,15 +1,89 @@
-"""Wire messages between the API process and the engine-core process.
+"""Wire messages between the API process and the engine-core process, and their payloads.
 
 Every message is a tagged msgspec Struct, encoded with msgpack: the receiving
 side decodes into exactly these types (no pickle, nothing executable crosses a
-socket). Request and output payloads reuse the dataclasses in `outputs.py`.
+socket). The payloads (`EngineCoreRequest`, `EngineCoreOutput`, `TokenLogprob`,
+`EngineStats`) are plain dataclasses that msgspec encodes directly; the offline
+`LLMEngine` passes the same types between its parts in one process.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 import msgspec
 
 from lockgate.engine.config import EngineConfig, ModelConfig
-from lockgate.engine.outputs import EngineCoreOutput, EngineCoreRequest, EngineStats
+from lockgate.engine.sampling_params import SamplingParams
+from lockgate.engine.step_stats import HistogramCounts
+
+# ---- payloads -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class EngineCoreRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int = 0  # lower value is served first under the priority policy
+    cache_salt: str | None = None  # joins the prefix-cache hash chain (per tenant)
+    # For n > 1 the frontend fans out to child requests; siblings wait until this one has
+    # its prompt in the cache, so all n share the prompt's KV blocks.
+    share_prefix_with: str | None = None
+    # Fair share between tenants (priority policy): service is charged to `tenant`, divided by
+    # `tenant_weight` (> 0; a tenant of weight 2 gets twice the share of one of weight 1).
+    tenant: str = ""
+    tenant_weight: float = 1.0
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """Logprob of the sampled token and the top-N alternatives (token id -> logprob)."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """What one step produced for one request: new token ids only (deltas)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # None | "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
+    # First output only: (entered the core, first scheduled), on the core's monotonic clock.
+    start_times: tuple[float, float] | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_waiting_tokens: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float  # fraction of blocks referenced by live requests
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
+    num_preemptions: int
+    # Cumulative since the core started (step_stats.py buckets): seconds per step, tokens per step.
+    step_seconds: HistogramCounts | None = None
+    iteration_tokens: HistogramCounts | None = None
+
+
+def check_tenant(tenant: object, tenant_weight: object) -> None:
+    """The fair-share fields of a request (checked on both sides: they cross a socket)."""
+    if not isinstance(tenant, str):
+        raise ValueError(f"tenant must be a string, got {type(tenant).__name__}")
+    if not (isinstance(tenant_weight, (int, float)) and not isinstance(tenant_weight, bool)
+            and math.isfinite(tenant_weight) and tenant_weight > 0):
+        raise ValueError(f"tenant_weight must be a finite number > 0, got {tenant_weight!r}")
+
+
 
 # ---- API process -> engine core ---------------------------------------------------
 

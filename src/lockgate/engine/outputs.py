@@ -1,69 +1,12 @@
-"""Messages between engine core and its users, and the public output types.
+"""The engine's public outputs: what `LLM.generate` and the API process's streams yield.
 
-Core messages are plain dataclasses that msgspec encodes directly, so the same
-types cross the ZeroMQ socket between the API process and the engine process.
+`RequestOutput` (one request, its `CompletionOutput`s and engine timelines),
+`RequestTimes` and `Logprob`. The payloads that cross the socket between the
+API process and the engine core are in `messages.py`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from lockgate.engine.sampling_params import SamplingParams
-from lockgate.engine.step_stats import HistogramCounts
-
-
-@dataclass(slots=True)
-class EngineCoreRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-    priority: int = 0  # lower value is served first under the priority policy
-    cache_salt: str | None = None  # joins the prefix-cache hash chain (per tenant)
-    # For n > 1 the frontend fans out to child requests; siblings wait until this one has
-    # its prompt in the cache, so all n share the prompt's KV blocks.
-    share_prefix_with: str | None = None
-    # Fair share between tenants (priority policy): service is charged to `tenant`, divided by
-    # `tenant_weight` (> 0; a tenant of weight 2 gets twice the share of one of weight 1).
-    tenant: str = ""
-    tenant_weight: float = 1.0
-
-
-@dataclass(slots=True)
-class TokenLogprob:
-    """Logprob of the sampled token and the top-N alternatives (token id -> logprob)."""
-
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class EngineCoreOutput:
-    """What one step produced for one request: new token ids only (deltas)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # None | "stop" | "length" | "abort"
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
-    # First output only: (entered the core, first scheduled), on the core's monotonic clock.
-    start_times: tuple[float, float] | None = None
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_waiting_tokens: int
-    num_free_blocks: int
-    num_total_blocks: int
-    kv_cache_usage: float  # fraction of blocks referenced by live requests
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens found
-    num_preemptions: int
-    # Cumulative since the core started (step_stats.py buckets): seconds per step, tokens per step.
-    step_seconds: HistogramCounts | None = None
-    iteration_tokens: HistogramCounts | None = None
 
 
 @dataclass(slots=True)

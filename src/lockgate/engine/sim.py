@@ -13,17 +13,17 @@ step is scheduled and run. A request finishes with `output_len` tokens (no EOS).
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.kv_cache import KVCacheManager
-from lockgate.engine.outputs import EngineCoreRequest
-from lockgate.engine.request import Request, RequestStatus
+from lockgate.engine.core.kv_cache import KVCacheManager
+from lockgate.engine.core.request import Request, RequestStatus
+from lockgate.engine.core.scheduler import Scheduler
+from lockgate.engine.messages import EngineCoreRequest
 from lockgate.engine.sampling_params import SamplingParams
-from lockgate.engine.scheduler import Scheduler
+from lockgate.stats import percentile
 
 
 @dataclass(slots=True)
@@ -87,17 +87,6 @@ class SimStep:
     decoding: list[str]  # running requests that were waiting for their next token at start_s
     preempted: list[str]
     num_prefill_tokens: int
-
-
-def percentile(values: Iterable[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between closest ranks (numpy's default)."""
-    xs = sorted(values)
-    if not xs:
-        raise ValueError("percentile of no values")
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 @dataclass(slots=True)

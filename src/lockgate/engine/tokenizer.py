@@ -215,13 +215,6 @@ class Tokenizer:
             unk_token_id=tid("unk_token"),
         )
 
-    @classmethod
-    def from_gguf_metadata(cls, fields: Any) -> Tokenizer:
-        """From a `gguf.GGUFReader` or its `.fields` mapping (llama.cpp key names)."""
-        from lockgate.engine.loader.gguf_tokenizer import tokenizer_from_gguf
-
-        return tokenizer_from_gguf(getattr(fields, "fields", fields))
-
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
@@ -260,6 +253,15 @@ def _spec(component: Any) -> dict[str, Any] | None:
 
 def _parts(spec: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return list(spec.get(key, [])) if spec.get("type") == "Sequence" else [spec]
+
+
+def _replace_keeps_length(part: dict[str, Any]) -> bool:
+    """A `Replace` normalizer of a literal string by one at least as long (SentencePiece's
+    " " -> "\u2581"): no text vanishes. A regex pattern may match anything: not known to keep."""
+    pattern = part.get("pattern")
+    literal = pattern.get("String") if isinstance(pattern, dict) else None
+    content = part.get("content")
+    return isinstance(literal, str) and isinstance(content, str) and 0 < len(literal) <= len(content)
 
 
 def _shrink_factor(normalizer: Any) -> int | None:

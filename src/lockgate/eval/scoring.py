@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from lockgate.eval.agreement import FIRST_TOKENS, first_tokens_match, token_agreement
 from lockgate.eval.data import Question
-from lockgate.lifecycle.stats import FIRST_TOKENS, first_tokens_match, token_agreement
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

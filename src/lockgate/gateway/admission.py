@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lockgate.engine.queue_view import DrainRate, QueueView
+from lockgate.engine.frontend.queue_view import DrainRate, QueueView
 from lockgate.gateway.classes import ClassTable, PriorityClass
 from lockgate.errors import APIError
 

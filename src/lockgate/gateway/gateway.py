@@ -1,9 +1,10 @@
-"""`Gateway`: tenants' keys, limits, budgets and the usage ledger, in front of the engine.
+"""`Gateway`: tenants' keys, limits and budgets in front of the engine; it drives the ledger.
 
 It owns the in-memory state every request consults without touching disk (the
-key ring, rate-limit buckets, budget books, live meters) and the persistent
-store behind it (`lockgate.store`), which it reaches only through the async
-writer. Modes:
+key ring, rate-limit buckets, budget books) and the persistent store behind it
+(`lockgate.store`), which it reaches only through the async writer. Reserving,
+settling, checkpointing and recovering usage is the ledger's (ledger.py); the
+gateway calls it at the right moments. Modes:
 - open (no admin key, no tenants): no keys needed, nothing metered; the
   keyless browser protections of the guard middleware apply;
 - keyed (an admin key is set or tenants exist): every route but the allowlist
@@ -19,19 +20,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lockgate.errors import APIError
 from lockgate.gateway.accounting import Meter
 from lockgate.gateway.auth import KeyRing, Principal
-from lockgate.gateway.tenants import hash_key
 from lockgate.gateway.budget import BudgetBook, period_start
 from lockgate.gateway.lease import Lease
+from lockgate.gateway.ledger import CHECKPOINT_INTERVAL_S, Ledger
 from lockgate.gateway.limits import LimitState, RateLimiter
-from lockgate.errors import APIError
-from lockgate.store.models import RefusalCount, Tenant, UsageRecord
+from lockgate.gateway.tenants import hash_key
+from lockgate.store.models import RefusalCount, Tenant
 
 log = logging.getLogger("lockgate.gateway")
 
 DB_NAME = "lockgate.db"
-CHECKPOINT_INTERVAL_S = 1.0  # streamed tokens reach the on-disk reservation at least this often
 REFRESH_INTERVAL_S = 2.0  # changes made by another process (the CLI) are picked up this fast
 REFUSAL_BUCKET_S = 3600.0  # refused requests are counted per hour (store/schema.py: refusals)
 
@@ -50,13 +51,12 @@ class Gateway:
         self.budgets = BudgetBook()
         self.store = None  # SQLiteStore, opened at start when there is anything to keep
         self.astore = None  # AsyncStore over it
-        self._meters: dict[str, Meter] = {}
+        self.ledger = Ledger(self.budgets, self.count_refusal)
         self._reload_lock = asyncio.Lock()
         self._tenants: dict[str, Tenant] = {}  # the latest of each tenant (budget, prices, limits), by id
         # Refusals counted since the last flush: (tenant, key, status, code, hour) -> count.
         self._refusals: dict[tuple[str, str, int, str, float], int] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending: set[asyncio.Future[None]] = set()
         self._admin_version = -1  # the store's admin version the ring was built from
 
     @property
@@ -71,7 +71,7 @@ class Gateway:
     async def start(self) -> None:
         if self.config.admin_key or self.db_path.exists():
             await asyncio.to_thread(self._open)
-            await self._recover()
+            await self.ledger.recover()
             await self._record_admin_key()
             await self.reload()
         self._tasks = [asyncio.create_task(self._checkpoint_loop(), name="ledger-checkpoints"),
@@ -84,6 +84,7 @@ class Gateway:
         # The directory 0700 and the files 0600, or UnsafeDataDir if open to others (store/files.py).
         self.store = open_store(self.config.data_dir)
         self.astore = AsyncStore(self.store)
+        self.ledger.attach(self.store, self.astore)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -91,10 +92,10 @@ class Gateway:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.ledger.drain()
         await self._flush_refusals()
         if self.astore is not None:
+            self.ledger.detach()
             await self.astore.aclose()
             self.astore = None
         if self.store is not None:
@@ -120,8 +121,7 @@ class Gateway:
             start = period_start(t.budget_period, now)
             # Settlements made so far reach the ledger before it is read; later ones are added by `mark`.
             mark = self.budgets.mark(t.id)
-            if self._pending:
-                await asyncio.gather(*list(self._pending), return_exceptions=True)
+            await self.ledger.drain()
             loads.append((t, start, await self.astore.call(store.spent_usd, t.id, start), mark))
         # Books, tenants and keys change together (no await): admission never sees a new budget with
         # an old period's spend, or the reverse.
@@ -167,28 +167,6 @@ class Gateway:
         if action is not None:
             await self.astore.call(store.append_audit, "system", action, None, detail)
 
-    async def _recover(self) -> None:
-        """Settle what a killed process left: each reservation becomes an `interrupted` usage row."""
-        assert self.astore is not None and self.store is not None
-        store = self.store
-        left = await self.astore.call(store.list_reservations)
-        if not left:
-            return
-        tenants = {t.id: t for t in await self.astore.call(store.list_tenants)}
-        rows = []
-        for r in left:
-            t = tenants.get(r.tenant_id)
-            price = t.price_for(r.model) if t is not None else None
-            cost = price.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens) if price else 0.0
-            rows.append(UsageRecord(
-                request_id=r.request_id, tenant_id=r.tenant_id, key_id=r.key_id, model=r.model,
-                prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                cached_tokens=r.cached_tokens, queue_time_s=None, ttft_s=None,
-                e2e_s=max(0.0, r.updated_at - r.created_at), finish_reason="interrupted", status=0,
-                cost_usd=cost, created_at=r.created_at, model_version=r.model_version))
-        await self.astore.settle(rows)
-        log.warning("settled %d request(s) interrupted by the previous shutdown", len(rows))
-
     # ---- per request ----------------------------------------------------------------------
     def authenticate(self, authorization: bytes | None) -> Principal:
         return self.ring.authenticate(authorization)
@@ -198,8 +176,8 @@ class Gateway:
         if principal.tenant is None or self.astore is None:
             return None
         meter = Meter(request_id, principal)
-        self._meters[request_id] = meter
-        lease.hold(lambda outcome: self._settle(meter, lease.status, outcome, lease.code))
+        self.ledger.open(meter)
+        lease.hold(lambda outcome: self.ledger.settle(meter, lease.status, outcome, lease.code))
         return meter
 
     def latest(self, tenant: Tenant) -> Tenant:
@@ -255,27 +233,19 @@ class Gateway:
                 if x is not None and x.limits.max_tokens is not None]
         return min(caps) if caps else None
 
-    def admit(self, lease: Lease, meter: Meter, prompt_tokens: int, worst_completion_tokens: int) -> None:
-        """Tokens per minute, concurrency and budget: all taken or none (429); each given back on
-        release. (The request unit of rpm was charged on arrival: `charge_request`.)"""
+    def reserve(self, lease: Lease, meter: Meter, prompt_tokens: int, worst_completion_tokens: int) -> None:
+        """Reserve a request's limits and budget: tokens per minute, concurrency and the worst-case
+        cost (in the ledger), all taken or none (429); each given back on release. (The request unit
+        of rpm was charged on arrival: `charge_request`.)"""
         assert meter.principal.tenant is not None
         tenant = self.latest(meter.principal.tenant)
         now = time.time()
         states = self.limit_states(meter.principal, now)
         self.limiter.check(states, prompt_tokens, now)
-        price = tenant.price_for(meter.model)
-        cost = price.cost(prompt_tokens, worst_completion_tokens)
-        self.budgets.roll(tenant.id, tenant.budget_period, now)
-        self.budgets.reserve(tenant, cost)  # raises when it does not fit: nothing taken yet
+        self.ledger.reserve(meter, tenant, prompt_tokens, worst_completion_tokens, now)  # raises: nothing taken
         self.limiter.take(states, prompt_tokens)
-        meter.prompt_tokens = prompt_tokens
-        meter.reserved_usd = cost
-        meter.price = price  # settled at the prices it was reserved at
         meter.limit_states = states
         lease.hold(lambda _outcome: self.limiter.release(states))
-        # On disk before the first token is sent (the routes await it before answering).
-        assert self.astore is not None
-        meter.reservation = asyncio.ensure_future(self.astore.add_reservations([meter.reservation_row()]))
 
     def on_tokens(self, meter: Meter, n: int, cached: int) -> None:
         meter.on_tokens(n, cached)
@@ -288,37 +258,6 @@ class Gateway:
         now = time.time()
         return self.limiter.headers(self.limit_states(principal, now), now)
 
-    def _settle(self, meter: Meter, status: int, outcome: str, code: str | None = None) -> None:
-        """Exactly once per request: release the budget hold, queue the usage row. A request refused
-        before admission (nothing reserved, nothing generated) is counted instead (`count_refusal`)."""
-        if meter.settled:
-            return
-        meter.settled = True
-        self._meters.pop(meter.request_id, None)
-        if meter.skip:
-            return
-        if meter.reservation is None and meter.completion_tokens == 0:
-            self.count_refusal(meter.principal, status, code, meter.created_at)
-            return
-        row = meter.usage_row(status, outcome)
-        if meter.principal.tenant is not None:
-            self.budgets.settle(meter.principal.tenant.id, meter.reserved_usd, row.cost_usd, time.time())
-        if self.astore is None:
-            return
-        fut = asyncio.ensure_future(self._write_settle(meter, row))
-        self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
-
-    async def _write_settle(self, meter: Meter, row: UsageRecord) -> None:
-        if meter.reservation is not None:  # the row replaces the reservation: it must be there first
-            with contextlib.suppress(Exception):
-                await meter.reservation
-        assert self.astore is not None
-        try:
-            await self.astore.settle([row])
-        except Exception:  # noqa: BLE001 - the reservation stays on disk: settled as interrupted at restart
-            log.exception("could not write the usage row of %s", row.request_id)
-
     # ---- background -------------------------------------------------------------------------
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -326,17 +265,7 @@ class Gateway:
             if self.astore is None:
                 continue
             await self._flush_refusals()
-            updates = []
-            for m in list(self._meters.values()):
-                if (m.reservation is not None and m.reservation.done() and not m.settled
-                        and m.completion_tokens != m.checkpointed):
-                    updates.append((m.request_id, m.completion_tokens, m.cached_tokens))
-                    m.checkpointed = m.completion_tokens
-            if updates:
-                try:
-                    await self.astore.checkpoint_reservations(updates)
-                except Exception:  # noqa: BLE001 - retried next second
-                    log.exception("checkpointing streamed tokens failed")
+            await self.ledger.checkpoint()
 
     async def _refresh_loop(self) -> None:
         """Pick up changes made by another process (the CLI): the store's admin version moved."""

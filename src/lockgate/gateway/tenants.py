@@ -24,13 +24,14 @@ import time
 import unicodedata
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 
+from lockgate.bodies import parse_body
+from lockgate.errors import APIError, bad_request, field_error
 from lockgate.gateway.admin_scope import AdminReach
 from lockgate.gateway.classes import DEFAULT_CLASS_NAMES
-from lockgate.errors import APIError, bad_request, validation_error
 from lockgate.store.base import DuplicateName, Store
 from lockgate.store.models import ApiKey, Limits, Price, Tenant, UsageQuery
 
@@ -215,33 +216,6 @@ class GlobalKeyCreate(BaseModel):
 _LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "max_tokens")
 _DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": "standard", "weight": 1.0, "budget_period": "month", "prices": {}}
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def _body_error(errors: list[dict[str, Any]]) -> APIError:
-    if not errors or errors[0].get("type") == "json_invalid" or not errors[0].get("loc"):
-        return validation_error(errors)
-    first = errors[0]
-    param = ".".join(str(p) for p in first["loc"])
-    msg = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid value")
-    msg = msg.removeprefix("Value error, ")  # our own validators' messages read as they are
-    return bad_request(f"{param}: {msg}", param=param, code="invalid_value")
-
-
-def parse_body(model: type[M], body: Mapping[str, Any] | bytes | str | None) -> M:
-    """A request body (parsed JSON or raw bytes) -> the model, or a 400 naming the first bad field."""
-    try:
-        if isinstance(body, (bytes, bytearray, str)):
-            return model.model_validate_json(body)
-        if body is None:
-            body = {}
-        if not isinstance(body, Mapping):
-            raise bad_request("the request body must be a JSON object")
-        return model.model_validate(dict(body))
-    except ValidationError as e:
-        raise _body_error(list(e.errors(include_url=False))) from None
-
-
 # ---------------------------------------------------------------- JSON views
 
 
@@ -317,7 +291,7 @@ class AdminService:
     # -------------------------------------------------------------- tenants
     def create_tenant(self, body: Mapping[str, Any] | bytes | str, *, actor: str) -> dict[str, Any]:
         self.reach.require_global("creating a tenant")
-        req = parse_body(TenantCreate, body)
+        req = parse_body(TenantCreate, body, errors=field_error)
         self._check_class(req.priority)
         t = Tenant(id=new_id("ten_"), name=req.name, models=req.models if req.models is not None else ["*"],
                    limits=Limits(req.rpm, req.tpm, req.max_concurrency, req.max_tokens),
@@ -346,7 +320,7 @@ class AdminService:
         return {"object": "list", "data": [tenant_json(t) for t in tenants]}
 
     def update_tenant(self, tenant_id: str, body: Mapping[str, Any] | bytes | str, *, actor: str) -> dict[str, Any]:
-        req = parse_body(TenantPatch, body)
+        req = parse_body(TenantPatch, body, errors=field_error)
         self._check_class(req.priority)
         t = self._tenant(tenant_id)
         self.reach.check_tenant_patch(req.model_fields_set)
@@ -392,7 +366,7 @@ class AdminService:
     def create_key(self, tenant_id: str, body: Mapping[str, Any] | bytes | str | None, *,
                    actor: str) -> dict[str, Any]:
         """The new key's JSON with the plaintext `"key"`: the only time it is ever shown."""
-        req = parse_body(KeyCreate, body)
+        req = parse_body(KeyCreate, body, errors=field_error)
         expires = _future_time(req.expires_at)
         t = self._tenant(tenant_id)
         limits = Limits(req.rpm, req.tpm, req.max_concurrency, req.max_tokens)
@@ -402,7 +376,7 @@ class AdminService:
     def create_global_key(self, body: Mapping[str, Any] | bytes | str | None, *, actor: str) -> dict[str, Any]:
         """A key bound to no tenant (admin and/or metrics scope); shown once, like any key."""
         self.reach.require_global("creating a key with no tenant")
-        req = parse_body(GlobalKeyCreate, body)
+        req = parse_body(GlobalKeyCreate, body, errors=field_error)
         return self._new_key(None, req.name, list(req.scopes), Limits(), _future_time(req.expires_at), actor)
 
     def _new_key(self, tenant_id: str | None, name: str, scopes: list[str], limits: Limits,

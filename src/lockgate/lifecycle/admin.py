@@ -15,14 +15,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lockgate.engine.client import EngineUnavailableError
+from lockgate.bodies import parse_body
 from lockgate.engine.config import EngineConfig
-from lockgate.gateway.tenants import parse_body
+from lockgate.engine.errors import EngineUnavailableError
 from lockgate.lifecycle.registry import Model, ModelRegistry
 from lockgate.lifecycle.settings import MAX_MODELS, MAX_VERSIONS, ModelPatch, ShadowConfig, check_traffic
 from lockgate.lifecycle.spec import ENGINE_OPTION_NAMES, GateSpec, VersionSpec, validate
 from lockgate.lifecycle.version import ModelVersion, State
-from lockgate.errors import APIError, bad_request, unavailable
+from lockgate.errors import APIError, bad_request, field_error, unavailable
 
 log = logging.getLogger("lockgate.lifecycle")
 
@@ -138,7 +138,7 @@ class ModelAdmin:
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
         known = {k: v for k, v in body.items() if k in LOAD_FIELDS}
-        parsed = parse_body(LoadBody, known)
+        parsed = parse_body(LoadBody, known, errors=field_error)
         gate = None
         if parsed.gate is True:
             gate = GateSpec()
@@ -164,7 +164,7 @@ class ModelAdmin:
 
     # ---- change ------------------------------------------------------------------------
     async def patch(self, name: str, raw: bytes, actor: str) -> dict[str, Any]:
-        body = parse_body(ModelPatch, raw)
+        body = parse_body(ModelPatch, raw, errors=field_error)
         given = body.model_fields_set
         if not given:
             raise bad_request("nothing to change: send traffic, shadow and/or rollback")

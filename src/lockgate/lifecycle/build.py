@@ -1,23 +1,22 @@
 """Putting the server's models together at start-up: the versions `lockgate serve` was given
 (`--model`, `--config`, or the one model of old), the registry over them, its admin and metrics.
 
-The first version's engine is the `ServerContext`'s own client and admission queue, so a
-server with one model runs exactly as before; every other version gets its own.
+Every version gets its own engine client and admission queue (registry.py); the first one
+keeps the server's engine test hooks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lockgate.engine.config import EngineConfig
 from lockgate.lifecycle.admin import ModelAdmin
 from lockgate.lifecycle.metrics import VersionCollector
 from lockgate.lifecycle.models_config import ModelSettings
-from lockgate.lifecycle.registry import ModelRegistry
+from lockgate.gateway.gateway import Gateway
+from lockgate.lifecycle.registry import EngineOptions, ModelRegistry
 from lockgate.lifecycle.spec import DEFAULT_PATH, VersionSpec, validate
-
-if TYPE_CHECKING:
-    from lockgate.server.context import ServerContext
+from lockgate.observability.metrics import ServerMetrics
 
 
 @dataclass(slots=True)
@@ -68,30 +67,27 @@ def plan_from_args(models: list[str], config: str | None, served_names: list[str
     return plan
 
 
-def build_registry(ctx: ServerContext, plan: ModelPlan, base: EngineConfig) -> tuple[ModelRegistry, ModelAdmin]:
-    """Register every planned version (nothing starts until `registry.start()`); the first one
-    runs on `ctx.client`. Raises ValueError for a bad version spec."""
+def build_registry(plan: ModelPlan, base: EngineConfig, options: EngineOptions, metrics: ServerMetrics,
+                   gateway: Gateway) -> tuple[ModelRegistry, ModelAdmin]:
+    """Register every planned version (nothing starts until `registry.start()`). Raises ValueError
+    for a bad version spec."""
 
     async def audit(actor: str, action: str, target: str, details: dict[str, Any]) -> None:
-        gw = ctx.gateway
-        if gw.astore is None or gw.store is None:
+        if gateway.astore is None or gateway.store is None:
             return  # open mode without a store: nothing to append to
-        store = gw.store
-        await gw.astore.call(store.append_audit, actor, action, target, details)
+        store = gateway.store
+        await gateway.astore.call(store.append_audit, actor, action, target, details)
 
-    registry = ModelRegistry(ctx, audit)
+    registry = ModelRegistry(options, metrics, audit)
     for i, spec in enumerate(plan.specs):
-        if i == 0:
-            version = registry.new_version(spec, ctx.engine_config, ctx.client, ctx.admission)
-        else:
-            version = registry.new_version(spec, validate(spec, base))
+        config = plan.first_engine_config(base) if i == 0 else validate(spec, base)
         if spec.name in registry.models and spec.version in registry.models[spec.name].versions:
             raise ValueError(f"{spec.ref} is listed twice")
-        registry.register(version)
+        registry.register(registry.new_version(spec, config))
     for name, s in plan.settings.items():
         model = registry.models[name]
         model.shadow, model.rules = s.shadow, s.rules
         for v in model.versions.values():
             v.stats.window = s.rules.window
-    ctx.metrics.registry.register(VersionCollector(registry))
+    metrics.registry.register(VersionCollector(registry))
     return registry, ModelAdmin(registry, base)

@@ -12,7 +12,7 @@ import asyncio
 import time
 from typing import Any
 
-from lockgate.engine.client import AsyncEngineClient
+from lockgate.engine.frontend.client import AsyncEngineClient
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.eval import data, scoring
 from lockgate.eval.offline import ANSWER_TOKENS

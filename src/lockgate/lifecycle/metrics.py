@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from lockgate.engine.client import EngineState
+from lockgate.engine.frontend.supervisor import EngineState
 from lockgate.engine.step_stats import HistogramCounts
 from lockgate.lifecycle.registry import ModelRegistry
 from lockgate.lifecycle.stats import LATENCY_BUCKETS

@@ -2,22 +2,22 @@
 release settings (traffic split, shadow, rollback rules); routing a request to a version.
 
 A request names `NAME` (follows the sticky traffic split, gateway/routing.py) or
-`NAME@VERSION` (pins it). The chosen version is bound into a per-request view of the
-`ServerContext` (`bind`): the same routes then tokenize, check, admit (the version's own
-admission queue) and submit against that version's engine without knowing there are
-several. Admin changes (admin.py) go through `set_traffic`, `set_shadow`, `add`, `remove`.
+`NAME@VERSION` (pins it). `route` answers with the request's `Target` (target.py): the
+chosen version's engine, config and admission queue, which the request pipeline then
+tokenizes, checks, sheds and submits against without knowing there are several. Admin
+changes (admin.py) go through `set_traffic`, `set_shadow`, `add`, `remove`.
 """
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lockgate.engine.client import AsyncEngineClient, EngineStartError
+from lockgate.engine.errors import EngineStartError
+from lockgate.engine.frontend.client import AsyncEngineClient
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.gateway.admission import Admission, AdmissionPolicy, QueueBounds
@@ -27,19 +27,30 @@ from lockgate.lifecycle.gate import run_gate
 from lockgate.lifecycle.settings import RollbackRules, ShadowConfig
 from lockgate.lifecycle.shadow import ShadowRunner
 from lockgate.lifecycle.spec import VersionSpec
-from lockgate.lifecycle.stats import Outcome, ShadowStats
-from lockgate.lifecycle.tap import OnEnd, VersionClient
+from lockgate.lifecycle.stats import OnEnd, Outcome, ShadowStats
+from lockgate.lifecycle.target import Target
 from lockgate.lifecycle.version import ModelVersion, State
 from lockgate.errors import model_not_found, unavailable
-
-if TYPE_CHECKING:
-    from lockgate.server.context import ServerContext
+from lockgate.gateway.classes import ClassTable
+from lockgate.observability.metrics import ServerMetrics
 
 log = logging.getLogger("lockgate.lifecycle")
 
 # (actor, action, target, details) -> the audit record is on disk
 Audit = Callable[[str, str, str, dict[str, Any]], Awaitable[None]]
 MAX_ROLLBACK_HISTORY = 20
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """What the server's configuration says about every version's engine and admission queue."""
+
+    classes: ClassTable
+    slo_admission: bool = True
+    max_queued_requests: int = 256
+    max_queued_tokens: int = 262_144
+    startup_timeout_s: float = 600.0
+    stall_timeout_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -69,32 +80,28 @@ class Model:
 
 
 class ModelRegistry:
-    def __init__(self, ctx: ServerContext, audit: Audit) -> None:
-        self.ctx = ctx
+    def __init__(self, options: EngineOptions, metrics: ServerMetrics, audit: Audit) -> None:
+        self.options = options
+        self.metrics = metrics
         self.audit = audit
         self.models: dict[str, Model] = {}
         self._names: dict[str, str] = {}  # served name or alias -> model name
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.lowest_priority = len(ctx.config.classes.names) - 1  # shadows and gates: the lowest class
+        self.lowest_priority = len(options.classes.names) - 1  # shadows and gates: the lowest class
         self.shadows = ShadowRunner(self.lowest_priority)
         self.on_rollback: list[Callable[[str, str, str], None]] = []  # (model, version, rule): metrics
 
     # ---- building ----------------------------------------------------------------------
-    def new_version(self, spec: VersionSpec, engine_config: EngineConfig, client: AsyncEngineClient | None = None,
-                    admission: Admission | None = None) -> ModelVersion:
-        """A version with its own engine client and admission queue (given ones: the server's first)."""
-        cfg = self.ctx.config
-        if client is None:
-            client = AsyncEngineClient(engine_config, startup_timeout_s=cfg.engine_startup_timeout_s,
-                                       stall_timeout_s=cfg.engine_stall_timeout_s)
-            self._share_tokenizer(client)
-        if admission is None:
-            metrics = self.ctx.metrics
-            policy = AdmissionPolicy(cfg.classes, slo=cfg.slo_admission,
-                                     fcfs=engine_config.scheduling_policy == "fcfs",
-                                     aging_s=engine_config.priority_aging_s)
-            admission = Admission(QueueBounds(cfg.max_queued_requests, cfg.max_queued_tokens), client.queue, policy,
-                                  metrics.reject, lambda: metrics.ttft_ema_s)
+    def new_version(self, spec: VersionSpec, engine_config: EngineConfig) -> ModelVersion:
+        """A version with its own engine client and admission queue (nothing starts yet)."""
+        opts, metrics = self.options, self.metrics
+        client = AsyncEngineClient(engine_config, startup_timeout_s=opts.startup_timeout_s,
+                                   stall_timeout_s=opts.stall_timeout_s)
+        self._share_tokenizer(client)
+        policy = AdmissionPolicy(opts.classes, slo=opts.slo_admission, fcfs=engine_config.scheduling_policy == "fcfs",
+                                 aging_s=engine_config.priority_aging_s)
+        admission = Admission(QueueBounds(opts.max_queued_requests, opts.max_queued_tokens), client.queue, policy,
+                              metrics.reject, lambda: metrics.ttft_ema_s)
         version = ModelVersion(spec, engine_config, client, admission)
         version.client.on_restart = lambda: log.warning("engine core of %s restarted (%d restarts so far)",
                                                         spec.ref, version.client.num_restarts)
@@ -103,7 +110,7 @@ class ModelRegistry:
     def _share_tokenizer(self, client: AsyncEngineClient) -> None:
         """A checkpoint some version already serves: take its tokenizer instead of loading it again in
         this process (that holds the GIL for seconds: every stream's latency would show it)."""
-        from lockgate.engine.fake_runner import checkpoint_load_format
+        from lockgate.engine.config import checkpoint_load_format
 
         cfg = client.config
         for v in self.versions():
@@ -208,15 +215,14 @@ class ModelRegistry:
                               retry_after_s=5)
         return model.versions[chosen]
 
-    def bind(self, ctx: ServerContext, version: ModelVersion) -> ServerContext:
-        """`ctx` as one request routed to `version` sees it: that version's engine, config, admission."""
-        view = copy.copy(ctx)
-        view.client = VersionClient(version, self._on_outcome, self._mirror)  # type: ignore[assignment]
-        view.engine_config = version.engine_config
-        view.admission = version.admission
-        model = self.models[version.name]
-        view.model_names = [model.name, *model.aliases]
-        return view
+    def route(self, requested: str | None, key: str | None, may_use: Callable[[str], None]) -> Target:
+        """The target of one request: the model its `model` field names (404 when unknown), the
+        caller's right to it (`may_use(model name)` raises: checked before any version's state can
+        show), then the pinned version or the split's, sticky on `key`."""
+        model, pinned = self.resolve(requested)
+        may_use(model.name)
+        version = self.pick(model, pinned, key)
+        return Target(version, (model.name, *model.aliases), self._on_outcome, self._mirror)
 
     # ---- observing ----------------------------------------------------------------------
     def _on_outcome(self, version: ModelVersion, outcome: Outcome) -> None:

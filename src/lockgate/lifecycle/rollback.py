@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lockgate.lifecycle.settings import RollbackRules
-from lockgate.lifecycle.stats import ShadowStats, VersionStats, percentile
+from lockgate.lifecycle.stats import ShadowStats, VersionStats
+from lockgate.stats import percentile
 
 
 @dataclass(slots=True)
@@ -74,7 +75,7 @@ def _canary(rules: RollbackRules, version: str, s: VersionStats, base: VersionSt
                                               "requests": n, "errors": sum(not o.ok for o in s.recent)})
     if rules.max_ttft_p95_ratio is None or base is None or base.window_requests < rules.min_requests:
         return None
-    mine, theirs = percentile(s.ttfts(), 95), percentile(base.ttfts(), 95)
+    mine, theirs = percentile(s.ttfts(), 95, empty=None), percentile(base.ttfts(), 95, empty=None)
     if mine is None or theirs is None:
         return None
     if mine > rules.max_ttft_p95_ratio * theirs and mine - theirs > rules.min_ttft_delta_s:

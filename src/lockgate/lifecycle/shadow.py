@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 
 from lockgate.engine.sampling_params import SamplingParams
+from lockgate.eval.agreement import first_tokens_match, token_agreement
 from lockgate.lifecycle.settings import ShadowConfig
-from lockgate.lifecycle.stats import Outcome, Pair, ShadowStats, first_tokens_match, token_agreement
-from lockgate.lifecycle.tap import OnEnd, StreamWatch
+from lockgate.lifecycle.stats import OnEnd, Outcome, Pair, ShadowStats, outcome_of
 from lockgate.lifecycle.version import ModelVersion
+from lockgate.observability.record import RequestRecord
 
 log = logging.getLogger("lockgate.lifecycle")
 
@@ -82,32 +84,37 @@ class ShadowRunner:
             log.debug("shadow request to %s not sent: %s", shadow.spec.ref, exc)
             stats.dropped += 1
             return None
+        record = RequestRecord(f"{request_id}.shadow", "shadow")  # timed as primaries are, from submission
         stats.sent += 1
         self.in_flight[model] = self.in_flight.get(model, 0) + 1
         release = shadow.enter()  # an unload drains shadows too
         pairing = _Pairing(params.temperature == 0, stats, on_pair)
-        result: list[tuple[Outcome, list[int]]] = []
-        watch = StreamWatch([lambda outcome, ids: outcome is not None and result.append((outcome, ids))])
-        task = asyncio.get_running_loop().create_task(self._consume(model, stream, watch, release))
-        task.add_done_callback(lambda _t: result and pairing.shadow_done(*result[0]))
+        task = asyncio.get_running_loop().create_task(self._consume(model, stream, record, pairing, release))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return pairing.primary_done
 
-    async def _consume(self, model: str, stream, watch: StreamWatch,  # noqa: ANN001
+    async def _consume(self, model: str, stream, record: RequestRecord, pairing: _Pairing,  # noqa: ANN001
                        release: Callable[[str], None]) -> None:
+        ok = False
+        ids: list[int] = []
         try:
             async for out in stream:
-                watch.observe(out)
+                record.observe(out, time.monotonic())
+                for c in out.outputs:
+                    if c.index == 0:
+                        ids = c.token_ids
                 if out.finished:
-                    watch.end(True)
-            watch.end(False)  # ended with no finished output: cut short (drain, restart)
+                    ok = True
+                    break
+            # no finished output: cut short (drain, restart), a failure
         except Exception:  # noqa: BLE001 - an error is a figure, not a failure
-            watch.end(False)
+            ok = False
         finally:
             stream.abort()
             self.in_flight[model] = max(0, self.in_flight.get(model, 0) - 1)
             release("shadow")
+        pairing.shadow_done(outcome_of(record, ok), list(ids))
 
     async def close(self) -> None:
         for t in list(self._tasks):

@@ -1,5 +1,7 @@
 """Per-version request outcomes and shadow comparison figures, over a sliding window.
 
+Token agreement itself is `eval/agreement.py` (shared with `lockgate eval`).
+
 Rollback rules (rollback.py) read the window: the last `window` requests of a
 version, so an old incident ages out and a canary is judged on what it does now.
 Totals since the version was loaded feed /metrics (histogram buckets as
@@ -7,24 +9,16 @@ step_stats.HistogramCounts, which the Prometheus collector renders).
 """
 from __future__ import annotations
 
-import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lockgate.engine.step_stats import HistogramCounts
+from lockgate.observability.record import RequestRecord
+from lockgate.stats import percentile
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DEFAULT_WINDOW = 200
-FIRST_TOKENS = 32  # the greedy prefix compared for an exact match
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in [0, 100]); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
-    return ordered[k]
 
 
 @dataclass(slots=True)
@@ -34,7 +28,21 @@ class Outcome:
     tpot_s: float | None = None  # mean time per output token after the first
 
 
-def _rnd(x: float | None) -> float | None:
+# (outcome, final token ids of choice 0) -> None; outcome None: given up by its client (not judged)
+OnEnd = Callable[[Outcome | None, list[int]], None]
+
+
+def outcome_of(record: RequestRecord, ok: bool) -> Outcome:
+    """A request's outcome from its record (the request's one clock): TTFT from its submission to
+    the engine, so versions are compared on what their engines do."""
+    since = record.admitted if record.admitted is not None else record.started
+    ttft = None if record.first_token is None else record.first_token - since
+    return Outcome(ok, ttft, record.tpot_s)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    """A window's percentile for the JSON figures, rounded; None for no values."""
+    x = percentile(values, q, empty=None)
     return None if x is None else round(x, 6)
 
 
@@ -81,21 +89,8 @@ class VersionStats:
         rate = self.error_rate
         return {"requests_total": self.total, "errors_total": self.errors, "window_requests": len(self.recent),
                 "error_rate": None if rate is None else round(rate, 6),
-                "ttft_p50_s": _rnd(percentile(ttft, 50)), "ttft_p95_s": _rnd(percentile(ttft, 95)),
-                "tpot_p50_s": _rnd(percentile(tpot, 50)), "tpot_p95_s": _rnd(percentile(tpot, 95))}
-
-
-def token_agreement(a: list[int], b: list[int]) -> float:
-    """Fraction of positions where two greedy answers hold the same token (over the longer one;
-    two empty answers agree)."""
-    n = max(len(a), len(b))
-    if n == 0:
-        return 1.0
-    return sum(x == y for x, y in zip(a, b)) / n
-
-
-def first_tokens_match(a: list[int], b: list[int], k: int = FIRST_TOKENS) -> bool:
-    return a[:k] == b[:k]
+                "ttft_p50_s": _pct(ttft, 50), "ttft_p95_s": _pct(ttft, 95),
+                "tpot_p50_s": _pct(tpot, 50), "tpot_p95_s": _pct(tpot, 95)}
 
 
 @dataclass(slots=True)
@@ -150,8 +145,8 @@ class ShadowStats:
             ttft = [o.ttft_s for o in outs if o.ok and o.ttft_s is not None]
             tpot = [o.tpot_s for o in outs if o.ok and o.tpot_s is not None]
             errs = sum(not o.ok for o in outs)
-            return {"ttft_p50_s": _rnd(percentile(ttft, 50)), "ttft_p95_s": _rnd(percentile(ttft, 95)),
-                    "tpot_p50_s": _rnd(percentile(tpot, 50)), "tpot_p95_s": _rnd(percentile(tpot, 95)),
+            return {"ttft_p50_s": _pct(ttft, 50), "ttft_p95_s": _pct(ttft, 95),
+                    "tpot_p50_s": _pct(tpot, 50), "tpot_p95_s": _pct(tpot, 95),
                     "errors": errs, "error_rate": round(errs / len(outs), 6) if outs else None}
 
         agree, first = self.agreement, self.first_match_rate

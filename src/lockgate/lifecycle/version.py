@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any
 
-from lockgate.engine.client import AsyncEngineClient
+from lockgate.engine.frontend.client import AsyncEngineClient
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.gateway.admission import Admission

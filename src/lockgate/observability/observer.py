@@ -8,7 +8,7 @@ live on `tracer` (None unless configured: then no tracer work at all).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from lockgate.gateway.auth import Principal
 from lockgate.gateway.classes import ClassTable
@@ -20,8 +20,18 @@ from lockgate.observability.tracing import RequestTracer, build_tracer
 
 if TYPE_CHECKING:
     from lockgate.gateway.lease import Lease
-    from lockgate.server.config import ServerConfig
-    from lockgate.server.metrics import ServerMetrics
+    from lockgate.observability.metrics import ServerMetrics
+
+
+class ObserverConfig(Protocol):
+    """The settings `Observer.from_config` reads (the server's config has them)."""
+
+    request_log: str  # "json" or "off"
+    request_log_file: str | None
+    log_prompts: bool
+    otel_endpoint: str | None
+    slo_period_s: float
+    metrics_max_tenants: int
 
 
 class Observer:
@@ -34,7 +44,7 @@ class Observer:
         self.tenants = tenants if tenants is not None else TenantLabels()
 
     @classmethod
-    def from_config(cls, config: ServerConfig, metrics: ServerMetrics, classes: ClassTable) -> Observer:
+    def from_config(cls, config: ObserverConfig, metrics: ServerMetrics, classes: ClassTable) -> Observer:
         slo = SloTracker(classes, config.slo_period_s)
         metrics.register_slo(slo)
         log = RequestLogger(config.request_log, config.request_log_file, config.log_prompts)

@@ -1,6 +1,6 @@
 """`RequestRecord`: what one inference request did, from arrival to its last byte.
 
-Opened when an inference route starts (`Gate.open`), filled as the request goes
+Opened when an inference request enters the pipeline (`Pipeline.open`, server/pipeline.py), filled as the request goes
 (class, admission, tokens, the engine's timelines, the HTTP answer), and read
 once when the request ends: the request log line, the SLO verdict, the cost
 counter and the trace spans all come from it. Times are the API process's
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lockgate.engine.outputs import RequestTimes
+from lockgate.engine.outputs import RequestOutput, RequestTimes
 from lockgate.gateway.accounting import finish_reason_of, finish_reason_from_status
 from lockgate.gateway.classes import PriorityClass
 
@@ -57,6 +57,21 @@ class RequestRecord:
     ended: float | None = None
     response_started: float | None = None  # first / last byte of the answer (traces only)
     response_ended: float | None = None
+
+    def observe(self, out: RequestOutput, now: float) -> int:
+        """One engine output: its new tokens (returned) and their time. The one place a request's
+        token times are taken: TTFT, TPOT, the SLO verdict and the versions' stats all read them."""
+        new = 0
+        for c in out.outputs:
+            new += len(c.delta_token_ids)
+            if len(c.token_ids) > self.max_choice_tokens:
+                self.max_choice_tokens = len(c.token_ids)
+        if new:
+            if self.first_token is None:
+                self.first_token = now
+            self.last_token = now
+            self.completion_tokens += new
+        return new
 
     @property
     def class_name(self) -> str:

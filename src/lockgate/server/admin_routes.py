@@ -22,7 +22,7 @@ from starlette.responses import Response
 from lockgate.gateway.admin_scope import AdminReach
 from lockgate.gateway.auth import Principal
 from lockgate.gateway.tenants import AdminService, GlobalKeyCreate, KeyCreate, TenantCreate, TenantPatch
-from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
+from lockgate.server.state import PRINCIPAL_SCOPE_KEY, AppState
 from lockgate.server.errors import APIError, bad_request, json_response
 from lockgate.server.openapi import BODY_ERRORS, GUARDED, SloReport, operation
 
@@ -31,8 +31,8 @@ ADMIN_ERRORS = (*GUARDED, 400, 404)
 TENANT_BODY_ERRORS = (*BODY_ERRORS, 409)  # 409: the name is taken
 
 
-def _ctx(request: Request) -> ServerContext:
-    return request.app.state.ctx
+def _app(request: Request) -> AppState:
+    return request.app.state.lockgate
 
 
 def _principal(request: Request) -> Principal:
@@ -47,11 +47,11 @@ async def _call(request: Request, fn: Callable[[AdminService], Any], *, changes:
                 reach: AdminReach | None = None) -> Any:
     """Run `fn(service)` on the store's writer thread; after a change, rebuild the key ring.
     `reach`: the caller's admin reach unless given (`/v1/usage`: its own tenant)."""
-    gw = _ctx(request).gateway
+    gw = _app(request).gateway
     if gw.astore is None or gw.store is None:
         raise APIError(503, "the store is not open", code="store_unavailable")
     reach = reach or _principal(request).admin_reach
-    service = AdminService(gw.store, class_names=_ctx(request).config.classes.names, reach=reach)
+    service = AdminService(gw.store, class_names=_app(request).config.classes.names, reach=reach)
     result = await gw.astore.call(fn, service)
     if changes:
         await gw.reload()
@@ -177,4 +177,4 @@ async def audit_verify(request: Request) -> Response:
 @admin_router.get("/admin/slo", **operation(ok=SloReport, errors=GUARDED))
 async def admin_slo(request: Request) -> Response:
     _principal(request).admin_reach.require_global("the SLO report")
-    return json_response(_ctx(request).observer.slo.to_json())
+    return json_response(_app(request).observer.slo.to_json())

@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from lockgate.server.state import LEASE_SCOPE_KEY
 from lockgate.errors import (  # noqa: F401 - re-exported for the server's modules
     APIError,
     bad_request,
@@ -20,10 +21,10 @@ from lockgate.errors import (  # noqa: F401 - re-exported for the server's modul
 
 
 def _render(request: Request, err: APIError) -> Response:
-    ctx = getattr(request.app.state, "ctx", None)
-    if ctx is not None:
-        ctx.metrics.error(err.status, err.code)
-    lease = request.scope.get("lockgate.lease")  # context.LEASE_SCOPE_KEY (not imported: a cycle)
+    state = getattr(request.app.state, "lockgate", None)  # the AppState (state.py)
+    if state is not None:
+        state.metrics.error(err.status, err.code)
+    lease = request.scope.get(LEASE_SCOPE_KEY)
     if lease is not None:
         lease.code = err.code  # the request's record tells capacity refusals from client errors
     return err.response()

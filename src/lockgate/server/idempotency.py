@@ -17,8 +17,9 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from lockgate.server.errors import APIError, bad_request
-from lockgate.server.gating import Gate
+from lockgate.errors import APIError, bad_request
+from lockgate.gateway.accounting import Meter
+from lockgate.gateway.gateway import Gateway
 from lockgate.store.models import IdempotencyRecord
 
 HEADER = "idempotency-key"
@@ -29,11 +30,10 @@ def _retryable(status: int) -> bool:
     return status >= 500 or status in (408, 429, 499)
 
 
-async def idempotent(request: Request, gate: Gate, stream: bool, request_id: str,
+async def idempotent(request: Request, gw: Gateway, meter: Meter | None, stream: bool, request_id: str,
                      run: Callable[[], Awaitable[Response]]) -> Response:
     key = request.headers.get(HEADER)
-    gw = gate.ctx.gateway
-    if key is None or gate.meter is None or gw.astore is None:
+    if key is None or meter is None or gw.astore is None:
         return await run()
     if not 1 <= len(key) <= MAX_KEY_LEN or not key.isascii() or not key.isprintable():
         raise bad_request(f"Idempotency-Key must be 1 to {MAX_KEY_LEN} printable ASCII characters",
@@ -41,7 +41,7 @@ async def idempotent(request: Request, gate: Gate, stream: bool, request_id: str
     if stream:
         raise bad_request("Idempotency-Key is supported on non-streaming requests only",
                           param="Idempotency-Key", code="unsupported_parameter")
-    tenant_id = gate.meter.tenant_id
+    tenant_id = meter.tenant_id
     body_hash = hashlib.sha256(await request.body()).hexdigest()
     store, astore = gw.store, gw.astore
     assert store is not None
@@ -57,7 +57,7 @@ async def idempotent(request: Request, gate: Gate, stream: bool, request_id: str
         if rec.status is None or rec.response is None:
             raise APIError(409, "a request with this Idempotency-Key is still in progress; retry later",
                            param="Idempotency-Key", code="idempotency_in_progress", headers={"Retry-After": "1"})
-        gate.meter.skip = True  # already billed by the original request
+        meter.skip = True  # already billed by the original request
         return Response(rec.response, status_code=rec.status, media_type="application/json",
                         headers={"idempotent-replayed": "true"})
     try:

@@ -24,7 +24,7 @@ from lockgate.gateway.classes import ClassTable
 from lockgate.lifecycle.build import plan_from_args
 from lockgate.server.app import build_app, drain
 from lockgate.server.config import ServerConfig
-from lockgate.server.context import ServerContext
+from lockgate.server.state import AppState
 from lockgate.server.http_protocol import protocol_class
 from lockgate.server.origins import is_loopback_name
 from lockgate.store.files import UnsafeDataDir, check_private_dir
@@ -35,9 +35,9 @@ STARTUP_FAILURE = 3  # uvicorn's exit status when the application cannot start
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, ctx: ServerContext, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: AppState, drain_timeout_s: float) -> None:
         super().__init__(config)
-        self.ctx = ctx
+        self.state = state
         self.drain_timeout_s = drain_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -61,7 +61,7 @@ class DrainingServer(uvicorn.Server):
             self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        await drain(self.ctx, self.drain_timeout_s)
+        await drain(self.state, self.drain_timeout_s)
         self.should_exit = True
 
 
@@ -131,7 +131,7 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log,
                             http=http, timeout_graceful_shutdown=5, limit_concurrency=sc.max_connections,
                             timeout_keep_alive=max(1, round(sc.keep_alive_timeout_s)))
-    server = DrainingServer(config, app.state.ctx, drain_timeout_s)
+    server = DrainingServer(config, app.state.lockgate, drain_timeout_s)
     try:
         server.run()
     except KeyboardInterrupt:

@@ -24,9 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lockgate.gateway.auth import Principal
 from lockgate.gateway.lease import FAULT_POINTS, Lease
-from lockgate.server.context import LEASE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, ServerContext
+from lockgate.server.state import LEASE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, AppState
 from lockgate.server.errors import APIError, internal_error, unavailable
-from lockgate.server.gating import charge_request
+from lockgate.server.pipeline import charge_call
 from lockgate.server.origins import OriginPolicy, cors_headers
 
 if TYPE_CHECKING:
@@ -49,10 +49,10 @@ DRAIN_FACTOR = 4  # a refused body up to this many times the limit is read and d
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, ctx: ServerContext) -> None:
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
-        self.ctx = ctx
-        cfg = ctx.config
+        self.state = state
+        cfg = state.config
         self.policy = OriginPolicy.build(cfg.host, cfg.allowed_origins, cfg.allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -82,11 +82,11 @@ class GuardMiddleware:
         try:
             await self._guarded(scope, receive, send_counted, headers, origin_s, cors)
         finally:
-            self.ctx.metrics.http_response(self._route(scope), status)
+            self.state.metrics.http_response(self._route(scope), status)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes],
                        origin: str | None, cors: bool) -> None:
-        ctx = self.ctx
+        state = self.state
         err = self._screen(scope, headers, origin)
         if err is not None:
             await self._reply(send, err)
@@ -113,12 +113,12 @@ class GuardMiddleware:
             return
         err = self._authorize(scope, headers, path)
         if err is None:  # every call on an inference route costs its caller one request of rpm
-            err = charge_request(ctx.gateway, scope, path)
+            err = charge_call(state.gateway, scope, path)
         if err is not None:
             await self._reply(send, err)
             return
-        if ctx.draining:
-            ctx.metrics.reject("draining")
+        if state.draining:
+            state.metrics.reject("draining")
             err = unavailable("the server is shutting down", "server_draining")
             err.headers["Connection"] = "close"
             await self._reply(send, err)
@@ -135,7 +135,7 @@ class GuardMiddleware:
 
     def _authorize(self, scope: Scope, headers: dict[bytes, bytes], path: str) -> APIError | None:
         """Keyed mode: who is calling, and may that key use this route? Open mode: no admin API."""
-        gw = self.ctx.gateway
+        gw = self.state.gateway
         admin_route = path.startswith(ADMIN_PREFIX)
         if not gw.keyed:
             if admin_route:
@@ -157,8 +157,8 @@ class GuardMiddleware:
 
     def _authorize_metrics(self, headers: dict[bytes, bytes]) -> APIError | None:
         """Open mode (loopback, no keys) and --metrics-public: anyone; else a metrics or global admin key."""
-        gw = self.ctx.gateway
-        if not gw.keyed or self.ctx.config.metrics_public:
+        gw = self.state.gateway
+        if not gw.keyed or self.state.config.metrics_public:
             return None
         try:
             principal: Principal = gw.authenticate(headers.get(b"authorization"))
@@ -171,7 +171,7 @@ class GuardMiddleware:
 
     def _screen(self, scope: Scope, headers: dict[bytes, bytes], origin: str | None) -> APIError | None:
         """Open mode: refuse what a browser page could send on the user's behalf."""
-        if self.ctx.gateway.keyed:
+        if self.state.gateway.keyed:
             return None
         host = headers.get(b"host")
         host_s = host.decode("latin-1") if host is not None else None
@@ -185,10 +185,10 @@ class GuardMiddleware:
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive, send: Send) -> bytes | None:
         """The whole body, bounded in size and time; None when a reply was sent instead."""
-        limit = self.ctx.config.max_request_body_bytes
+        limit = self.state.config.max_request_body_bytes
         declared = _content_length(headers)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.ctx.config.body_timeout_s
+        deadline = loop.time() + self.state.config.body_timeout_s
         if declared is not None and declared > limit:
             if declared <= DRAIN_FACTOR * limit:
                 await _discard(receive, DRAIN_FACTOR * limit, deadline)
@@ -201,7 +201,7 @@ class GuardMiddleware:
             try:
                 msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
-                err = APIError(408, f"the request body did not arrive within {self.ctx.config.body_timeout_s:g} s",
+                err = APIError(408, f"the request body did not arrive within {self.state.config.body_timeout_s:g} s",
                                code="request_timeout", headers={"Connection": "close"})
                 await self._reply(send, err)
                 return None
@@ -220,15 +220,15 @@ class GuardMiddleware:
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes] | None) -> None:
         """Run the route with a lease; release it whatever happens; a stray exception is one 500."""
-        ctx = self.ctx
+        state = self.state
         fault = None
-        if ctx.config.enable_fault_injection and headers is not None:
+        if state.config.enable_fault_injection and headers is not None:
             name = headers.get(FAULT_HEADER, b"").decode("latin-1")
             fault = name if name in FAULT_POINTS else None
         lease = Lease(fault)
         scope[LEASE_SCOPE_KEY] = lease
         started = False
-        observer: Observer | None = getattr(ctx, "observer", None)
+        observer: Observer | None = getattr(state, "observer", None)
         # Tracing: only when configured, and not for probes and scrapes (the open paths).
         tracer = observer.tracer if observer is not None and headers is not None else None
         span = tracer.start_http(scope["method"], scope["path"], headers) if tracer is not None else None
@@ -242,7 +242,7 @@ class GuardMiddleware:
                     lease.outcome = "rejected"
                 principal = scope.get(PRINCIPAL_SCOPE_KEY)
                 if principal is not None and principal.tenant is not None:
-                    message = _with_rate_headers(message, ctx.gateway.rate_headers(principal))
+                    message = _with_rate_headers(message, state.gateway.rate_headers(principal))
             elif span is not None and lease.record is not None:  # the answer's first and last byte
                 now = time.monotonic()
                 if lease.record.response_started is None:
@@ -250,7 +250,7 @@ class GuardMiddleware:
                 lease.record.response_ended = now
             await send(message)
 
-        ctx.inflight += 1
+        state.inflight += 1
         try:
             await self.app(scope, receive, send_tracked)
         except Exception as exc:  # noqa: BLE001 - the one place an unhandled error is logged and answered
@@ -258,9 +258,9 @@ class GuardMiddleware:
             if not lease.accounted:  # a request with a metrics record is counted by it on release
                 rec = lease.record
                 if rec is not None:
-                    ctx.metrics.fail("internal", rec.tenant, rec.class_name)
+                    state.metrics.fail("internal", rec.tenant, rec.class_name)
                 else:
-                    ctx.metrics.fail("internal")
+                    state.metrics.fail("internal")
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not started:
                 err = internal_error(exc)
@@ -269,7 +269,7 @@ class GuardMiddleware:
                 await self._reply(send, err)
             # Started: the connection is closed by the server (the response cannot complete).
         finally:
-            ctx.inflight -= 1
+            state.inflight -= 1
             lease.release()
             self._observe(scope, lease, observer, tracer, span)
 
@@ -287,7 +287,7 @@ class GuardMiddleware:
             log.exception("recording the end of a request failed")
 
     async def _reply(self, send: Send, err: APIError) -> None:
-        self.ctx.metrics.error(err.status, err.code)
+        self.state.metrics.error(err.status, err.code)
         await err.response()({"type": "http"}, _no_receive, send)
 
     @staticmethod

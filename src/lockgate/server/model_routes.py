@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from lockgate.lifecycle.admin import ModelAdmin
-from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext
+from lockgate.server.state import PRINCIPAL_SCOPE_KEY, AppState
 from lockgate.server.errors import json_response
 from lockgate.server.openapi import ERRORS, GUARDED, REF, ErrorResponse
 
@@ -51,9 +51,8 @@ def _doc(ok: int = 200, body: str | None = None, errors: tuple[int, ...] = (*GUA
     return {"openapi_extra": extra, "response_model": None, "status_code": ok}
 
 
-def _admin(request: Request) -> tuple[ModelAdmin, ServerContext]:
-    ctx: ServerContext = request.app.state.ctx
-    return request.app.state.model_admin, ctx
+def _admin(request: Request) -> tuple[ModelAdmin, AppState]:
+    return request.app.state.model_admin, request.app.state.lockgate
 
 
 def _actor(request: Request) -> str:
@@ -83,8 +82,8 @@ async def compare_model(name: str, request: Request) -> Response:
 
 @model_router.delete("/admin/models/{name:path}/versions/{version}", **_doc(202, errors=(*GUARDED, 404, 409)))
 async def unload_version(name: str, version: str, request: Request) -> Response:
-    admin, ctx = _admin(request)
-    return json_response(await admin.unload(name, version, _actor(request), ctx.config.drain_timeout_s), 202)
+    admin, app = _admin(request)
+    return json_response(await admin.unload(name, version, _actor(request), app.config.drain_timeout_s), 202)
 
 
 @model_router.get("/admin/models/{name:path}", **_doc())

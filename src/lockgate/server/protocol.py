@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
+from lockgate.bodies import parse_body
 from lockgate.engine.sampling_params import MAX_LOGPROBS
-from lockgate.server.errors import validation_error
 
 
 # Every integer a client sends is bounded before anything is registered: Python ints
@@ -124,10 +124,7 @@ class DetokenizeRequest(_Body):
     tokens: list[TokenId]
 
 
-async def parse_body(request: Request, model: type[_M]) -> _M:
-    """Validate the raw JSON body strictly; any problem is a 400 in the OpenAI shape."""
-    raw = await request.body()
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        raise validation_error(list(exc.errors(include_url=False))) from None
+async def read_body(request: Request, model: type[_M]) -> _M:
+    """Read the request's raw bytes and validate them strictly (`lockgate.bodies.parse_body`):
+    any problem is a 400 in the OpenAI shape."""
+    return parse_body(model, await request.body())

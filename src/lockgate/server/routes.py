@@ -9,7 +9,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import lockgate
-from lockgate.server.context import PRINCIPAL_SCOPE_KEY, ServerContext, run_blocking
 from lockgate.server.errors import APIError, bad_request, json_response, model_not_found
 from lockgate.server.openapi import (
     BODY_ERRORS,
@@ -27,18 +26,20 @@ from lockgate.server.openapi import (
     VersionResponse,
     operation,
 )
-from lockgate.server.gating import check_model_access
 from lockgate.server.model_select import model_cards
 from lockgate.server.params import chat_messages
+from lockgate.server.pipeline import route_only
+from lockgate.server.prompts import encode, render_chat_async, run_blocking
 from lockgate.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
-    parse_body,
+    read_body,
 )
-from lockgate.server.serving_chat import create_chat_completion, render_chat_async
+from lockgate.server.serving_chat import create_chat_completion
 from lockgate.server.serving_completions import create_completion
+from lockgate.server.state import PRINCIPAL_SCOPE_KEY, AppState
 
 router = APIRouter()
 
@@ -52,8 +53,8 @@ def _get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..
     return register
 
 
-def _ctx(request: Request) -> ServerContext:
-    return request.app.state.ctx
+def _app(request: Request) -> AppState:
+    return request.app.state.lockgate
 
 
 def _visible(request: Request, model: str) -> bool:
@@ -66,48 +67,40 @@ def _visible(request: Request, model: str) -> bool:
 @router.post("/v1/completions", **operation(body=CompletionRequest, ok=CompletionResponse, stream=True,
                                              errors=GENERATION_ERRORS))
 async def completions(request: Request) -> Response:
-    return await create_completion(request, _ctx(request))
+    return await create_completion(request, _app(request))
 
 
 @router.post("/v1/chat/completions", **operation(body=ChatCompletionRequest, ok=ChatCompletionResponse,
                                                   stream=True, errors=GENERATION_ERRORS))
 async def chat_completions(request: Request) -> Response:
-    return await create_chat_completion(request, _ctx(request))
+    return await create_chat_completion(request, _app(request))
 
 
 @_get("/v1/models", **operation(ok=ModelList, errors=GUARDED))
 async def list_models(request: Request) -> Response:
-    cards = [c for c in model_cards(_ctx(request)) if _visible(request, str(c["id"]))]
+    cards = [c for c in model_cards(_app(request)) if _visible(request, str(c["id"]))]
     return json_response({"object": "list", "data": cards})
 
 
 @_get("/v1/models/{model:path}", **operation(ok=ModelCard, errors=(404, *GUARDED)))
 async def get_model(model: str, request: Request) -> Response:
-    card = next((c for c in model_cards(_ctx(request)) if c["id"] == model), None)
+    card = next((c for c in model_cards(_app(request)) if c["id"] == model), None)
     if card is None or not _visible(request, model):
         raise model_not_found(model)
     return json_response(card)
 
 
-def _tokenizer_view(request: Request, ctx: ServerContext, requested: str | None) -> ServerContext:
-    """A model's tokenizer and limits, for a caller that may use the model: any other answers
-    exactly as a model that does not exist (checked before a version's state can show)."""
-    model, pinned = ctx.models.resolve(requested)
-    check_model_access(request.scope.get(PRINCIPAL_SCOPE_KEY), requested, model.name)
-    return ctx.models.bind(ctx, ctx.models.pick(model, pinned, None))
-
-
 @router.post("/tokenize", **operation(body=TokenizeRequest, ok=TokenizeResponse, errors=BODY_ERRORS))
 async def tokenize(request: Request) -> Response:
-    ctx = _ctx(request)
-    body = await parse_body(request, TokenizeRequest)
-    ctx = _tokenizer_view(request, ctx, body.model)
+    app = _app(request)
+    body = await read_body(request, TokenizeRequest)
+    target = route_only(request, app, body.model)  # a model the caller may not use: 404
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("send exactly one of `prompt` and `messages`", param="prompt")
     if body.messages is not None:
         if not body.messages:
             raise bad_request("messages must not be empty", param="messages")
-        text = await render_chat_async(ctx, chat_messages(body.messages, ctx.config),
+        text = await render_chat_async(target, chat_messages(body.messages, app.config),
                                        bool(body.add_generation_prompt), False, None)
         special = bool(body.add_special_tokens)  # default False: the template has them
         param = "messages"
@@ -115,35 +108,32 @@ async def tokenize(request: Request) -> Response:
         text = body.prompt or ""
         special = body.add_special_tokens is None or body.add_special_tokens
         param = "prompt"
-    ids = await ctx.encode(text, add_special_tokens=special, param=param)
-    out: dict[str, object] = {"count": len(ids), "max_model_len": ctx.client.max_model_len, "tokens": ids}
+    ids = await encode(target, text, add_special_tokens=special, param=param)
+    out: dict[str, object] = {"count": len(ids), "max_model_len": target.max_model_len, "tokens": ids}
     if body.return_token_strs:
-        out["token_strs"] = await run_blocking(ctx.tokenizer.convert_ids_to_tokens, ids)
+        out["token_strs"] = await run_blocking(target.tokenizer.convert_ids_to_tokens, ids)
     return json_response(out)
 
 
 @router.post("/detokenize", **operation(body=DetokenizeRequest, ok=DetokenizeResponse, errors=BODY_ERRORS))
 async def detokenize(request: Request) -> Response:
-    ctx = _ctx(request)
-    body = await parse_body(request, DetokenizeRequest)
-    ctx = _tokenizer_view(request, ctx, body.model)
-    vocab = ctx.tokenizer.vocab_size
-    if ctx.client.model_config is not None:
-        vocab = max(vocab, ctx.client.model_config.vocab_size)
+    body = await read_body(request, DetokenizeRequest)
+    target = route_only(request, _app(request), body.model)  # a model the caller may not use: 404
+    vocab = target.vocab_size
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise bad_request(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-    text = await run_blocking(ctx.tokenizer.decode, body.tokens, False)  # skip_special_tokens=False
+    text = await run_blocking(target.tokenizer.decode, body.tokens, False)  # skip_special_tokens=False
     return json_response({"prompt": text})
 
 
 @_get("/health", **operation(ok=HealthResponse, ok_description="The server and its engine are up",
                                errors=(*OPEN, 503)))
 async def health(request: Request) -> Response:
-    ctx = _ctx(request)
-    if ctx.draining:
+    app = _app(request)
+    if app.draining:
         return APIError(503, "the server is shutting down", code="server_draining").response()
-    if not ctx.models.healthy:  # every model can serve its traffic
+    if not app.models.healthy:  # every model can serve its traffic
         return APIError(503, "the engine is unavailable", code="engine_unavailable").response()
     return json_response({"status": "ok"})
 
@@ -161,7 +151,7 @@ async def version() -> Response:
 @_get("/metrics", **operation(text="text/plain", ok_description="Prometheus text exposition format",
                                 errors=(*OPEN, 401)))  # with keys: 401, 403 (no metrics scope)
 async def metrics(request: Request) -> Response:
-    return Response(_ctx(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(_app(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @_get("/slo", **operation(ok=SloReport, ok_description="SLO attainment, error budget and burn rates per class",
@@ -170,4 +160,4 @@ async def slo(request: Request) -> Response:
     principal = request.scope.get(PRINCIPAL_SCOPE_KEY)
     if principal is not None:  # a tenant's admin key gets 403, as on /admin/slo
         principal.admin_reach.require_global("the SLO report")
-    return json_response(_ctx(request).observer.slo.to_json())
+    return json_response(_app(request).observer.slo.to_json())

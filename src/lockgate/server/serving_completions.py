@@ -2,36 +2,23 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from lockgate.engine.client import RequestStream
+from lockgate.engine.frontend.stream import RequestStream
 from lockgate.engine.outputs import CompletionOutput, RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
-from lockgate.server.context import ServerContext
 from lockgate.server.errors import json_response
-from lockgate.gateway.lease import Lease
-from lockgate.server.gating import Gate
-from lockgate.server.generation import (
-    collect_or_respond,
-    failure_reason,
-    lease_of,
-    merged,
-    start,
-    stream_closer,
-    stream_error_event,
-)
-from lockgate.server.idempotency import idempotent
-from lockgate.server.model_select import route
+from lockgate.server.generation import failure_reason, merged, stream_error_event
 from lockgate.server.logprobs import completion_logprobs
-from lockgate.server.metrics import RequestTracker
 from lockgate.server.params import completion_params, completion_prompts
-from lockgate.server.protocol import CompletionRequest, parse_body
+from lockgate.server.pipeline import Pipeline
+from lockgate.server.protocol import CompletionRequest, read_body
 from lockgate.server.sse import DONE, SSEResponse, sse_event
+from lockgate.server.state import AppState
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -45,53 +32,46 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[s
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def create_completion(request: Request, ctx: ServerContext) -> Response:
-    lease = lease_of(request)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    gate = Gate.open(request, ctx, lease, request_id)
-    body = await parse_body(request, CompletionRequest)
-    ctx, model = route(request, ctx, gate, body.model, body.user)  # the version that serves it, bound in
-    return await idempotent(request, gate, bool(body.stream), request_id,
-                            lambda: _create(request, ctx, lease, gate, request_id, body, model))
+async def create_completion(request: Request, app: AppState) -> Response:
+    p = Pipeline.open(request, app, "cmpl")
+    body = await read_body(request, CompletionRequest)
+    p.route(body.model, body.user)
+    return await p.idempotent(bool(body.stream), lambda: _create(p, body))
 
 
-async def _create(request: Request, ctx: ServerContext, lease: Lease, gate: Gate, request_id: str,
-                  body: CompletionRequest, model: str) -> Response:
-    params = gate.cap(completion_params(body, ctx.config, ctx.engine_config), "max_tokens")
-    cls, priority = gate.priority(body.priority)
-    prompts = completion_prompts(body, ctx.config)
-    gate.note(bool(body.stream), prompts if len(prompts) > 1 else prompts[0])
-    ctx.check_engine()
+async def _create(p: Pipeline, body: CompletionRequest) -> Response:
+    params = p.cap(completion_params(body, p.app.config, p.engine_config), "max_tokens")
+    cls, priority = p.classify(body.priority)
+    prompts = completion_prompts(body, p.app.config)
+    p.note(bool(body.stream), prompts if len(prompts) > 1 else prompts[0])
+    p.check_ready()
     ids_list: list[list[int]] = []
     texts: list[str | None] = []
     names = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
-    for name, p in zip(names, prompts):  # every text bounded before any is tokenized
-        if isinstance(p, str):
-            await ctx.check_prompt_chars(p, name)
-    for name, p in zip(names, prompts):
-        ids = await ctx.encode(p, add_special_tokens=True, param=name) if isinstance(p, str) else p
-        ctx.check_context(len(ids), params.max_tokens, name)
+    for name, prompt in zip(names, prompts):  # every text bounded before any is tokenized
+        if isinstance(prompt, str):
+            await p.check_prompt_chars(prompt, name)
+    for name, prompt in zip(names, prompts):
+        ids = await p.encode(prompt, add_special_tokens=True, param=name) if isinstance(prompt, str) else prompt
+        p.check_context(len(ids), params.max_tokens, name)
         ids_list.append(ids)
-        texts.append(p if isinstance(p, str) else None)
+        texts.append(prompt if isinstance(prompt, str) else None)
     if body.echo:  # token-id prompts are echoed as their text
-        texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
-                 for t, ids in zip(texts, ids_list)]
-    ctx.check_engine()  # again: tokenizing may have awaited
+        texts = [t if t is not None else p.decode(ids) for t, ids in zip(texts, ids_list)]
+    p.check_ready()  # again: tokenizing may have awaited
     num_prompt = sum(len(ids) for ids in ids_list)
-    room = ctx.client.max_model_len
-    worst = sum(params.n * (params.max_tokens or room - len(ids)) for ids in ids_list)
-    gate.admit(num_prompt, worst)
-    ctx.admit(lease, params.n * len(ids_list), params.n * num_prompt, cls, priority)
-    await gate.reserved()
-    streams, tracker = start(ctx, lease, request_id, ids_list, texts, params, priority, gate)
-    meta = _Meta(request_id, model, int(time.time()), params, bool(body.echo), texts, num_prompt)
+    room = p.max_model_len
+    p.reserve(num_prompt, sum(params.n * (params.max_tokens or room - len(ids)) for ids in ids_list))
+    p.shed(params.n * len(ids_list), params.n * num_prompt, cls, priority)
+    streams = await p.submit(ids_list, texts, params, priority)
+    meta = _Meta(p.request_id, p.model_name, int(time.time()), params, bool(body.echo), texts, num_prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(_stream(meta, streams, tracker, include_usage, lease), stream_closer(streams, tracker))
-    finals = await collect_or_respond(request, streams, tracker)
+        return SSEResponse(_stream(meta, streams, p, include_usage), p.closer(streams))
+    finals = await p.collect(streams)
     if isinstance(finals, Response):
         return finals
-    tracker.finish([c.finish_reason for f in finals for c in f.outputs])
+    p.settle([c.finish_reason for f in finals for c in f.outputs])
     return json_response(_response(meta, finals))
 
 
@@ -129,8 +109,8 @@ def _response(meta: _Meta, finals: list[RequestOutput]) -> dict[str, Any]:
             "system_fingerprint": None}
 
 
-async def _stream(meta: _Meta, streams: list[RequestStream], tracker: RequestTracker,
-                  include_usage: bool, lease: Lease) -> AsyncIterator[bytes]:
+async def _stream(meta: _Meta, streams: list[RequestStream], p: Pipeline, include_usage: bool
+                  ) -> AsyncIterator[bytes]:
     n = meta.params.n
     want_lp = meta.params.logprobs is not None
     finished: set[int] = set()
@@ -141,7 +121,7 @@ async def _stream(meta: _Meta, streams: list[RequestStream], tracker: RequestTra
     head = {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model}
     try:
         async for p_idx, out in merged(streams):
-            tracker.on_output(out)
+            p.observe(out)
             cached = max(cached, out.num_cached_tokens)
             for c in out.outputs:
                 idx = p_idx * n + c.index
@@ -164,16 +144,16 @@ async def _stream(meta: _Meta, streams: list[RequestStream], tracker: RequestTra
                 if include_usage:
                     chunk["usage"] = None
                 yield sse_event(chunk)
-                lease.checkpoint("stream")
+                p.checkpoint("stream")
                 if c.finish_reason is not None:
                     finished.add(idx)
                     reasons.append(c.finish_reason)
         if include_usage:
             yield sse_event({**head, "choices": [],
                              "usage": usage(meta.num_prompt_tokens, completion_tokens, cached)})
-        tracker.finish(reasons)
+        p.settle(reasons)
         yield DONE
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band
-        tracker.finish(None, error=failure_reason(exc))
+        p.settle(None, failure_reason(exc))
         yield stream_error_event(exc)
         yield DONE

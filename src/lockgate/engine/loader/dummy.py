@@ -16,7 +16,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from lockgate.engine.config import ModelConfig
-from lockgate.engine.loader.gguf_tokenizer import gpt2_byte_chars
+from lockgate.engine.loader.gguf_tokenizer import gpt2_byte_chars, tokenizer_from_gguf
 from lockgate.engine.loader.hf import read_config
 from lockgate.engine.loader.layout import expected_shapes
 from lockgate.engine.loader.progress import track
@@ -62,13 +62,12 @@ def random_weights(config: ModelConfig, seed: int = 0) -> Any:
 def load_dummy(path: Path) -> tuple[ModelConfig, Tokenizer, Any]:
     """`path`: a config .json, an HF directory, or a .gguf (only its metadata is used)."""
     if path.suffix == ".gguf":
-        from gguf import GGUFReader
-
         from lockgate.engine.loader.gguf import config_from_gguf
+        from lockgate.engine.loader.gguf_header import read_gguf_header
 
-        reader = GGUFReader(path)
-        tokenizer = Tokenizer.from_gguf_metadata(reader.fields)
-        config = config_from_gguf(reader.fields, {t.name: t for t in reader.tensors}, tokenizer)
+        header = read_gguf_header(path)  # metadata and tensor shapes only: no data is read
+        tokenizer = tokenizer_from_gguf(header.metadata)
+        config = config_from_gguf(header.metadata, {t.name: t for t in header.tensors}, tokenizer)
         return config, tokenizer, random_weights(config)
     config = ModelConfig.from_hf(read_config(path))
     tok_dir = path if path.is_dir() else path.parent

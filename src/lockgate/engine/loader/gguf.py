@@ -1,7 +1,10 @@
 """GGUF files: config from metadata, weights dequantized (`gguf.quants`) and renamed to HF names.
 
-Shapes: GGUF lists dims innermost first (ne = [in, out]); `GGUFReader` already gives
+Shapes: GGUF lists dims innermost first (ne = [in, out]); a tensor's `.data` is already in
 numpy order, so a dequantized matrix is (out, in), the HF/torch layout.
+
+The file is read with `gguf_header` (metadata as plain values, tensor data memory-mapped),
+not `gguf.GGUFReader`, whose metadata parsing costs seconds on a large vocabulary.
 """
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, quants
-from gguf.gguf_reader import ReaderTensor
+from gguf import quants
 
 from lockgate.engine.config import ModelConfig, RopeScaling
+from lockgate.engine.loader.gguf_header import GGUFTensor, read_gguf_header
 from lockgate.engine.loader.gguf_meta import meta
+from lockgate.engine.loader.gguf_tokenizer import tokenizer_from_gguf
 from lockgate.engine.loader.layout import check_tensors
 from lockgate.engine.loader.progress import track
 from lockgate.engine.quant import gguf_blocks
@@ -73,9 +77,14 @@ def can_dequantize(qtype: Q) -> bool:
     return qtype in (Q.F32, Q.F16) or isinstance(getattr(quants, qtype.name, None), type)
 
 
-def tensor_to_numpy(t: ReaderTensor) -> np.ndarray:
-    """Dequantized (or stored float) data of one tensor, in numpy (HF) dim order."""
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+def numpy_shape(t: GGUFTensor | Any) -> tuple[int, ...]:
+    """A tensor's dims in numpy (HF) order (GGUF lists them innermost first)."""
+    return tuple(int(d) for d in reversed(list(t.shape)))
+
+
+def tensor_to_numpy(t: GGUFTensor | Any) -> np.ndarray:
+    """Dequantized (or stored float) data of one tensor (a `GGUFTensor` or `ReaderTensor`), in numpy (HF) dim order."""
+    shape = numpy_shape(t)
     if t.tensor_type == Q.F32:
         return np.array(t.data, dtype=np.float32).reshape(shape)
     if t.tensor_type == Q.F16:
@@ -85,7 +94,7 @@ def tensor_to_numpy(t: ReaderTensor) -> np.ndarray:
     return quants.dequantize(t.data, t.tensor_type).reshape(shape)
 
 
-def to_torch(t: ReaderTensor, arr: np.ndarray) -> torch.Tensor:
+def to_torch(t: GGUFTensor | Any, arr: np.ndarray) -> torch.Tensor:
     out = torch.from_numpy(np.ascontiguousarray(arr))
     return out.view(torch.bfloat16) if t.tensor_type == Q.BF16 else out
 
@@ -99,7 +108,7 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def config_from_gguf(
-    fields: Mapping[str, Any], tensors: Mapping[str, ReaderTensor], tokenizer: Tokenizer
+    fields: Mapping[str, Any], tensors: Mapping[str, Any], tokenizer: Tokenizer
 ) -> ModelConfig:
     arch = meta(fields, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
@@ -137,7 +146,7 @@ def config_from_gguf(
     )
 
 
-def _rope_scaling(arch: str, fields: Mapping[str, Any], tensors: Mapping[str, ReaderTensor]) -> RopeScaling | None:
+def _rope_scaling(arch: str, fields: Mapping[str, Any], tensors: Mapping[str, Any]) -> RopeScaling | None:
     kind = meta(fields, f"{arch}.rope.scaling.type", "none")
     if kind not in ("none", None, ""):
         raise ValueError(f"unsupported GGUF rope scaling {kind!r}; supported: none, llama3 (rope_freqs tensor)")
@@ -169,23 +178,23 @@ def llama3_divisors(s: RopeScaling, base: float, dim: int) -> np.ndarray:
 
 def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any]:
     try:
-        reader = GGUFReader(path)
+        header = read_gguf_header(path)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
-    fields = reader.fields
+    fields = header.metadata
     arch = meta(fields, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:  # before the tokenizer: the clearer error first
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
-    tensors = {t.name: t for t in reader.tensors}
-    tokenizer = Tokenizer.from_gguf_metadata(fields)
+    tensors = {t.name: t for t in header.tensors}
+    tokenizer = tokenizer_from_gguf(fields)
     config = config_from_gguf(fields, tensors, tokenizer)
 
-    bad = sorted({t.tensor_type.name for t in reader.tensors if not can_dequantize(t.tensor_type)})
+    bad = sorted({t.tensor_type.name for t in header.tensors if not can_dequantize(t.tensor_type)})
     if bad:
         ok = ", ".join(q.name for q in Q if can_dequantize(q))
         raise ValueError(f"{path}: unsupported tensor types {bad}; the gguf package can dequantize: {ok}")
-    plan: list[tuple[ReaderTensor, str, int | None]] = []
-    for t in reader.tensors:
+    plan: list[tuple[GGUFTensor, str, int | None]] = []
+    for t in header.tensors:
         name = hf_name(t.name)
         if name is None:
             if t.name not in _IGNORED:
@@ -197,10 +206,10 @@ def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any]:
         elif arch in PERMUTED_ARCHITECTURES and ".attn_k." in t.name:
             heads = config.num_key_value_heads
         plan.append((t, name, heads))
-    check_tensors({name: tuple(int(d) for d in reversed(t.shape.tolist())) for t, name, _ in plan}, config, str(path))
+    check_tensors({name: numpy_shape(t) for t, name, _ in plan}, config, str(path))
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        # `reader` (a memmap) stays alive with this closure, so weights() can be called again.
+        # The tensors' file map stays alive with this closure, so weights() can be called again.
         for t, name, heads in track(plan, len(plan), f"loading {path.name}"):
             w = to_torch(t, tensor_to_numpy(t))
             yield name, (unpermute_rows(w, heads) if heads else w)

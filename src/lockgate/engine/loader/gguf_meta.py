@@ -1,4 +1,4 @@
-"""Reading GGUF metadata values (from `GGUFReader.fields`, or a plain dict of values in tests)."""
+"""Reading GGUF metadata values: from a plain dict of values (`gguf_header`), or `GGUFReader.fields`."""
 from __future__ import annotations
 
 from collections.abc import Mapping

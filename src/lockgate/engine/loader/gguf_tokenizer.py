@@ -142,7 +142,10 @@ def _chat_templates(fields: Mapping[str, Any]) -> dict[str, str] | None:
     return templates or None
 
 
-def tokenizer_from_gguf(fields: Mapping[str, Any]) -> Tokenizer:
+def tokenizer_from_gguf(fields: Mapping[str, Any] | Any) -> Tokenizer:
+    """From a plain metadata dict (`gguf_header.read_gguf_header(path).metadata`), a `gguf.GGUFReader`
+    or its `.fields` mapping (llama.cpp key names)."""
+    fields = getattr(fields, "fields", fields)
     kind = meta(fields, "tokenizer.ggml.model")
     tokens = meta(fields, "tokenizer.ggml.tokens")
     if not tokens:

@@ -1,0 +1,1 @@
+"""The model architectures the runner builds (the Llama family)."""

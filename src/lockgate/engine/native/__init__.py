@@ -1,0 +1,1 @@
+"""Native CPU kernels: the C source, its once-per-machine build, and the layers that call it."""

@@ -43,21 +43,16 @@ from collections.abc import Callable
 import torch
 
 from lockgate.engine.config import EngineConfig, ModelConfig
+from lockgate.engine.core.request import Request
+from lockgate.engine.core.scheduler import ScheduledBatch
 from lockgate.engine.loader import LoadedCheckpoint
-from lockgate.engine.outputs import TokenLogprob
-from lockgate.engine.request import Request
-from lockgate.engine.scheduler import ScheduledBatch
+from lockgate.engine.messages import TokenLogprob
 from lockgate.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 _ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 _MASK64 = (1 << 64) - 1
-
-
-def checkpoint_load_format(load_format: str) -> str:
-    """What to pass the loader: "fake" reads the real checkpoint lazily (config + tokenizer only)."""
-    return "auto" if load_format == "fake" else load_format
 
 
 def _mix(*values: int) -> int:

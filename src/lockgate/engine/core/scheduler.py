@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.kv_cache import KVCacheManager
-from lockgate.engine.request import Request, RequestStatus
-from lockgate.engine.waiting import FcfsQueue, PriorityQueue, TenantCounters, effective_priority
+from lockgate.engine.core.kv_cache import KVCacheManager
+from lockgate.engine.core.request import Request, RequestStatus
+from lockgate.engine.core.waiting import FcfsQueue, PriorityQueue, TenantCounters, effective_priority
 
 
 @dataclass(slots=True)

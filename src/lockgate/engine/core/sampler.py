@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lockgate.engine.outputs import TokenLogprob
+from lockgate.engine.messages import TokenLogprob
 from lockgate.engine.sampling_params import SamplingParams
 
 

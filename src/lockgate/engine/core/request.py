@@ -5,7 +5,7 @@ import enum
 
 import torch
 
-from lockgate.engine.outputs import EngineCoreRequest
+from lockgate.engine.messages import EngineCoreRequest
 from lockgate.engine.sampling_params import SamplingParams
 
 

@@ -1,9 +1,9 @@
 """Stall watchdog: notices an engine core that is alive but no longer making progress.
 
-The supervisor in `client.py` notices a core that died; this notices one that
+The supervisor (`supervisor.py`) notices a core that died; this notices one that
 hangs (a wedged kernel, a deadlock, a step that never returns). The core sends
-a message at least every `core.BUSY_HEARTBEAT_S` while it works and every
-`core.IDLE_POLL_MS` while idle, but only between steps, so a silence longer
+a message at least every `core/proc.BUSY_HEARTBEAT_S` while it works and every
+`core/proc.IDLE_POLL_MS` while idle, but only between steps, so a silence longer
 than the stall timeout while requests are in flight means a step is stuck.
 
 The check is a few attribute reads every `interval_s`; it never blocks the
@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("lockgate.engine.watchdog")
+log = logging.getLogger("lockgate.engine.frontend.watchdog")
 GRACE_S = 0.2
 
 

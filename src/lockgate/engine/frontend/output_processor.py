@@ -9,16 +9,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from lockgate.engine.detokenizer import IncrementalDetokenizer
-from lockgate.engine.outputs import (
-    CompletionOutput,
-    EngineCoreOutput,
-    Logprob,
-    RequestOutput,
-    RequestTimes,
-    TokenLogprob,
-)
-from lockgate.engine.processor import child_request_ids
+from lockgate.engine.frontend.detokenizer import IncrementalDetokenizer
+from lockgate.engine.frontend.input_processor import child_request_ids
+from lockgate.engine.messages import EngineCoreOutput, TokenLogprob
+from lockgate.engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestTimes
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
 

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from lockgate.engine.client import EngineState
+from lockgate.engine.frontend.supervisor import EngineState
 from lockgate.engine.outputs import RequestOutput, RequestTimes
 from lockgate.engine.step_stats import ITERATION_TOKENS_BUCKETS, STEP_SECONDS_BUCKETS, HistogramCounts
 from lockgate.observability.record import RequestRecord
@@ -205,24 +205,21 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Timing and token counts of one HTTP request (all its prompts and choices), into its record."""
+    """One HTTP request's metrics (all its prompts and choices); its tokens and their times are
+    taken once, by its `RequestRecord`."""
 
-    __slots__ = ("m", "record", "labels", "arrival", "first_token", "last_token", "num_prompt_tokens",
-                 "num_generated", "done", "on_tokens", "on_finish", "_times", "_cached", "_itl", "_inter")
+    __slots__ = ("m", "record", "labels", "arrival", "num_prompt_tokens", "done", "on_tokens", "on_finish",
+                 "_times", "_cached", "_itl", "_inter")
 
     def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int, record: RequestRecord | None = None) -> None:
         self.m = metrics
         self.record = record if record is not None else RequestRecord("", "")
         r = self.record
         self.labels = (metrics.model_name, r.tenant, r.class_name)
-        # From the request's arrival (as the ledger's TTFT and what a client sees).
-        self.arrival = r.started if record is not None else time.monotonic()
-        self.first_token: float | None = None
-        self.last_token = self.arrival
+        self.arrival = r.started  # TTFT from the request's arrival (as the ledger's and what a client sees)
         self.num_prompt_tokens = num_prompt_tokens
-        self.num_generated = 0
         self.done = False
-        # Hooks for the usage meter (gating.py): tokens as they stream, and how the request ended.
+        # Hooks for the request pipeline: tokens as they stream (the usage meter), how the request ended.
         self.on_tokens: Callable[[int, int], None] | None = None
         self.on_finish: Callable[[list[str | None] | None, str | None], None] | None = None
         self._times: dict[str, list[RequestTimes]] = {}  # per engine stream: its children's timelines
@@ -230,8 +227,15 @@ class RequestTracker:
         self._itl = metrics.itl.labels(*self.labels)  # bound once: observed per output
         self._inter = metrics.inter_token.labels(*self.labels)
 
+    @property
+    def num_generated(self) -> int:
+        return self.record.completion_tokens
+
     def on_output(self, out: RequestOutput) -> None:
-        new = sum(len(c.delta_token_ids) for c in out.outputs)
+        r = self.record
+        now = time.monotonic()
+        previous = r.last_token
+        new = r.observe(out, now)
         if self.on_tokens is not None:
             self.on_tokens(new, out.num_cached_tokens)
         if out.request_id not in self._times:
@@ -240,22 +244,14 @@ class RequestTracker:
             self._cached[out.request_id] = out.num_cached_tokens
         if not new:
             return
-        r = self.record
-        for c in out.outputs:
-            if len(c.token_ids) > r.max_choice_tokens:
-                r.max_choice_tokens = len(c.token_ids)
-        now = time.monotonic()
-        if self.first_token is None:
-            self.first_token = now
+        if previous is None:
             ttft = now - self.arrival
             self.m.ttft.labels(*self.labels).observe(ttft)
             self.m.ttft_ema_s = 0.9 * self.m.ttft_ema_s + 0.1 * ttft
         else:
-            gap = (now - self.last_token) / new
+            gap = (now - previous) / new
             self._itl.observe(gap)
             self._inter.observe(gap)
-        self.last_token = now
-        self.num_generated += new
 
     def finish(self, finish_reasons: list[str | None] | None, error: str | None = None) -> None:
         """Record once: `error` set -> a failure; otherwise success by finish reason."""
@@ -265,10 +261,8 @@ class RequestTracker:
         r = self.record
         r.completed, r.error, r.finish_reasons = error is None, error, finish_reasons
         r.engine_times = [t for ts in self._times.values() for t in ts]
-        r.prompt_tokens, r.completion_tokens = self.num_prompt_tokens, self.num_generated
+        r.prompt_tokens = self.num_prompt_tokens
         r.cached_tokens = sum(self._cached.values())
-        r.first_token = self.first_token
-        r.last_token = self.last_token if self.first_token is not None else None
         if self.on_finish is not None:
             self.on_finish(finish_reasons, error)
         m, lbl = self.m, self.labels

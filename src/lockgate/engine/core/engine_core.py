@@ -2,7 +2,7 @@
 
 It only deals in token ids: requests come in already tokenized and validated,
 each `step()` returns the new token ids per request. Detokenization and stop
-strings live in the frontend (`output_processor.py`), off this hot loop.
+strings live in the frontend (`frontend/output_processor.py`), off this hot loop.
 """
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ import time
 
 import torch
 
-from lockgate.engine.config import EngineConfig
-from lockgate.engine.fake_runner import FakeRunner, checkpoint_load_format
-from lockgate.engine.kv_cache import KVCacheManager
+from lockgate.engine.config import EngineConfig, checkpoint_load_format
+from lockgate.engine.core.fake_runner import FakeRunner
+from lockgate.engine.core.kv_cache import KVCacheManager
+from lockgate.engine.core.request import Request
+from lockgate.engine.core.runner import ModelRunner
+from lockgate.engine.core.scheduler import Scheduler
 from lockgate.engine.loader import LoadedCheckpoint, load_checkpoint
-from lockgate.engine.outputs import EngineCoreOutput, EngineCoreRequest, EngineStats
-from lockgate.engine.processor import check_tenant
-from lockgate.engine.request import Request
-from lockgate.engine.runner import ModelRunner
-from lockgate.engine.scheduler import Scheduler
+from lockgate.engine.messages import EngineCoreOutput, EngineCoreRequest, EngineStats, check_tenant
 from lockgate.engine.step_stats import ITERATION_TOKENS_BUCKETS, STEP_SECONDS_BUCKETS, HistogramCounts
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The engine-core process: a loop around `EngineCore` behind two ZeroMQ sockets.
+"""The engine-core process's loop (`CoreLoop`, `main`): `EngineCore` behind two ZeroMQ sockets.
 
     API process ──PUSH──▶ [input]  core loop  [output] ──PUSH──▶ API process
 
@@ -18,7 +18,6 @@ import ctypes
 import logging
 import os
 import signal
-import sys
 import time
 import traceback
 
@@ -30,6 +29,7 @@ from lockgate.engine.messages import (
     AbortRequests,
     AddRequests,
     ClientMessage,
+    EngineCoreOutput,
     EngineFailed,
     Ready,
     RequestFailed,
@@ -37,7 +37,6 @@ from lockgate.engine.messages import (
     StepOutputs,
     decode_config,
 )
-from lockgate.engine.outputs import EngineCoreOutput
 
 log = logging.getLogger("lockgate.engine.core")
 
@@ -68,7 +67,7 @@ class CoreLoop:
         self.out.send(self.encoder.encode(msg), copy=False)
 
     def start(self) -> bool:
-        from lockgate.engine.engine_core import EngineCore  # heavy (torch): import in the child only
+        from lockgate.engine.core.engine_core import EngineCore  # heavy (torch): import in the child only
 
         try:
             self.core = EngineCore(self.config)
@@ -151,7 +150,8 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="lockgate engine core (started by the API server)")
+    parser = argparse.ArgumentParser(prog="python -m lockgate.engine.core",
+                                     description="lockgate engine core (started by the API server)")
     parser.add_argument("--input", required=True, help="ZMQ address to receive requests on")
     parser.add_argument("--output", required=True, help="ZMQ address to send outputs to")
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
@@ -183,6 +183,3 @@ def main(argv: list[str] | None = None) -> int:
         loop.close()
     return rc
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,11 +6,10 @@ is refused before it reaches the engine core.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 from lockgate.engine.config import ModelConfig
-from lockgate.engine.outputs import EngineCoreRequest
+from lockgate.engine.messages import EngineCoreRequest, check_tenant
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
 
@@ -93,11 +92,3 @@ class InputProcessor:
                 tenant=tenant, tenant_weight=float(tenant_weight)))
         return reqs
 
-
-def check_tenant(tenant: object, tenant_weight: object) -> None:
-    """The fair-share fields of a request (also checked by the core: they cross a socket)."""
-    if not isinstance(tenant, str):
-        raise ValueError(f"tenant must be a string, got {type(tenant).__name__}")
-    if not (isinstance(tenant_weight, (int, float)) and not isinstance(tenant_weight, bool)
-            and math.isfinite(tenant_weight) and tenant_weight > 0):
-        raise ValueError(f"tenant_weight must be a finite number > 0, got {tenant_weight!r}")

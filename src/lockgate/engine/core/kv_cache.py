@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lockgate.engine.request import Request
+from lockgate.engine.core.request import Request
 
 
 @dataclass(slots=True)

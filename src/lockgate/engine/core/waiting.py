@@ -16,7 +16,7 @@ import math
 from collections import deque
 from collections.abc import Iterator
 
-from lockgate.engine.request import Request
+from lockgate.engine.core.request import Request
 
 # VTC charges (Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024): an output
 # token costs about twice an input token to serve, so it is charged twice.

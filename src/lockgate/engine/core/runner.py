@@ -15,15 +15,15 @@ import torch
 
 from lockgate.engine.attention.torch_paged import AttentionMetadata, PrefillSeq, group_prefills
 from lockgate.engine.config import EngineConfig, ModelConfig
-from lockgate.engine.kv_cache import blocks_for
+from lockgate.engine.core.kv_cache import blocks_for
+from lockgate.engine.core.request import Request
+from lockgate.engine.core.sampler import Sampler, SamplingBatch
+from lockgate.engine.core.scheduler import ScheduledBatch
 from lockgate.engine.loader import LoadedCheckpoint
+from lockgate.engine.messages import TokenLogprob
 from lockgate.engine.models.llama import LlamaForCausalLM
 from lockgate.engine.native.decoder import NativeDecoder
-from lockgate.engine.outputs import TokenLogprob
-from lockgate.engine.quantization import quantize_model
-from lockgate.engine.request import Request
-from lockgate.engine.sampling import Sampler, SamplingBatch
-from lockgate.engine.scheduler import ScheduledBatch
+from lockgate.engine.quant.quantize import quantize_model
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,162 @@
+"""Supervising the engine-core process from the API process.
+
+When the core process dies, every in-flight request fails at once with
+`EngineDeadError`, the client turns unhealthy, and `Supervisor` starts a new
+core (with backoff) so later requests work again. A core that is alive but
+makes no progress while requests are in flight (`watchdog.py`) is treated the
+same way: its requests fail with `EngineStalledError` and the supervisor kills
+it, then restarts it like a dead one.
+
+Also here: `EngineState`, what admission control and /metrics read, and
+`CoreCounters`, the core's stats with the cumulative counters every earlier
+core had counted (they survive restarts).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from lockgate.engine.errors import EngineDeadError, EngineStalledError
+from lockgate.engine.frontend.queue_view import QueueView
+from lockgate.engine.frontend.transport import CoreTransport
+from lockgate.engine.messages import EngineStats
+from lockgate.engine.step_stats import HistogramCounts
+
+log = logging.getLogger("lockgate.engine.client")
+
+
+@dataclass(slots=True)
+class EngineState:
+    """What admission control and /metrics look at. Core numbers lag by at most one step."""
+
+    healthy: bool
+    num_running: int
+    num_waiting: int
+    num_waiting_tokens: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    # Frontend view: accepted engine requests (n > 1 counts n) with no output yet, and their prompt tokens.
+    num_queued_requests: int
+    num_queued_tokens: int
+    num_in_flight: int
+    num_restarts: int
+    num_stalls: int = 0  # cores killed by the stall watchdog (each also counts as a restart)
+    # Per-step histograms (step_stats.py buckets), cumulative over every core this client ran.
+    step_seconds: HistogramCounts | None = None
+    iteration_tokens: HistogramCounts | None = None
+
+
+def empty_stats() -> EngineStats:
+    return EngineStats(0, 0, 0, 0, 0, 0.0, 0, 0, 0)
+
+
+class CoreCounters:
+    """The latest stats of the current core, plus what the cores before it had counted."""
+
+    def __init__(self) -> None:
+        self.stats = empty_stats()
+        self._base_preemptions = self._base_queries = self._base_hits = 0
+        self._base_step_seconds = HistogramCounts()
+        self._base_iteration_tokens = HistogramCounts()
+
+    def core_died(self) -> None:
+        """Keep the dead core's cumulative counters; its gauges go to zero."""
+        s = self.stats
+        self._base_preemptions += s.num_preemptions
+        self._base_queries += s.prefix_cache_queries
+        self._base_hits += s.prefix_cache_hits
+        self._base_step_seconds = self._base_step_seconds.plus(s.step_seconds)
+        self._base_iteration_tokens = self._base_iteration_tokens.plus(s.iteration_tokens)
+        self.stats = empty_stats()
+
+    def state(self, *, healthy: bool, queue: QueueView, num_in_flight: int, num_restarts: int,
+              num_stalls: int) -> EngineState:
+        s = self.stats
+        return EngineState(
+            healthy=healthy, num_running=s.num_running, num_waiting=s.num_waiting,
+            num_waiting_tokens=s.num_waiting_tokens, kv_cache_usage=s.kv_cache_usage,
+            num_free_blocks=s.num_free_blocks, num_total_blocks=s.num_total_blocks,
+            num_preemptions=self._base_preemptions + s.num_preemptions,
+            prefix_cache_queries=self._base_queries + s.prefix_cache_queries,
+            prefix_cache_hits=self._base_hits + s.prefix_cache_hits,
+            num_queued_requests=queue.num_requests, num_queued_tokens=queue.num_tokens,
+            num_in_flight=num_in_flight, num_restarts=num_restarts, num_stalls=num_stalls,
+            step_seconds=self._base_step_seconds.plus(s.step_seconds),
+            iteration_tokens=self._base_iteration_tokens.plus(s.iteration_tokens),
+        )
+
+
+class Supervisor:
+    """Restarts the core when its process ends; kills a stalled one first.
+
+    `core_died(error)` is the client's part: turn unhealthy, fail every in-flight
+    request with `error`, drop the dead core's state. `restart()` starts a new
+    core and returns once it is ready (or raises).
+    """
+
+    def __init__(self, transport: CoreTransport, *, restart: Callable[[], Awaitable[None]],
+                 core_died: Callable[[EngineDeadError], None], is_closing: Callable[[], bool],
+                 auto_restart: bool, max_restart_backoff_s: float) -> None:
+        self._transport = transport
+        self._restart = restart
+        self._core_died = core_died
+        self._is_closing = is_closing
+        self.auto_restart = auto_restart
+        self.max_restart_backoff_s = max_restart_backoff_s
+        self.num_restarts = 0
+        self.num_stalls = 0
+        self.on_restart: Callable[[], None] | None = None  # e.g. a metrics counter
+        self._stalled_pid: int | None = None  # the core the watchdog killed, for the log
+
+    async def run(self) -> None:
+        while not self._is_closing():
+            proc = self._transport.proc
+            assert proc is not None
+            rc = await proc.wait()
+            if self._is_closing():
+                return
+            how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+            if self._stalled_pid == proc.pid:
+                log.warning("stalled engine core process %s killed; restarting it", proc.pid)
+            else:
+                log.error("engine core process %s died (%s)", proc.pid, how)
+            self._stalled_pid = None
+            self._core_died(EngineDeadError(f"the engine process died ({how}); the request was not completed"))
+            if not self.auto_restart:
+                return
+            backoff = 0.5
+            while not self._is_closing():
+                try:
+                    await self._restart()
+                except Exception as exc:  # noqa: BLE001 - keep trying: the server must come back
+                    log.error("engine restart failed: %s; retrying in %.1f s", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_restart_backoff_s)
+                    continue
+                self.num_restarts += 1
+                if self.on_restart is not None:
+                    self.on_restart()
+                break
+
+    def stalled(self, stalled_s: float, num_in_flight: int, timeout_s: float) -> None:
+        """The watchdog's verdict: fail in-flight requests, SIGKILL the core; `run` restarts it."""
+        proc = self._transport.proc
+        pid = proc.pid if proc is not None else None
+        self.num_stalls += 1
+        log.error("engine core process %s made no progress for %.1f s with %d request(s) in flight "
+                  "(stall timeout %.1f s); failing them and restarting the engine",
+                  pid, stalled_s, num_in_flight, timeout_s)
+        self._stalled_pid = pid
+        self._core_died(EngineStalledError(
+            f"the engine stopped making progress for {stalled_s:.0f} s and is being restarted; "
+            "the request was not completed"))
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()

@@ -1,0 +1,142 @@
+"""CoreTransport: the API process's end of the link to an engine-core process.
+
+It starts the core as `python -m lockgate.engine.core` with two private IPC
+sockets (a PUSH for requests, a PULL for outputs, bound here in a 0700
+temporary directory, new ones per core), waits for the core's `Ready`, and
+encodes and decodes the wire messages (`messages.py`). Each restart is a new
+generation: fresh sockets, a fresh process.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+import time
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from lockgate.engine.config import EngineConfig
+from lockgate.engine.errors import EngineStartError
+from lockgate.engine.messages import CoreMessage, EngineFailed, Ready, Shutdown, encode_config
+
+log = logging.getLogger("lockgate.engine.client")
+
+
+class CoreTransport:
+    def __init__(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._tmpdir = tempfile.mkdtemp(prefix="lockgate-engine-")  # 0700: private IPC sockets
+        self.generation = 0  # 1 for the first core, +1 per restart
+        self.proc: asyncio.subprocess.Process | None = None  # the latest core, from its spawn on
+        self._in: zmq.Socket | None = None  # PUSH, used synchronously (aborts from finally blocks)
+        self._out: zmq.asyncio.Socket | None = None  # PULL
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(CoreMessage)
+
+    # ---- messages ----------------------------------------------------------------------
+    def encode(self, msg: object) -> bytes:
+        return self._encoder.encode(msg)
+
+    def decode(self, data: bytes) -> CoreMessage:
+        return self._decoder.decode(data)
+
+    def send(self, msg: object) -> None:
+        self.send_raw(self._encoder.encode(msg))
+
+    def send_raw(self, payload: bytes) -> None:
+        if self._in is None:
+            raise zmq.ZMQError(zmq.ENOTCONN, "engine socket closed")
+        # NOBLOCK: with the core gone a PUSH socket has no peer and would block forever.
+        self._in.send(payload, flags=zmq.NOBLOCK, copy=False)
+
+    @property
+    def output_socket(self) -> zmq.asyncio.Socket:
+        """The current core's output socket (a reader keeps the one it started on)."""
+        assert self._out is not None
+        return self._out
+
+    # ---- the process -------------------------------------------------------------------
+    async def spawn(self, config: EngineConfig) -> asyncio.subprocess.Process:
+        """Bind fresh sockets and start a core on them (it is not ready yet: `await_ready`)."""
+        self.generation += 1
+        in_addr = f"ipc://{self._tmpdir}/in-{self.generation}"
+        out_addr = f"ipc://{self._tmpdir}/out-{self.generation}"
+        self._in = self._ctx.socket(zmq.PUSH, socket_class=zmq.Socket)  # plain (sync) socket
+        self._in.setsockopt(zmq.SNDHWM, 0)
+        self._in.setsockopt(zmq.LINGER, 0)
+        self._in.bind(in_addr)
+        self._out = self._ctx.socket(zmq.PULL)
+        self._out.setsockopt(zmq.RCVHWM, 0)
+        self._out.setsockopt(zmq.LINGER, 0)
+        self._out.bind(out_addr)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lockgate.engine.core",
+                "--input", in_addr, "--output", out_addr, "--config", encode_config(config).decode(),
+                "--generation", str(self.generation),
+            )
+        except OSError:
+            self.close_sockets()
+            raise
+        self.proc = proc
+        return proc
+
+    async def await_ready(self, proc: asyncio.subprocess.Process, timeout_s: float) -> Ready:
+        """The core's `Ready`; EngineStartError if it fails, exits or takes longer than `timeout_s`."""
+        assert self._out is not None
+        exited = asyncio.ensure_future(proc.wait())
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                recv = asyncio.ensure_future(self._out.recv())
+                left = deadline - time.monotonic()
+                done, _ = await asyncio.wait({recv, exited}, timeout=max(left, 0),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if recv not in done:
+                    recv.cancel()
+                    if exited in done:
+                        raise EngineStartError(f"engine core exited during start-up (exit code {proc.returncode})")
+                    raise EngineStartError(f"engine core not ready after {timeout_s:.0f} s")
+                msg = self._decoder.decode(recv.result())
+                if isinstance(msg, Ready):
+                    return msg
+                if isinstance(msg, EngineFailed):
+                    raise EngineStartError(msg.message)
+        finally:
+            exited.cancel()
+
+    async def discard(self, proc: asyncio.subprocess.Process) -> None:
+        """A core that failed to start: kill it if it still runs, and drop its sockets."""
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        self.close_sockets()
+
+    def close_sockets(self) -> None:
+        for sock in (self._in, self._out):
+            if sock is not None:
+                sock.close(linger=0)
+        self._in = self._out = None
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop the core (Shutdown message, then SIGKILL after `timeout_s`) and clean up."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.send(Shutdown())
+            try:
+                await asyncio.wait_for(proc.wait(), timeout_s)
+            except TimeoutError:
+                log.warning("engine core did not stop within %.0f s; killing it", timeout_s)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        self.close_sockets()
+        self._ctx.term()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)

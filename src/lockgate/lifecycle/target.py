@@ -1,0 +1,118 @@
+"""`Target`: what serves one request, as the registry answers it (`ModelRegistry.route`).
+
+A target is one model version's engine as a single request sees it: the
+version, its engine client and engine config, its admission queue and the
+model's served names. The request pipeline tokenizes, checks, sheds and submits
+against it without knowing how many models, versions (or, later, replicas)
+there are. Two things ride along, invisible to the routes:
+
+- a fraction of requests is mirrored to the model's shadow version (shadow.py);
+- TEST ONLY: `fail_fraction` fails that fraction of the version's requests at
+  submission (503 `engine_unavailable`), to exercise automatic rollback.
+
+When the request ends, `end` feeds its outcome (timed once, by the request's
+`RequestRecord`) to the version's stats and rollback rules, and its tokens to
+the shadow comparisons.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from lockgate.engine.config import EngineConfig
+from lockgate.engine.errors import EngineUnavailableError
+from lockgate.engine.frontend.client import AsyncEngineClient
+from lockgate.engine.frontend.stream import RequestStream
+from lockgate.engine.sampling_params import SamplingParams
+from lockgate.engine.tokenizer import Tokenizer
+from lockgate.errors import unavailable
+from lockgate.gateway.admission import Admission
+from lockgate.lifecycle.stats import OnEnd, Outcome, outcome_of
+from lockgate.lifecycle.version import ModelVersion
+from lockgate.observability.record import RequestRecord
+
+# A request's failure reasons (the request record's `error`) that count against its version;
+# the others (a client that left, a refused request) say nothing about the version.
+VERSION_FAILURES = frozenset({"engine_dead", "engine_unavailable", "internal"})
+
+OnOutcome = Callable[[ModelVersion, Outcome], None]
+Mirror = Callable[[ModelVersion, str, list[int], SamplingParams], OnEnd | None]
+
+
+@dataclass(slots=True)
+class Target:
+    version: ModelVersion
+    names: tuple[str, ...]  # the model's served name, then its aliases
+    on_outcome: OnOutcome
+    mirror: Mirror
+    _paired: list[tuple[str, OnEnd]] = field(default_factory=list)  # (engine request id, its shadow pairing)
+    _judged: bool = False  # the outcome is already recorded (an injected fault)
+
+    @property
+    def client(self) -> AsyncEngineClient:
+        return self.version.client
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self.version.engine_config
+
+    @property
+    def admission(self) -> Admission:
+        return self.version.admission
+
+    @property
+    def model_name(self) -> str:
+        return self.names[0]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.version.client.max_model_len
+
+    @property
+    def healthy(self) -> bool:
+        return self.version.client.healthy
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        tok = self.version.client.tokenizer
+        if tok is None:
+            raise unavailable("the model is still loading", "engine_unavailable", retry_after_s=5)
+        return tok
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids this model knows: the tokenizer's, or the model's embedding rows if more."""
+        vocab = self.tokenizer.vocab_size
+        config = self.version.client.model_config
+        return max(vocab, config.vocab_size) if config is not None else vocab
+
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, **kwargs: object
+               ) -> RequestStream:
+        """One engine request on this version (mirrored to the shadow when its fraction says so)."""
+        v = self.version
+        if v.inject_fault():
+            self._judged = True
+            self.on_outcome(v, Outcome(False))
+            raise EngineUnavailableError(f"injected fault (test-only fail_fraction of {v.spec.ref}); "
+                                         "the request was not run")
+        stream = self.client.add_request(request_id, prompt, params, **kwargs)  # type: ignore[arg-type]
+        paired = self.mirror(v, request_id, prompt, params)
+        if paired is not None:
+            self._paired.append((request_id, paired))
+        return stream
+
+    def end(self, record: RequestRecord, final_ids: Mapping[str, list[int]]) -> None:
+        """The request ended (its record is filled): the version's outcome, the shadow pairs'
+        primary side (choice 0's tokens of each engine request)."""
+        if record.error is None:
+            outcome: Outcome | None = outcome_of(record, ok=True)
+        elif record.error in VERSION_FAILURES:
+            outcome = outcome_of(record, ok=False)
+        else:
+            outcome = None
+        if outcome is not None and not self._judged:
+            self._judged = True
+            self.on_outcome(self.version, outcome)
+        for request_id, paired in self._paired:
+            paired(outcome, final_ids.get(request_id, []))
+        self._paired.clear()
