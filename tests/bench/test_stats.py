@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import math
-import random
 
-import numpy as np
 import pytest
 
 from lockgate.bench.record import CANCELLED, ERROR, OK, REJECTED, RequestRecord
 from lockgate.bench.slo import SLOError, SLOTerm, parse_slo
-from lockgate.stats import percentile
 from lockgate.bench.stats import bucket_width, check_slo, dist, failures, summarize
 
 
@@ -46,22 +43,6 @@ def test_parse_slo_rejects_bad_input(bad: str, fragment: str) -> None:
 
 
 # ---- percentiles and distributions
-
-def test_percentile_matches_numpy_linear() -> None:
-    rng = random.Random(7)
-    for n in (1, 2, 3, 10, 101):
-        xs = [rng.expovariate(3.0) for _ in range(n)]
-        for p in (0, 1, 50, 90, 95, 99, 99.9, 100):
-            assert percentile(xs, p) == pytest.approx(float(np.percentile(xs, p)), rel=1e-12, abs=1e-15)
-    assert math.isnan(percentile([], 50, empty=math.nan))
-
-
-def test_percentile_with_infinite_values() -> None:
-    xs = [1.0, 2.0, 3.0, math.inf]
-    assert percentile(xs, 50) == 2.5
-    assert percentile(xs, 95) == math.inf      # interpolating towards a failure is a failure
-    assert percentile(xs, 100 * 2 / 3) == 3.0  # exactly on a finite rank
-
 
 def test_dist_fields() -> None:
     d = dist([0.4, 0.1, 0.3, 0.2])

@@ -86,6 +86,11 @@ class Target:
         config = self.version.client.model_config
         return max(vocab, config.vocab_size) if config is not None else vocab
 
+    @property
+    def mirrored(self) -> bool:
+        """Some of the request's engine requests went to the shadow too (their tokens are compared)."""
+        return bool(self._paired)
+
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams, **kwargs: object
                ) -> RequestStream:
         """One engine request on this version (mirrored to the shadow when its fraction says so)."""

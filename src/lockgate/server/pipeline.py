@@ -304,9 +304,10 @@ class Pipeline:
         """One engine output on its way to the client."""
         assert self.tracker is not None
         self.tracker.on_output(out)
-        for c in out.outputs:
-            if c.index == 0:
-                self._final_ids[out.request_id] = c.token_ids
+        if self.target is not None and self.target.mirrored:  # only shadow pairs compare tokens
+            for c in out.outputs:
+                if c.index == 0:
+                    self._final_ids[out.request_id] = c.token_ids
 
     def settle(self, finish_reasons: list[str | None] | None, error: str | None = None) -> None:
         """Once: how the request ended (`error` set: a failure) into its record, metrics, the
