@@ -43,3 +43,12 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path):
     r = run(["generate", "--model", str(tmp_path), "hello"])
     assert r.returncode == 2
     assert "LlamaForCausalLM" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_refuses_bad_replicas_before_loading(tmp_path: Path):
+    r = run(["serve", "--replicas", "33", "--port", "0", "--data-dir", str(tmp_path / "data")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--replicas must be an integer from 1 to 32, got 33" in r.stderr
+    r = run(["serve", "--replicas", "two", "--port", "0"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "replicas" in r.stderr
+    assert not (tmp_path / "data").exists()  # refused before the store was opened

@@ -13,7 +13,7 @@ from lockgate.gateway.routing import pick, split_ref, sticky_point
 from lockgate.lifecycle import models_config, rollback
 from lockgate.lifecycle.build import plan_from_args
 from lockgate.lifecycle.settings import RollbackRules, check_traffic
-from lockgate.lifecycle.spec import VersionSpec, engine_options, parse_model_arg, validate
+from lockgate.lifecycle.spec import VersionSpec, check_replicas, engine_options, parse_model_arg, validate
 from lockgate.lifecycle.stats import Outcome, Pair, ShadowStats, VersionStats
 
 
@@ -164,3 +164,37 @@ def test_agreement_figures() -> None:
     assert token_agreement([1, 2], [1, 2, 3, 4]) == 0.5 and token_agreement([], []) == 1.0
     assert first_tokens_match(list(range(40)), list(range(32)) + [0] * 8)
     assert not first_tokens_match([1, 2], [1, 3])
+
+
+def test_replicas_from_the_command_line_and_the_config_file(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from lockgate.lifecycle import build
+
+    f = tmp_path / "models.json"
+    f.write_text(json.dumps({"models": [{"name": "m", "versions": [
+        {"version": "v1", "replicas": 3}, {"version": "v2"}]}]}))
+    plan = plan_from_args(["other=default"], str(f), [], replicas=2)
+    assert plan is not None
+    assert {s.ref: s.replicas for s in plan.specs} == {"m@v1": 3, "m@v2": 2, "other@v1": 2}  # --replicas: the rest
+    for bad in (0, 33, "2", 2**70, None, True):
+        f.write_text(json.dumps({"models": [{"name": "m", "versions": [{"replicas": bad}]}]}))
+        if bad is None:
+            continue  # null: the default (serve's --replicas)
+        with pytest.raises(ValueError, match="replicas"):
+            models_config.load(str(f))
+    for bad in (0, 33, -2, 2**70, True, 2.0, "3"):
+        with pytest.raises(ValueError, match="replicas must be an integer from 1 to 32"):
+            check_replicas(bad)
+    # Threads: the usable cores shared among every engine process unless a version sets its own.
+    monkeypatch.setattr(build, "usable_cores", lambda: 8)
+    specs = [VersionSpec("a", replicas=3), VersionSpec("b", replicas=1, engine={"num_threads": 1})]
+    configs = [EngineConfig(), EngineConfig(num_threads=1)]
+    build.share_threads(specs, configs)
+    assert [c.num_threads for c in configs] == [2, 1]
+    specs, configs = [VersionSpec("a", replicas=4)], [EngineConfig(num_threads=4)]  # explicit: 16 on 8 cores
+    with caplog.at_level("WARNING", logger="lockgate.lifecycle"):
+        build.share_threads(specs, configs)
+    assert configs[0].num_threads == 4 and "16 threads in all on 8 usable cores" in caplog.text
+    one = [EngineConfig()]
+    build.share_threads([VersionSpec("a")], one)
+    assert one[0].num_threads is None  # one engine: torch's own default, as before

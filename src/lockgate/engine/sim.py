@@ -115,7 +115,8 @@ class SimReport:
         return all(r.finish_s is not None for r in self.results.values() if r.admitted)
 
 
-def _prompt(index: int, req: SimRequest) -> list[int]:
+def prompt_ids(index: int, req: SimRequest) -> list[int]:
+    """Request `index`'s prompt: its own ids, or synthetic ones unique to it (no prefix shared)."""
     if req.prompt_token_ids is not None:
         return list(req.prompt_token_ids)
     # The first token is unique per request: the hash chain makes every block distinct.
@@ -146,7 +147,7 @@ def simulate(requests: Sequence[SimRequest], config: EngineConfig, num_blocks: i
             if admission is not None and not admission.on_arrival(sr, now):
                 results[sr.request_id].admitted = False
                 continue
-            core = EngineCoreRequest(sr.request_id, _prompt(i, sr), SamplingParams(max_tokens=sr.output_len),
+            core = EngineCoreRequest(sr.request_id, prompt_ids(i, sr), SamplingParams(max_tokens=sr.output_len),
                                      sr.arrival_s, sr.priority, tenant=sr.tenant, tenant_weight=sr.tenant_weight)
             sched.add(Request(core, [], sr.output_len))
             sim_of[sr.request_id] = sr

@@ -13,13 +13,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from lockgate.eval import data, scoring
-from lockgate.eval.offline import Side, measure, parse_side
 from lockgate.eval.thresholds import Thresholds, judge
+
+if TYPE_CHECKING:  # the offline engine imports torch: only when a command runs
+    from lockgate.eval.offline import Side
 
 
 def eval_command(
@@ -42,6 +44,8 @@ def eval_command(
 ) -> None:
     """Compare a model with a reference: greedy agreement, perplexity, accuracy; exit 1 when it fails."""
     try:
+        from lockgate.eval.offline import parse_side
+
         side = parse_side(model, dtype, quantization)
         ref = parse_side(against, against_dtype, against_quantization) if against is not None else None
         if ref is None and (against_dtype or against_quantization):
@@ -71,6 +75,8 @@ def run(side: Side, ref: Side | None, thresholds: Thresholds, prompt_set: list[d
         questions: list[data.Question], max_tokens: int, num_threads: int | None, source: str) -> dict[str, Any]:
     started = time.monotonic()
     passage = data.load_passage()
+    from lockgate.eval.offline import measure
+
     mine, answers = measure(side, prompt_set, questions, passage, max_tokens, num_threads)
     theirs, ref_answers, agree = None, None, None
     if ref is not None:

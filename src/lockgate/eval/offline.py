@@ -16,13 +16,13 @@ from typing import Any
 
 from lockgate import LLM, SamplingParams
 from lockgate.eval import scoring
+from lockgate.eval.scoring import ANSWER_TOKENS
 from lockgate.eval.data import Prompt, Question, encode_prompts
 from lockgate.eval.perplexity import token_logprobs
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8", "int4", "none")
 KERNELS = ("native", "torch")  # quantized matmuls: lockgate's C kernels or PyTorch's (default: per precision)
-ANSWER_TOKENS = 24  # per question: the accepted answer comes first in a short reply
 
 
 @dataclass(slots=True)

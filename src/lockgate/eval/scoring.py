@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from lockgate.eval.agreement import FIRST_TOKENS, first_tokens_match, token_agreement
 from lockgate.eval.data import Question
 
+ANSWER_TOKENS = 24  # tokens of a reply to a question: the accepted answer comes first in a short reply
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

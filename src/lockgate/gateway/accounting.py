@@ -46,6 +46,7 @@ class Meter:
     principal: Principal
     model: str = ""
     model_version: str | None = None  # the version of `model` that serves it (lifecycle/)
+    replica: str | None = None  # the replica(s) that served it (lifecycle/fleet.py), known at the end
     arrival: float = field(default_factory=time.monotonic)
     created_at: float = field(default_factory=time.time)
     prompt_tokens: int = 0
@@ -103,4 +104,4 @@ class Meter:
             cached_tokens=self.cached_tokens, queue_time_s=self.queue_time_s,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
             e2e_s=end - self.arrival, finish_reason=reason, status=status, cost_usd=cost,
-            created_at=self.created_at, model_version=self.model_version)
+            created_at=self.created_at, model_version=self.model_version, replica=self.replica)

@@ -240,7 +240,7 @@ def key_json(k: ApiKey) -> dict[str, Any]:
             "expires_at": iso(k.expires_at), "revoked_at": iso(k.revoked_at), "created_at": iso(k.created_at)}
 
 
-USAGE_REQUEST_COLUMNS = ("request_id", "created_at", "tenant_id", "key_id", "model", "model_version",
+USAGE_REQUEST_COLUMNS = ("request_id", "created_at", "tenant_id", "key_id", "model", "model_version", "replica",
                          "prompt_tokens", "completion_tokens", "cached_tokens", "queue_time_s", "ttft_s", "e2e_s",
                          "finish_reason", "status", "cost_usd")
 USAGE_GROUP_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")

@@ -19,7 +19,7 @@ from lockgate.bodies import parse_body
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.errors import EngineUnavailableError
 from lockgate.lifecycle.registry import Model, ModelRegistry
-from lockgate.lifecycle.settings import MAX_MODELS, MAX_VERSIONS, ModelPatch, ShadowConfig, check_traffic
+from lockgate.lifecycle.settings import MAX_ENGINES, MAX_MODELS, MAX_REPLICAS, MAX_VERSIONS, ModelPatch, ShadowConfig, check_traffic
 from lockgate.lifecycle.spec import ENGINE_OPTION_NAMES, GateSpec, VersionSpec, validate
 from lockgate.lifecycle.version import ModelVersion, State
 from lockgate.errors import APIError, bad_request, field_error, unavailable
@@ -28,7 +28,7 @@ log = logging.getLogger("lockgate.lifecycle")
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 _Unit = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-LOAD_FIELDS = ("name", "version", "path", "gate", "fail_fraction")
+LOAD_FIELDS = ("name", "version", "path", "gate", "fail_fraction", "replicas")
 
 
 class GateBody(BaseModel):
@@ -49,6 +49,7 @@ class LoadBody(BaseModel):
     path: Annotated[str, Field(min_length=1, max_length=4096)]
     gate: bool | GateBody = False  # pass the quality gate (lifecycle/gate.py) before taking traffic
     fail_fraction: _Unit = 0.0  # TEST ONLY: fail this fraction of the version's requests
+    replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 1  # engine processes (lifecycle/fleet.py)
 
 
 def conflict(message: str, code: str) -> APIError:
@@ -111,6 +112,7 @@ class ModelAdmin:
             if model is not None and len(model.versions) >= MAX_VERSIONS:
                 raise conflict(f"model {spec.name!r} has {MAX_VERSIONS} versions, the most it may have; "
                                "delete one first", "too_many_versions")
+            self._check_engines({}, spec.replicas)
             if spec.gate is not None and spec.gate.against is not None and (
                     model is None or spec.gate.against not in model.versions):
                 raise bad_request(f"gate.against: {spec.name!r} has no version {spec.gate.against!r}",
@@ -119,6 +121,7 @@ class ModelAdmin:
             created = model is None
             reg.register(version)
             details = {"path": spec.path, "engine": spec.engine, "gate": spec.gate is not None,
+                       "replicas": spec.replicas,
                        "fail_fraction": spec.fail_fraction or None}
             try:
                 await reg.audit(actor, "model.load", spec.ref, details)
@@ -146,7 +149,7 @@ class ModelAdmin:
             gate = GateSpec(**parsed.gate.model_dump())
         spec = VersionSpec(name=parsed.name, version=parsed.version, path=parsed.path,
                            engine={k: v for k, v in body.items() if k not in LOAD_FIELDS}, gate=gate,
-                           fail_fraction=parsed.fail_fraction)
+                           fail_fraction=parsed.fail_fraction, replicas=parsed.replicas)
         try:
             return spec, validate(spec, self.base)
         except ValueError as e:
@@ -163,13 +166,19 @@ class ModelAdmin:
             reg._names.pop(spec.name, None)
 
     # ---- change ------------------------------------------------------------------------
-    async def patch(self, name: str, raw: bytes, actor: str) -> dict[str, Any]:
+    async def patch(self, name: str, raw: bytes, actor: str, drain_timeout_s: float = 30.0) -> dict[str, Any]:
         body = parse_body(ModelPatch, raw, errors=field_error)
         given = body.model_fields_set
         if not given:
-            raise bad_request("nothing to change: send traffic, shadow and/or rollback")
+            raise bad_request("nothing to change: send traffic, shadow, rollback and/or replicas")
         async with self._lock:
             model = self._model(name)
+            replicas = self._check_replicas(model, body.replicas) if "replicas" in given else None
+            given = given - {"replicas"}
+            if not given:
+                assert replicas is not None
+                await self._set_replicas(model, replicas, actor, drain_timeout_s)
+                return model.to_json()
             new_traffic = None
             if "traffic" in given:
                 if body.traffic is None:
@@ -207,9 +216,41 @@ class ModelAdmin:
             except Exception:
                 model.traffic, model.shadow, model.rules = before
                 raise unavailable("the audit log is not writable; nothing was changed", "store_unavailable") from None
-        log.info("model %s updated by %s: traffic %s, shadow %s", name, actor, model.traffic,
-                 model.shadow.to_json() if model.shadow else None)
+            log.info("model %s updated by %s: traffic %s, shadow %s", name, actor, model.traffic,
+                     model.shadow.to_json() if model.shadow else None)
+            if replicas is not None:
+                await self._set_replicas(model, replicas, actor, drain_timeout_s)
         return model.to_json()
+
+    def _check_replicas(self, model: Model, replicas: dict[str, int] | None) -> dict[str, int]:
+        if replicas is None:
+            raise bad_request("replicas: cannot be null (send {\"VERSION\": N})", param="replicas")
+        for v in replicas:
+            ver = self._version(model, v)
+            if ver.state in (State.FAILED, State.DRAINING):
+                raise conflict(f"version {v!r} is {ver.state}; its replicas cannot change", "version_not_ready")
+        self._check_engines({model.versions[v].spec.ref: n for v, n in replicas.items()}, 0)
+        return replicas
+
+    def _check_engines(self, changed: dict[str, int], added: int) -> None:
+        """At most MAX_ENGINES engine processes on this server (409 beyond)."""
+        total = added + sum(changed.get(v.spec.ref, v.fleet.configured) for v in self.registry.versions()
+                            if v.state is not State.DRAINING)
+        if total > MAX_ENGINES:
+            raise conflict(f"this would run {total} engine processes; at most {MAX_ENGINES} run on one server",
+                           "too_many_engines")
+
+    async def _set_replicas(self, model: Model, replicas: dict[str, int], actor: str, drain_timeout_s: float) -> None:
+        """Audited first (nothing changes when the audit log cannot be written), then applied: new
+        replicas load in the background, extra ones drain before they stop."""
+        changes = {v: {"before": model.versions[v].fleet.configured, "after": n} for v, n in replicas.items()}
+        try:
+            await self.registry.audit(actor, "model.replicas", model.name, {"replicas": changes})
+        except Exception:
+            raise unavailable("the audit log is not writable; nothing was changed", "store_unavailable") from None
+        for v, n in replicas.items():
+            await model.versions[v].fleet.set_replicas(n, drain_timeout_s)
+        log.info("model %s replicas set by %s: %s", model.name, actor, changes)
 
     @staticmethod
     def _apply(model: Model, traffic: dict[str, float] | None, shadow: ShadowConfig | None,
@@ -258,7 +299,7 @@ class ModelAdmin:
 
     async def _drain_and_remove(self, model: Model, v: ModelVersion, timeout_s: float) -> None:
         await v.drain(timeout_s)
-        v.client.fail_all(EngineUnavailableError(  # what the drain timeout left
+        v.fleet.fail_all(EngineUnavailableError(  # what the drain timeout left
             "the model version was unloaded; the request was cut short"))
         await v.stop()
         if model.versions.get(v.version) is v:

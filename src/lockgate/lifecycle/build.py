@@ -6,17 +6,22 @@ keeps the server's engine test hooks.
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from lockgate.engine.config import EngineConfig
 from lockgate.lifecycle.admin import ModelAdmin
 from lockgate.lifecycle.metrics import VersionCollector
+from lockgate.lifecycle.replica_metrics import ReplicaCollector
 from lockgate.lifecycle.models_config import ModelSettings
 from lockgate.gateway.gateway import Gateway
 from lockgate.lifecycle.registry import EngineOptions, ModelRegistry
 from lockgate.lifecycle.spec import DEFAULT_PATH, VersionSpec, validate
 from lockgate.observability.metrics import ServerMetrics
+
+log = logging.getLogger("lockgate.lifecycle")
 
 
 @dataclass(slots=True)
@@ -35,14 +40,17 @@ class ModelPlan:
         return cfg
 
 
-def single(engine_config: EngineConfig, names: list[str]) -> ModelPlan:
-    """The one model of a plain `lockgate serve [--model PATH] [--served-model-name ...]`."""
-    return ModelPlan([VersionSpec(name=names[0], aliases=names[1:], path=engine_config.model or DEFAULT_PATH)])
+def single(engine_config: EngineConfig, names: list[str], replicas: int = 1) -> ModelPlan:
+    """The one model of a plain `lockgate serve [--model PATH] [--served-model-name ...] [--replicas N]`."""
+    return ModelPlan([VersionSpec(name=names[0], aliases=names[1:], path=engine_config.model or DEFAULT_PATH,
+                                  replicas=replicas)])
 
 
-def plan_from_args(models: list[str], config: str | None, served_names: list[str]) -> ModelPlan | None:
-    """The plan of `lockgate serve --model ... --config ...`; None for a plain single model (at
-    most one `--model PATH`: served as before). ValueError for bad arguments."""
+def plan_from_args(models: list[str], config: str | None, served_names: list[str], replicas: int = 1
+                   ) -> ModelPlan | None:
+    """The plan of `lockgate serve --model ... --config ... --replicas N`; None for a plain single model
+    (at most one `--model PATH`: served as before). `replicas` applies to every `--model` and to the
+    config's versions that do not set their own. ValueError for bad arguments."""
     from lockgate.lifecycle import models_config
     from lockgate.lifecycle.spec import parse_model_arg
 
@@ -54,10 +62,12 @@ def plan_from_args(models: list[str], config: str | None, served_names: list[str
     plan = ModelPlan()
     if config is not None:
         plan.specs, plan.settings = models_config.load(config)
+        for spec in plan.specs:
+            spec.replicas = spec.replicas or replicas
     for name, version, path in parsed:
         if name is None:
             raise ValueError(f"--model {path!r}: name it (NAME=PATH) when serving several models or a --config")
-        spec = VersionSpec(name=name, path=path)
+        spec = VersionSpec(name=name, path=path, replicas=replicas)
         if version is not None:
             spec.version = version
         plan.specs.append(spec)
@@ -79,10 +89,13 @@ def build_registry(plan: ModelPlan, base: EngineConfig, options: EngineOptions, 
         await gateway.astore.call(store.append_audit, actor, action, target, details)
 
     registry = ModelRegistry(options, metrics, audit)
+    configs = []
     for i, spec in enumerate(plan.specs):
-        config = plan.first_engine_config(base) if i == 0 else validate(spec, base)
-        if spec.name in registry.models and spec.version in registry.models[spec.name].versions:
+        configs.append(plan.first_engine_config(base) if i == 0 else validate(spec, base))
+        if any(s.ref == spec.ref for s in plan.specs[:i]):
             raise ValueError(f"{spec.ref} is listed twice")
+    share_threads(plan.specs, configs)
+    for spec, config in zip(plan.specs, configs):
         registry.register(registry.new_version(spec, config))
     for name, s in plan.settings.items():
         model = registry.models[name]
@@ -90,4 +103,34 @@ def build_registry(plan: ModelPlan, base: EngineConfig, options: EngineOptions, 
         for v in model.versions.values():
             v.stats.window = s.rules.window
     metrics.registry.register(VersionCollector(registry))
+    metrics.registry.register(ReplicaCollector(registry))
     return registry, ModelAdmin(registry, base)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def share_threads(specs: list[VersionSpec], configs: list[EngineConfig]) -> None:
+    """Several engine processes (versions x replicas) on one machine: each gets an equal share of the
+    usable cores as its intra-op threads unless it set `num_threads`; an explicit choice that asks
+    for more threads than there are cores is kept, with a warning (they would fight for the cores)."""
+    engines = sum(s.replicas for s in specs)
+    if engines <= 1:
+        return
+    cores = usable_cores()
+    each = max(1, cores // engines)
+    for spec, cfg in zip(specs, configs):
+        if spec.engine.get("num_threads") is None and cfg.num_threads is None:
+            cfg.num_threads = each
+    wanted = sum((c.num_threads or each) * s.replicas for s, c in zip(specs, configs))
+    if wanted > cores:
+        log.warning("%d engine processes ask for %d threads in all on %d usable cores: they will contend "
+                    "(leave num_threads unset to share the cores)", engines, wanted, cores)
+    else:
+        log.info("%d engine processes on %d usable cores: %s", engines, cores,
+                 ", ".join(f"{s.ref} x{s.replicas} with {c.num_threads} thread(s) each" for s, c in zip(specs, configs)))

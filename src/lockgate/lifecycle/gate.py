@@ -12,10 +12,10 @@ import asyncio
 import time
 from typing import Any
 
-from lockgate.engine.frontend.client import AsyncEngineClient
+from lockgate.lifecycle.fleet import Fleet
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.eval import data, scoring
-from lockgate.eval.offline import ANSWER_TOKENS
+from lockgate.eval.scoring import ANSWER_TOKENS
 from lockgate.eval.thresholds import Thresholds, judge
 from lockgate.lifecycle.spec import GateSpec
 
@@ -23,7 +23,7 @@ GATE_TENANT = "lockgate-gate"
 GATE_PROMPTS = 8  # of the bundled set: enough to see disagreement, cheap next to live traffic
 
 
-async def _greedy(client: AsyncEngineClient, prompts: list[list[int]], max_tokens: int, priority: int,
+async def _greedy(client: Fleet, prompts: list[list[int]], max_tokens: int, priority: int,
                   tag: str) -> list[tuple[list[int], str]]:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 
@@ -43,12 +43,12 @@ async def _greedy(client: AsyncEngineClient, prompts: list[list[int]], max_token
     return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts))))
 
 
-def _encode(client: AsyncEngineClient, prompts: list[data.Prompt]) -> list[list[int]]:
+def _encode(client: Fleet, prompts: list[data.Prompt]) -> list[list[int]]:
     assert client.tokenizer is not None
     return data.encode_prompts(client.tokenizer, prompts)
 
 
-async def run_gate(candidate: AsyncEngineClient, reference: AsyncEngineClient | None, reference_name: str | None,
+async def run_gate(candidate: Fleet, reference: Fleet | None, reference_name: str | None,
                    spec: GateSpec, priority: int) -> dict[str, Any]:
     """The gate's report: `passed`, `failures`, the figures of both sides."""
     started = time.monotonic()
@@ -56,7 +56,7 @@ async def run_gate(candidate: AsyncEngineClient, reference: AsyncEngineClient | 
     questions = data.load_questions()
     chats = [data.Prompt(messages=[{"role": "user", "content": q.question}]) for q in questions]
 
-    async def side(client: AsyncEngineClient, tag: str) -> tuple[list[list[int]], dict[str, Any]]:
+    async def side(client: Fleet, tag: str) -> tuple[list[list[int]], dict[str, Any]]:
         answers = await _greedy(client, _encode(client, prompts), spec.max_tokens, priority, tag)
         replies = await _greedy(client, _encode(client, chats), ANSWER_TOKENS, priority, tag + "-q")
         return [a for a, _ in answers], scoring.accuracy(questions, [r for _, r in replies])

@@ -13,7 +13,6 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from lockgate.engine.frontend.supervisor import EngineState
-from lockgate.engine.step_stats import HistogramCounts
 from lockgate.lifecycle.registry import ModelRegistry
 from lockgate.lifecycle.stats import LATENCY_BUCKETS
 from lockgate.lifecycle.version import State
@@ -22,27 +21,8 @@ LABELS = ["model_name", "version"]
 
 
 def engine_state(registry: ModelRegistry) -> EngineState:
-    """One `EngineState` for the whole server: counts summed over every version's engine, the KV
-    usage over all their blocks, healthy as /health says."""
-    states = [v.client.state() for v in registry.versions()]
-    total_blocks = sum(s.num_total_blocks for s in states)
-    used = sum(s.kv_cache_usage * s.num_total_blocks for s in states)
-    step, tokens = HistogramCounts(), HistogramCounts()
-    for s in states:
-        step, tokens = step.plus(s.step_seconds), tokens.plus(s.iteration_tokens)
-
-    def total(name: str) -> int:
-        return sum(getattr(s, name) for s in states)
-
-    return EngineState(
-        healthy=registry.healthy, num_running=total("num_running"), num_waiting=total("num_waiting"),
-        num_waiting_tokens=total("num_waiting_tokens"), kv_cache_usage=used / total_blocks if total_blocks else 0.0,
-        num_free_blocks=total("num_free_blocks"), num_total_blocks=total_blocks,
-        num_preemptions=total("num_preemptions"), prefix_cache_queries=total("prefix_cache_queries"),
-        prefix_cache_hits=total("prefix_cache_hits"), num_queued_requests=total("num_queued_requests"),
-        num_queued_tokens=total("num_queued_tokens"), num_in_flight=total("num_in_flight"),
-        num_restarts=total("num_restarts"), num_stalls=total("num_stalls"), step_seconds=step,
-        iteration_tokens=tokens)
+    """One `EngineState` for the whole server: every version's fleet summed, healthy as /health says."""
+    return EngineState.combine([v.fleet.state() for v in registry.versions()], registry.healthy)
 
 
 class VersionCollector(Collector):

@@ -6,12 +6,13 @@ engine options and traffic weights, shadow and rollback rules (YAML or JSON).
         aliases: [SmolLM2-135M-Instruct]        # more names for `model` (optional)
         versions:
           - {version: v1, path: default, traffic: 90, engine: {dtype: float32}}
-          - {version: v2, path: default, traffic: 10, engine: {quantization: int8}}
+          - {version: v2, path: default, traffic: 10, engine: {quantization: int8}, replicas: 2}
         shadow: {version: v2, fraction: 0.1}     # optional
         rollback: {max_error_rate: 0.02, min_requests: 50}   # optional (these rules are on by default)
 
 A model's weights must sum to 100 when any is given; without weights its first version
-takes all the traffic. The same checks as `POST`/`PATCH /admin/models` apply.
+takes all the traffic. `replicas` (engine processes of a version) defaults to serve's
+`--replicas`. The same checks as `POST`/`PATCH /admin/models` apply.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from lockgate.lifecycle.settings import (
     Weight,
     check_traffic,
 )
-from lockgate.lifecycle.spec import DEFAULT_VERSION, GateSpec, VersionSpec
+from lockgate.lifecycle.spec import DEFAULT_VERSION, MAX_REPLICAS, GateSpec, VersionSpec
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -46,6 +47,7 @@ class _Version(BaseModel):
     engine: dict[str, Any] = Field(default_factory=dict)
     gate: bool | GateBody = False
     fail_fraction: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0  # TEST ONLY
+    replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] | None = None  # None: serve's --replicas
 
 
 class _Model(BaseModel):
@@ -112,7 +114,7 @@ def load(path: str) -> tuple[list[VersionSpec], dict[str, ModelSettings]]:
             gate = GateSpec(**v.gate.model_dump()) if isinstance(v.gate, GateBody) else (GateSpec() if v.gate else None)
             specs.append(VersionSpec(name=m.name, version=v.version, path=v.path, engine=dict(v.engine),
                                      traffic=(v.traffic or 0.0) if weights else None, aliases=list(m.aliases),
-                                     gate=gate, fail_fraction=v.fail_fraction))
+                                     gate=gate, fail_fraction=v.fail_fraction, replicas=v.replicas or 0))
         shadow = None
         if m.shadow is not None:
             shadow = ShadowConfig(m.shadow.version, m.shadow.fraction, m.shadow.max_concurrency)

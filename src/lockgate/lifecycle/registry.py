@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lockgate.engine.errors import EngineStartError
-from lockgate.engine.frontend.client import AsyncEngineClient
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.frontend.client import AsyncEngineClient
+from lockgate.engine.frontend.queue_view import QueueView
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.gateway.admission import Admission, AdmissionPolicy, QueueBounds
 from lockgate.gateway.routing import pick, split_ref, sticky_point
 from lockgate.lifecycle import rollback
+from lockgate.lifecycle.fleet import Fleet
 from lockgate.lifecycle.gate import run_gate
+from lockgate.lifecycle.router import RouterConfig
 from lockgate.lifecycle.settings import RollbackRules, ShadowConfig
 from lockgate.lifecycle.shadow import ShadowRunner
 from lockgate.lifecycle.spec import VersionSpec
@@ -51,6 +54,7 @@ class EngineOptions:
     max_queued_tokens: int = 262_144
     startup_timeout_s: float = 600.0
     stall_timeout_s: float = 60.0
+    router_policy: str = "kv"  # router.POLICIES: "kv", or a peer policy to measure it against
 
 
 @dataclass(slots=True)
@@ -93,31 +97,37 @@ class ModelRegistry:
 
     # ---- building ----------------------------------------------------------------------
     def new_version(self, spec: VersionSpec, engine_config: EngineConfig) -> ModelVersion:
-        """A version with its own engine client and admission queue (nothing starts yet)."""
+        """A version with its fleet of engine replicas and its admission queue (nothing starts yet)."""
         opts, metrics = self.options, self.metrics
-        client = AsyncEngineClient(engine_config, startup_timeout_s=opts.startup_timeout_s,
-                                   stall_timeout_s=opts.stall_timeout_s)
-        self._share_tokenizer(client)
+
+        def make_client(queue: QueueView) -> AsyncEngineClient:
+            return AsyncEngineClient(engine_config, startup_timeout_s=opts.startup_timeout_s,
+                                     stall_timeout_s=opts.stall_timeout_s, queue=queue)
+
+        router = RouterConfig(block_size=engine_config.block_size, policy=opts.router_policy,
+                              fair_share=engine_config.scheduling_policy == "priority")
+        fleet = Fleet(spec.ref, engine_config, spec.replicas, make_client, router)
+        self._share_tokenizer(fleet)
         policy = AdmissionPolicy(opts.classes, slo=opts.slo_admission, fcfs=engine_config.scheduling_policy == "fcfs",
                                  aging_s=engine_config.priority_aging_s)
-        admission = Admission(QueueBounds(opts.max_queued_requests, opts.max_queued_tokens), client.queue, policy,
+        admission = Admission(QueueBounds(opts.max_queued_requests, opts.max_queued_tokens), fleet.queue, policy,
                               metrics.reject, lambda: metrics.ttft_ema_s)
-        version = ModelVersion(spec, engine_config, client, admission)
-        version.client.on_restart = lambda: log.warning("engine core of %s restarted (%d restarts so far)",
-                                                        spec.ref, version.client.num_restarts)
+        version = ModelVersion(spec, engine_config, fleet, admission)
+        fleet.on_restart = lambda: log.warning("an engine core of %s restarted (%d restarts so far)",
+                                               spec.ref, fleet.num_restarts)
         return version
 
-    def _share_tokenizer(self, client: AsyncEngineClient) -> None:
+    def _share_tokenizer(self, fleet: Fleet) -> None:
         """A checkpoint some version already serves: take its tokenizer instead of loading it again in
         this process (that holds the GIL for seconds: every stream's latency would show it)."""
         from lockgate.engine.config import checkpoint_load_format
 
-        cfg = client.config
+        cfg = fleet.config
         for v in self.versions():
-            other = v.client
+            other = v.fleet
             if (other.tokenizer is not None and other.model_config is not None and other.config.model == cfg.model
                     and checkpoint_load_format(other.config.load_format) == checkpoint_load_format(cfg.load_format)):
-                client.tokenizer, client.model_config = other.tokenizer, other.model_config
+                fleet.tokenizer, fleet.model_config = other.tokenizer, other.model_config
                 return
 
     def register(self, version: ModelVersion) -> Model:
@@ -168,7 +178,7 @@ class ModelRegistry:
             await asyncio.sleep(0.2)
         if ref is not None and not ref.available:
             raise RuntimeError(f"quality gate: reference version {ref_name!r} is not ready")
-        return await run_gate(version.client, ref.client if ref else None, ref.version if ref else None,
+        return await run_gate(version.fleet, ref.fleet if ref else None, ref.version if ref else None,
                               spec, self.lowest_priority)
 
     async def shutdown(self) -> None:
@@ -208,7 +218,7 @@ class ModelRegistry:
             return v
         point = sticky_point(model.name, key)
         ready = {n for n, v in model.versions.items() if v.state is State.READY}
-        healthy = {n for n in ready if model.versions[n].client.healthy}
+        healthy = {n for n in ready if model.versions[n].fleet.healthy}
         chosen = pick(model.traffic, point, healthy) or pick(model.traffic, point, ready)
         if chosen is None:
             raise unavailable(f"model `{model.name}` has no version ready to serve", "engine_unavailable",
@@ -291,8 +301,14 @@ class ModelRegistry:
         for m in self.models.values():
             yield from m.versions.values()
 
-    def clients(self) -> list[AsyncEngineClient]:
-        return [v.client for v in self.versions()]
+    @property
+    def degraded(self) -> bool:
+        """Some version taking traffic has fewer replicas up than configured (it still serves)."""
+        return any(v.fleet.degraded for m in self.models.values() for name, v in m.versions.items()
+                   if m.traffic.get(name, 0) > 0 and v.state is State.READY)
+
+    def fleets(self) -> list[Fleet]:
+        return [v.fleet for v in self.versions()]
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

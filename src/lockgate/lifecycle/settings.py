@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 MAX_VERSIONS = 8  # per model: bounds /metrics labels and what an admin can start
+MAX_REPLICAS = 32  # engine processes per version on one server (bounds the replica labels too)
+MAX_ENGINES = 64  # engine processes on one server, every version's replicas together
 MAX_MODELS = 16
 Weight = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
@@ -75,6 +77,9 @@ class ModelPatch(BaseModel):
     traffic: Annotated[dict[VersionName, Weight], Field(min_length=1, max_length=MAX_VERSIONS)] | None = None
     shadow: ShadowBody | None = None
     rollback: RollbackBody | None = None
+    # version -> engine replicas: more load in the background, fewer drain first
+    replicas: Annotated[dict[VersionName, Annotated[int, Field(ge=1, le=MAX_REPLICAS)]],
+                        Field(min_length=1, max_length=MAX_VERSIONS)] | None = None
 
 
 def check_traffic(traffic: dict[str, float], versions: set[str]) -> dict[str, float]:

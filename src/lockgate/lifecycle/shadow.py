@@ -78,7 +78,7 @@ class ShadowRunner:
             stats.dropped += 1
             return None
         try:
-            stream = shadow.client.add_request(f"{request_id}.shadow", prompt, params,
+            stream = shadow.fleet.add_request(f"{request_id}.shadow", prompt, params,
                                                priority=self.lowest_priority, tenant=SHADOW_TENANT)
         except Exception as exc:  # noqa: BLE001 - a shadow never fails its primary
             log.debug("shadow request to %s not sent: %s", shadow.spec.ref, exc)

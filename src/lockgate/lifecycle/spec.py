@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from lockgate.engine.config import EngineConfig
 from lockgate.gateway.routing import VERSION_SEPARATOR
+from lockgate.lifecycle.settings import MAX_REPLICAS
 
 DEFAULT_VERSION = "v1"
 DEFAULT_PATH = "default"  # the embedded SmolLM2 (EngineConfig.model = None)
@@ -80,6 +81,7 @@ class VersionSpec:
     aliases: list[str] = field(default_factory=list)  # more names for the model (--served-model-name)
     gate: GateSpec | None = None
     fail_fraction: float = 0.0  # TEST ONLY: fail this fraction of the version's requests (rollback tests)
+    replicas: int = 1  # engine-core processes serving this version (lifecycle/fleet.py)
 
     @property
     def ref(self) -> str:
@@ -106,6 +108,13 @@ def check_version(version: str) -> str:
         raise ValueError(f"version {_shown(version)} is invalid: 1-64 characters of letters, digits and _ . - "
                          "starting with a letter or digit")
     return version
+
+
+def check_replicas(replicas: object, param: str = "replicas") -> int:
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= MAX_REPLICAS:
+        shown = replicas if isinstance(replicas, (int, float)) and abs(replicas) < 2**64 else "(invalid)"
+        raise ValueError(f"{param} must be an integer from 1 to {MAX_REPLICAS}, got {shown}")
+    return replicas
 
 
 def check_path(path: str) -> str:
@@ -142,6 +151,7 @@ def validate(spec: VersionSpec, base: EngineConfig) -> EngineConfig:
     spec.engine = engine_options(spec.engine)
     if not 0.0 <= spec.fail_fraction <= 1.0:
         raise ValueError(f"fail_fraction must be in [0, 1], got {spec.fail_fraction}")
+    check_replicas(spec.replicas)
     if spec.traffic is not None and not 0 <= spec.traffic <= 100:
         raise ValueError(f"traffic must be in [0, 100], got {spec.traffic}")
     return spec.engine_config(base)

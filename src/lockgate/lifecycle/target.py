@@ -1,10 +1,12 @@
 """`Target`: what serves one request, as the registry answers it (`ModelRegistry.route`).
 
-A target is one model version's engine as a single request sees it: the
-version, its engine client and engine config, its admission queue and the
-model's served names. The request pipeline tokenizes, checks, sheds and submits
-against it without knowing how many models, versions (or, later, replicas)
-there are. Two things ride along, invisible to the routes:
+A target is one model version's engines as a single request sees them: the
+version, its fleet of replicas (fleet.py) and engine config, its admission
+queue and the model's served names. The request pipeline tokenizes, checks,
+sheds and submits against it without knowing how many models, versions or
+replicas there are; the fleet picks the replica of each engine request at
+submission, once its prompt's tokens (and so its cached prefix) are known.
+Two things ride along, invisible to the routes:
 
 - a fraction of requests is mirrored to the model's shadow version (shadow.py);
 - TEST ONLY: `fail_fraction` fails that fraction of the version's requests at
@@ -21,12 +23,12 @@ from dataclasses import dataclass, field
 
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.errors import EngineUnavailableError
-from lockgate.engine.frontend.client import AsyncEngineClient
-from lockgate.engine.frontend.stream import RequestStream
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
 from lockgate.errors import unavailable
 from lockgate.gateway.admission import Admission
+from lockgate.lifecycle.fleet import Fleet
+from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.lifecycle.stats import OnEnd, Outcome, outcome_of
 from lockgate.lifecycle.version import ModelVersion
 from lockgate.observability.record import RequestRecord
@@ -46,11 +48,12 @@ class Target:
     on_outcome: OnOutcome
     mirror: Mirror
     _paired: list[tuple[str, OnEnd]] = field(default_factory=list)  # (engine request id, its shadow pairing)
+    _streams: list[FleetStream] = field(default_factory=list)
     _judged: bool = False  # the outcome is already recorded (an injected fault)
 
     @property
-    def client(self) -> AsyncEngineClient:
-        return self.version.client
+    def fleet(self) -> Fleet:
+        return self.version.fleet
 
     @property
     def engine_config(self) -> EngineConfig:
@@ -66,15 +69,15 @@ class Target:
 
     @property
     def max_model_len(self) -> int:
-        return self.version.client.max_model_len
+        return self.version.fleet.max_model_len
 
     @property
     def healthy(self) -> bool:
-        return self.version.client.healthy
+        return self.version.fleet.healthy
 
     @property
     def tokenizer(self) -> Tokenizer:
-        tok = self.version.client.tokenizer
+        tok = self.version.fleet.tokenizer
         if tok is None:
             raise unavailable("the model is still loading", "engine_unavailable", retry_after_s=5)
         return tok
@@ -83,8 +86,15 @@ class Target:
     def vocab_size(self) -> int:
         """Token ids this model knows: the tokenizer's, or the model's embedding rows if more."""
         vocab = self.tokenizer.vocab_size
-        config = self.version.client.model_config
+        config = self.version.fleet.model_config
         return max(vocab, config.vocab_size) if config is not None else vocab
+
+    @property
+    def replica(self) -> str | None:
+        """The replica(s) serving the request (`NAME@VERSION/INDEX`, comma-separated when its
+        prompts went to several), as they stand now (a re-route changes it); None before submission."""
+        names = list(dict.fromkeys(s.replica for s in self._streams if s.replica))
+        return ",".join(names) if names else None
 
     @property
     def mirrored(self) -> bool:
@@ -92,7 +102,7 @@ class Target:
         return bool(self._paired)
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams, **kwargs: object
-               ) -> RequestStream:
+               ) -> FleetStream:
         """One engine request on this version (mirrored to the shadow when its fraction says so)."""
         v = self.version
         if v.inject_fault():
@@ -100,7 +110,8 @@ class Target:
             self.on_outcome(v, Outcome(False))
             raise EngineUnavailableError(f"injected fault (test-only fail_fraction of {v.spec.ref}); "
                                          "the request was not run")
-        stream = self.client.add_request(request_id, prompt, params, **kwargs)  # type: ignore[arg-type]
+        stream = self.fleet.add_request(request_id, prompt, params, **kwargs)  # type: ignore[arg-type]
+        self._streams.append(stream)
         paired = self.mirror(v, request_id, prompt, params)
         if paired is not None:
             self._paired.append((request_id, paired))

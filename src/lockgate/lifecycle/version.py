@@ -1,9 +1,9 @@
-"""`ModelVersion`: one model version's engine (its own core process, client and supervisor),
-its admission queue and its life: loading -> warming -> ready -> draining, or failed.
+"""`ModelVersion`: one model version's engines (its fleet of replicas, fleet.py), its admission
+queue and its life: loading -> warming -> ready -> draining, or failed.
 
-A version takes traffic only when `ready`: its core is up and has answered one real
-forward pass (a 1-token greedy generation), and the quality gate, when asked for,
-has passed. Loading runs in the background: the event loop only awaits the core's
+A version takes traffic only when `ready`: one of its replicas is up and has answered one
+real forward pass (a 1-token greedy generation), and the quality gate, when asked for,
+has passed. Loading runs in the background: the event loop only awaits the cores'
 start-up, so the other versions keep serving while it loads.
 """
 from __future__ import annotations
@@ -16,11 +16,10 @@ from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any
 
-from lockgate.engine.frontend.client import AsyncEngineClient
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.sampling_params import SamplingParams
 from lockgate.gateway.admission import Admission
 from lockgate.lifecycle import priority
+from lockgate.lifecycle.fleet import Fleet
 from lockgate.lifecycle.spec import VersionSpec
 from lockgate.lifecycle.stats import VersionStats
 
@@ -39,11 +38,10 @@ class State(StrEnum):
 
 
 class ModelVersion:
-    def __init__(self, spec: VersionSpec, engine_config: EngineConfig, client: AsyncEngineClient,
-                 admission: Admission) -> None:
+    def __init__(self, spec: VersionSpec, engine_config: EngineConfig, fleet: Fleet, admission: Admission) -> None:
         self.spec = spec
         self.engine_config = engine_config
-        self.client = client
+        self.fleet = fleet
         self.admission = admission
         self.state = State.LOADING
         self.reason: str | None = None  # why it failed
@@ -70,8 +68,8 @@ class ModelVersion:
 
     @property
     def available(self) -> bool:
-        """May take new requests: ready, and its core is up (not restarting after a crash)."""
-        return self.state is State.READY and self.client.healthy
+        """May take new requests: ready, and one of its replicas is up (not restarting after a crash)."""
+        return self.state is State.READY and self.fleet.healthy
 
     # ---- life -----------------------------------------------------------------------
     async def load(self, gate: Callable[[ModelVersion], Awaitable[dict[str, Any] | None]] | None = None,
@@ -84,11 +82,10 @@ class ModelVersion:
             if background:
                 await self._start_at_idle_priority()
             else:
-                await self.client.start()
+                await self.fleet.start()  # each replica warms itself: one real forward pass
             if self.state is not State.LOADING:  # unloaded while it loaded
                 return False
             self.state = State.WARMING
-            await self._warm_up()
             if gate is not None:
                 report = await gate(self)
                 self.gate_report = report
@@ -111,40 +108,31 @@ class ModelVersion:
         return True
 
     async def _start_at_idle_priority(self) -> None:
-        """`client.start()` with the core at SCHED_IDLE until it is ready (warm-up and serving run
-        at normal priority), for IDLE_LOAD_LIMIT_S at most: a machine saturated for longer must
-        not starve the load for ever."""
-        start = asyncio.ensure_future(self.client.start())
-        pid, idle = None, False
+        """`fleet.start()` with the cores at SCHED_IDLE until the first is ready (serving runs at
+        normal priority), for IDLE_LOAD_LIMIT_S at most: a machine saturated for longer must not
+        starve the load for ever."""
+        start = asyncio.ensure_future(self.fleet.start())
+        idle: set[int] = set()
         deadline = time.monotonic() + IDLE_LOAD_LIMIT_S
         try:
             while not start.done():
-                if pid is None and self.client.core_pid is not None:
-                    pid = self.client.core_pid
-                    idle = priority.set_idle(pid, True)
-                if idle and time.monotonic() > deadline:
+                late = time.monotonic() > deadline
+                for pid in self.fleet.core_pids:
+                    if pid not in idle and not late and priority.set_idle(pid, True):
+                        idle.add(pid)
+                if late and idle:
                     log.warning("model %s still loading after %.0f s at idle CPU priority; going on at normal "
                                 "priority", self.spec.ref, IDLE_LOAD_LIMIT_S)
-                    idle = not priority.set_idle(pid, False)  # type: ignore[arg-type]
+                    for pid in idle:
+                        priority.set_idle(pid, False)
+                    idle.clear()
                 await asyncio.wait({start}, timeout=0.02)
         finally:
-            if pid is not None and idle:
+            for pid in idle:
                 priority.set_idle(pid, False)
             if not start.done():
                 start.cancel()
         await start
-
-    async def _warm_up(self) -> None:
-        """One real forward pass: the first request must not pay for lazy initialisation."""
-        tok = self.client.tokenizer
-        ids = tok.encode("Hello", add_special_tokens=True) if tok is not None else []
-        stream = self.client.add_request(f"warmup-{self.spec.ref}-{time.monotonic_ns()}", ids or [1],
-                                         SamplingParams(temperature=0.0, max_tokens=1))
-        try:
-            async for _ in stream:
-                pass
-        finally:
-            stream.abort()
 
     def fail(self, reason: str) -> None:
         self.state = State.FAILED
@@ -181,7 +169,7 @@ class ModelVersion:
         if self._stopped:
             return
         self._stopped = True
-        await self.client.shutdown()
+        await self.fleet.shutdown()
 
     def inject_fault(self) -> bool:
         """TEST ONLY (`fail_fraction`): whether this request fails. Deterministic: the k-th request
@@ -196,9 +184,11 @@ class ModelVersion:
     def to_json(self, share: float) -> dict[str, Any]:
         s = self.spec
         return {"version": s.version, "path": s.path, "state": str(self.state), "reason": self.reason,
-                "healthy": self.client.healthy if self.state is State.READY else None,
+                "healthy": self.fleet.healthy if self.state is State.READY else None,
                 "traffic_share": round(share, 6), "load_seconds": None if self.load_seconds is None
                 else round(self.load_seconds, 3), "created_at": self.created_at, "ready_at": self.ready_at,
                 "in_flight": self.users, "engine": dict(s.engine), "fail_fraction": s.fail_fraction or None,
                 "gate": self.gate_report, "rolled_back": self.rolled_back,
-                "max_model_len": self.client.max_model_len or None}
+                "max_model_len": self.fleet.max_model_len or None,
+                "replicas": {"configured": self.fleet.configured, "ready": self.fleet.num_ready,
+                             "rerouted": self.fleet.num_reroutes, "list": self.fleet.to_json()}}

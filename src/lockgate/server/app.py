@@ -39,14 +39,14 @@ def served_names(engine_config: EngineConfig, server_config: ServerConfig) -> li
 
 def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: ModelPlan | None = None) -> FastAPI:
     """`plan`: the models and versions to serve (lifecycle/build.py); None: `engine_config`'s one model."""
-    plan = plan or single(engine_config, served_names(engine_config, server_config))
+    plan = plan or single(engine_config, served_names(engine_config, server_config), server_config.replicas)
     cfg = server_config
     metrics = ServerMetrics(plan.specs[0].name, lambda: engine_state(state.models))  # summed over every version
     metrics.max_queued.labels(plan.specs[0].name).set(cfg.max_queued_requests)
     gateway = Gateway(GatewayConfig(cfg.data_dir, cfg.admin_key))
     observer = Observer.from_config(cfg, metrics, cfg.classes)
     options = EngineOptions(cfg.classes, cfg.slo_admission, cfg.max_queued_requests, cfg.max_queued_tokens,
-                            cfg.engine_startup_timeout_s, cfg.engine_stall_timeout_s)
+                            cfg.engine_startup_timeout_s, cfg.engine_stall_timeout_s, cfg.router_policy)
     models, model_admin = build_registry(plan, engine_config, options, metrics, gateway)
     state = AppState(cfg, metrics, gateway, observer, models)
 
@@ -57,7 +57,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: Mo
             await models.start()  # an EngineStartError here makes uvicorn exit: nothing to serve
             mode = "keyed" if gateway.keyed else "open (no keys)"
             served = ", ".join(v.spec.ref for v in models.versions())
-            first = next(models.versions()).client
+            first = next(models.versions()).fleet
             log.info("serving %s (max_model_len %d); gateway %s", served, first.max_model_len, mode)
             try:
                 yield
@@ -92,7 +92,7 @@ async def drain(state: AppState, timeout_s: float) -> None:
         await asyncio.sleep(0.05)
     if state.inflight > 0:
         log.warning("drain timeout: cancelling %d request(s) still in flight", state.inflight)
-        for c in state.models.clients():
+        for c in state.models.fleets():
             c.fail_all(EngineUnavailableError("the server is shutting down; the request was cut short"))
         end = loop.time() + 5.0
         while state.inflight > 0 and loop.time() < end:

@@ -38,6 +38,8 @@ class ServerConfig:
     # Bounded waiting queue: accepted engine requests that have no output yet, and their prompt tokens.
     max_queued_requests: int = 256
     max_queued_tokens: int = 262_144
+    replicas: int = 1  # engine processes per model version (--replicas; a --config file sets it per version)
+    router_policy: str = "kv"  # how replicas are chosen (lifecycle/router.py POLICIES; others only to compare)
     # Priority classes (SLO targets, per-class queue caps) and SLO admission (gateway/admission.py).
     classes: ClassTable = field(default_factory=ClassTable)
     slo_admission: bool = True
@@ -64,6 +66,8 @@ class ServerConfig:
                      "max_stop", "max_messages", "max_prompts", "max_header_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.router_policy not in ("kv", "round_robin", "least_loaded"):
+            raise ValueError(f"router_policy must be kv, round_robin or least_loaded, got {self.router_policy!r}")
         if self.max_stop > MAX_STOP_STRINGS:
             raise ValueError(f"max_stop must be <= {MAX_STOP_STRINGS}, got {self.max_stop}")
         if self.engine_stall_timeout_s < 0:

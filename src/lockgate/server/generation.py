@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from lockgate.engine.errors import EngineDeadError, EngineUnavailableError, RequestRejectedError
-from lockgate.engine.frontend.stream import RequestStream
+from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.engine.outputs import RequestOutput
 from lockgate.errors import APIError, internal_error, unavailable
 from lockgate.server.params import sampling_error
@@ -52,12 +52,12 @@ def failure_reason(exc: BaseException) -> str:
     return "internal"
 
 
-def abort_all(streams: list[RequestStream]) -> None:
+def abort_all(streams: list[FleetStream]) -> None:
     for s in streams:
         s.abort()
 
 
-async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged(streams: list[FleetStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several streams as they come, tagged with the stream's index."""
     if len(streams) == 1:
         async for out in streams[0]:
@@ -65,7 +65,7 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
         return
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
-    async def pump(i: int, s: RequestStream) -> None:
+    async def pump(i: int, s: FleetStream) -> None:
         try:
             async for out in s:
                 queue.put_nowait((i, out))
@@ -96,7 +96,7 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def collect(request: Request, streams: list[RequestStream], on_output: Any) -> list[RequestOutput]:
+async def collect(request: Request, streams: list[FleetStream], on_output: Any) -> list[RequestOutput]:
     """The final output of every stream; raises ClientGone (after aborting) if the client leaves."""
     finals: list[RequestOutput | None] = [None] * len(streams)
 
@@ -133,7 +133,7 @@ def stream_error_event(exc: BaseException) -> bytes:
     return sse_event(err.body())
 
 
-async def collect_or_respond(request: Request, streams: list[RequestStream], observe: Callable[[RequestOutput], None],
+async def collect_or_respond(request: Request, streams: list[FleetStream], observe: Callable[[RequestOutput], None],
                              settle: Settle) -> list[RequestOutput] | Response:
     """Non-streaming routes: every stream's final output, or the response to send instead.
 

@@ -22,6 +22,7 @@ import uvicorn
 from lockgate.engine.config import EngineConfig
 from lockgate.gateway.classes import ClassTable
 from lockgate.lifecycle.build import plan_from_args
+from lockgate.lifecycle.spec import check_replicas
 from lockgate.server.app import build_app, drain
 from lockgate.server.config import ServerConfig
 from lockgate.server.state import AppState
@@ -87,7 +88,7 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
           max_queued_tokens: int = 262_144, drain_timeout_s: float = 30.0, max_n: int = 16,
           log_level: str = "info", access_log: bool = True, engine_stall_timeout_s: float = 60.0,
           class_config: str | None = None, server_options: dict[str, Any] | None = None,
-          **engine_options: Any) -> int:
+          replicas: int = 1, **engine_options: Any) -> int:
     """Serve `model` (None: the embedded SmolLM2) until stopped; returns the exit status.
 
     `model` may also be a list of `NAME=PATH` / `NAME@VERSION=PATH` values, and `config` a models
@@ -100,7 +101,8 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
     """
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     models = [model] if isinstance(model, str) else list(model or [])
-    plan = plan_from_args(models, config, names)  # None: one plain model, as before
+    check_replicas(replicas, "--replicas")
+    plan = plan_from_args(models, config, names, replicas)  # None: one plain model, as before
     model = models[0] if plan is None and models else None
     if model is not None and not Path(model).exists():
         raise ValueError(f"model path {model!r} does not exist")
@@ -112,7 +114,7 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
         insecure_no_auth=insecure_no_auth,
         max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
         max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout_s, max_n=max_n, log_level=log_level,
-        engine_stall_timeout_s=engine_stall_timeout_s, **(server_options or {}))
+        engine_stall_timeout_s=engine_stall_timeout_s, replicas=replicas, **(server_options or {}))
     level = log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lockgate").setLevel(level)
@@ -146,6 +148,7 @@ def _default(name: str) -> Any:
 def serve_command(
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="PATH (an HF checkpoint directory or GGUF file), or NAME=PATH / NAME@VERSION=PATH, repeatable (each version its own engine); default: the embedded SmolLM2-135M-Instruct")] = None,  # noqa: E501
     config: Annotated[str | None, typer.Option("--config", help="Models file (YAML or JSON): models, versions, per-version engine options, traffic weights, shadow, rollback rules")] = None,  # noqa: E501
+    replicas: Annotated[int, typer.Option(help="Engine processes per model version (each with its own KV cache; requests routed by cached prefix and load); the --config file may set it per version")] = 1,  # noqa: E501
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     served_model_name: Annotated[list[str] | None, typer.Option(help="Name(s) clients use as `model` (repeatable)")] = None,  # noqa: E501
@@ -190,6 +193,7 @@ def serve_command(
     body_timeout: Annotated[float, typer.Option(help="Seconds a client has to send the request body (408)")] = 60.0,  # noqa: E501
     max_connections: Annotated[int, typer.Option(help="Open connections before new ones get 503")] = 4096,
     enable_fault_injection: Annotated[bool, typer.Option(hidden=True, help="Test only: honour x-lockgate-fault")] = False,  # noqa: E501
+    router_policy: Annotated[str, typer.Option(hidden=True, help="kv (default) | round_robin | least_loaded: the peers benchmarks/fleet_routing.py measures the router against")] = "kv",  # noqa: E501
     engine_stall_timeout: Annotated[float, typer.Option(help="Seconds without engine progress, with requests in flight, before they fail and the engine restarts (0: off)")] = 60.0,  # noqa: E501
     debug_hang_at_step: Annotated[int | None, typer.Option(hidden=True, help="Test only: the first engine hangs in this step")] = None,  # noqa: E501
     request_log: Annotated[str, typer.Option(help="json: one JSON line per inference request (stderr, or --request-log-file) | off")] = "json",  # noqa: E501
@@ -206,7 +210,8 @@ def serve_command(
             "(a metrics-scope or global admin key); --metrics-public opens it")
     try:
         code = serve(
-            model, host, port, config=config, served_model_name=served_model_name, admin_key=admin_key,
+            model, host, port, config=config, replicas=replicas, served_model_name=served_model_name,
+            admin_key=admin_key,
             data_dir=data_dir,
             insecure_no_auth=insecure_no_auth,
             max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
@@ -215,6 +220,7 @@ def serve_command(
             server_options={"allowed_origins": list(allowed_origins or []), "allowed_hosts": allowed_hosts or None,
                             "header_timeout_s": header_timeout, "body_timeout_s": body_timeout,
                             "max_connections": max_connections, "enable_fault_injection": enable_fault_injection,
+                            "router_policy": router_policy,
                             "metrics_public": metrics_public, "slo_admission": slo_admission,
                             "request_log": request_log, "request_log_file": request_log_file,
                             "log_prompts": log_prompts, "otel_endpoint": otel_endpoint,

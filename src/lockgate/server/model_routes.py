@@ -2,7 +2,7 @@
 
     POST   /admin/models                              load a version in the background (202)
     GET    /admin/models[/{name}]                     versions: state, load time, traffic share
-    PATCH  /admin/models/{name}                       traffic split, shadow, rollback rules
+    PATCH  /admin/models/{name}                       traffic split, shadow, rollback rules, replicas
     GET    /admin/models/{name}/compare               per-version and shadow comparison figures
     DELETE /admin/models/{name}/versions/{version}    drain, then unload (202)
 
@@ -63,8 +63,8 @@ def _actor(request: Request) -> str:
 _BODY = (*GUARDED, 400, 404, 409, 415)
 
 
-@model_router.post("/admin/models", **_doc(202, "{name, version, path, gate?, fail_fraction? (test only), "
-                                                "...engine options}", _BODY))
+@model_router.post("/admin/models", **_doc(202, "{name, version, path, replicas?, gate?, fail_fraction? (test "
+                                                "only), ...engine options}", _BODY))
 async def load_model(request: Request) -> Response:
     admin, _ = _admin(request)
     return json_response(await admin.load(await request.body(), _actor(request)), 202)
@@ -92,9 +92,10 @@ async def get_model(name: str, request: Request) -> Response:
 
 
 @model_router.patch("/admin/models/{name:path}", **_doc(body="{traffic?: {version: weight} summing to 100, "
-                                                             "shadow?: {version, fraction} | null, rollback?: {...}}",
+                                                             "shadow?: {version, fraction} | null, rollback?: {...}, "
+                                                             "replicas?: {version: N}}",
                                                         errors=_BODY))
 async def patch_model(name: str, request: Request) -> Response:
-    admin, _ = _admin(request)
-    return json_response(await admin.patch(name, await request.body(), _actor(request)))
+    admin, app = _admin(request)
+    return json_response(await admin.patch(name, await request.body(), _actor(request), app.config.drain_timeout_s))
 

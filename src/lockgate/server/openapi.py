@@ -130,7 +130,7 @@ class DetokenizeResponse(_Doc):
 
 
 class HealthResponse(_Doc):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"]  # degraded: serving, with fewer replicas up than configured
 
 
 class VersionResponse(_Doc):

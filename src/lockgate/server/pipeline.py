@@ -27,7 +27,7 @@ from starlette.responses import Response
 
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.errors import EngineUnavailableError
-from lockgate.engine.frontend.stream import RequestStream
+from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.engine.outputs import RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.errors import APIError, bad_request, model_not_found, unavailable
@@ -41,7 +41,7 @@ from lockgate.observability.metrics import RequestTracker
 from lockgate.observability.record import RequestRecord
 from lockgate.server import generation, idempotency, prompts
 from lockgate.server.params import sampling_error
-from lockgate.server.state import LEASE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, VERSION_SCOPE_KEY, AppState
+from lockgate.server.state import LEASE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, REPLICA_SCOPE_KEY, VERSION_SCOPE_KEY, AppState
 
 PRIORITY_HEADER = "x-lockgate-priority"
 
@@ -130,6 +130,7 @@ class Pipeline:
         target = self.app.models.route(requested, user or tenant, may_use)
         self.lease.hold(target.version.enter())
         self.request.scope[VERSION_SCOPE_KEY] = target.version.version
+        self.request.scope[REPLICA_SCOPE_KEY] = lambda: target.replica
         if self.meter is not None:
             self.meter.model_version = target.version.version
         self.target = target
@@ -251,7 +252,7 @@ class Pipeline:
 
     # ---- 5 submit, observe, settle ----------------------------------------------------------------
     async def submit(self, prompts_ids: list[list[int]], texts: list[str | None], params: SamplingParams,
-                     priority: int) -> list[RequestStream]:
+                     priority: int) -> list[FleetStream]:
         """One engine request per prompt, all or nothing, once the reservation is on disk; every
         stream and the request's metrics are held on the lease from the moment they exist."""
         await self._reserved()
@@ -267,7 +268,7 @@ class Pipeline:
         lease.checkpoint("submit")
         tenant, weight = self._fair_share()
         salt = self.principal.tenant_id if self.principal is not None else None  # no tenant can time another's
-        streams: list[RequestStream] = []
+        streams: list[FleetStream] = []
         try:
             for i, (ids, text) in enumerate(zip(prompts_ids, texts)):
                 rid = self.request_id if len(prompts_ids) == 1 else f"{self.request_id}-{i}"
@@ -322,16 +323,17 @@ class Pipeline:
     def _on_finish(self, reasons: list[str | None] | None, error: str | None) -> None:
         if self.meter is not None:
             self.meter.queue_time_s = self.record.queue_s
+            self.meter.replica = self.target.replica if self.target is not None else None
             self.meter.finish(reasons, error)
         if self.target is not None:
             self.target.end(self.record, self._final_ids)
 
     # ---- driving the streams ------------------------------------------------------------------
-    async def collect(self, streams: list[RequestStream]) -> list[RequestOutput] | Response:
+    async def collect(self, streams: list[FleetStream]) -> list[RequestOutput] | Response:
         """Non-streaming routes: every stream's final output, or the response to send instead."""
         return await generation.collect_or_respond(self.request, streams, self.observe, self.settle)
 
-    def closer(self, streams: list[RequestStream]) -> Callable[[], None]:
+    def closer(self, streams: list[FleetStream]) -> Callable[[], None]:
         """`SSEResponse.on_close` for streaming routes: abort in the engine, record the hang-up."""
         def on_close() -> None:
             generation.abort_all(streams)

@@ -135,7 +135,8 @@ async def health(request: Request) -> Response:
         return APIError(503, "the server is shutting down", code="server_draining").response()
     if not app.models.healthy:  # every model can serve its traffic
         return APIError(503, "the engine is unavailable", code="engine_unavailable").response()
-    return json_response({"status": "ok"})
+    # Serving, but some version has fewer replicas up than configured (one died, or is still loading).
+    return json_response({"status": "degraded" if app.models.degraded else "ok"})
 
 
 @_get("/ping", **operation(ok=HealthResponse, ok_description="Same as /health", errors=(*OPEN, 503)))

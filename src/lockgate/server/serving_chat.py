@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from lockgate.engine.frontend.stream import RequestStream
+from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.engine.outputs import CompletionOutput, RequestOutput
 from lockgate.server.errors import bad_request, json_response
 from lockgate.server.generation import failure_reason, stream_error_event
@@ -79,7 +79,7 @@ def _response(meta: dict[str, Any], final: RequestOutput, num_prompt: int, top_n
             "usage": usage(num_prompt, completion_tokens, final.num_cached_tokens), "system_fingerprint": None}
 
 
-async def _stream(meta: dict[str, Any], stream: RequestStream, n: int, num_prompt: int, top_n: int | None,
+async def _stream(meta: dict[str, Any], stream: FleetStream, n: int, num_prompt: int, top_n: int | None,
                   p: Pipeline, include_usage: bool) -> AsyncIterator[bytes]:
     head = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None}
     extra = {"usage": None} if include_usage else {}

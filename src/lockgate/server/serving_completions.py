@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from lockgate.engine.frontend.stream import RequestStream
+from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.engine.outputs import CompletionOutput, RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.server.errors import json_response
@@ -109,7 +109,7 @@ def _response(meta: _Meta, finals: list[RequestOutput]) -> dict[str, Any]:
             "system_fingerprint": None}
 
 
-async def _stream(meta: _Meta, streams: list[RequestStream], p: Pipeline, include_usage: bool
+async def _stream(meta: _Meta, streams: list[FleetStream], p: Pipeline, include_usage: bool
                   ) -> AsyncIterator[bytes]:
     n = meta.params.n
     want_lp = meta.params.logprobs is not None

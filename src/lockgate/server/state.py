@@ -18,6 +18,7 @@ from lockgate.server.config import ServerConfig
 LEASE_SCOPE_KEY = "lockgate.lease"  # where the guard middleware puts each request's Lease
 PRINCIPAL_SCOPE_KEY = "lockgate.principal"  # and the authenticated caller (keyed mode)
 VERSION_SCOPE_KEY = "lockgate.model_version"  # the model version serving the request (a response header)
+REPLICA_SCOPE_KEY = "lockgate.replica"  # () -> the replica(s) serving it, as they stand when the answer starts
 
 
 @dataclass(slots=True)

@@ -112,6 +112,7 @@ class UsageRecord:
     cost_usd: float
     created_at: float = 0.0
     model_version: str | None = None  # the version of `model` that served it (None: before versions)
+    replica: str | None = None  # the replica(s) that served it, NAME@VERSION/INDEX (None: never submitted)
 
 
 @dataclass(slots=True)

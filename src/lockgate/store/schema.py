@@ -142,6 +142,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX refusals_time ON refusals(bucket)",
     ),
+    # 6: the replica that served a request (NAME@VERSION/INDEX; lifecycle/fleet.py).
+    ("ALTER TABLE usage ADD COLUMN replica TEXT",),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -95,7 +95,7 @@ _RES_COLS = ("request_id, tenant_id, key_id, model, reserved_usd, prompt_tokens,
              "cached_tokens, created_at, updated_at, model_version")
 _USAGE_COLS = ("request_id", "tenant_id", "key_id", "model", "prompt_tokens", "completion_tokens",
                "cached_tokens", "queue_time_s", "ttft_s", "e2e_s", "finish_reason", "status", "cost_usd",
-               "created_at", "model_version")
+               "created_at", "model_version", "replica")
 _AUDIT_COLS = "id, ts, actor, action, target, details, prev_hash, hash"
 
 
@@ -435,7 +435,7 @@ class SQLiteStore:
             "ON CONFLICT(request_id) DO NOTHING",
             [(r.request_id, r.tenant_id, r.key_id, r.model, int(r.prompt_tokens), int(r.completion_tokens),
               int(r.cached_tokens), r.queue_time_s, r.ttft_s, r.e2e_s, r.finish_reason, int(r.status),
-              float(r.cost_usd), r.created_at or now, r.model_version) for r in records])
+              float(r.cost_usd), r.created_at or now, r.model_version, r.replica) for r in records])
         conn.executemany("DELETE FROM reservations WHERE request_id = ?", [(r.request_id,) for r in records])
 
     def add_reservations(self, reservations: list[Reservation]) -> None:

@@ -1,4 +1,5 @@
-"""`python -m lockgate.engine.core --input ADDR --output ADDR --config JSON`: one engine core.
+"""`python -m lockgate.engine.core --input ADDR --output ADDR --config JSON [--kv-events ADDR
+--kv-replay ADDR]`: one engine core.
 
 The API process starts it this way (`frontend/transport.py`); operators and tests
 find engine cores by that command line. The loop itself is in `proc.py`.

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import logging
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from lockgate.engine.config import EngineConfig, checkpoint_load_format
 from lockgate.engine.core.fake_runner import FakeRunner
 from lockgate.engine.core.kv_cache import KVCacheManager
 from lockgate.engine.core.request import Request
-from lockgate.engine.core.runner import ModelRunner
 from lockgate.engine.core.scheduler import Scheduler
 from lockgate.engine.loader import LoadedCheckpoint, load_checkpoint
 from lockgate.engine.messages import EngineCoreOutput, EngineCoreRequest, EngineStats, check_tenant
 from lockgate.engine.step_stats import ITERATION_TOKENS_BUCKETS, STEP_SECONDS_BUCKETS, HistogramCounts
+
+if TYPE_CHECKING:  # the real runner (and torch) load only when a model runs: fake cores stay torch-free
+    from lockgate.engine.core.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,18 @@ def resolve_max_model_len(config: EngineConfig, model_max: int) -> int:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, ckpt: LoadedCheckpoint | None = None) -> None:
+    def __init__(self, config: EngineConfig, ckpt: LoadedCheckpoint | None = None, *,
+                 record_kv_events: bool = False) -> None:
+        """`record_kv_events`: the KV cache records its events (`kv.take_events()`) for the
+        core process's publisher; off for the offline engine."""
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        torch.manual_seed(config.seed)
+        fake = config.load_format == "fake"
+        if not fake:
+            import torch
+
+            if config.num_threads:
+                torch.set_num_threads(config.num_threads)
+            torch.manual_seed(config.seed)
         # "fake" reads only the checkpoint's config and tokenizer (weights are lazy, never called).
         ckpt = ckpt or load_checkpoint(config.model, checkpoint_load_format(config.load_format))
         self.model_config = ckpt.config
@@ -50,15 +58,21 @@ class EngineCore:
         if ckpt.config.sliding_window:  # full attention equals sliding-window attention only inside the window
             model_max = min(model_max, ckpt.config.sliding_window)
         max_len = resolve_max_model_len(config, model_max)
-        self.runner: ModelRunner | FakeRunner = (
-            FakeRunner(config, ckpt, max_len) if config.load_format == "fake" else ModelRunner(config, ckpt, max_len))
+        self.runner: ModelRunner | FakeRunner
+        if fake:
+            self.runner = FakeRunner(config, ckpt, max_len)
+        else:
+            from lockgate.engine.core.runner import ModelRunner
+
+            self.runner = ModelRunner(config, ckpt, max_len)
         # One request must fit in the pool on its own, or preemption could never make room.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"without chunked prefill, max_num_batched_tokens ({config.max_num_batched_tokens}) "
                 f"must be >= max_model_len ({self.max_model_len})")
-        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                 record_events=record_kv_events)
         self.scheduler = Scheduler(config, self.kv)
         self.eos_token_ids = self.runner.eos_token_ids  # one source for stopping and min_tokens masking
         # Request timelines (monotonic): entry time until first scheduled, then (entry, scheduled)

@@ -40,8 +40,6 @@ import math
 import time
 from collections.abc import Callable
 
-import torch
-
 from lockgate.engine.config import EngineConfig, ModelConfig
 from lockgate.engine.core.request import Request
 from lockgate.engine.core.scheduler import ScheduledBatch
@@ -98,7 +96,7 @@ class FakeRunner:
         self.config = config
         self.model_config = ckpt.config
         self.max_model_len = max_model_len
-        self.device = torch.device("cpu")
+        self.device = "cpu"  # a name, not a torch.device: this runner never imports torch
         self.dtype = "fake"
         self.block_size = config.block_size
         self.vocab_size = ckpt.config.vocab_size

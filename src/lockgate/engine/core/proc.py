@@ -10,6 +10,12 @@ spinning. While busy it also sends a heartbeat at least every `BUSY_HEARTBEAT_S`
 from a stuck one. The API process owns this process's lifetime: it starts it with
 `python -m lockgate.engine.core`, stops it with a `Shutdown` message, and the
 core exits by itself if its parent disappears.
+
+With `--kv-events ADDR --kv-replay ADDR` (and prefix caching on) the loop also
+publishes its KV cache's events (`engine/kv_events.py`, vLLM's schema) after each
+step and after handling inputs, and answers replay requests between steps and at
+once while idle (it waits on the input and replay sockets together). Its first
+batch, seq 0, is `AllBlocksCleared`: a new core's cache starts empty.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import msgspec
 import zmq
 
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.kv_events import AllBlocksCleared, KVEvent, KVEventPublisher
 from lockgate.engine.messages import (
     AbortRequests,
     AddRequests,
@@ -48,7 +55,8 @@ BUSY_HEARTBEAT_S = 0.5
 
 
 class CoreLoop:
-    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str, generation: int = 1) -> None:
+    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str, generation: int = 1,
+                 kv_events_addr: str | None = None, kv_replay_addr: str | None = None) -> None:
         self.config = config
         self.generation = generation  # 1 for the first core, +1 per restart
         self.num_steps = 0
@@ -62,20 +70,35 @@ class CoreLoop:
         self.decoder = msgspec.msgpack.Decoder(ClientMessage)
         self.parent_pid = os.getppid()
         self.core = None  # set by start(); loading the model can take a while
+        # KV-cache events: bound now, so subscribers (re)connect while the model loads.
+        self.kv_pub: KVEventPublisher | None = None
+        self.poller: zmq.Poller | None = None
+        if kv_events_addr and kv_replay_addr and config.enable_prefix_caching:
+            try:
+                self.kv_pub = KVEventPublisher(kv_events_addr, kv_replay_addr, snapshot=self._kv_snapshot,
+                                               ctx=self.ctx)
+            except zmq.ZMQError as exc:  # serving matters more than events: go on without them
+                log.error("engine core: cannot bind the KV event sockets (%s); no KV events", exc)
+        if self.kv_pub is not None:
+            self.poller = zmq.Poller()
+            self.poller.register(self.inp, zmq.POLLIN)
+            self.poller.register(self.kv_pub.replay_socket, zmq.POLLIN)
 
     def send(self, msg: object) -> None:
         self.out.send(self.encoder.encode(msg), copy=False)
 
     def start(self) -> bool:
-        from lockgate.engine.core.engine_core import EngineCore  # heavy (torch): import in the child only
+        from lockgate.engine.core.engine_core import EngineCore  # heavy for a real model (torch): in the child only
 
         try:
-            self.core = EngineCore(self.config)
+            self.core = EngineCore(self.config, record_kv_events=self.kv_pub is not None)
         except Exception as exc:  # noqa: BLE001 - any start-up failure is reported, then we exit
             log.exception("engine core failed to start")
             self.send(EngineFailed(message=f"engine failed to start: {exc}"))
             return False
         core = self.core
+        if self.kv_pub is not None:
+            self.kv_pub.publish([AllBlocksCleared()])  # seq 0: this cache starts empty
         self.send(Ready(
             pid=os.getpid(), max_model_len=core.max_model_len, model_config=core.model_config,
             num_total_blocks=core.stats().num_total_blocks, block_size=self.config.block_size,
@@ -92,7 +115,7 @@ class CoreLoop:
             # Drain all pending inputs; block (with a heartbeat timeout) only when idle.
             handled = False
             timeout = 0 if busy else IDLE_POLL_MS
-            while self.inp.poll(timeout):
+            while self._wait_input(timeout):
                 timeout = 0
                 msg = self.decoder.decode(self.inp.recv(copy=False))
                 if isinstance(msg, Shutdown):
@@ -108,12 +131,42 @@ class CoreLoop:
                 self.num_steps += 1
                 self._maybe_hang()
                 outputs = core.step()
+            if self.kv_pub is not None:
+                self._publish_kv()
+                self.kv_pub.serve_replay()
             # After an abort the engine may be idle: still tell the frontend (freed blocks).
             # While busy, a heartbeat every BUSY_HEARTBEAT_S tells the watchdog steps still finish.
             now = time.monotonic()
             if outputs or handled or not busy or now - last_sent >= BUSY_HEARTBEAT_S:
                 self.send(StepOutputs(outputs=outputs, stats=core.stats(), timestamp=core.last_step_end))
                 last_sent = now
+
+    def _wait_input(self, timeout_ms: int) -> bool:
+        """Whether an input message is ready within `timeout_ms`; replay requests that come
+        meanwhile are answered at once (after publishing what the cache has pending)."""
+        if self.poller is None:
+            return bool(self.inp.poll(timeout_ms))
+        assert self.kv_pub is not None
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            ready = dict(self.poller.poll(timeout_ms))
+            if self.kv_pub.replay_socket in ready:
+                self._publish_kv()
+                self.kv_pub.serve_replay()
+            if self.inp in ready:
+                return True
+            timeout_ms = int((deadline - time.monotonic()) * 1000)
+            if timeout_ms <= 0:
+                return False
+
+    def _publish_kv(self) -> None:
+        assert self.kv_pub is not None and self.core is not None
+        events = self.core.kv.take_events()
+        if events:
+            self.kv_pub.publish(events)
+
+    def _kv_snapshot(self) -> list[KVEvent]:
+        return [] if self.core is None else list(self.core.kv.snapshot_events())
 
     def _maybe_hang(self) -> None:
         """Test only (`EngineConfig.debug_hang_at_step`): the first core hangs forever in that step."""
@@ -135,6 +188,8 @@ class CoreLoop:
                 self.send(RequestFailed(request_id=req.request_id, message=str(exc)))
 
     def close(self) -> None:
+        if self.kv_pub is not None:
+            self.kv_pub.close()
         self.inp.close(linger=0)
         self.out.close()
         self.ctx.term()
@@ -156,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="ZMQ address to send outputs to")
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
     parser.add_argument("--generation", type=int, default=1, help="1 for the first core, +1 per restart")
+    parser.add_argument("--kv-events", default=None, metavar="ADDR",
+                        help="ZMQ address to publish KV-cache events on (vLLM's schema; with --kv-replay)")
+    parser.add_argument("--kv-replay", default=None, metavar="ADDR",
+                        help="ZMQ address to answer KV-event replay requests on (with --kv-events)")
     args = parser.parse_args(argv)
+    if (args.kv_events is None) != (args.kv_replay is None):
+        parser.error("--kv-events and --kv-replay go together")
 
     _die_with_parent()
     # Ctrl-C reaches the whole process group, and SIGTERM may too (systemd, containers):
@@ -166,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOCKGATE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s [engine] %(message)s")
 
-    loop = CoreLoop(decode_config(args.config), args.input, args.output, args.generation)
+    loop = CoreLoop(decode_config(args.config), args.input, args.output, args.generation,
+                    kv_events_addr=args.kv_events, kv_replay_addr=args.kv_replay)
     rc = 1
     try:
         if loop.start():

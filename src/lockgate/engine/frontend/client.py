@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ from lockgate.engine.frontend.stream import RequestStream
 from lockgate.engine.frontend.supervisor import CoreCounters, EngineState, Supervisor
 from lockgate.engine.frontend.transport import CoreTransport
 from lockgate.engine.frontend.watchdog import StallWatchdog
-from lockgate.engine.messages import AbortRequests, AddRequests, EngineFailed, RequestFailed, StepOutputs
+from lockgate.engine.messages import AbortRequests, AddRequests, EngineFailed, EngineStats, RequestFailed, StepOutputs
 from lockgate.engine.outputs import RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
@@ -47,6 +48,7 @@ class AsyncEngineClient:
         auto_restart: bool = True,
         max_restart_backoff_s: float = 30.0,
         stall_timeout_s: float | None = 60.0,
+        queue: QueueView | None = None,
     ) -> None:
         self.config = config
         self.startup_timeout_s = startup_timeout_s
@@ -68,12 +70,15 @@ class AsyncEngineClient:
         self._input: InputProcessor | None = None
         self._output: OutputProcessor | None = None
         self._streams: dict[str, RequestStream] = {}
-        self.queue = QueueView()  # accepted requests with no output yet, per priority, and their drain rate
+        # Accepted requests with no output yet, per priority, and their drain rate; the replicas of one
+        # model version share one (admission control sees the version's queue).
+        self.queue = queue if queue is not None else QueueView()
         # Stall watchdog (0 or None: off). Inactive while no core is up; never fires on an idle core.
         self._watchdog = StallWatchdog(
             stall_timeout_s, is_active=lambda: self.healthy, has_pending=lambda: bool(self._streams),
             on_stall=self._on_stall)
         self._watchdog_task: asyncio.Task[None] | None = None
+        self._last_message_at = time.monotonic()
 
     # ---- supervision, as the server and its metrics see it -------------------------------
     @property
@@ -102,16 +107,19 @@ class AsyncEngineClient:
         self._supervisor.on_restart = hook
 
     # ---- life cycle ------------------------------------------------------------------
-    async def start(self) -> None:
-        """Load the tokenizer here, start the core, and wait until it reports ready."""
+    async def start(self, checkpoint: asyncio.Future[Any] | None = None) -> None:
+        """Load the tokenizer here, start the core, and wait until it reports ready.
+
+        `checkpoint`: a load of this checkpoint's tokenizer and config already under way, shared by
+        several engines (the replicas of one version): awaited, never cancelled, here."""
         from lockgate.engine.loader import load_checkpoint  # weights are lazy: cheap here
 
         # Tokenizer here and model in the core load in parallel; unless the caller set them (another
         # engine of the same checkpoint shares its own: loading holds the GIL for seconds).
         if self.tokenizer is None or self.model_config is None:
             self.tokenizer = None
-            self._ckpt_task = asyncio.ensure_future(asyncio.to_thread(
-                load_checkpoint, self.config.model, checkpoint_load_format(self.config.load_format)))
+            self._ckpt_task = asyncio.shield(checkpoint) if checkpoint is not None else asyncio.ensure_future(
+                asyncio.to_thread(load_checkpoint, self.config.model, checkpoint_load_format(self.config.load_format)))
         try:
             await self._spawn()
         finally:
@@ -130,6 +138,11 @@ class AsyncEngineClient:
         """The engine-core process, from its spawn on (`engine_pid` is set only once it is ready)."""
         proc = self._core.proc
         return proc.pid if proc is not None else None
+
+    @property
+    def kv_event_addresses(self) -> tuple[str, str]:
+        """Where every core of this client publishes its KV-cache events: (PUB, replay) addresses."""
+        return self._core.kv_event_addresses
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the core (Shutdown message, then SIGKILL after `timeout_s`) and clean up."""
@@ -227,6 +240,22 @@ class AsyncEngineClient:
         return self._counters.state(healthy=self.healthy, queue=self.queue, num_in_flight=len(self._streams),
                                     num_restarts=self.num_restarts, num_stalls=self.num_stalls)
 
+    @property
+    def core_stats(self) -> EngineStats:
+        """The current core's latest stats (gauges lag by at most one step); cheap, for the router."""
+        return self._counters.stats
+
+    @property
+    def last_message_at(self) -> float:
+        """When the current core last sent anything (monotonic; its start before the first message):
+        a core always talks (heartbeats), so a long silence means stopped or stuck."""
+        return self._last_message_at
+
+    @property
+    def num_pending(self) -> int:
+        """Requests in flight on this core."""
+        return len(self._streams)
+
     # ---- the core process --------------------------------------------------------------
     async def _spawn(self) -> None:
         """Start a core and wait until it is ready; then accept requests (also the supervisor's restart)."""
@@ -248,6 +277,7 @@ class AsyncEngineClient:
         self._output = OutputProcessor(self.tokenizer, clock_offset=ready.clock_offset)
         self._reader = asyncio.create_task(self._read_outputs(), name="engine-output-reader")
         self._watchdog.progress()
+        self._last_message_at = time.monotonic()
         self._healthy = True
         log.info("engine core ready (pid %d, max_model_len %d, %d KV blocks)",
                  ready.pid, ready.max_model_len, ready.num_total_blocks)
@@ -278,6 +308,7 @@ class AsyncEngineClient:
         while True:
             data = await sock.recv()
             self._watchdog.progress()
+            self._last_message_at = time.monotonic()
             try:
                 msg = decode(data)
             except msgspec.DecodeError:

@@ -53,6 +53,30 @@ class EngineState:
     iteration_tokens: HistogramCounts | None = None
 
 
+    @classmethod
+    def combine(cls, states: list[EngineState], healthy: bool) -> EngineState:
+        """Several engines as one: counts summed, KV usage over all their blocks."""
+        total_blocks = sum(s.num_total_blocks for s in states)
+        used = sum(s.kv_cache_usage * s.num_total_blocks for s in states)
+        step, tokens = HistogramCounts(), HistogramCounts()
+        for s in states:
+            step, tokens = step.plus(s.step_seconds), tokens.plus(s.iteration_tokens)
+
+        def total(name: str) -> int:
+            return sum(getattr(s, name) for s in states)
+
+        return cls(
+            healthy=healthy, num_running=total("num_running"), num_waiting=total("num_waiting"),
+            num_waiting_tokens=total("num_waiting_tokens"),
+            kv_cache_usage=used / total_blocks if total_blocks else 0.0,
+            num_free_blocks=total("num_free_blocks"), num_total_blocks=total_blocks,
+            num_preemptions=total("num_preemptions"), prefix_cache_queries=total("prefix_cache_queries"),
+            prefix_cache_hits=total("prefix_cache_hits"), num_queued_requests=total("num_queued_requests"),
+            num_queued_tokens=total("num_queued_tokens"), num_in_flight=total("num_in_flight"),
+            num_restarts=total("num_restarts"), num_stalls=total("num_stalls"), step_seconds=step,
+            iteration_tokens=tokens)
+
+
 def empty_stats() -> EngineStats:
     return EngineStats(0, 0, 0, 0, 0, 0.0, 0, 0, 0)
 

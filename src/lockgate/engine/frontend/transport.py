@@ -5,6 +5,11 @@ sockets (a PUSH for requests, a PULL for outputs, bound here in a 0700
 temporary directory, new ones per core), waits for the core's `Ready`, and
 encodes and decodes the wire messages (`messages.py`). Each restart is a new
 generation: fresh sockets, a fresh process.
+
+Every core also publishes its KV-cache events (`engine/kv_events.py`) on two fixed
+addresses in the same directory, `kv-events` (PUB) and `kv-replay` (ROUTER), the same
+for every generation: a restarted core binds them again (replacing the socket files a
+killed one left), and subscribers (`kv_events_sub.py`) reconnect by themselves.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ class CoreTransport:
         self._tmpdir = tempfile.mkdtemp(prefix="lockgate-engine-")  # 0700: private IPC sockets
         self.generation = 0  # 1 for the first core, +1 per restart
         self.proc: asyncio.subprocess.Process | None = None  # the latest core, from its spawn on
+        self._kv_events_addr = f"ipc://{self._tmpdir}/kv-events"
+        self._kv_replay_addr = f"ipc://{self._tmpdir}/kv-replay"
         self._in: zmq.Socket | None = None  # PUSH, used synchronously (aborts from finally blocks)
         self._out: zmq.asyncio.Socket | None = None  # PULL
         self._encoder = msgspec.msgpack.Encoder()
@@ -60,6 +67,11 @@ class CoreTransport:
         assert self._out is not None
         return self._out
 
+    @property
+    def kv_event_addresses(self) -> tuple[str, str]:
+        """(PUB, replay ROUTER) addresses of every core's KV-cache events, fixed for this transport."""
+        return self._kv_events_addr, self._kv_replay_addr
+
     # ---- the process -------------------------------------------------------------------
     async def spawn(self, config: EngineConfig) -> asyncio.subprocess.Process:
         """Bind fresh sockets and start a core on them (it is not ready yet: `await_ready`)."""
@@ -79,6 +91,7 @@ class CoreTransport:
                 sys.executable, "-m", "lockgate.engine.core",
                 "--input", in_addr, "--output", out_addr, "--config", encode_config(config).decode(),
                 "--generation", str(self.generation),
+                "--kv-events", self._kv_events_addr, "--kv-replay", self._kv_replay_addr,
             )
         except OSError:
             self.close_sockets()

@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lockgate.engine.config import ModelConfig
 from lockgate.engine.loader.default_model import INSTALL_HINT, ModelNotFoundError, default_model_path
 from lockgate.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch is imported only when weights() runs: the API process and
+    import torch  # fake-engine cores read config and tokenizer alone
 
 __all__ = ["LoadedCheckpoint", "ModelNotFoundError", "default_model_path", "load_checkpoint", "INSTALL_HINT"]
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
@@ -21,6 +20,9 @@ from lockgate.engine.loader.hf import read_config
 from lockgate.engine.loader.layout import expected_shapes
 from lockgate.engine.loader.progress import track
 from lockgate.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 DUMMY_STD = 0.02
 FALLBACK_EOS = "<|endoftext|>"
@@ -49,6 +51,8 @@ def random_weights(config: ModelConfig, seed: int = 0) -> Any:
     shapes = expected_shapes(config)
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        import torch  # lazy: only where tensors are made
+
         gen = torch.Generator().manual_seed(seed)  # same values on every call
         for name, shape in track(list(shapes.items()), len(shapes), "generating random weights"):
             if name.endswith("norm.weight"):

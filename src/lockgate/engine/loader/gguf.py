@@ -11,10 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
@@ -26,6 +25,9 @@ from lockgate.engine.loader.layout import check_tensors
 from lockgate.engine.loader.progress import track
 from lockgate.engine.quant import gguf_blocks
 from lockgate.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 # general.architecture -> HF architecture. Mistral v0.x files are written as "llama".
 GGUF_ARCHITECTURES = {
@@ -95,6 +97,8 @@ def tensor_to_numpy(t: GGUFTensor | Any) -> np.ndarray:
 
 
 def to_torch(t: GGUFTensor | Any, arr: np.ndarray) -> torch.Tensor:
+    import torch  # lazy: only where tensors are made
+
     out = torch.from_numpy(np.ascontiguousarray(arr))
     return out.view(torch.bfloat16) if t.tensor_type == Q.BF16 else out
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 
 from lockgate.engine.config import ModelConfig
 from lockgate.engine.loader.layout import check_tensors
 from lockgate.engine.loader.progress import track
 from lockgate.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -65,7 +67,8 @@ def load_hf_dir(path: Path) -> tuple[ModelConfig, Tokenizer, Any]:
     shapes: dict[str, tuple[int, ...]] = {}
     plan: list[tuple[Path, str]] = []
     for f in files:  # headers only: names and shapes without reading data
-        with safe_open(str(f), framework="pt") as h:
+        # framework="numpy": "pt" imports torch on open, and only weights() needs tensors.
+        with safe_open(str(f), framework="numpy") as h:
             for name in h.keys():
                 shapes[name] = tuple(h.get_slice(name).get_shape())
                 if not _skip(name, config):

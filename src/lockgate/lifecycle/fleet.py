@@ -1,0 +1,235 @@
+"""`Fleet`: a model version's engine replicas behind the KV-cache-aware router.
+
+To its version the fleet is one engine: it has the tokenizer, the limits, one
+admission queue (`queue`, shared by every replica's client, so SLO admission
+sees the version's whole backlog and service rate) and `add_request`, which
+routes each request to the replica with the lowest predicted time to first token
+(`router.py`: uncached prompt tokens, queued and running work, KV pressure) and
+returns a `FleetStream` that re-routes it if that replica dies before answering.
+
+`--replicas 1` is one replica: today's single engine, with the router always
+answering replica 0. Replicas are added in the background (taking traffic once
+ready) and removed by draining (no new requests, in-flight ones finish).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from lockgate.engine.config import EngineConfig, ModelConfig, checkpoint_load_format
+from lockgate.engine.errors import EngineStartError
+from lockgate.engine.frontend.client import AsyncEngineClient
+from lockgate.engine.frontend.queue_view import QueueView
+from lockgate.engine.frontend.supervisor import EngineState
+from lockgate.engine.prefix_hash import prompt_block_hashes
+from lockgate.engine.sampling_params import SamplingParams
+from lockgate.engine.tokenizer import Tokenizer
+from lockgate.lifecycle.fleet_stream import FleetStream
+from lockgate.lifecycle.replica import Replica, ReplicaState
+from lockgate.lifecycle.router import Decision, NoReplicaError, Router, RouterConfig, Ticket
+
+log = logging.getLogger("lockgate.lifecycle")
+
+MakeClient = Callable[[QueueView], AsyncEngineClient]
+
+
+class Fleet:
+    def __init__(self, ref: str, config: EngineConfig, replicas: int, make_client: MakeClient,
+                 router_config: RouterConfig | None = None) -> None:
+        self.ref = ref  # NAME@VERSION
+        self.config = config
+        self.configured = replicas  # how many replicas the operator asked for
+        self.queue = QueueView()
+        self.router = Router(router_config or RouterConfig(block_size=config.block_size))
+        self.replicas: dict[int, Replica] = {}
+        self.tokenizer: Tokenizer | None = None  # set before start when another version shares its checkpoint
+        self.model_config: ModelConfig | None = None
+        self.num_reroutes = 0
+        self._make_client = make_client
+        self._on_restart: Callable[[], None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # ---- the engine as one ------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return next((r.client.max_model_len for r in self.replicas.values() if r.client.max_model_len), 0)
+
+    @property
+    def healthy(self) -> bool:
+        """At least one replica can take requests."""
+        return not self._closing and any(r.up for r in self.replicas.values())
+
+    @property
+    def num_ready(self) -> int:
+        return sum(1 for r in self.replicas.values() if r.up)
+
+    @property
+    def degraded(self) -> bool:
+        """Fewer replicas can take requests than the operator asked for."""
+        return self.num_ready < self.configured
+
+    @property
+    def core_pids(self) -> list[int]:
+        return [pid for r in self.replicas.values() if (pid := r.client.core_pid) is not None]
+
+    @property
+    def num_restarts(self) -> int:
+        return sum(r.client.num_restarts for r in self.replicas.values())
+
+    @property
+    def on_restart(self) -> Callable[[], None] | None:
+        return self._on_restart
+
+    @on_restart.setter
+    def on_restart(self, hook: Callable[[], None] | None) -> None:
+        self._on_restart = hook
+        for r in self.replicas.values():
+            r.client.on_restart = hook
+
+    def state(self) -> EngineState:
+        """Every replica summed; the queue figures are the shared queue's (counted once)."""
+        s = EngineState.combine([r.client.state() for r in self.replicas.values()], self.healthy)
+        s.num_queued_requests, s.num_queued_tokens = self.queue.num_requests, self.queue.num_tokens
+        return s
+
+    # ---- life ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start every configured replica at once; return when the first is ready (the others keep
+        loading and take traffic when ready). EngineStartError when every one failed."""
+        from lockgate.engine.loader import load_checkpoint  # weights are lazy: cheap here
+
+        checkpoint = None
+        if self.tokenizer is None or self.model_config is None:
+            cfg = self.config  # one tokenizer load for every replica, beside their cores' start
+            checkpoint = asyncio.ensure_future(asyncio.to_thread(
+                load_checkpoint, cfg.model, checkpoint_load_format(cfg.load_format)))
+        starting = [self._add(checkpoint) for _ in range(self.configured)]
+        try:
+            pending = {r.task for r in starting if r.task is not None}
+            while pending and not any(r.state is ReplicaState.READY for r in starting):
+                _done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if not any(r.state is ReplicaState.READY for r in starting):
+                reasons = sorted({r.reason or "failed" for r in starting})
+                raise EngineStartError("; ".join(reasons))
+        finally:
+            if checkpoint is not None and checkpoint.done() and not checkpoint.cancelled() \
+                    and checkpoint.exception() is None:
+                ckpt = checkpoint.result()
+                self.tokenizer, self.model_config = ckpt.tokenizer, ckpt.config
+        log.info("%s: replica ready (%d of %d)", self.ref, self.num_ready, self.configured)
+
+    def _add(self, checkpoint: asyncio.Future[Any] | None = None) -> Replica:
+        """A new replica (the lowest free index), started in the background."""
+        index = next(i for i in range(len(self.replicas) + 1) if i not in self.replicas)
+        client = self._make_client(self.queue)
+        client.tokenizer, client.model_config = self.tokenizer, self.model_config
+        client.on_restart = self._on_restart
+        replica = Replica(f"{self.ref}/{index}", index, client, self.router)
+        self.replicas[index] = replica
+        self.router.add_replica(index)
+        replica.task = asyncio.ensure_future(self._start(replica, checkpoint))
+        return replica
+
+    async def _start(self, replica: Replica, checkpoint: asyncio.Future[Any] | None) -> None:
+        try:
+            await replica.start(checkpoint, self.ref)
+        except asyncio.CancelledError:
+            replica.fail("start cancelled")
+            raise
+        except Exception as exc:  # noqa: BLE001 - one replica's failure is its state, not the fleet's
+            replica.fail(f"{type(exc).__name__}: {exc}")
+            log.error("%s: replica failed to start: %s", replica.name, replica.reason)
+            with contextlib.suppress(Exception):
+                await replica.client.shutdown()
+            return
+        log.info("%s is ready (pid %s)", replica.name, replica.client.core_pid)
+
+    async def set_replicas(self, n: int, drain_timeout_s: float) -> None:
+        """Scale to `n` replicas: failed ones are replaced, new ones load in the background; extra ones
+        (the highest indices) stop taking requests at once and stop once their requests have ended."""
+        self.configured = n
+        for r in [r for r in self.replicas.values() if r.state is ReplicaState.FAILED]:
+            self._forget(r)
+        live = sorted((r for r in self.replicas.values() if r.state is not ReplicaState.DRAINING),
+                      key=lambda r: r.index)
+        for _ in range(n - len(live)):
+            self._add()
+        for r in live[n:]:
+            self._spawn(self._drain(r, drain_timeout_s))
+
+    async def _drain(self, replica: Replica, timeout_s: float) -> None:
+        replica.state = ReplicaState.DRAINING
+        replica.refresh()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while replica.client.num_pending > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if replica.client.num_pending:
+            log.warning("%s: drain timeout, cutting %d request(s) short", replica.name, replica.client.num_pending)
+        await replica.stop()
+        self._forget(replica)
+        log.info("%s removed", replica.name)
+
+    def _forget(self, replica: Replica) -> None:
+        if self.replicas.get(replica.index) is replica:
+            del self.replicas[replica.index]
+            self.router.remove_replica(replica.index)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def fail_all(self, exc: Exception) -> None:
+        for r in self.replicas.values():
+            r.client.fail_all(exc)
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*(r.stop() for r in list(self.replicas.values())), return_exceptions=True)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                    cache_salt: str | None = None, tenant: str = "", **kwargs: Any) -> FleetStream:
+        """Route and submit one request (synchronous, as `AsyncEngineClient.add_request`)."""
+        hashes: list[bytes] = []
+        if isinstance(prompt, list) and self.config.enable_prefix_caching and len(self.replicas) > 1:
+            hashes = prompt_block_hashes(prompt, self.config.block_size, cache_salt)
+        stream = FleetStream(self, request_id, prompt, params,
+                             {"cache_salt": cache_salt, "tenant": tenant, **kwargs}, hashes, tenant)
+        stream.submit()
+        return stream
+
+    def choose(self, hashes: list[bytes], num_tokens: int, tenant: str, tried: set[int]
+               ) -> tuple[Replica, Decision, Ticket]:
+        """The router's pick among replicas that are up, not tried yet and not silent (a silent one
+        only when nothing else is left); counted in flight there from now on."""
+        stale = set()
+        for r in self.replicas.values():
+            r.refresh()
+            if r.up and r.stale:
+                stale.add(r.index)
+        try:
+            decision, ticket = self.router.route(hashes, num_tokens, tenant=tenant, exclude=tried | stale)
+        except NoReplicaError:
+            if not stale:
+                raise
+            decision, ticket = self.router.route(hashes, num_tokens, tenant=tenant, exclude=tried)
+        return self.replicas[decision.replica], decision, ticket
+
+    def note_reroute(self) -> None:
+        self.num_reroutes += 1
+
+    # ---- views -------------------------------------------------------------------------------
+    def to_json(self) -> list[dict[str, Any]]:
+        routed = {r.index: sum(self.router.replica_view(r.index).get("routed", {}).values())
+                  for r in self.replicas.values()}
+        total = sum(routed.values())
+        return [r.to_json(routed[r.index] / total if total else 0.0)
+                for r in sorted(self.replicas.values(), key=lambda r: r.index)]
