@@ -97,6 +97,7 @@ def test_header_ledger_and_metrics_name_the_replica(fleet: Fleet) -> None:
     reps = _replicas(fleet.admin)
     assert [r["replica"] for r in reps] == [f"{MODEL}@v1/{i}" for i in range(3)]
     assert len({r["pid"] for r in reps}) == 3 and all(pid_alive(r["pid"]) for r in reps)
+    assert all(r["kv_events"]["publisher"].startswith("ipc://") for r in reps)  # for tools reading vLLM's schema
     assert fleet.srv.engine_pids() and len(fleet.srv.engine_pids()) == 3  # their own processes
     assert httpx.get(f"{fleet.srv.base_url}/health").json() == {"status": "ok"}
 

@@ -135,4 +135,5 @@ class Replica:
                 "kv_cache_usage": round(stats.kv_cache_usage, 6), "kv_blocks": stats.num_total_blocks,
                 "cached_blocks": view.get("cached_blocks", 0), "queued_tokens": view.get("queued_tokens", 0),
                 "routed": view.get("routed", {}), "traffic_share": round(share, 6),
+                "kv_events": dict(zip(("publisher", "replay"), self.client.kv_event_addresses)),
                 "created_at": self.created_at, "ready_at": self.ready_at}
