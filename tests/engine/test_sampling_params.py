@@ -51,7 +51,7 @@ def test_defaults_match_vllm() -> None:
         ({"include_stop_str_in_output": 1}, "include_stop_str_in_output", "boolean"),
         ({"ignore_eos": "yes"}, "ignore_eos", "boolean"),
         ({"skip_special_tokens": None}, "skip_special_tokens", "boolean"),
-        ({"max_tokens": 0}, "max_tokens", ">= 1"),
+        ({"max_tokens": -1}, "max_tokens", ">= 0"),
         ({"max_tokens": True}, "max_tokens", "integer"),
         ({"min_tokens": -1}, "min_tokens", ">= 0"),
         ({"min_tokens": 20, "max_tokens": 10}, "min_tokens", "<= max_tokens"),

@@ -140,7 +140,7 @@ def test_app_traces_a_stream_and_skips_probes(app_client: tuple[TestClient, InMe
     stream = next(k for k in kids if k.name == "stream")
     prefill = next(k for k in kids if k.name == "prefill")
     assert stream.end_time > stream.start_time and stream.end_time >= prefill.end_time - 5e6
-    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})  # a 400: admission only
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": -1})  # a 400: admission only
     assert r.status_code == 400
     root, kids = _by_trace(exporter, "POST /v1/completions")
     assert root.attributes["http.response.status_code"] == 400 and [k.name for k in kids] == ["admission"]

@@ -32,7 +32,7 @@ COMPLETION_CASES = [
     ({"prompt": "x", "top_p": 1.5}, "top_p"),
     ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
     ({"prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": 1000}, "n"),
@@ -47,7 +47,9 @@ COMPLETION_CASES = [
     ({"prompt": [10**9]}, None),
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": 500}}, "logit_bias"),
+    ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ({"temperature": 0}, "prompt"),
 ]
 

@@ -39,10 +39,12 @@ class EngineCoreRequest:
 
 @dataclass(slots=True)
 class TokenLogprob:
-    """Logprob of the sampled token and the top-N alternatives (token id -> logprob)."""
+    """Logprob of the sampled (or, for prompt logprobs, the prompt's) token and the top-N
+    alternatives (token id -> logprob), best first."""
 
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # the token's rank in the vocabulary, 1-based (prompt logprobs)
 
 
 @dataclass(slots=True)
@@ -57,6 +59,9 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
     # First output only: (entered the core, first scheduled), on the core's monotonic clock.
     start_times: tuple[float, float] | None = None
+    # First output only, for requests with `prompt_logprobs`: one entry per prompt position
+    # 1..n-1 (prompt token i's logprob given the tokens before it, its rank, the top alternatives).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)

@@ -45,6 +45,7 @@ class RequestTimes:
 class Logprob:
     logprob: float
     decoded_token: str | None = None
+    rank: int | None = None  # 1-based rank in the vocabulary (prompt logprobs; None where not computed)
 
 
 @dataclass(slots=True)
@@ -73,5 +74,10 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # With `prompt_logprobs` (vLLM's shape): None for the first prompt token (no context), then per
+    # position a dict token id -> Logprob holding the prompt token and the top alternatives. Set on
+    # every output of the request once they are known (the same list each time): from the first
+    # output on (with n > 1, from the first child's first output on).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # Engine timelines of the children that have started (shared, updated in place as tokens come).
     engine_times: list[RequestTimes] = field(default_factory=list)

@@ -15,6 +15,15 @@ MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_STOP_TOKEN_IDS = 128
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+LOGIT_BIAS_LIMIT = 100.0  # |bias| (OpenAI's range)
+MAX_ALLOWED_TOKEN_IDS = 65536
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_LEN = 256  # characters
+# bad_words_token_ids (set by the frontend from bad_words: each word with and without a leading
+# space): bounds for what crosses the socket.
+MAX_BAD_WORDS_TOKEN_IDS = 2 * MAX_BAD_WORDS
+MAX_BAD_WORD_TOKENS = 4 * MAX_BAD_WORD_LEN + 1  # a byte-level tokenizer gives up to 4 per character
 # Below this a temperature is treated as greedy (as vLLM does): dividing by it
 # would overflow and the distribution is a point mass for all practical purposes.
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -47,6 +56,19 @@ def _check_float(name: str, value: Any) -> float:
     return value
 
 
+def _token_id_list(name: str, ids: Any, limit: int) -> list[int]:
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"{name} must be a list of token ids, got {_type_name(ids)}")
+    if len(ids) > limit:
+        raise ValueError(f"{name} must have at most {limit} ids, got {len(ids)}")
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise ValueError(f"{name} must be a list of token ids (integers), got {_type_name(i)} in the list")
+        if not 0 <= i <= MAX_INT:
+            raise ValueError(f"{name} must hold token ids in [0, {MAX_INT}], got {i}")
+    return list(ids)
+
+
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a boolean, got {_type_name(value)}")
@@ -71,6 +93,17 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs; 0 = only the sampled token's
+    # Logprob of every prompt token (given the ones before it) plus this many top alternatives per
+    # position; 0: the prompt token's own only. Counts against MAX_LOGPROBS like `logprobs`.
+    prompt_logprobs: int | None = None
+    # Token id -> bias added to its logit before sampling, in [-100, 100] (OpenAI's logit_bias).
+    logit_bias: dict[int, float] | None = None
+    # Only these token ids may be sampled (vLLM's allowed_token_ids).
+    allowed_token_ids: list[int] | None = None
+    # Words that must not be generated (vLLM's bad_words); the frontend tokenizes them into
+    # `bad_words_token_ids`, which is what the engine core applies.
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
 
@@ -115,8 +148,8 @@ class SamplingParams:
 
         if self.max_tokens is not None:
             self.max_tokens = _check_int("max_tokens", self.max_tokens)
-            if self.max_tokens < 1:
-                raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            if self.max_tokens < 0:  # 0: prefill only (prompt logprobs), no output token
+                raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         self.min_tokens = _check_int("min_tokens", self.min_tokens)
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
@@ -131,6 +164,18 @@ class SamplingParams:
                 raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
             if self.logprobs > MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _check_int("prompt_logprobs", self.prompt_logprobs)
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.prompt_logprobs}")
+
+        self._normalize_logit_bias()
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _token_id_list("allowed_token_ids", self.allowed_token_ids,
+                                                    MAX_ALLOWED_TOKEN_IDS)
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty")
+        self._normalize_bad_words()
 
     def _normalize_stop(self) -> None:
         stop = self.stop
@@ -170,6 +215,66 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be <= {MAX_INT}, got {i}")
         self.stop_token_ids = list(ids)
 
+    def _normalize_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be an object mapping token ids to biases, got {_type_name(bias)}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            tid = key
+            if isinstance(key, str):  # JSON object keys are strings: "50256" -> 50256
+                text = key.strip()
+                if not (text.isascii() and text.isdigit()):
+                    raise ValueError(f"logit_bias keys must be token ids (integers), got {key!r}")
+                tid = int(text)
+            if not isinstance(tid, int) or isinstance(tid, bool):
+                raise ValueError(f"logit_bias keys must be token ids (integers), got {_type_name(key)}")
+            if not 0 <= tid <= MAX_INT:
+                raise ValueError(f"logit_bias keys must be token ids in [0, {MAX_INT}], got {tid}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"logit_bias values must be numbers, got {_type_name(value)} for token {tid}")
+            v = float(value)
+            if not (math.isfinite(v) and -LOGIT_BIAS_LIMIT <= v <= LOGIT_BIAS_LIMIT):
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value!r} for token {tid}")
+            out[tid] = v  # "5" and 5 (or "05") name one token: the last one given wins
+        self.logit_bias = out
+
+    def _normalize_bad_words(self) -> None:
+        words = self.bad_words
+        if words is not None:
+            if not isinstance(words, (list, tuple)):
+                raise ValueError(f"bad_words must be a list of strings, got {_type_name(words)}")
+            if len(words) > MAX_BAD_WORDS:
+                raise ValueError(f"bad_words must have at most {MAX_BAD_WORDS} words, got {len(words)}")
+            for w in words:
+                if not isinstance(w, str):
+                    raise ValueError(f"bad_words must be a list of strings, got {_type_name(w)} in the list")
+                if not 1 <= len(w) <= MAX_BAD_WORD_LEN:
+                    raise ValueError(f"bad_words must each be 1 to {MAX_BAD_WORD_LEN} characters, got {len(w)}")
+            self.bad_words = list(words)
+        ids = self.bad_words_token_ids
+        if ids is None:
+            return
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"bad_words_token_ids must be a list of token id lists, got {_type_name(ids)}")
+        if len(ids) > MAX_BAD_WORDS_TOKEN_IDS:
+            raise ValueError(f"bad_words_token_ids must have at most {MAX_BAD_WORDS_TOKEN_IDS} entries, "
+                             f"got {len(ids)}")
+        out = [_token_id_list("bad_words_token_ids", word, MAX_BAD_WORD_TOKENS) for word in ids]
+        if any(not word for word in out):
+            raise ValueError("bad_words_token_ids entries must not be empty")
+        self.bad_words_token_ids = out
+
+    @property
+    def has_logit_processors(self) -> bool:
+        """logit_bias, allowed_token_ids or bad words: the sampler edits this row's logits."""
+        return (self.logit_bias is not None or self.allowed_token_ids is not None
+                or self.bad_words_token_ids is not None)
+
     @property
     def is_greedy(self) -> bool:
         # top_k == 1 keeps only the argmax, so it is greedy too (and needs no random draw).
@@ -186,10 +291,14 @@ class SamplingParams:
     def replace(self, **changes: Any) -> SamplingParams:
         """A validated copy with some fields changed (lists are copied, not shared)."""
         out = dataclasses.replace(self, **changes)
-        if out.stop is not None and out.stop is self.stop:
-            out.stop = list(out.stop)
-        if out.stop_token_ids is not None and out.stop_token_ids is self.stop_token_ids:
-            out.stop_token_ids = list(out.stop_token_ids)
+        for name in ("stop", "stop_token_ids", "allowed_token_ids", "bad_words"):
+            value = getattr(out, name)
+            if value is not None and value is getattr(self, name):
+                setattr(out, name, list(value))
+        if out.logit_bias is not None and out.logit_bias is self.logit_bias:
+            out.logit_bias = dict(out.logit_bias)
+        if out.bad_words_token_ids is not None and out.bad_words_token_ids is self.bad_words_token_ids:
+            out.bad_words_token_ids = [list(w) for w in out.bad_words_token_ids]
         return out
 
     def clone(self) -> SamplingParams:

@@ -2,10 +2,16 @@
 
     lockgate eval --model default:int8 --against default:float32
     lockgate eval --model ./new-ckpt --against ./old-ckpt --prompts mine.jsonl --output report.json
+    lockgate eval --model default:float32 --task lockgate_mc --task lockgate_qa
+    lockgate export-tokenizer --model default ./smollm2-tokenizer
 
 Measures greedy agreement with the reference over a prompt set, perplexity on a bundled
-text and accuracy on a bundled question set; prints a JSON report; exits 0 when every
-check passes, 1 when one fails, 2 on bad input.
+text and accuracy on a bundled question set; or, with `--task`, tasks as lm-evaluation-harness
+runs them (multiple choice by log-likelihood, generate-until); prints a JSON report; exits 0
+when every check passes, 1 when one fails, 2 on bad input.
+
+`export-tokenizer` writes the tokenizer lockgate serves a model with (rebuilt from a GGUF's
+metadata for the default model) as a Hugging Face tokenizer directory, for client tools.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from lockgate.eval import data, scoring
-from lockgate.eval.thresholds import Thresholds, judge
+from lockgate.eval.tasks import BUNDLED, Task, load_task
+from lockgate.eval.thresholds import Thresholds, judge, judge_tasks
 
 if TYPE_CHECKING:  # the offline engine imports torch: only when a command runs
     from lockgate.eval.offline import Side
@@ -41,8 +48,10 @@ def eval_command(
     max_perplexity_ratio: Annotated[float, typer.Option(help="Perplexity at most this times --against's")] = 1.10,
     min_accuracy: Annotated[float, typer.Option(help="Accuracy at least this (absolute)")] = 0.0,
     max_perplexity: Annotated[Optional[float], typer.Option(help="Perplexity at most this (absolute)")] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help=f"Run this task instead (repeatable): {' | '.join(BUNDLED)} or a JSONL file of {{context, choices, gold}} (multiple choice by log-likelihood) or {{question, answers}} (generate-until) items")] = None,  # noqa: E501
 ) -> None:
-    """Compare a model with a reference: greedy agreement, perplexity, accuracy; exit 1 when it fails."""
+    """Compare a model with a reference (greedy agreement, perplexity, accuracy), or run --task tasks
+    (multiple choice by log-likelihood, generate-until); exit 1 when a check fails."""
     try:
         from lockgate.eval.offline import parse_side
 
@@ -55,12 +64,22 @@ def eval_command(
             raise ValueError(f"--max-tokens must be in [1, 4096], got {max_tokens}")
         if limit is not None and limit < 1:
             raise ValueError(f"--limit must be >= 1, got {limit}")
-        prompt_set = data.load_prompts(prompts)[:limit]
-        questions = data.load_questions()[:limit]
+        if task:
+            if prompts is not None:
+                raise ValueError("--prompts and --task do not go together (a task brings its own items)")
+            tasks = [load_task(t).head(limit) for t in task]
+            if len({t.name for t in tasks}) < len(tasks):
+                raise ValueError("--task names a task twice")
+        else:
+            prompt_set = data.load_prompts(prompts)[:limit]
+            questions = data.load_questions()[:limit]
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    report = run(side, ref, thresholds, prompt_set, questions, max_tokens, num_threads, prompts or "bundled")
+    if task:
+        report = run_tasks(side, ref, thresholds, tasks, num_threads)
+    else:
+        report = run(side, ref, thresholds, prompt_set, questions, max_tokens, num_threads, prompts or "bundled")
     text = json.dumps(report, indent=2)
     if output:
         Path(output).write_text(text + "\n", encoding="utf-8")
@@ -92,5 +111,39 @@ def run(side: Side, ref: Side | None, thresholds: Thresholds, prompt_set: list[d
             "thresholds": thresholds.to_json(), **verdict, "seconds": round(time.monotonic() - started, 2)}
 
 
+def run_tasks(side: Side, ref: Side | None, thresholds: Thresholds, tasks: list[Task],
+              num_threads: int | None) -> dict[str, Any]:
+    """`--task`: every task on the model (and the reference), one model in memory at a time."""
+    started = time.monotonic()
+    from lockgate.eval.offline import measure_tasks
+
+    mine = measure_tasks(side, tasks, num_threads)
+    theirs = measure_tasks(ref, tasks, num_threads) if ref is not None else None
+    verdict = judge_tasks(thresholds, {t.name: mine["tasks"][t.name]["acc"] for t in tasks},
+                          {t.name: theirs["tasks"][t.name]["acc"] for t in tasks} if theirs else None)
+    return {"model": side.to_json(), "against": ref.to_json() if ref else None,
+            "settings": {"tasks": [t.to_json() for t in tasks], "python": sys.version.split()[0]},
+            "results": mine, "against_results": theirs,
+            "thresholds": thresholds.to_json(), **verdict, "seconds": round(time.monotonic() - started, 2)}
+
+
+def export_tokenizer_command(
+    out_dir: Annotated[str, typer.Argument(help="Directory to write (created if missing)")],
+    model: Annotated[str, typer.Option("--model", "-m", help="'default' (the embedded model), a .gguf file or a HF checkpoint directory")] = "default",  # noqa: E501
+) -> None:
+    """Write the model's tokenizer, as lockgate serves it, as a Hugging Face tokenizer directory
+    (for lm-evaluation-harness, guidellm and other clients that load one with AutoTokenizer)."""
+    from lockgate.eval.hf_tokenizer import FILES, export_tokenizer
+
+    try:
+        out = export_tokenizer(model, out_dir)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    written = [f for f in FILES if (out / f).is_file()]
+    typer.echo(f"wrote {', '.join(written)} to {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
+    app.command("export-tokenizer")(export_tokenizer_command)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -40,9 +41,9 @@ def _bundled(name: str) -> str:
     return resources.files("lockgate.eval").joinpath("data", name).read_text(encoding="utf-8")
 
 
-def parse_prompts(text: str, source: str) -> list[Prompt]:
-    """JSONL prompts; ValueError naming the file and line for anything else."""
-    out: list[Prompt] = []
+def jsonl_values(text: str, source: str) -> Iterator[tuple[str, Any]]:
+    """Each non-blank line of a JSONL text as (`source:line`, its JSON value); ValueError naming
+    the line for one too long or not JSON."""
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -50,9 +51,15 @@ def parse_prompts(text: str, source: str) -> list[Prompt]:
         if len(line) > MAX_LINE_CHARS:
             raise ValueError(f"{where}: line longer than {MAX_LINE_CHARS} characters")
         try:
-            obj = json.loads(line)
+            yield where, json.loads(line)
         except ValueError as e:
             raise ValueError(f"{where}: not JSON ({e})") from None
+
+
+def parse_prompts(text: str, source: str) -> list[Prompt]:
+    """JSONL prompts; ValueError naming the file and line for anything else."""
+    out: list[Prompt] = []
+    for where, obj in jsonl_values(text, source):
         if isinstance(obj, str):
             obj = {"prompt": obj}
         if not isinstance(obj, dict):

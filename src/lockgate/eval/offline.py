@@ -19,6 +19,8 @@ from lockgate.eval import scoring
 from lockgate.eval.scoring import ANSWER_TOKENS
 from lockgate.eval.data import Prompt, Question, encode_prompts
 from lockgate.eval.perplexity import token_logprobs
+from lockgate.eval.task_runner import run_task
+from lockgate.eval.tasks import Task
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8", "int4", "none")
@@ -77,12 +79,17 @@ def parse_side(value: str, dtype: str | None = None, quantization: str | None = 
     return side
 
 
+def load(side: Side, num_threads: int | None = None) -> LLM:
+    """The side's model in an offline engine (no prefix caching: `perplexity.py` writes into free blocks)."""
+    return LLM(None if side.path == "default" else side.path, dtype=side.dtype, quantization=side.quantization,
+               quantization_kernels=side.kernels, enable_prefix_caching=False, num_threads=num_threads)
+
+
 def measure(side: Side, prompts: list[Prompt], questions: list[Question], passage: str, max_tokens: int,
             num_threads: int | None = None) -> tuple[dict[str, Any], list[list[int]]]:
     """(figures, greedy answer token ids per prompt) for one side; the model is freed after."""
     t0 = time.monotonic()
-    llm = LLM(None if side.path == "default" else side.path, dtype=side.dtype, quantization=side.quantization,
-              quantization_kernels=side.kernels, enable_prefix_caching=False, num_threads=num_threads)
+    llm = load(side, num_threads)
     loaded = time.monotonic()
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     outs = llm.generate(encode_prompts(llm.tokenizer, prompts), greedy)
@@ -97,3 +104,15 @@ def measure(side: Side, prompts: list[Prompt], questions: list[Question], passag
     del llm, outs
     gc.collect()  # one model in memory at a time
     return figures, answers
+
+
+def measure_tasks(side: Side, tasks: list[Task], num_threads: int | None = None) -> dict[str, Any]:
+    """Every task on one side (`eval --task`); the model is freed after."""
+    t0 = time.monotonic()
+    llm = load(side, num_threads)
+    loaded = time.monotonic()
+    results = {task.name: run_task(llm, task) for task in tasks}
+    del llm
+    gc.collect()
+    return {"tasks": results, "load_seconds": round(loaded - t0, 2),
+            "eval_seconds": round(time.monotonic() - loaded, 2)}

@@ -52,3 +52,16 @@ def judge(t: Thresholds, accuracy: float | None, perplexity: float | None, ref_a
         checks.append(_check("perplexity_vs_reference", perplexity, "<=", ref_perplexity * t.max_perplexity_ratio))
     failures = [f"{c['name']} {c['value']} not {c['op']} {c['threshold']}" for c in checks if not c["passed"]]
     return {"checks": checks, "passed": not failures, "failures": failures}
+
+
+def judge_tasks(t: Thresholds, accuracy: dict[str, float], ref_accuracy: dict[str, float] | None = None
+                ) -> dict[str, Any]:
+    """The same verdict for `--task` runs: each task's accuracy (`acc`) against the absolute floor,
+    and against the reference's with at most `max_accuracy_drop` less."""
+    checks = []
+    for name, acc in accuracy.items():
+        checks.append(_check(f"{name}.acc", acc, ">=", t.min_accuracy))
+        if ref_accuracy is not None:
+            checks.append(_check(f"{name}.acc_vs_reference", acc, ">=", ref_accuracy[name] - t.max_accuracy_drop))
+    failures = [f"{c['name']} {c['value']} not {c['op']} {c['threshold']}" for c in checks if not c["passed"]]
+    return {"checks": checks, "passed": not failures, "failures": failures}

@@ -97,12 +97,16 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 async def collect(request: Request, streams: list[FleetStream], on_output: Any) -> list[RequestOutput]:
-    """The final output of every stream; raises ClientGone (after aborting) if the client leaves."""
+    """The final output of every stream (with the prompt's logprobs, whichever output brought
+    them); raises ClientGone (after aborting) if the client leaves."""
     finals: list[RequestOutput | None] = [None] * len(streams)
 
     async def consume() -> None:
         async for i, out in merged(streams):
             on_output(out)
+            prev = finals[i]
+            if prev is not None and out.prompt_logprobs is None:  # sent once, with an early output
+                out.prompt_logprobs = prev.prompt_logprobs
             finals[i] = out
 
     work = asyncio.ensure_future(consume())

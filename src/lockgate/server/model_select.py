@@ -1,20 +1,21 @@
 """The served models as HTTP shows them: the `x-lockgate-model-version` and `x-lockgate-replica`
 response headers (the version and replica the request pipeline routed the request to,
-pipeline.py) and `/v1/models` cards.
+pipeline.py), `x-lockgate-ignored-fields` (the body's unknown fields, protocol.py) and `/v1/models` cards.
 """
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lockgate.server.state import REPLICA_SCOPE_KEY, VERSION_SCOPE_KEY, AppState
+from lockgate.server.state import IGNORED_FIELDS_SCOPE_KEY, REPLICA_SCOPE_KEY, VERSION_SCOPE_KEY, AppState
 
 MODEL_VERSION_HEADER = "x-lockgate-model-version"
 REPLICA_HEADER = "x-lockgate-replica"
+IGNORED_FIELDS_HEADER = "x-lockgate-ignored-fields"
 
 
 class ModelVersionHeader:
     """Adds `x-lockgate-model-version` (and `x-lockgate-replica`, once submitted) to the answer of a
-    request the pipeline routed."""
+    request the pipeline routed, and `x-lockgate-ignored-fields` to one whose body had unknown fields."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -25,15 +26,21 @@ class ModelVersionHeader:
             return
 
         async def send_with_version(message: Message) -> None:
+            if message["type"] != "http.response.start":
+                await send(message)
+                return
+            headers = list(message.get("headers", []))
             version = scope.get(VERSION_SCOPE_KEY)
-            if message["type"] == "http.response.start" and version is not None:
-                headers = [*message.get("headers", []), (MODEL_VERSION_HEADER.encode(), version.encode("ascii"))]
+            if version is not None:
+                headers.append((MODEL_VERSION_HEADER.encode(), version.encode("ascii")))
                 replica = scope.get(REPLICA_SCOPE_KEY)
                 name = replica() if replica is not None else None
                 if name:
                     headers.append((REPLICA_HEADER.encode(), name.encode("ascii")))
-                message = {**message, "headers": headers}
-            await send(message)
+            ignored = scope.get(IGNORED_FIELDS_SCOPE_KEY)
+            if ignored:  # sanitized ASCII (protocol.ignored_header)
+                headers.append((IGNORED_FIELDS_HEADER.encode(), ignored.encode("ascii")))
+            await send({**message, "headers": headers})
 
         await self.app(scope, receive, send_with_version)
 

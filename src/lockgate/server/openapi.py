@@ -57,16 +57,39 @@ class Usage(_Doc):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class CompletionLogprobs(_Doc):
+    """OpenAI's legacy shape, one entry per token: with `echo`, the prompt's tokens first (the
+    first one's logprob and alternatives null), then the generated ones."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="Per token: the `logprobs` most likely tokens and the token itself, text -> logprob")
+    text_offset: list[int] = Field(description="Where each token's text starts in `text`")
+
+
+class PromptLogprob(_Doc):
+    logprob: float = Field(description="-9999.0 for an impossible token (JSON has no -inf)")
+    rank: int | None = Field(description="1 for the most likely token")
+    decoded_token: str | None
+
+
+PROMPT_LOGPROBS_DOC = ("vLLM's shape, with `prompt_logprobs: N`: per prompt token, null for the first, then token id "
+                       "-> its logprob for the prompt's token and its N most likely alternatives")
+
+
 class CompletionChoice(_Doc):
     index: int
     text: str
-    logprobs: dict[str, Any] | None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(default=None, description=PROMPT_LOGPROBS_DOC)
 
 
 class CompletionResponse(_Doc):
-    """A completion; with `stream: true` the body is server-sent events of chunks of this shape."""
+    """A completion; with `stream: true` the body is server-sent events of chunks of this shape
+    (an echoed prompt, its logprobs and `prompt_logprobs` in each choice's first chunk)."""
 
     id: str
     object: Literal["text_completion"]
@@ -92,7 +115,8 @@ class ChatCompletionChoice(_Doc):
 
 class ChatCompletionResponse(_Doc):
     """A chat completion; with `stream: true` the body is server-sent events of
-    `chat.completion.chunk` objects (`choices[].delta` instead of `message`)."""
+    `chat.completion.chunk` objects (`choices[].delta` instead of `message`; `prompt_logprobs` in
+    the first chunk that follows them)."""
 
     id: str
     object: Literal["chat.completion"]
@@ -101,6 +125,7 @@ class ChatCompletionResponse(_Doc):
     choices: list[ChatCompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(default=None, description=PROMPT_LOGPROBS_DOC)
 
 
 class ModelCard(_Doc):

@@ -1,22 +1,37 @@
 """Turn a validated OpenAI request into engine inputs: SamplingParams, prompts, chat messages.
 
 Everything a client controls is bounded here (n, stop strings, messages,
-prompts, logprobs) and every refusal is a 400 naming the offending field.
+prompts, logprobs, logit_bias) and every refusal is a 400 naming the offending
+field; a known field lockgate does not implement is refused (`refuse_unsupported`).
 """
 from __future__ import annotations
 
+import json
+import math
 import re
+from functools import cache
 from typing import Any
 
+from pydantic import BaseModel
+
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.sampling_params import SamplingParams
+from lockgate.engine.sampling_params import LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, SamplingParams
 from lockgate.server.config import ServerConfig
 from lockgate.server.errors import APIError, bad_request
-from lockgate.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
+from lockgate.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    Unsupported,
+    _SamplingFields,
+    marked,
+)
 
 _FIELD_RE = re.compile(r"^([a-z_]+)\b")
 _EXTRA_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                 "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens")
+                 "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+                 "allowed_token_ids", "bad_words")
+_TOKEN_ID_KEY = re.compile(r"^[0-9]{1,10}$")
 
 
 def sampling_error(exc: ValueError) -> APIError:
@@ -27,8 +42,71 @@ def sampling_error(exc: ValueError) -> APIError:
     return bad_request(msg, param=param, code="invalid_value")
 
 
+def _shown(value: str) -> str:
+    """A client's string inside an error message: short and printable."""
+    return repr(value) if len(value) <= 32 and value.isprintable() else f"{value[:32]!r}..."
+
+
+@cache
+def _unsupported(model: type[BaseModel]) -> dict[str, Unsupported]:
+    return marked(model, Unsupported)
+
+
+def _same(value: object, accepted: object) -> bool:
+    return isinstance(value, bool) == isinstance(accepted, bool) and value == accepted
+
+
+def refuse_unsupported(req: BaseModel) -> None:
+    """400 `unsupported_parameter` for a known field lockgate does not implement, set to anything
+    but null or a value that asks for nothing more than what lockgate does."""
+    for name, mark in _unsupported(type(req)).items():
+        value = getattr(req, name)
+        if value is not None and not any(_same(value, ok) for ok in mark.harmless):
+            shown = " or ".join(json.dumps(v) for v in mark.harmless)
+            also = f" (only {shown} is accepted)" if shown else ""
+            raise bad_request(f"{name} is not supported by this server{also}", param=name,
+                              code="unsupported_parameter")
+
+
+def logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's `{"token id": bias}` as `{id: bias}`: at most 1024 entries, biases in [-100, 100]
+    (the engine checks again; here the messages never echo more than a short key)."""
+    if not raw:
+        return None
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise bad_request(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries, got {len(raw)}",
+                          param="logit_bias", code="invalid_value")
+    out: dict[int, float] = {}
+    for key, bias in raw.items():
+        if not _TOKEN_ID_KEY.match(key) or int(key) > 2**31 - 1:
+            raise bad_request(f"logit_bias keys must be token ids (non-negative integers as strings), got "
+                              f"{_shown(key)}", param="logit_bias", code="invalid_value")
+        if not (math.isfinite(bias) and -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
+            raise bad_request(f"logit_bias values must be in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}], got {bias} "
+                              f"for token {key}",
+                              param="logit_bias", code="invalid_value")
+        out[int(key)] = float(bias)
+    return out
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Token ids the request names (logit_bias, allowed_token_ids) must be in the model's vocabulary
+    (the engine checks again; refusing here costs nothing to reserve)."""
+    for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})", param=name,
+                              code="invalid_value")
+
+
+def _check_logprobs(value: int | None, name: str, engine: EngineConfig) -> None:
+    if value is not None and value > engine.max_logprobs:
+        raise bad_request(f"{name} must be <= {engine.max_logprobs}, got {value}", param=name, code="invalid_value")
+
+
 def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_tokens: int | None,
-            logprobs: int | None) -> SamplingParams:
+            logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+    refuse_unsupported(req)
     if isinstance(req.priority, int) and req.priority and engine.scheduling_policy != "priority":
         # Accepting it silently would promise an ordering the scheduler does not give.
         raise bad_request("an integer priority is only accepted when the server runs with --scheduling-policy "
@@ -41,10 +119,9 @@ def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_t
     if stop is not None and len(stop) > cfg.max_stop:
         raise bad_request(f"stop must have at most {cfg.max_stop} strings, got {len(stop)}",
                           param="stop", code="invalid_value")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_parameter")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+    _check_logprobs(req.prompt_logprobs, "prompt_logprobs", engine)
     kwargs: dict[str, Any] = {
         "n": n,
         "temperature": 1.0 if req.temperature is None else req.temperature,
@@ -55,6 +132,8 @@ def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_t
         "stop": stop or None,
         "max_tokens": max_tokens,
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
+        "logit_bias": logit_bias(req.logit_bias),
     }
     for name in _EXTRA_FIELDS:
         value = getattr(req, name)
@@ -66,29 +145,36 @@ def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_t
         raise sampling_error(exc) from None
 
 
+def _text_only(fmt: Any) -> None:
+    if fmt is not None and fmt.type != "text":
+        raise bad_request(f"response_format type {_shown(fmt.type)} is not supported (text only)",
+                          param="response_format", code="unsupported_parameter")
+
+
 def completion_params(req: CompletionRequest, cfg: ServerConfig, engine: EngineConfig) -> SamplingParams:
+    """`echo` with `logprobs: N` asks the engine for the prompt's logprobs with N alternatives (and
+    `prompt_logprobs` for its own count: the engine computes the larger, each answer keeps its own)."""
     if req.suffix:
         raise bad_request("suffix is not supported", param="suffix", code="unsupported_parameter")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of must equal n (server-side best-of is not supported)", param="best_of",
                           code="unsupported_parameter")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", param="echo",
-                          code="unsupported_parameter")
-    return _common(req, cfg, engine, req.max_tokens, req.logprobs)
+    _text_only(req.response_format)
+    _check_logprobs(req.logprobs, "logprobs", engine)
+    wanted = [v for v in (req.prompt_logprobs, req.logprobs if req.echo else None) if v is not None]
+    return _common(req, cfg, engine, req.max_tokens, req.logprobs, max(wanted) if wanted else None)
 
 
 def chat_params(req: ChatCompletionRequest, cfg: ServerConfig, engine: EngineConfig) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format type {req.response_format.type!r} is not supported",
-                          param="response_format", code="unsupported_parameter")
+    _text_only(req.response_format)
     if req.tools and req.tool_choice != "none":
         raise bad_request("tool calling is not supported", param="tools", code="unsupported_parameter")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _common(req, cfg, engine, max_tokens, logprobs)
+    _check_logprobs(logprobs if req.top_logprobs is not None else None, "top_logprobs", engine)
+    return _common(req, cfg, engine, max_tokens, logprobs, req.prompt_logprobs)
 
 
 def completion_prompts(req: CompletionRequest, cfg: ServerConfig) -> list[str | list[int]]:

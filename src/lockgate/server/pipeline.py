@@ -158,6 +158,10 @@ class Pipeline:
         """Token ids as text, special tokens kept (an echoed token-id prompt)."""
         return self.routed.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text, special tokens kept (a prompt token that has no logprob entry)."""
+        return self.routed.tokenizer.decode([token_id], skip_special_tokens=False)
+
     async def idempotent(self, stream: bool, run: Callable[[], Awaitable[Response]]) -> Response:
         """`Idempotency-Key`: a retry gets the stored answer and is billed once (idempotency.py)."""
         return await idempotency.idempotent(self.request, self.app.gateway, self.meter, stream,

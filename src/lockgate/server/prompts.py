@@ -38,14 +38,16 @@ async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
 
 
 def check_context(target: Target, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
-    """400 context_length_exceeded when the prompt and the completion cannot both fit."""
+    """400 context_length_exceeded when the prompt and the completion cannot both fit (no
+    `max_tokens`: room for one token at least; `max_tokens: 0` scores the prompt alone)."""
     limit = target.max_model_len
-    wanted = num_prompt_tokens + (max_tokens or 1)
+    completion = 1 if max_tokens is None else max_tokens
+    wanted = num_prompt_tokens + completion
     if wanted > limit:
         what = "messages" if param == "messages" else "prompt"
         raise bad_request(
             f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{wanted} tokens ({num_prompt_tokens} in the {what}, {max_tokens or 1} in the completion). "
+            f"{wanted} tokens ({num_prompt_tokens} in the {what}, {completion} in the completion). "
             f"Please reduce the length of the {what} or completion.",
             param=param, code="context_length_exceeded")
 

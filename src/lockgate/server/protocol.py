@@ -1,12 +1,26 @@
 """OpenAI request bodies as pydantic models (validated strictly from the raw JSON).
 
 Strict JSON validation: "0.5" is not a number and `true` is not an integer, as
-with OpenAI. Unknown fields are accepted and ignored (clients send extras). The
-limits that depend on server configuration (n, stop count, message count, ...)
-are checked in `params.py`.
+with OpenAI. The limits that depend on server configuration (n, stop count,
+message count, ...) are checked in `params.py`.
+
+Every field a model declares does something, or is refused:
+
+- the implemented fields change what the engine does or what the answer holds;
+- fields marked `Unsupported` are OpenAI and vLLM fields lockgate does not implement: declared so
+  the OpenAPI document shows them, and refused with a 400 `unsupported_parameter` naming the field
+  for any value but null or one that asks for what lockgate does anyway (`use_beam_search: false`);
+- fields marked `Informational` are accepted and change nothing a client could observe (`user`
+  only keeps a caller on one version of a traffic split; `metadata` & co. are not stored).
+
+Unknown fields are accepted and ignored (clients send extras; vLLM ignores them too), but named
+in the `x-lockgate-ignored-fields` response header and logged (`read_body`).
 """
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,7 +28,9 @@ from starlette.requests import Request
 
 from lockgate.bodies import parse_body
 from lockgate.engine.sampling_params import MAX_LOGPROBS
+from lockgate.server.state import IGNORED_FIELDS_SCOPE_KEY
 
+log = logging.getLogger("lockgate.server")
 
 # Every integer a client sends is bounded before anything is registered: Python ints
 # are unbounded, the engine's wire format (msgpack) and torch are not.
@@ -22,17 +38,60 @@ INT32_MAX = 2**31 - 1
 Count = Annotated[int, Field(ge=1, le=INT32_MAX)]
 NonNegative = Annotated[int, Field(ge=0, le=INT32_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+
+# Unknown fields, as `read_body` names them (the response header is sent by model_select.py).
+MAX_IGNORED_HEADER_CHARS = 512
+_MAX_IGNORED_NAMES = 32
+_MAX_NAME_CHARS = 64
+_MAX_WALKED_ITEMS = 1024
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_LOGGED_MAX = 1024
+_logged: set[tuple[str, str]] = set()  # (path, header value) already logged at info level
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # "allow": unknown fields are kept (unvalidated) only so `ignored_fields` can name them.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 _M = TypeVar("_M", bound=_Body)
 
 
+@dataclass(frozen=True, slots=True)
+class Unsupported:
+    """Marks a known OpenAI / vLLM field lockgate does not implement. `harmless`: the values that ask
+    for nothing lockgate does not do (besides null); any other is refused (`params.refuse_unsupported`)."""
+
+    harmless: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Informational:
+    """Marks a field accepted with no effect a client could observe."""
+
+
+def _refused(what: str, accepted: str = "") -> Any:
+    also = f" or {accepted}" if accepted else ""
+    return Field(default=None, description=f"Not supported ({what}): any value but null{also} is refused with "
+                                           "400 `unsupported_parameter`")
+
+
+def _informational(what: str) -> Any:
+    return Field(default=None, description=f"Informational: {what}")
+
+
+def marked(model: type[BaseModel], marker: type[Unsupported] | type[Informational]) -> dict[str, Any]:
+    """The fields of `model` carrying `marker`, with the marker."""
+    return {name: m for name, f in model.model_fields.items() for m in f.metadata if isinstance(m, marker)}
+
+
 class StreamOptions(_Body):
     include_usage: bool | None = False
+
+
+class ResponseFormat(_Body):
+    type: str
 
 
 class _SamplingFields(_Body):
@@ -47,9 +106,12 @@ class _SamplingFields(_Body):
     stop: str | list[str] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (a decimal string) -> bias in [-100, 100] added to its logit before "
+                                  "sampling; at most 1024 entries, ids inside the model's vocabulary")
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
-    user: Annotated[str, Field(max_length=256)] | None = None
+    user: Annotated[Annotated[str, Field(max_length=256)] | None, Informational()] = _informational(
+        "not stored; keeps the caller on one version of a traffic split")
     # vLLM-compatible extensions.
     top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
@@ -60,28 +122,61 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
+    prompt_logprobs: TopLogprobs | None = Field(
+        default=None, description="vLLM: the logprob of every prompt token and its N most likely alternatives "
+                                  "(`prompt_logprobs` in the answer, the first entry null); at most the "
+                                  "server's max logprobs")
+    allowed_token_ids: list[TokenId] | None = Field(
+        default=None, description="vLLM: sample only among these token ids")
+    bad_words: list[str] | None = Field(
+        default=None, description="vLLM: words never generated (at most 128, each 1 to 256 characters)")
     # A priority class name ("interactive", "standard", "batch", ...) or, as in vLLM, an integer
     # (lower is served first; needs --scheduling-policy priority).
     priority: Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)] | Annotated[str, Field(max_length=64)] | None = None
+    # Known fields lockgate does not implement.
+    use_beam_search: Annotated[bool | None, Unsupported((False,))] = _refused("beam search", "false")
+    length_penalty: Annotated[float | None, Unsupported((1.0,))] = _refused("beam search", "1")
+    truncate_prompt_tokens: Annotated[int | None, Unsupported()] = _refused("prompts are never truncated")
+    guided_json: Annotated[str | dict[str, Any] | None, Unsupported()] = _refused("guided decoding")
+    guided_regex: Annotated[str | None, Unsupported()] = _refused("guided decoding")
+    guided_choice: Annotated[list[str] | None, Unsupported()] = _refused("guided decoding")
+    guided_grammar: Annotated[str | None, Unsupported()] = _refused("guided decoding")
+    guided_decoding_backend: Annotated[str | None, Unsupported()] = _refused("guided decoding")
+    guided_whitespace_pattern: Annotated[str | None, Unsupported()] = _refused("guided decoding")
+    structured_outputs: Annotated[dict[str, Any] | None, Unsupported()] = _refused("guided decoding")
+    logits_processors: Annotated[list[Any] | None, Unsupported(([],))] = _refused("custom logits processors", "[]")
+    return_tokens_as_token_ids: Annotated[bool | None, Unsupported((False,))] = _refused(
+        "logprobs name tokens by their text", "false")
+    return_token_ids: Annotated[bool | None, Unsupported((False,))] = _refused("token ids are not returned", "false")
+    prompt_embeds: Annotated[str | list[str] | None, Unsupported()] = _refused("prompts are text or token ids")
+    request_id: Annotated[str | None, Unsupported()] = _refused("the server names every request")
+    cache_salt: Annotated[str | None, Unsupported()] = _refused("the server salts the prefix cache per tenant")
+    kv_transfer_params: Annotated[dict[str, Any] | None, Unsupported()] = _refused("disaggregated prefill")
+    vllm_xargs: Annotated[dict[str, Any] | None, Unsupported()] = _refused("vLLM's extra arguments")
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Count | None = 16  # OpenAI's default for completions
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: bool | None = False
-    suffix: str | None = None
-    best_of: Count | None = None
+    max_tokens: NonNegative | None = Field(
+        default=16, description="0 generates nothing: with `echo` and `logprobs` it scores the prompt")
+    logprobs: TopLogprobs | None = None
+    echo: bool | None = Field(
+        default=False, description="Prepend the prompt to the text (and, with `logprobs`, its tokens' logprobs, "
+                                   "the first null)")
+    suffix: str | None = Field(default=None, description="Not supported: any value but null or \"\" is refused")
+    best_of: Count | None = Field(default=None, description="Accepted only equal to `n` (no server-side best-of)")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Only `{\"type\": \"text\"}` is accepted")
+    add_special_tokens: Annotated[bool | None, Unsupported((True,))] = _refused(
+        "a text prompt always gets the model's special tokens", "true")
 
 
 class ContentPart(_Body):
-    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
 
 class ChatMessage(_Body):
-    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -89,25 +184,48 @@ class ChatMessage(_Body):
     tool_calls: list[dict[str, Any]] | None = None
 
 
-class ResponseFormat(_Body):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Count | None = None  # deprecated by OpenAI, still sent by many clients
-    max_completion_tokens: Count | None = None
+    max_tokens: NonNegative | None = Field(
+        default=None, description="Deprecated by OpenAI, still sent by many clients; 0 generates nothing")
+    max_completion_tokens: NonNegative | None = None
     logprobs: bool | None = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    top_logprobs: TopLogprobs | None = None
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Only `{\"type\": \"text\"}` is accepted")
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="Tool calling is not supported: accepted only with `tool_choice: \"none\"`")
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Annotated[bool | None, Informational()] = _informational("tools are not called")
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None,
+                        Field(max_length=16), Informational()] = _informational("not stored (at most 16 pairs)")
+    safety_identifier: Annotated[Annotated[str, Field(max_length=256)] | None, Informational()] = _informational(
+        "not stored")
+    prompt_cache_key: Annotated[Annotated[str, Field(max_length=256)] | None, Informational()] = _informational(
+        "the prefix cache is shared by every request of a tenant anyway")
     # vLLM-compatible extensions.
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: Annotated[bool | None, Unsupported((False,))] = _refused(
+        "the chat template holds the special tokens", "false")
+    # Known fields lockgate does not implement.
+    audio: Annotated[dict[str, Any] | None, Unsupported()] = _refused("text only")
+    modalities: Annotated[list[str] | None, Unsupported((["text"],))] = _refused("text only", '["text"]')
+    prediction: Annotated[dict[str, Any] | None, Unsupported()] = _refused("predicted outputs")
+    reasoning_effort: Annotated[str | None, Unsupported()] = _refused("no reasoning control")
+    verbosity: Annotated[str | None, Unsupported()] = _refused("no verbosity control")
+    functions: Annotated[list[dict[str, Any]] | None, Unsupported(([],))] = _refused("function calling", "[]")
+    function_call: Annotated[str | dict[str, Any] | None, Unsupported(("none",))] = _refused(
+        "function calling", '"none"')
+    web_search_options: Annotated[dict[str, Any] | None, Unsupported()] = _refused("no web search")
+    store: Annotated[bool | None, Unsupported((False,))] = _refused("completions are not stored", "false")
+    service_tier: Annotated[str | None, Unsupported(("auto", "default"))] = _refused(
+        "one service tier; see `priority`", '"auto" or "default"')
+    echo: Annotated[bool | None, Unsupported((False,))] = _refused("vLLM's echo of the last message", "false")
+    documents: Annotated[list[dict[str, Any]] | None, Unsupported()] = _refused("documents in the chat template")
+    chat_template: Annotated[str | None, Unsupported()] = _refused("the model's own chat template only")
+    mm_processor_kwargs: Annotated[dict[str, Any] | None, Unsupported()] = _refused("text only")
 
 
 class TokenizeRequest(_Body):
@@ -124,7 +242,68 @@ class DetokenizeRequest(_Body):
     tokens: list[TokenId]
 
 
+def _safe_name(name: str) -> str:
+    """A client's field name as a header may show it: ASCII letters, digits, `_` and `-`, bounded."""
+    return _UNSAFE_NAME_CHARS.sub("?", name[:_MAX_NAME_CHARS]) or "?"
+
+
+def ignored_fields(body: BaseModel) -> list[str]:
+    """The unknown fields of a validated body and of the models inside it, as dotted paths
+    (`messages.0.reasoning_content`: the first message that has it), sanitized; at most 33 (one
+    more than a header shows), from the first 1024 items of a list (longer lists are refused anyway)."""
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def walk(model: BaseModel, path: str, shape: str) -> None:
+        for name in model.model_extra or ():
+            key = f"{shape}{name}"
+            if key not in seen and len(out) <= _MAX_IGNORED_NAMES:
+                seen.add(key)
+                out.append(f"{path}{_safe_name(name)}")
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, f"{path}{name}.", f"{shape}{name}.")
+            elif isinstance(value, list):
+                for i, item in enumerate(value[:_MAX_WALKED_ITEMS]):
+                    if isinstance(item, BaseModel):
+                        walk(item, f"{path}{name}.{i}.", f"{shape}{name}.*.")
+
+    walk(body, "", "")
+    return out
+
+
+def ignored_header(names: list[str]) -> str:
+    """`a,b,c`: at most 32 names and `MAX_IGNORED_HEADER_CHARS`, else ending in `,...`."""
+    value = ""
+    for i, name in enumerate(names):
+        nxt = f"{value},{name}" if value else name
+        if i == _MAX_IGNORED_NAMES or len(nxt) > MAX_IGNORED_HEADER_CHARS - 4:
+            return f"{value},..."
+        value = nxt
+    return value
+
+
+def _note_ignored(request: Request, body: BaseModel) -> None:
+    names = ignored_fields(body)
+    if not names:
+        return
+    value = ignored_header(names)
+    request.scope[IGNORED_FIELDS_SCOPE_KEY] = value
+    path = request.url.path
+    # Once per distinct (route, fields) at info level, so a client that always sends an extra field
+    # does not fill the log; every time at debug.
+    if (path, value) not in _logged and len(_logged) < _LOGGED_MAX:
+        _logged.add((path, value))
+        log.info("POST %s: ignored unknown fields %s", path, value)
+    else:
+        log.debug("POST %s: ignored unknown fields %s", path, value)
+
+
 async def read_body(request: Request, model: type[_M]) -> _M:
     """Read the request's raw bytes and validate them strictly (`lockgate.bodies.parse_body`):
-    any problem is a 400 in the OpenAI shape."""
-    return parse_body(model, await request.body())
+    any problem is a 400 in the OpenAI shape. Unknown fields are ignored, named in the
+    `x-lockgate-ignored-fields` header and logged."""
+    body = parse_body(model, await request.body())
+    _note_ignored(request, body)
+    return body

@@ -12,11 +12,11 @@ from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.engine.outputs import CompletionOutput, RequestOutput
 from lockgate.server.errors import bad_request, json_response
 from lockgate.server.generation import failure_reason, stream_error_event
-from lockgate.server.logprobs import chat_logprobs
-from lockgate.server.params import chat_messages, chat_params
+from lockgate.server.logprobs import chat_logprobs, prompt_logprobs
+from lockgate.server.params import chat_messages, chat_params, check_token_ids
 from lockgate.server.pipeline import Pipeline
 from lockgate.server.protocol import ChatCompletionRequest, read_body
-from lockgate.server.serving_completions import finish_reason, usage
+from lockgate.server.serving_completions import finish_reason, usage, worst_tokens
 from lockgate.server.sse import DONE, SSEResponse, sse_event
 from lockgate.server.state import AppState
 
@@ -31,6 +31,7 @@ async def create_chat_completion(request: Request, app: AppState) -> Response:
 async def _create(p: Pipeline, body: ChatCompletionRequest) -> Response:
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = p.cap(chat_params(body, p.app.config, p.engine_config), param)
+    check_token_ids(params, p.routed.vocab_size)
     cls, priority = p.classify(body.priority)
     messages = chat_messages(body.messages, p.app.config)
     p.note(bool(body.stream), messages)
@@ -42,21 +43,36 @@ async def _create(p: Pipeline, body: ChatCompletionRequest) -> Response:
         raise bad_request("the rendered chat prompt is empty", param="messages")
     p.check_context(len(ids), params.max_tokens, "messages")
     p.check_ready()
-    p.reserve(len(ids), params.n * (params.max_tokens or p.max_model_len - len(ids)))
+    p.reserve(len(ids), params.n * worst_tokens(params, p.max_model_len - len(ids)))
     p.shed(params.n, params.n * len(ids), cls, priority)
     streams = await p.submit([ids], [prompt], params, priority)
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     meta = {"id": p.request_id, "model": p.model_name, "created": int(time.time())}
+    prompt_lps = _PromptLogprobs(ids, body.prompt_logprobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(_stream(meta, streams[0], params.n, len(ids), top_n, p, include_usage),
+        return SSEResponse(_stream(meta, streams[0], params.n, len(ids), top_n, prompt_lps, p, include_usage),
                            p.closer(streams))
     finals = await p.collect(streams)
     if isinstance(finals, Response):
         return finals
     final = finals[0]
     p.settle([c.finish_reason for c in final.outputs])
-    return json_response(_response(meta, final, len(ids), top_n))
+    return json_response(_response(meta, final, len(ids), top_n, prompt_lps))
+
+
+class _PromptLogprobs:
+    """vLLM's `prompt_logprobs` (top level in the answer, or in the first chunk that follows them)."""
+
+    __slots__ = ("ids", "top_n")
+
+    def __init__(self, ids: list[int], top_n: int | None) -> None:
+        self.ids, self.top_n = ids, top_n
+
+    def render(self, out: RequestOutput) -> list[Any] | None:
+        if self.top_n is None or out.prompt_logprobs is None:
+            return None
+        return prompt_logprobs(self.ids, out.prompt_logprobs, self.top_n)
 
 
 def _choice_logprobs(c: CompletionOutput, token_ids: list[int], top_n: int | None) -> dict[str, Any] | None:
@@ -66,7 +82,8 @@ def _choice_logprobs(c: CompletionOutput, token_ids: list[int], top_n: int | Non
     return chat_logprobs(token_ids, c.logprobs[end - len(token_ids):end], top_n)
 
 
-def _response(meta: dict[str, Any], final: RequestOutput, num_prompt: int, top_n: int | None) -> dict[str, Any]:
+def _response(meta: dict[str, Any], final: RequestOutput, num_prompt: int, top_n: int | None,
+              prompt_lps: _PromptLogprobs) -> dict[str, Any]:
     choices = [{
         "index": c.index,
         "message": {"role": "assistant", "content": c.text, "refusal": None},
@@ -75,17 +92,22 @@ def _response(meta: dict[str, Any], final: RequestOutput, num_prompt: int, top_n
         "stop_reason": c.stop_reason,
     } for c in final.outputs]
     completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-    return {**meta, "object": "chat.completion", "choices": choices,
-            "usage": usage(num_prompt, completion_tokens, final.num_cached_tokens), "system_fingerprint": None}
+    response = {**meta, "object": "chat.completion", "choices": choices,
+                "usage": usage(num_prompt, completion_tokens, final.num_cached_tokens), "system_fingerprint": None}
+    if prompt_lps.top_n is not None:
+        response["prompt_logprobs"] = prompt_lps.render(final)
+    return response
 
 
 async def _stream(meta: dict[str, Any], stream: FleetStream, n: int, num_prompt: int, top_n: int | None,
-                  p: Pipeline, include_usage: bool) -> AsyncIterator[bytes]:
+                  prompt_lps: _PromptLogprobs, p: Pipeline, include_usage: bool) -> AsyncIterator[bytes]:
     head = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None}
     extra = {"usage": None} if include_usage else {}
     finished: set[int] = set()
     reasons: list[str | None] = []
     completion_tokens = cached = 0
+    pending_prompt_lps: list[Any] | None = None  # goes out with the next chunk
+    took_prompt_lps = False
     try:
         # OpenAI opens each choice with the role and an empty content.
         for i in range(n):
@@ -94,6 +116,9 @@ async def _stream(meta: dict[str, Any], stream: FleetStream, n: int, num_prompt:
         async for out in stream:
             p.observe(out)
             cached = max(cached, out.num_cached_tokens)
+            if not took_prompt_lps and out.prompt_logprobs is not None:
+                pending_prompt_lps = prompt_lps.render(out)
+                took_prompt_lps = True
             for c in out.outputs:
                 if c.index in finished:
                     continue
@@ -108,8 +133,13 @@ async def _stream(meta: dict[str, Any], stream: FleetStream, n: int, num_prompt:
                     choice["stop_reason"] = c.stop_reason
                     finished.add(c.index)
                     reasons.append(c.finish_reason)
-                yield sse_event({**head, "choices": [choice], **extra})
+                chunk = {**head, "choices": [choice], **extra}
+                if pending_prompt_lps is not None:
+                    chunk["prompt_logprobs"], pending_prompt_lps = pending_prompt_lps, None
+                yield sse_event(chunk)
                 p.checkpoint("stream")
+        if pending_prompt_lps is not None:
+            yield sse_event({**head, "choices": [], "prompt_logprobs": pending_prompt_lps, **extra})
         if include_usage:
             yield sse_event({**head, "choices": [], "usage": usage(num_prompt, completion_tokens, cached)})
         p.settle(reasons)

@@ -19,6 +19,7 @@ LEASE_SCOPE_KEY = "lockgate.lease"  # where the guard middleware puts each reque
 PRINCIPAL_SCOPE_KEY = "lockgate.principal"  # and the authenticated caller (keyed mode)
 VERSION_SCOPE_KEY = "lockgate.model_version"  # the model version serving the request (a response header)
 REPLICA_SCOPE_KEY = "lockgate.replica"  # () -> the replica(s) serving it, as they stand when the answer starts
+IGNORED_FIELDS_SCOPE_KEY = "lockgate.ignored_fields"  # the body's unknown fields (a response header)
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from lockgate.engine.core.request import Request
 from lockgate.engine.core.scheduler import Scheduler
 from lockgate.engine.loader import LoadedCheckpoint, load_checkpoint
 from lockgate.engine.messages import EngineCoreOutput, EngineCoreRequest, EngineStats, check_tenant
+from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.step_stats import ITERATION_TOKENS_BUCKETS, STEP_SECONDS_BUCKETS, HistogramCounts
 
 if TYPE_CHECKING:  # the real runner (and torch) load only when a model runs: fake cores stay torch-free
@@ -35,6 +36,23 @@ def resolve_max_model_len(config: EngineConfig, model_max: int) -> int:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit {model_max}")
         return config.max_model_len
     return min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
+
+
+def check_vocab_ids(params: SamplingParams, vocab: int, max_logprobs: int) -> None:
+    """Token ids in the sampling params against the model's vocabulary, and the logprob counts
+    against the engine's bound: the frontend checks first, the core again (they cross a socket)."""
+    for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+        bad = next((t for t in ids or () if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})")
+    for word in params.bad_words_token_ids or ():
+        bad = next((t for t in word if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"bad_words: token id {bad} is outside the vocabulary [0, {vocab})")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(params, name)
+        if k is not None and k > max_logprobs:
+            raise ValueError(f"{name} must be <= {max_logprobs}, got {k}")
 
 
 class EngineCore:
@@ -97,6 +115,7 @@ class EngineCore:
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}) (the vocabulary size)")
         check_tenant(req.tenant, req.tenant_weight)
+        check_vocab_ids(req.params, vocab, self.config.max_logprobs)
         room = self.max_model_len - n
         max_tokens = req.params.max_tokens if req.params.max_tokens is not None else room
         if max_tokens > room:
@@ -135,8 +154,18 @@ class EngineCore:
         sampled = self.runner.execute(batch)
         self.scheduler.after_step(batch)
         outputs: list[EngineCoreOutput] = []
+        num_sampled = len(sampled)
         for req, token, lp in sampled:
             first = not req.output_token_ids
+            if token is None:  # max_tokens=0: the prompt is computed (prompt logprobs), nothing sampled
+                num_sampled -= 1
+                outputs.append(EngineCoreOutput(
+                    request_id=req.request_id, new_token_ids=[], finish_reason="length",
+                    num_cached_tokens=req.num_cached_tokens,
+                    start_times=self._started_at.pop(req.request_id, None),
+                    prompt_logprobs=req.take_prompt_logprobs()))
+                self.scheduler.finish(req)
+                continue
             req.output_token_ids.append(token)
             finish, stop_reason = self._check_stop(req, token)
             outputs.append(EngineCoreOutput(
@@ -144,13 +173,14 @@ class EngineCore:
                 new_logprobs=[lp] if lp is not None else None,
                 finish_reason=finish, stop_reason=stop_reason,
                 num_cached_tokens=req.num_cached_tokens if first else 0,
-                start_times=self._started_at.pop(req.request_id, None) if first else None))
+                start_times=self._started_at.pop(req.request_id, None) if first else None,
+                prompt_logprobs=req.take_prompt_logprobs() if first else None))
             if finish is not None:
                 self.scheduler.finish(req)
         t1 = time.monotonic()
         self.last_step_end = t1
         self.step_seconds.observe(t1 - t0, STEP_SECONDS_BUCKETS)
-        self.iteration_tokens.observe(prompt_tokens + len(sampled), ITERATION_TOKENS_BUCKETS)
+        self.iteration_tokens.observe(prompt_tokens + num_sampled, ITERATION_TOKENS_BUCKETS)
         return outputs
 
     @staticmethod

@@ -27,7 +27,10 @@ Each step:
   `n` children of a request share prompt and seed, so they get the same text;
 - gives logprobs when asked: the sampled token is the top-1, with a
   deterministic probability in [0.5, 0.9); alternatives follow with geometric
-  shares of the rest (valid, decreasing log-probabilities).
+  shares of the rest (valid, decreasing log-probabilities). Prompt logprobs
+  likewise, per prompt position as its chunk runs: the prompt token is ranked
+  first, with alternatives from the pool; a request with max_tokens=0 finishes
+  when its prompt is done, with nothing sampled.
 
 No KV tensors are allocated; the block count is sized as the real runner sizes
 it (from `num_kv_blocks`, or `kv_cache_memory_gb` at 2 bytes per element for
@@ -129,20 +132,42 @@ class FakeRunner:
                for j in range(want)]
         return TokenLogprob(logprob=lp0, top=top)
 
+    def prompt_logprobs(self, req: Request, lo: int, hi: int) -> None:
+        want = min(req.params.prompt_logprobs or 0, len(self.pool) + 1)
+        entries = req.prompt_logprobs
+        assert entries is not None
+        for p in range(lo, hi):
+            token = req.prompt_token_ids[p + 1]
+            u = (_mix(token, p + 1, 0xBEEF) % 1000) / 1000.0
+            p0 = 0.5 + 0.4 * u
+            k = _mix(token, p) % len(self.pool)
+            top = [(token, math.log(p0))] + [(self.pool[(k + j) % len(self.pool)], math.log((1.0 - p0) * 0.5**j))
+                                             for j in range(1, want)]
+            entries.append(TokenLogprob(logprob=math.log(p0), top=top[:want], rank=1))
+        req.num_prompt_logprobs = hi
+
     def step_delay(self, batch: ScheduledBatch) -> float:
         """Seconds this step sleeps: the fixed part plus the per-token part."""
         return self.step_delay_s + self.token_delay_s * batch.total_tokens
 
-    def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int, TokenLogprob | None]]:
+    def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int | None, TokenLogprob | None]]:
         self.num_steps += 1
         delay = self.step_delay(batch)
         if delay > 0:
             self.sleep(delay)
             self.total_delay_s += delay
-        out: list[tuple[Request, int, TokenLogprob | None]] = []
+        out: list[tuple[Request, int | None, TokenLogprob | None]] = []
         for i, req in enumerate(batch.requests):
-            if batch.start[i] + batch.num_tokens[i] != req.num_tokens:
+            end = batch.start[i] + batch.num_tokens[i]
+            if req.prompt_logprobs is not None:
+                lo, hi = req.prompt_logprob_span(batch.start[i], end)
+                if lo < hi:
+                    self.prompt_logprobs(req, lo, hi)
+            if end != req.num_tokens:
                 continue  # a prefill chunk short of the end samples nothing
+            if not req.max_tokens:
+                out.append((req, None, None))  # max_tokens=0: prompt done, nothing sampled
+                continue
             token, k = self.next_token(req)
             lp = self.logprob(req, k, token) if req.params.logprobs is not None else None
             out.append((req, token, lp))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from lockgate.engine.messages import EngineCoreRequest
+from lockgate.engine.messages import EngineCoreRequest, TokenLogprob
 from lockgate.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ class Request:
         "priority", "cache_salt", "share_prefix_with", "status", "num_computed_tokens",
         "block_ids", "block_hashes", "num_cached_tokens", "generator", "eos_token_ids",
         "max_tokens", "stop_token_ids", "num_preemptions", "tenant", "tenant_weight",
-        "enqueue_time", "seq",
+        "enqueue_time", "seq", "prompt_logprobs", "num_prompt_logprobs",
     )
 
     def __init__(self, req: EngineCoreRequest, eos_token_ids: list[int], max_tokens: int) -> None:
@@ -58,6 +58,29 @@ class Request:
         # request keeps it), and `seq` breaks ties between equal arrival times.
         self.enqueue_time = 0.0
         self.seq = 0
+        # Prompt logprobs (only when asked): entries computed but not yet sent, and how many
+        # positions have one (sent or not). Kept across preemption, so a recompute neither
+        # computes nor sends them twice; the first output carries them out.
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if req.params.prompt_logprobs is not None else None
+        self.num_prompt_logprobs = 0
+
+    def prompt_logprob_span(self, start: int, end: int) -> tuple[int, int]:
+        """The positions in [start, end) still owing a prompt logprob (position p scores prompt
+        token p + 1): an empty span (lo >= hi) for requests that did not ask or owe nothing."""
+        if self.prompt_logprobs is None:
+            return 0, 0
+        return max(start, self.num_prompt_logprobs), min(end, len(self.prompt_token_ids) - 1)
+
+    @property
+    def prompt_logprobs_done(self) -> bool:
+        return self.num_prompt_logprobs >= len(self.prompt_token_ids) - 1
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """The entries computed since the last call (the first output takes them all)."""
+        out = self.prompt_logprobs
+        if out is not None:
+            self.prompt_logprobs = []
+        return out
 
     @property
     def num_prompt_tokens(self) -> int:

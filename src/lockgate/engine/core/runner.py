@@ -4,6 +4,11 @@ Per step: token ids, positions and KV slots for every scheduled token
 (decodes first), attention metadata, one forward pass for all prefill and
 decode requests together, logits only for the rows that sample, then the
 sampler. One device-to-host copy per step brings the sampled tokens back.
+
+Prompt logprobs: for the requests that ask, the LM head also runs over the prompt
+positions of their chunks in the step (in slices of bounded size), and each
+position's next prompt token is scored (logprob, rank, top alternatives) from
+the float32 log-softmax. Requests that do not ask add no row and no sync.
 """
 from __future__ import annotations
 
@@ -32,6 +37,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # native decoder attends row by row, fine for decodes and short prompts (a 64-token prompt is
 # 2,080 pairs), slower than SDPA for long ones.
 NATIVE_MAX_ATTENTION = 1 << 16
+# Prompt logprobs: logits of at most this many elements (rows x vocabulary) at a time (64 MiB).
+PROMPT_LOGITS_ELEMS = 1 << 24
+
+# A chunk's positions owing prompt logprobs: (request, first position, end position (exclusive),
+# flattened row of the first position).
+_PromptSpan = tuple[Request, int, int, int]
 
 
 @functools.cache
@@ -113,17 +124,15 @@ class ModelRunner:
         table = np.asarray(req.block_ids, dtype=np.int64)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int]]:
-        """Returns input ids, positions, attention metadata, the batch entries that
-        sample (in flattened order) and the flattened row of each one's last token."""
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, StepRows]:
+        """Returns input ids, positions, attention metadata and the rows the head runs on."""
         order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)  # decodes first
         ids: list[int] = []
         pos: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         decode_ctx: list[tuple[list[int], int]] = []  # (block table, context length)
         prefills: list[PrefillSeq] = []
-        samplers: list[int] = []
-        rows: list[int] = []
+        head = StepRows()
         t = 0
         for i in order:
             req, start, n = batch.requests[i], batch.start[i], batch.num_tokens[i]
@@ -137,10 +146,11 @@ class ModelRunner:
             else:
                 blocks = None if start == 0 else torch.tensor(table, device=self.device)
                 prefills.append(PrefillSeq(t, n, end, blocks))
+            if req.prompt_logprobs is not None:
+                head.add_prompt_span(req, start, end, t)
             t += n
             if end == req.num_tokens:  # reached the end of what is known: sample the next token
-                samplers.append(i)
-                rows.append(t - 1)
+                head.add_end(req, i, t - 1)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
                                  num_decodes=len(decode_ctx), prefills=prefills, block_size=self.block_size,
@@ -156,16 +166,16 @@ class ModelRunner:
             meta.decode_mask = (torch.arange(nb * self.block_size, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.from_numpy(np.concatenate(pos)).to(dev)
-        return input_ids, positions, meta, samplers, rows
+        return input_ids, positions, meta, head
 
     # ---- the step ---------------------------------------------------------------
-    def native_step(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], list[int]] | None:
+    def native_step(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepRows] | None:
         """The step through the native decoder, or None when its attention would be too costly.
 
         Every scheduled token is a row with its own position and the block table of its sequence;
         all rows' K/V are written before any row attends, so a row attending to the cache up to its
-        own position is causal attention for prefill chunks too. Returns hidden states, the batch
-        entries that sample and their rows."""
+        own position is causal attention for prefill chunks too. Returns the hidden states of every
+        row (final-normed) and the rows the head runs on."""
         if sum((s + n) * n for s, n in zip(batch.start, batch.num_tokens)) > NATIVE_MAX_ATTENTION:
             return None  # long prompts: PyTorch's fused SDPA does their attention far better
         bs = self.block_size
@@ -176,8 +186,7 @@ class ModelRunner:
         pos = np.empty(total, dtype=np.int64)
         slots = np.empty(total, dtype=np.int64)
         tables = np.zeros((total, nb), dtype=np.int64)
-        samplers: list[int] = []
-        rows: list[int] = []
+        head = StepRows()
         t = 0
         for i, (req, s, e) in enumerate(zip(batch.requests, batch.start, ends)):
             ids[t:t + e - s] = req.token_ids(s, e)
@@ -185,22 +194,35 @@ class ModelRunner:
             slots[t:t + e - s] = self._slots(req, s, e)
             table = req.block_ids[: blocks_for(e, bs)]
             tables[t:t + e - s, : len(table)] = table
+            if req.prompt_logprobs is not None:
+                head.add_prompt_span(req, s, e, t)
             t += e - s
             if e == req.num_tokens:  # reached the end of what is known: sample the next token
-                samplers.append(i)
-                rows.append(t - 1)
-        return self.native(ids, pos, slots, tables, pos + 1), samplers, rows
+                head.add_end(req, i, t - 1)
+        return self.native(ids, pos, slots, tables, pos + 1), head
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int, TokenLogprob | None]]:
+    def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int | None, TokenLogprob | None]]:
+        """(request, sampled token, its logprobs) per request that reached the end of its known
+        tokens; the token is None for a request whose prompt finished with max_tokens=0 (nothing
+        sampled). Prompt logprobs computed in the step are added to their requests."""
         step = self.native_step(batch) if self.native is not None and batch.requests else None
         if step is not None:
-            hidden, samplers, rows = step
+            hidden, head = step
         else:
-            input_ids, positions, meta, samplers, rows = self.prepare(batch)
+            input_ids, positions, meta, head = self.prepare(batch)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not samplers:
-            return []
+        if head.prompt_spans:
+            self.prompt_logprobs(hidden, head.prompt_spans)
+        out: list[tuple[Request, int | None, TokenLogprob | None]] = []
+        if head.samplers:
+            out = self.sample(batch, hidden, head.samplers, head.rows)
+        if head.no_sample:
+            out.extend((req, None, None) for req in head.no_sample)
+        return out
+
+    def sample(self, batch: ScheduledBatch, hidden: torch.Tensor, samplers: list[int],
+               rows: list[int]) -> list[tuple[Request, int | None, TokenLogprob | None]]:
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         reqs = [batch.requests[i] for i in samplers]
         for r in reqs:
@@ -219,3 +241,74 @@ class ModelRunner:
         tokens = out.token_ids.tolist()  # the step's one device-to-host sync
         lps = out.to_token_logprobs([r.params.logprobs for r in reqs])
         return list(zip(reqs, tokens, lps))
+
+    def prompt_logprobs(self, hidden: torch.Tensor, spans: list[_PromptSpan]) -> None:
+        """Score the next prompt token at each position of `spans`: its logprob (float32
+        log-softmax over the vocabulary), its rank and the request's top-N alternatives; appended
+        to each request's prompt logprobs in position order."""
+        dev = self.device
+        rows = np.concatenate([np.arange(r0, r0 + hi - lo) for _, lo, hi, r0 in spans])
+        targets = np.concatenate([np.asarray(req.prompt_token_ids[lo + 1:hi + 1], dtype=np.int64)
+                                  for req, lo, hi, _ in spans])
+        k = max(req.params.prompt_logprobs or 0 for req, *_ in spans)
+        head_q = self.model.head_q
+        step = max(1, PROMPT_LOGITS_ELEMS // self.vocab_size)
+        lps, ranks, top_lps, top_ids = [], [], [], []
+        for a in range(0, len(rows), step):
+            h = hidden[torch.from_numpy(rows[a:a + step]).to(dev)]
+            t = torch.from_numpy(targets[a:a + step]).to(dev)[:, None]
+            x = self.model.compute_logits(h).float()
+            if head_q is not None:
+                # A quantized head's logits are exact only for its best candidates: the scored
+                # token's is recomputed exactly, as the sampled token's is when it is among them.
+                x.scatter_(1, t, head_q.token_logits(h, t[:, 0])[:, None])
+            target = x.gather(1, t)
+            lse = torch.logsumexp(x, dim=-1, keepdim=True)
+            lps.append((target - lse)[:, 0])
+            ranks.append((x > target).sum(dim=-1) + 1)
+            if k:
+                v, i = x.topk(k, dim=-1)
+                top_lps.append(v - lse)
+                top_ids.append(i)
+        lp = torch.cat(lps).tolist()  # one device-to-host copy per tensor, for these requests only
+        rank = torch.cat(ranks).tolist()
+        tl = torch.cat(top_lps).tolist() if k else None
+        ti = torch.cat(top_ids).tolist() if k else None
+        j = 0
+        for req, lo, hi, _ in spans:
+            n = req.params.prompt_logprobs or 0
+            entries = req.prompt_logprobs
+            assert entries is not None and lo == req.num_prompt_logprobs
+            for r in range(j, j + hi - lo):
+                top = list(zip(ti[r][:n], tl[r][:n])) if n else []
+                entries.append(TokenLogprob(logprob=lp[r], top=top, rank=rank[r]))
+            req.num_prompt_logprobs = hi
+            j += hi - lo
+
+
+class StepRows:
+    """The rows of a step's hidden states the LM head runs on, gathered while the batch is laid
+    out: samplers (batch entries that sample) and their rows; requests whose prompt finished
+    without sampling (max_tokens=0); prompt-logprob spans."""
+
+    __slots__ = ("samplers", "rows", "no_sample", "prompt_spans")
+
+    def __init__(self) -> None:
+        self.samplers: list[int] = []
+        self.rows: list[int] = []
+        self.no_sample: list[Request] = []
+        self.prompt_spans: list[_PromptSpan] = []
+
+    def add_end(self, req: Request, entry: int, row: int) -> None:
+        """Entry `entry` computed up to its last known token, at flattened row `row`."""
+        if req.max_tokens:
+            self.samplers.append(entry)
+            self.rows.append(row)
+        else:
+            self.no_sample.append(req)
+
+    def add_prompt_span(self, req: Request, start: int, end: int, row0: int) -> None:
+        """Positions [start, end) of a request with prompt logprobs, position `start` at row `row0`."""
+        lo, hi = req.prompt_logprob_span(start, end)
+        if lo < hi:
+            self.prompt_spans.append((req, lo, hi, row0 + lo - start))

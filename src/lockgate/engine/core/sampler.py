@@ -2,9 +2,11 @@
 
 `SamplingBatch.build` turns the step's per-request `SamplingParams` into device
 tensors once (host work is proportional to the batch and the penalised token
-lists, never to the vocabulary; no Python loop touches the vocabulary). `Sampler` then runs, in order: penalties,
-min_tokens masking, temperature, top-k, top-p, min-p and the draw. Each stage is
-skipped when no row in the batch uses it, so an all-greedy batch is one argmax.
+lists, never to the vocabulary; no Python loop touches the vocabulary). `Sampler` then runs, in order
+(vLLM's): allowed_token_ids, bans (bad words, min_tokens), logit_bias, penalties,
+temperature, top-k, top-p, min-p and the draw. Each stage is skipped when no row in
+the batch uses it, so an all-greedy batch is one argmax. Logprobs are the model's own
+(taken before any of these stages), as vLLM reports them.
 """
 from __future__ import annotations
 
@@ -35,7 +37,13 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor | None  # [N] f32: that row's penalty
     penalty_index: torch.Tensor | None  # [M] int64: tokens seen in the output
     penalty_delta: torch.Tensor | None  # [M] f32: frequency * count + presence, subtracted
-    min_tokens_index: torch.Tensor | None  # [K] int64: stop/eos tokens banned by min_tokens
+    # [K] int64: flat indices set to -inf: stop/eos tokens under min_tokens, and bad words
+    # (a one-token word always; a longer one's last token when the output ends with the rest).
+    banned_index: torch.Tensor | None
+    bias_index: torch.Tensor | None  # [L] int64: flat indices of logit_bias entries
+    bias_value: torch.Tensor | None  # [L] f32: added to those logits
+    allowed_rows: torch.Tensor | None  # [R] int64: rows with allowed_token_ids
+    allowed_mask: torch.Tensor | None  # [R, V] bool: True where that row may sample
     seeded: list[tuple[int, torch.Generator]]  # random rows that draw from their own generator
     max_num_logprobs: int | None  # K = largest `logprobs` in the batch; None: nobody asked
 
@@ -101,7 +109,11 @@ class SamplingBatch:
                 if not p.ignore_eos:
                     ids.update(eos_token_ids)
                 banned.extend(i * V + t for t in ids if 0 <= t < V)
-        min_tokens_index = torch.tensor(banned, dtype=torch.int64, device=device) if banned else None
+        bias_index = bias_value = allowed_rows = allowed_mask = None
+        if any(p.has_logit_processors for p in params):
+            bias_index, bias_value, allowed_rows, allowed_mask = _logit_processors(
+                params, output_token_ids, V, device, banned)
+        banned_index = torch.tensor(banned, dtype=torch.int64, device=device) if banned else None
 
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
@@ -118,7 +130,11 @@ class SamplingBatch:
             repetition_penalty=repetition_penalty,
             penalty_index=penalty_index,
             penalty_delta=penalty_delta,
-            min_tokens_index=min_tokens_index,
+            banned_index=banned_index,
+            bias_index=bias_index,
+            bias_value=bias_value,
+            allowed_rows=allowed_rows,
+            allowed_mask=allowed_mask,
             seeded=[(i, g) for i, g in enumerate(generators) if g is not None and not greedy[i]],
             max_num_logprobs=max(wanted) if wanted else None,
         )
@@ -128,8 +144,45 @@ class SamplingBatch:
         return (
             self.repetition_index is not None
             or self.penalty_index is not None
-            or self.min_tokens_index is not None
+            or self.banned_index is not None
+            or self.bias_index is not None
+            or self.allowed_rows is not None
         )
+
+
+def _logit_processors(params: list[SamplingParams], output_token_ids: list[list[int]], V: int,
+                      device: torch.device, banned: list[int]) -> tuple[torch.Tensor | None, ...]:
+    """logit_bias, allowed_token_ids and bad words of the rows that have them (ids outside [0, V)
+    are ignored here: the frontend and the core refuse them). Bad words' bans go into `banned`."""
+    bias_idx: list[int] = []
+    bias_val: list[float] = []
+    allowed: list[tuple[int, list[int]]] = []
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            for t, b in p.logit_bias.items():
+                if 0 <= t < V:
+                    bias_idx.append(i * V + t)
+                    bias_val.append(b)
+        if p.allowed_token_ids is not None:
+            allowed.append((i, [t for t in p.allowed_token_ids if 0 <= t < V]))
+        if p.bad_words_token_ids:
+            out = output_token_ids[i]
+            for word in p.bad_words_token_ids:
+                last, prefix = word[-1], word[:-1]
+                # vLLM's rule: the prefix must be the output's tail (prompt tokens never count).
+                if 0 <= last < V and len(prefix) <= len(out) and (not prefix or out[-len(prefix):] == prefix):
+                    banned.append(i * V + last)
+    bias_index = bias_value = allowed_rows = allowed_mask = None
+    if bias_idx:
+        bias_index = torch.tensor(bias_idx, dtype=torch.int64, device=device)
+        bias_value = torch.tensor(bias_val, dtype=torch.float32, device=device)
+    if allowed:
+        mask = np.zeros((len(allowed), V), dtype=np.bool_)
+        for j, (_, ids) in enumerate(allowed):
+            mask[j, ids] = True
+        allowed_rows = torch.tensor([i for i, _ in allowed], dtype=torch.int64, device=device)
+        allowed_mask = torch.from_numpy(mask).to(device)
+    return bias_index, bias_value, allowed_rows, allowed_mask
 
 
 def _unique_tokens(token_lists: list[list[int]], rows: list[int], V: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -208,8 +261,15 @@ class Sampler:
 
 
 def _apply_penalties(x: torch.Tensor, b: SamplingBatch) -> None:
-    """In place on contiguous float32 logits `x`."""
+    """Every logit edit, in place on contiguous float32 logits `x`, in vLLM's order: allowed
+    tokens, bans, logit_bias, then the repetition/frequency/presence penalties."""
     flat = x.view(-1)
+    if b.allowed_rows is not None:
+        x[b.allowed_rows] = x[b.allowed_rows].masked_fill_(~b.allowed_mask, float("-inf"))
+    if b.banned_index is not None:
+        flat[b.banned_index] = float("-inf")
+    if b.bias_index is not None:
+        flat[b.bias_index] += b.bias_value  # indices are unique (one entry per token and row)
     if b.repetition_index is not None:
         # HF / CTRL style: a seen token's logit moves toward "less likely" (divide if
         # positive, multiply if negative).
@@ -218,8 +278,6 @@ def _apply_penalties(x: torch.Tensor, b: SamplingBatch) -> None:
         flat[b.repetition_index] = torch.where(vals > 0, vals / r, vals * r)
     if b.penalty_index is not None:
         flat[b.penalty_index] -= b.penalty_delta  # indices are unique, so no accumulation needed
-    if b.min_tokens_index is not None:
-        flat[b.min_tokens_index] = float("-inf")
 
 
 # On CPU a full vocabulary sort is slow (~10 ms per 150k-token row); the nucleus nearly

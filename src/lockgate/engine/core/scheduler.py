@@ -232,6 +232,11 @@ class Scheduler:
                     continue
                 return False
             hits = self.kv.lookup_prefix(req)
+            if hits and req.prompt_logprobs is not None and not req.prompt_logprobs_done:
+                # Prompt logprobs need the logits of every prompt position: a cached block
+                # serves only positions whose logprobs are already known (after a preemption);
+                # the first time, none. Its blocks are still cached for others as it computes.
+                hits = hits[: req.num_prompt_logprobs // self.kv.block_size]
             n_full = req.num_tokens - req.num_computed_tokens - len(hits) * bs
             if self.config.enable_chunked_prefill:
                 n = min(n_full, st.budget, st.prefill_left)

@@ -1,5 +1,9 @@
 """Frontend input processing: tokenize, validate against the model's limits, fan out n.
 
+Also turns `bad_words` into `bad_words_token_ids` (each word with and without a
+leading space, as vLLM does), and checks every token id a request names
+(logit_bias, allowed_token_ids, stop_token_ids) against the vocabulary.
+
 Runs where requests arrive (the API process, or the offline `LLM`), so bad input
 is refused before it reaches the engine core.
 """
@@ -47,10 +51,11 @@ class InputProcessor:
         return ids
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Validate params against this model; returns params with max_tokens filled in."""
+        """Validate params against this model; returns params with max_tokens filled in and
+        bad_words tokenized."""
         n = len(prompt_ids)
         room = self.max_model_len - n
-        if room < 1:
+        if room < 0 or (room == 0 and params.max_tokens != 0):  # max_tokens=0 only scores the prompt
             raise ValueError(
                 f"prompt has {n} tokens, which leaves no room to generate within max_model_len "
                 f"({self.max_model_len})")
@@ -63,12 +68,40 @@ class InputProcessor:
                 f"for max_tokens); reduce the prompt or max_tokens")
         if params.min_tokens > params.max_tokens:
             raise ValueError(f"min_tokens ({params.min_tokens}) must be <= max_tokens ({params.max_tokens})")
-        if params.logprobs is not None and params.logprobs > self.max_logprobs:
-            raise ValueError(f"logprobs must be <= {self.max_logprobs}, got {params.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.max_logprobs:
+                raise ValueError(f"{name} must be <= {self.max_logprobs}, got {k}")
         bad = next((t for t in params.stop_token_ids or () if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"stop_token_ids contains {bad}, outside the vocabulary [0, {self.vocab_size})")
+        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+            bad = next((t for t in ids or () if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if params.bad_words:
+            params = dataclasses.replace(params, bad_words_token_ids=self.bad_words_token_ids(params.bad_words))
+        bad = next((t for ids in params.bad_words_token_ids or () for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"bad_words: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         return params
+
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Token ids of each bad word as it would appear first in a text and after a space
+        (vLLM's rule: the spaced form only when it is a different first token of the same
+        length)."""
+        out: list[list[int]] = []
+        for word in words:
+            bare = word.lstrip()
+            if not bare:
+                continue  # only whitespace: nothing to ban
+            plain = self.tokenizer.encode(bare, add_special_tokens=False)
+            if plain:
+                out.append(plain)
+            spaced = self.tokenizer.encode(" " + bare, add_special_tokens=False)
+            if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain))):
+                out.append(spaced)
+        return out
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                 priority: int = 0, cache_salt: str | None = None,
@@ -83,8 +116,11 @@ class InputProcessor:
         children = child_request_ids(request_id, params.n)
         reqs = []
         for i, cid in enumerate(children):
+            # Prompt logprobs belong to the prompt: the first child computes them, the others
+            # read the prompt from the prefix cache as usual.
             p = params if params.n == 1 else dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else params.seed + i)
+                params, n=1, seed=None if params.seed is None else params.seed + i,
+                prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             reqs.append(EngineCoreRequest(
                 request_id=cid, prompt_token_ids=ids, params=p, arrival_time=arrival,
                 priority=priority, cache_salt=cache_salt,

@@ -37,6 +37,7 @@ class ParentState:
     children: list[ChildState]
     num_cached_tokens: int = 0
     times: list[RequestTimes] = field(default_factory=list)  # children that have started
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # once the core sent them
 
     @property
     def finished(self) -> bool:
@@ -114,6 +115,8 @@ class OutputProcessor:
                 continue
             if out.num_cached_tokens:
                 parent.num_cached_tokens = out.num_cached_tokens
+            if out.prompt_logprobs is not None and parent.prompt_logprobs is None:
+                parent.prompt_logprobs = self._prompt_logprobs(parent.prompt_token_ids, out.prompt_logprobs)
             if child.times is not None:
                 child.times.last_token = now
             elif out.start_times is not None:
@@ -149,8 +152,23 @@ class OutputProcessor:
             results.append(RequestOutput(
                 request_id=rid, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
                 outputs=[comps[i] for i in sorted(comps)], finished=finished,
-                num_cached_tokens=parent.num_cached_tokens, engine_times=parent.times))
+                num_cached_tokens=parent.num_cached_tokens, engine_times=parent.times,
+                prompt_logprobs=parent.prompt_logprobs))
         return results, to_abort
+
+    def _prompt_logprobs(self, prompt_ids: list[int],
+                         entries: list[TokenLogprob]) -> list[dict[int, Logprob] | None]:
+        """vLLM's shape: None for the first token, then per position the prompt token (with its
+        rank) and the top alternatives (ranks 1..N), each with its text (cached per token id)."""
+        out: list[dict[int, Logprob] | None] = [None]
+        decode = self._decode_token
+        for tok, lp in zip(prompt_ids[1:], entries):
+            entry = {tok: Logprob(lp.logprob, decode(tok), lp.rank)}
+            for rank, (tid, val) in enumerate(lp.top, 1):
+                if tid not in entry:
+                    entry[tid] = Logprob(val, decode(tid), rank)
+            out.append(entry)
+        return out
 
     @staticmethod
     def _completion(child: ChildState, delta: str, delta_ids: list[int]) -> CompletionOutput:

@@ -24,6 +24,8 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         by_index[c.index] = c
     b.outputs = [by_index[i] for i in sorted(by_index)]
     b.num_cached_tokens = max(a.num_cached_tokens, b.num_cached_tokens)
+    if b.prompt_logprobs is None:
+        b.prompt_logprobs = a.prompt_logprobs
     return b
 
 

@@ -73,6 +73,10 @@ class BlockEmbedding(nn.Module):
         self.register_buffer("rank_table", rank_table)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._rows(ids).to(self.dtype).reshape(*ids.shape, self.hidden)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The table's rows for `ids`, dequantized to float32 [N, hidden]."""
         flat = ids.reshape(-1).to(torch.int64).contiguous()
         out = torch.empty(flat.numel(), self.hidden, dtype=torch.float32)
         if flat.numel():
@@ -80,7 +84,12 @@ class BlockEmbedding(nn.Module):
                 raise IndexError(f"token id out of range [0, {self.vocab})")
             load().lg_rows(self.table.data_ptr(), self.wtype, self.hidden, flat.data_ptr(), flat.numel(),
                            out.data_ptr())
-        return out.to(self.dtype).reshape(*ids.shape, self.hidden)
+        return out
+
+    def token_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Exact float32 logit of token ids[i] for hidden row i ([N]): what `logits` gives the
+        candidates it refines, for any token (prompt logprobs score tokens outside them)."""
+        return (self._rows(ids) * _f32(hidden)).sum(dim=-1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         h = _f32(hidden)

@@ -136,6 +136,12 @@ class QuantEmbedding(nn.Module):
         exact = torch.bmm(rows, hidden.float()[:, :, None])[..., 0] * F.embedding(top, self.row_scale)[..., 0].float()
         return out.scatter_(1, top, exact)
 
+    def token_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Exact float32 logit of token ids[i] for hidden row i ([N]), as `logits` computes its
+        refined candidates (prompt logprobs score tokens outside them)."""
+        rows = F.embedding(ids, self.qweight).float()
+        return (rows * hidden.float()).sum(dim=-1) * F.embedding(ids, self.row_scale)[:, 0].float()
+
 
 # Candidates per row whose logits the head recomputes exactly (see QuantEmbedding.logits).
 REFINE = 64
