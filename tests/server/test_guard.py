@@ -128,7 +128,8 @@ def test_allowed_origin_gets_cors_and_preflight() -> None:
     assert "authorization" in pre.headers["access-control-allow-headers"]
     r = client.post("/echo", content=b"{}", headers={**JSON, "Origin": "https://app.example"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
-    assert "retry-after" in r.headers["access-control-expose-headers"]
+    exposed = r.headers["access-control-expose-headers"]
+    assert "retry-after" in exposed and "x-lockgate-replica" in exposed and "x-lockgate-ignored-fields" in exposed
     bad = client.options("/echo", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
     _err(bad, 403, "origin_not_allowed")
     assert "access-control-allow-origin" not in bad.headers

@@ -23,7 +23,8 @@ CORS_ALLOW_HEADERS = "authorization, content-type, idempotency-key, openai-organ
                      "x-stainless-arch, x-stainless-retry-count, x-stainless-timeout"
 CORS_EXPOSE_HEADERS = "retry-after, x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, " \
                       "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, " \
-                      "x-ratelimit-reset-tokens"
+                      "x-ratelimit-reset-tokens, x-lockgate-model-version, x-lockgate-replica, " \
+                      "x-lockgate-ignored-fields"
 CORS_ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 
 
