@@ -5,25 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from lockgate.engine.config import EngineConfig
 from lockgate.engine.sim import SimReport, SimRequest, StepCost, simulate
 from lockgate.stats import percentile
-
-BLOCK = 16
-
-
-def config(policy: str = "priority", **kw) -> EngineConfig:
-    return EngineConfig(scheduling_policy=policy, block_size=BLOCK, **kw)
-
-
-def stream(prefix: str, start: float, end: float, interval: float, **kw) -> list[SimRequest]:
-    """Periodic arrivals in [start, end)."""
-    out, t, i = [], start, 0
-    while t < end:
-        out.append(SimRequest(f"{prefix}{i}", arrival_s=t, **kw))
-        t += interval
-        i += 1
-    return out
+from tests.engine.sim_workloads import config, stream
 
 
 def decodes_kept_pace(rep: SimReport) -> bool:

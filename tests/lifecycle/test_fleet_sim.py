@@ -8,26 +8,10 @@ from collections import Counter
 
 import pytest
 
-from lockgate.engine.config import EngineConfig
 from lockgate.engine.sim import SimRequest, StepCost, simulate
 from lockgate.lifecycle.fleet_sim import random_pick, round_robin, simulate_fleet
 from lockgate.lifecycle.router import Router, RouterConfig
-
-BLOCK = 16
-
-
-def config(policy: str = "priority", **kw) -> EngineConfig:
-    return EngineConfig(scheduling_policy=policy, block_size=BLOCK, **kw)
-
-
-def stream(prefix: str, start: float, end: float, interval: float, **kw) -> list[SimRequest]:
-    """Periodic arrivals in [start, end)."""
-    out, t, i = [], start, 0
-    while t < end:
-        out.append(SimRequest(f"{prefix}{i}", arrival_s=t, **kw))
-        t += interval
-        i += 1
-    return out
+from tests.engine.sim_workloads import BLOCK, config, stream
 
 
 # ---- the fleet simulator itself ---------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Protocol
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.core.kv_cache import KVCacheManager
 from lockgate.engine.core.request import Request, RequestStatus
-from lockgate.engine.core.scheduler import Scheduler
+from lockgate.engine.core.scheduler import ScheduledBatch, Scheduler
 from lockgate.engine.messages import EngineCoreRequest
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.stats import percentile
@@ -123,6 +123,43 @@ def prompt_ids(index: int, req: SimRequest) -> list[int]:
     return [100_000 + index] + [7] * (req.prompt_len - 1)
 
 
+def complete_step(sched: Scheduler, batch: ScheduledBatch, start: float, now: float,
+                  results: dict[str, SimResult], decoding: list[str], steps: list[SimStep] | None,
+                  on_first: Callable[[Request, float], None] | None = None,
+                  on_finish: Callable[[Request, float], None] | None = None) -> None:
+    """The step that ran from `start` ends at `now`: every request whose computed tokens reached
+    its length samples a token at `now` (its first: `on_first`; its last: finished, `on_finish`),
+    preemptions are counted, and the step is appended to `steps` (None: not recorded).
+    `decoding`: the running requests that were waiting for their next token at `start`."""
+    sched.after_step(batch)
+    sampled: list[str] = []
+    for req in batch.requests:
+        if req.num_computed_tokens != req.num_tokens:
+            continue  # a prefill chunk short of the end samples nothing
+        req.output_token_ids.append(1)
+        res = results[req.request_id]
+        res.token_times.append(now)
+        sampled.append(req.request_id)
+        if res.first_token_s is None:
+            res.first_token_s = now
+            if on_first is not None:
+                on_first(req, now)
+        if req.num_output_tokens >= res.request.output_len:
+            res.finish_s = now
+            res.num_preemptions = req.num_preemptions
+            sched.finish(req)
+            if on_finish is not None:
+                on_finish(req, now)
+    for req in batch.preempted:
+        if req.status != RequestStatus.FINISHED:
+            results[req.request_id].num_preemptions = req.num_preemptions
+    if steps is not None:
+        dec = set(decoding)
+        prefill = sum(n for r, n in zip(batch.requests, batch.num_tokens) if r.request_id not in dec)
+        steps.append(SimStep(start, now, {r.request_id: n for r, n in zip(batch.requests, batch.num_tokens)},
+                             sampled, decoding, [r.request_id for r in batch.preempted], prefill))
+
+
 def simulate(requests: Sequence[SimRequest], config: EngineConfig, num_blocks: int, cost: StepCost,
              admission: SimAdmission | None = None, max_steps: int = 1_000_000,
              record_steps: bool = True) -> SimReport:
@@ -136,6 +173,16 @@ def simulate(requests: Sequence[SimRequest], config: EngineConfig, num_blocks: i
         raise ValueError("request ids must be unique")
     sim_of: dict[str, SimRequest] = {}
     steps: list[SimStep] = []
+    on_first = on_finish = None
+    if admission is not None:
+        hooks = admission
+
+        def on_first(req: Request, t: float) -> None:
+            hooks.on_first_token(sim_of[req.request_id], t)
+
+        def on_finish(req: Request, t: float) -> None:
+            hooks.on_finish(sim_of[req.request_id], t)
+
     nxt = 0
     for _ in range(max_steps):
         while nxt < len(order) and requests[order[nxt]].arrival_s <= now:
@@ -163,33 +210,8 @@ def simulate(requests: Sequence[SimRequest], config: EngineConfig, num_blocks: i
             break
         start = now
         now = start + cost(batch.total_tokens)
-        sched.after_step(batch)
-        sampled: list[str] = []
-        for req in batch.requests:
-            if req.num_computed_tokens != req.num_tokens:
-                continue  # a prefill chunk short of the end samples nothing
-            req.output_token_ids.append(1)
-            res = results[req.request_id]
-            res.token_times.append(now)
-            sampled.append(req.request_id)
-            if res.first_token_s is None:
-                res.first_token_s = now
-                if admission is not None:
-                    admission.on_first_token(sim_of[req.request_id], now)
-            if req.num_output_tokens >= res.request.output_len:
-                res.finish_s = now
-                res.num_preemptions = req.num_preemptions
-                sched.finish(req)
-                if admission is not None:
-                    admission.on_finish(sim_of[req.request_id], now)
-        for req in batch.preempted:
-            if req.status != RequestStatus.FINISHED:
-                results[req.request_id].num_preemptions = req.num_preemptions
-        if record_steps:
-            dec = set(decoding)
-            prefill = sum(n for r, n in zip(batch.requests, batch.num_tokens) if r.request_id not in dec)
-            steps.append(SimStep(start, now, {r.request_id: n for r, n in zip(batch.requests, batch.num_tokens)},
-                                 sampled, decoding, [r.request_id for r in batch.preempted], prefill))
+        complete_step(sched, batch, start, now, results, decoding, steps if record_steps else None,
+                      on_first, on_finish)
     else:
         raise RuntimeError(f"simulation did not drain within {max_steps} steps")
     return SimReport(results, steps, now, sched.num_preemptions)

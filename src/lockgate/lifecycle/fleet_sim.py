@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.core.kv_cache import KVCacheManager
-from lockgate.engine.core.request import Request, RequestStatus
+from lockgate.engine.core.request import Request
 from lockgate.engine.core.scheduler import ScheduledBatch, Scheduler
 from lockgate.engine.messages import EngineCoreRequest
 from lockgate.engine.prefix_hash import prompt_block_hashes
 from lockgate.engine.sampling_params import SamplingParams
-from lockgate.engine.sim import SimReport, SimRequest, SimResult, SimStep, StepCost, prompt_ids
+from lockgate.engine.sim import SimReport, SimRequest, SimResult, SimStep, StepCost, complete_step, prompt_ids
 from lockgate.lifecycle.router import Decision, Router, RouterConfig, Ticket
 
 Policy = Callable[[SimRequest, int], int]  # (request, number of replicas) -> replica index
@@ -148,41 +148,23 @@ def simulate_fleet(requests: Sequence[SimRequest], config: EngineConfig, num_rep
     nxt = 0
     steps = 0
 
+    def first_token(req: Request, _now: float) -> None:
+        report.cached_tokens[req.request_id] = req.num_cached_tokens
+        ticket = tickets.get(req.request_id)
+        if ticket is not None:
+            ticket.started()
+
+    def finished(req: Request, _now: float) -> None:
+        ticket = tickets.pop(req.request_id, None)
+        if ticket is not None:
+            ticket.end()
+
     def finish_step(rep: _Replica) -> None:
         batch, now = rep.batch, rep.step_end
         assert batch is not None
         rep.now = now
-        rep.sched.after_step(batch)
-        sampled: list[str] = []
-        for req in batch.requests:
-            if req.num_computed_tokens != req.num_tokens:
-                continue  # a prefill chunk short of the end samples nothing
-            req.output_token_ids.append(1)
-            res = results[req.request_id]
-            res.token_times.append(now)
-            sampled.append(req.request_id)
-            ticket = tickets.get(req.request_id)
-            if res.first_token_s is None:
-                res.first_token_s = now
-                report.cached_tokens[req.request_id] = req.num_cached_tokens
-                if ticket is not None:
-                    ticket.started()
-            if req.num_output_tokens >= res.request.output_len:
-                res.finish_s = now
-                res.num_preemptions = req.num_preemptions
-                rep.sched.finish(req)
-                if ticket is not None:
-                    ticket.end()
-                    del tickets[req.request_id]
-        for req in batch.preempted:
-            if req.status != RequestStatus.FINISHED:
-                results[req.request_id].num_preemptions = req.num_preemptions
-        if record_steps:
-            dec = set(rep.decoding)
-            prefill = sum(n for r, n in zip(batch.requests, batch.num_tokens) if r.request_id not in dec)
-            rep.stats.steps.append(SimStep(rep.step_start, now,
-                                           {r.request_id: n for r, n in zip(batch.requests, batch.num_tokens)},
-                                           sampled, rep.decoding, [r.request_id for r in batch.preempted], prefill))
+        complete_step(rep.sched, batch, rep.step_start, now, results, rep.decoding,
+                      rep.stats.steps if record_steps else None, first_token, finished)
         if router is not None:  # the replica's KV events since the last step ended, exactly
             keys = rep.kv.cached.keys()
             removed = rep.cached - keys
