@@ -29,7 +29,7 @@ from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
 from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.lifecycle.replica import Replica, ReplicaState
-from lockgate.lifecycle.router import Decision, NoReplicaError, Router, RouterConfig, Ticket
+from lockgate.lifecycle.router import NoReplicaError, Router, RouterConfig, Ticket
 
 log = logging.getLogger("lockgate.lifecycle")
 
@@ -207,7 +207,7 @@ class Fleet:
         return stream
 
     def choose(self, hashes: list[bytes], num_tokens: int, tenant: str, tried: set[int]
-               ) -> tuple[Replica, Decision, Ticket]:
+               ) -> tuple[Replica, Ticket]:
         """The router's pick among replicas that are up, not tried yet and not silent (a silent one
         only when nothing else is left); counted in flight there from now on."""
         stale = set()
@@ -221,15 +221,11 @@ class Fleet:
             if not stale:
                 raise
             decision, ticket = self.router.route(hashes, num_tokens, tenant=tenant, exclude=tried)
-        return self.replicas[decision.replica], decision, ticket
+        return self.replicas[decision.replica], ticket
 
     def note_reroute(self) -> None:
         self.num_reroutes += 1
 
     # ---- views -------------------------------------------------------------------------------
     def to_json(self) -> list[dict[str, Any]]:
-        routed = {r.index: sum(self.router.replica_view(r.index).get("routed", {}).values())
-                  for r in self.replicas.values()}
-        total = sum(routed.values())
-        return [r.to_json(routed[r.index] / total if total else 0.0)
-                for r in sorted(self.replicas.values(), key=lambda r: r.index)]
+        return [r.to_json() for r in sorted(self.replicas.values(), key=lambda r: r.index)]

@@ -9,7 +9,6 @@ ends the stream with its `engine_dead` error, as with one engine.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from lockgate.engine.errors import EngineDeadError, EngineUnavailableError
@@ -17,7 +16,7 @@ from lockgate.engine.frontend.stream import RequestStream
 from lockgate.engine.outputs import RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.lifecycle.replica import Replica
-from lockgate.lifecycle.router import Decision, NoReplicaError, Ticket
+from lockgate.lifecycle.router import NoReplicaError, Ticket
 
 MAX_REROUTES = 3
 
@@ -28,20 +27,19 @@ class Routes(Protocol):
     ref: str
 
     def choose(self, hashes: list[bytes], num_tokens: int, tenant: str, tried: set[int]
-               ) -> tuple[Replica, Decision, Ticket]: ...
+               ) -> tuple[Replica, Ticket]: ...
 
     def note_reroute(self) -> None: ...
 
 
 class FleetStream:
-    __slots__ = ("request_id", "replica", "reason", "num_reroutes", "_fleet", "_prompt", "_params", "_kwargs",
-                 "_hashes", "_tenant", "_inner", "_ticket", "_tried", "_started", "_on_reroute")
+    __slots__ = ("request_id", "replica", "num_reroutes", "_fleet", "_prompt", "_params", "_kwargs",
+                 "_hashes", "_tenant", "_inner", "_ticket", "_tried", "_started")
 
     def __init__(self, fleet: Routes, request_id: str, prompt: str | list[int], params: SamplingParams,
                  kwargs: dict[str, Any], hashes: list[bytes], tenant: str) -> None:
         self.request_id = request_id
         self.replica: str = ""  # NAME@VERSION/INDEX of the replica serving it now
-        self.reason: str = ""  # why the router chose it: prefix, load or miss
         self.num_reroutes = 0
         self._fleet = fleet
         self._prompt = prompt
@@ -53,7 +51,6 @@ class FleetStream:
         self._ticket: Ticket | None = None
         self._tried: set[int] = set()
         self._started = False
-        self._on_reroute: Callable[[FleetStream], None] | None = None
 
     def submit(self) -> None:
         """Route to the best replica not tried yet and submit there (raises EngineUnavailableError
@@ -61,7 +58,7 @@ class FleetStream:
         fleet = self._fleet
         num_tokens = len(self._prompt) if isinstance(self._prompt, list) else 0
         try:
-            replica, decision, ticket = fleet.choose(self._hashes, num_tokens, self._tenant, self._tried)
+            replica, ticket = fleet.choose(self._hashes, num_tokens, self._tenant, self._tried)
         except NoReplicaError:
             raise EngineUnavailableError(f"no replica of {fleet.ref} is available") from None
         self._tried.add(replica.index)
@@ -72,14 +69,11 @@ class FleetStream:
             ticket.end()
             raise
         self._ticket = ticket
-        self.replica, self.reason = replica.name, decision.reason
+        self.replica = replica.name
 
     @property
     def done(self) -> bool:
         return self._inner is None or self._inner.done
-
-    def on_reroute(self, hook: Callable[[FleetStream], None]) -> None:
-        self._on_reroute = hook
 
     def abort(self) -> None:
         if self._inner is not None:
@@ -123,7 +117,5 @@ class FleetStream:
             return False
         self.num_reroutes += 1
         self._fleet.note_reroute()
-        if self._on_reroute is not None:
-            self._on_reroute(self)
         return True
 

@@ -125,7 +125,7 @@ class Replica:
             await self.subscriber.close()
         await self.client.shutdown()
 
-    def to_json(self, share: float) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         stats = self.client.core_stats
         view = self.router.replica_view(self.index) if self.index in self.router.replicas else {}
         return {"replica": self.name, "index": self.index, "state": str(self.state), "reason": self.reason,
@@ -134,6 +134,6 @@ class Replica:
                 "in_flight": self.client.num_pending, "running": stats.num_running, "waiting": stats.num_waiting,
                 "kv_cache_usage": round(stats.kv_cache_usage, 6), "kv_blocks": stats.num_total_blocks,
                 "cached_blocks": view.get("cached_blocks", 0), "queued_tokens": view.get("queued_tokens", 0),
-                "routed": view.get("routed", {}), "traffic_share": round(share, 6),
+                "routed": view.get("routed", {}), "traffic_share": view.get("routed_share", 0.0),
                 "kv_events": dict(zip(("publisher", "replay"), self.client.kv_event_addresses)),
                 "created_at": self.created_at, "ready_at": self.ready_at}

@@ -180,7 +180,6 @@ class Router:
         self._common_min = config.common_fraction * config.common_window
         self._min_blocks = -(-config.min_match_tokens // config.block_size)
         self._pressure_slope = config.kv_pressure_tokens / (1.0 - config.kv_pressure_start)
-        self.routed_total = 0
         self._turn = 0  # round robin's position
 
     # ---- the fleet's feed --------------------------------------------------------------------
@@ -316,7 +315,6 @@ class Router:
         rep.queued_requests += 1
         rep.queued_by_tenant[tenant] = rep.queued_by_tenant.get(tenant, 0) + prefill
         rep.routed[reason] += 1
-        self.routed_total += 1
 
     def _remember(self, now: float, rep: _Replica, hashes: list[bytes]) -> None:
         """The fallback index (sent prefixes, until their events or the ttl) and the common-block window."""
@@ -364,6 +362,7 @@ class Router:
         rep = self._reps[index]
         self._expire(self._clock())
         total = sum(rep.routed.values())
+        everyone = sum(sum(r.routed.values()) for r in self._reps.values())  # the replicas there now
         return {
             "routable": rep.routable,
             "kv_usage": round(rep.kv_usage, 4),
@@ -373,5 +372,5 @@ class Router:
             "cached_blocks": len(rep.blocks),
             "sent_blocks": len(rep.sent),
             "routed": dict(rep.routed),
-            "routed_share": round(total / self.routed_total, 4) if self.routed_total else 0.0,
+            "routed_share": round(total / everyone, 6) if everyone else 0.0,
         }
