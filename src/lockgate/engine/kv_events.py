@@ -24,6 +24,9 @@ published nothing yet and is asked for a later seq publishes its snapshot as seq
 The engine core publishes `[AllBlocksCleared]` as its first batch, so seq 0 always says
 "this cache starts empty".
 
+A core on a network (`serve --ray`) binds them on TCP as CURVE servers (`engine/curve.py`): only
+the API process that started it can subscribe or replay.
+
 Importable without torch (the API process's subscriber uses the structs).
 """
 from __future__ import annotations
@@ -36,6 +39,8 @@ from typing import Any, Union
 
 import msgspec
 import zmq
+
+from lockgate.engine.curve import CurveGuard
 
 log = logging.getLogger("lockgate.engine.kv_events")
 
@@ -128,13 +133,14 @@ class KVEventPublisher:
     `serve_replay` when `replay_socket` is readable); sending never blocks. The last
     `buffer_batches` (seq, payload) pairs are kept for replays; `snapshot()` (the KV cache's
     `snapshot_events`) answers a replay older than that. `ctx`: share the caller's ZeroMQ
-    context (the caller terminates it), else one of its own.
+    context (the caller terminates it), else one of its own. `guard`: the core's CURVE guard
+    (`engine/curve.py`, TCP addresses: both sockets are CURVE servers), in `ctx`.
     """
 
     def __init__(self, pub_addr: str, replay_addr: str | None, *, topic: str = "",
                  buffer_batches: int = 10_000, snapshot: Callable[[], list[KVEvent]] | None = None,
                  data_parallel_rank: int | None = 0, hwm: int = 100_000,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, guard: CurveGuard | None = None) -> None:
         if buffer_batches < 1:
             raise ValueError(f"buffer_batches must be >= 1, got {buffer_batches}")
         self.topic = topic
@@ -153,15 +159,25 @@ class KVEventPublisher:
         self._replay: zmq.Socket | None = None
         self._closed = False
         try:
+            if guard is not None:
+                guard.protect(self._pub, "kv-events")
             self._pub.bind(pub_addr)  # an ipc file a killed core left behind is replaced by libzmq
             if replay_addr is not None:
                 self._replay = self._ctx.socket(zmq.ROUTER)
                 self._replay.setsockopt(zmq.SNDHWM, 0)  # a replay is bounded by the buffer: send all of it
                 self._replay.setsockopt(zmq.LINGER, 0)
+                if guard is not None:
+                    guard.protect(self._replay, "kv-replay")
                 self._replay.bind(replay_addr)
         except zmq.ZMQError:
             self.close()
             raise
+
+    @property
+    def endpoints(self) -> tuple[str, str | None]:
+        """Where the sockets are bound (a TCP address bound to port `*` gets its real port here)."""
+        replay = self._replay.last_endpoint.decode() if self._replay is not None else None
+        return self._pub.last_endpoint.decode(), replay
 
     @property
     def replay_socket(self) -> zmq.Socket | None:

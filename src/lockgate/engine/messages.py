@@ -123,6 +123,10 @@ class Ready(msgspec.Struct, tag="ready"):
     stats: EngineStats
     # Unix time minus monotonic time in the core: turns the core's timestamps into wall time (traces).
     clock_offset: float = 0.0
+    # Cold start, on the core's clock: its imports up to loading (started_s), then the model's load and
+    # KV-cache allocation (load_s).
+    started_s: float = 0.0
+    load_s: float = 0.0
 
 
 class StepOutputs(msgspec.Struct, tag="outputs"):

@@ -16,6 +16,13 @@ publishes its KV cache's events (`engine/kv_events.py`, vLLM's schema) after eac
 step and after handling inputs, and answers replay requests between steps and at
 once while idle (it waits on the input and replay sockets together). Its first
 batch, seq 0, is `AllBlocksCleared`: a new core's cache starts empty.
+
+Bind mode (`--bind HOST`, a core on another machine: `lifecycle/ray_replica.py` starts it):
+the core binds all four sockets on TCP at HOST (free ports) as CurveZMQ servers, with the keys
+its starter put in `$LOCKGATE_CURVE_SERVER` (`engine/curve.py`: only the API process's key gets
+through, every refused attempt is logged), writes where they listen to `--addresses-fd` as one
+JSON line, and the API process connects. Its parent is then the starter (a Ray actor): the core
+still exits with it.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import msgspec
 import zmq
 
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.curve import ENV_VAR, CurveGuard, CurveServer
 from lockgate.engine.kv_events import AllBlocksCleared, KVEvent, KVEventPublisher
 from lockgate.engine.messages import (
     AbortRequests,
@@ -46,6 +54,7 @@ from lockgate.engine.messages import (
 )
 
 log = logging.getLogger("lockgate.engine.core")
+_EXEC_AT = time.monotonic()  # about when this process began: imports done by here are its start-up
 
 # Idle: wake this often to send a heartbeat and check that the parent still lives.
 IDLE_POLL_MS = 1000
@@ -56,16 +65,27 @@ BUSY_HEARTBEAT_S = 0.5
 
 class CoreLoop:
     def __init__(self, config: EngineConfig, input_addr: str, output_addr: str, generation: int = 1,
-                 kv_events_addr: str | None = None, kv_replay_addr: str | None = None) -> None:
+                 kv_events_addr: str | None = None, kv_replay_addr: str | None = None, *,
+                 curve: CurveServer | None = None) -> None:
+        """`curve`: bind mode. The four addresses are `tcp://HOST:*` endpoints this core binds as
+        CURVE servers (the API process connects); `addresses` then says where they were bound."""
         self.config = config
         self.generation = generation  # 1 for the first core, +1 per restart
         self.num_steps = 0
         self.ctx = zmq.Context(io_threads=1)
+        if curve is not None and input_addr.startswith("tcp://["):
+            self.ctx.setsockopt(zmq.IPV6, 1)  # an IPv6 node address: every socket of this core
+        self.guard = CurveGuard(self.ctx, curve) if curve is not None else None
         self.inp = self.ctx.socket(zmq.PULL)
-        self.inp.connect(input_addr)
         self.out = self.ctx.socket(zmq.PUSH)
         self.out.setsockopt(zmq.LINGER, 2000)  # let the last outputs leave on shutdown
-        self.out.connect(output_addr)
+        if self.guard is None:
+            self.inp.connect(input_addr)
+            self.out.connect(output_addr)
+        else:
+            for sock, name, addr in ((self.inp, "input", input_addr), (self.out, "output", output_addr)):
+                self.guard.protect(sock, name)
+                sock.bind(addr)
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(ClientMessage)
         self.parent_pid = os.getppid()
@@ -76,13 +96,22 @@ class CoreLoop:
         if kv_events_addr and kv_replay_addr and config.enable_prefix_caching:
             try:
                 self.kv_pub = KVEventPublisher(kv_events_addr, kv_replay_addr, snapshot=self._kv_snapshot,
-                                               ctx=self.ctx)
+                                               ctx=self.ctx, guard=self.guard)
             except zmq.ZMQError as exc:  # serving matters more than events: go on without them
                 log.error("engine core: cannot bind the KV event sockets (%s); no KV events", exc)
         if self.kv_pub is not None:
             self.poller = zmq.Poller()
             self.poller.register(self.inp, zmq.POLLIN)
             self.poller.register(self.kv_pub.replay_socket, zmq.POLLIN)
+        if self.guard is not None:
+            self.guard.start()
+
+    @property
+    def addresses(self) -> dict[str, str | None]:
+        """Bind mode: where each socket listens (what the API process connects to)."""
+        kv_events, kv_replay = self.kv_pub.endpoints if self.kv_pub is not None else (None, None)
+        return {"input": self.inp.last_endpoint.decode(), "output": self.out.last_endpoint.decode(),
+                "kv_events": kv_events, "kv_replay": kv_replay}
 
     def send(self, msg: object) -> None:
         self.out.send(self.encoder.encode(msg), copy=False)
@@ -90,6 +119,7 @@ class CoreLoop:
     def start(self) -> bool:
         from lockgate.engine.core.engine_core import EngineCore  # heavy for a real model (torch): in the child only
 
+        loading = time.monotonic()
         try:
             self.core = EngineCore(self.config, record_kv_events=self.kv_pub is not None)
         except Exception as exc:  # noqa: BLE001 - any start-up failure is reported, then we exit
@@ -103,6 +133,7 @@ class CoreLoop:
             pid=os.getpid(), max_model_len=core.max_model_len, model_config=core.model_config,
             num_total_blocks=core.stats().num_total_blocks, block_size=self.config.block_size,
             stats=core.stats(), clock_offset=time.time() - time.monotonic(),
+            load_s=time.monotonic() - loading, started_s=loading - _EXEC_AT,
         ))
         return True
 
@@ -190,6 +221,8 @@ class CoreLoop:
     def close(self) -> None:
         if self.kv_pub is not None:
             self.kv_pub.close()
+        if self.guard is not None:
+            self.guard.stop()
         self.inp.close(linger=0)
         self.out.close()
         self.ctx.term()
@@ -204,11 +237,22 @@ def _die_with_parent() -> None:
         pass
 
 
+def _report_addresses(fd: int, addresses: dict[str, str | None]) -> None:
+    """Tell the starter where the sockets listen (before the model loads: it connects meanwhile)."""
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.json.encode(addresses) + b"\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lockgate.engine.core",
                                      description="lockgate engine core (started by the API server)")
-    parser.add_argument("--input", required=True, help="ZMQ address to receive requests on")
-    parser.add_argument("--output", required=True, help="ZMQ address to send outputs to")
+    parser.add_argument("--input", help="ZMQ address to receive requests on (connected; not with --bind)")
+    parser.add_argument("--output", help="ZMQ address to send outputs to (connected; not with --bind)")
+    parser.add_argument("--bind", metavar="HOST", default=None,
+                        help="Bind every socket on TCP at this node address instead, as CURVE servers (keys in "
+                             f"${ENV_VAR}); where they listen goes to --addresses-fd as one JSON line")
+    parser.add_argument("--addresses-fd", type=int, default=None, metavar="FD",
+                        help="With --bind: an inherited file descriptor to write the bound addresses to")
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
     parser.add_argument("--generation", type=int, default=1, help="1 for the first core, +1 per restart")
     parser.add_argument("--kv-events", default=None, metavar="ADDR",
@@ -218,6 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.kv_events is None) != (args.kv_replay is None):
         parser.error("--kv-events and --kv-replay go together")
+    curve = None
+    if args.bind is not None:
+        if args.input or args.output or args.kv_events or args.addresses_fd is None:
+            parser.error("--bind takes --addresses-fd and no --input, --output, --kv-events or --kv-replay")
+        try:
+            curve = CurveServer.pop_env()
+        except ValueError as exc:
+            parser.error(str(exc))
+        if curve is None:
+            parser.error(f"--bind needs CURVE keys in ${ENV_VAR}: a core on a network never listens in the clear")
+        host = f"[{args.bind}]" if ":" in args.bind and not args.bind.startswith("[") else args.bind
+        args.input = args.output = args.kv_events = args.kv_replay = f"tcp://{host}:*"
+    elif not (args.input and args.output):
+        parser.error("--input and --output are required (or --bind)")
 
     _die_with_parent()
     # Ctrl-C reaches the whole process group, and SIGTERM may too (systemd, containers):
@@ -228,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s [engine] %(message)s")
 
     loop = CoreLoop(decode_config(args.config), args.input, args.output, args.generation,
-                    kv_events_addr=args.kv_events, kv_replay_addr=args.kv_replay)
+                    kv_events_addr=args.kv_events, kv_replay_addr=args.kv_replay, curve=curve)
+    if args.addresses_fd is not None:
+        _report_addresses(args.addresses_fd, loop.addresses)
     rc = 1
     try:
         if loop.start():

@@ -6,9 +6,10 @@ sees token ids, and its token deltas are detokenized and matched against stop
 strings here (`OutputProcessor`), off the engine's hot loop. Each request's
 outputs go to its `RequestStream` (`stream.py`).
 
-The sockets and the core process are `CoreTransport`'s (`transport.py`); a core
-that dies or stalls (`watchdog.py`) is restarted by the `Supervisor`
-(`supervisor.py`), after this client has failed every in-flight request.
+The sockets and the core process are `CoreTransport`'s (`transport.py`), or a given
+transport's (`remote_transport.py`: a core on another machine); a core that dies or
+stalls (`watchdog.py`) is restarted by the `Supervisor` (`supervisor.py`), after this
+client has failed every in-flight request.
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ import msgspec
 import zmq
 
 from lockgate.engine.config import EngineConfig, ModelConfig, checkpoint_load_format
+from lockgate.engine.curve import CurveClient
 from lockgate.engine.errors import EngineDeadError, EngineUnavailableError, RequestRejectedError
 from lockgate.engine.frontend.input_processor import InputProcessor
 from lockgate.engine.frontend.output_processor import OutputProcessor
 from lockgate.engine.frontend.queue_view import QueueView
 from lockgate.engine.frontend.stream import RequestStream
 from lockgate.engine.frontend.supervisor import CoreCounters, EngineState, Supervisor
-from lockgate.engine.frontend.transport import CoreTransport
+from lockgate.engine.frontend.transport import CoreLink, CoreTransport
 from lockgate.engine.frontend.watchdog import StallWatchdog
 from lockgate.engine.messages import AbortRequests, AddRequests, EngineFailed, EngineStats, RequestFailed, StepOutputs
 from lockgate.engine.outputs import RequestOutput
@@ -49,7 +51,9 @@ class AsyncEngineClient:
         max_restart_backoff_s: float = 30.0,
         stall_timeout_s: float | None = 60.0,
         queue: QueueView | None = None,
+        transport: CoreLink | None = None,
     ) -> None:
+        """`transport`: how cores are started and reached (default: local processes over IPC)."""
         self.config = config
         self.startup_timeout_s = startup_timeout_s
         self.tokenizer: Tokenizer | None = None
@@ -57,7 +61,7 @@ class AsyncEngineClient:
         self.max_model_len = 0
         self.engine_pid: int | None = None
 
-        self._core = CoreTransport()
+        self._core = transport if transport is not None else CoreTransport()
         self._supervisor = Supervisor(self._core, restart=self._spawn, core_died=self._on_engine_death,
                                       is_closing=lambda: self._closing, auto_restart=auto_restart,
                                       max_restart_backoff_s=max_restart_backoff_s)
@@ -141,8 +145,24 @@ class AsyncEngineClient:
 
     @property
     def kv_event_addresses(self) -> tuple[str, str]:
-        """Where every core of this client publishes its KV-cache events: (PUB, replay) addresses."""
+        """Where the core publishes its KV-cache events: (PUB, replay) addresses (a local client's are the
+        same for every core; a remote core's change with each restart, and are ("", "") before it starts)."""
         return self._core.kv_event_addresses
+
+    @property
+    def kv_event_curve(self) -> CurveClient | None:
+        """The keys a subscriber to a remote core's KV events needs (None: a local core)."""
+        return self._core.kv_event_curve
+
+    @property
+    def core_node(self) -> str | None:
+        """The machine the core runs on (a remote core's node address; None: this machine)."""
+        return self._core.node
+
+    @property
+    def core_timings(self) -> dict[str, float]:
+        """How long the latest core took to start, by phase, in seconds (transport.py, remote_transport.py)."""
+        return self._core.timings
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the core (Shutdown message, then SIGKILL after `timeout_s`) and clean up."""

@@ -17,6 +17,7 @@ that core's prefix cache holds:
   the index is rebuilt by a replay from 0 once the new core is there.
 - a malformed message is logged and skipped; an exception in a callback is logged; the
   reader never dies of either. Nothing here blocks the event loop.
+- a remote core's TCP sockets: `curve` (the cluster's client keys, `engine/curve.py`) on both.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from lockgate.engine.curve import CurveClient
 from lockgate.engine.kv_events import END_SEQ, AllBlocksCleared, KVEvent, decode_batch
 
 log = logging.getLogger("lockgate.engine.kv_events")
@@ -57,7 +59,7 @@ class KVEventSubscriber:
 
     def __init__(self, pub_addr: str, replay_addr: str, on_events: Callable[[list[KVEvent]], None],
                  on_reset: Callable[[], None], topic: str = "", *,
-                 replay_timeout_s: float = REPLAY_TIMEOUT_S) -> None:
+                 replay_timeout_s: float = REPLAY_TIMEOUT_S, curve: CurveClient | None = None) -> None:
         self.pub_addr = pub_addr
         self.replay_addr = replay_addr
         self.topic = topic
@@ -65,6 +67,7 @@ class KVEventSubscriber:
         self._on_events = on_events
         self._on_reset = on_reset
         self.replay_timeout_s = replay_timeout_s
+        self._curve = curve  # a remote core's TCP sockets (engine/curve.py); None: local IPC
         self.last_seq = -1  # the latest batch applied (-1: none from this publisher)
         self.num_gaps = 0
         self.num_resets = 0
@@ -131,6 +134,8 @@ class KVEventSubscriber:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, BACKLOG_BATCHES)
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        if self._curve is not None:
+            self._curve.apply(sub)
         self._monitor = sub.get_monitor_socket(CONNECTED_EVENT | zmq.EVENT_DISCONNECTED)
         sub.connect(self.pub_addr)
         self._sub = sub
@@ -143,6 +148,8 @@ class KVEventSubscriber:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 0)  # a replay's length is bounded by the publisher's buffer
+        if self._curve is not None:
+            self._curve.apply(sock)
         sock.connect(self.replay_addr)
         self._replay = sock
         self._poller.register(sock, zmq.POLLIN)

@@ -2,10 +2,12 @@
 
 When the core process dies, every in-flight request fails at once with
 `EngineDeadError`, the client turns unhealthy, and `Supervisor` starts a new
-core (with backoff) so later requests work again. A core that is alive but
-makes no progress while requests are in flight (`watchdog.py`) is treated the
-same way: its requests fail with `EngineStalledError` and the supervisor kills
-it, then restarts it like a dead one.
+core (with backoff) so later requests work again. A core on another machine
+(`remote_transport.py`) dies the same way: its host reports the exit, or is
+gone itself. A core that is alive but makes no progress while requests are in
+flight (`watchdog.py`) is treated the same way: its requests fail with
+`EngineStalledError` and the supervisor kills it, then restarts it like a dead
+one.
 
 Also here: `EngineState`, what admission control and /metrics read, and
 `CoreCounters`, the core's stats with the cumulative counters every earlier
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from lockgate.engine.errors import EngineDeadError, EngineStalledError
 from lockgate.engine.frontend.queue_view import QueueView
-from lockgate.engine.frontend.transport import CoreTransport
+from lockgate.engine.frontend.transport import CoreLink
 from lockgate.engine.messages import EngineStats
 from lockgate.engine.step_stats import HistogramCounts
 
@@ -125,7 +127,7 @@ class Supervisor:
     core and returns once it is ready (or raises).
     """
 
-    def __init__(self, transport: CoreTransport, *, restart: Callable[[], Awaitable[None]],
+    def __init__(self, transport: CoreLink, *, restart: Callable[[], Awaitable[None]],
                  core_died: Callable[[EngineDeadError], None], is_closing: Callable[[], bool],
                  auto_restart: bool, max_restart_backoff_s: float) -> None:
         self._transport = transport
@@ -147,10 +149,11 @@ class Supervisor:
             if self._is_closing():
                 return
             how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+            where = "" if self._transport.node is None else f" on {self._transport.node}"  # a remote core
             if self._stalled_pid == proc.pid:
-                log.warning("stalled engine core process %s killed; restarting it", proc.pid)
+                log.warning("stalled engine core process %s%s killed; restarting it", proc.pid, where)
             else:
-                log.error("engine core process %s died (%s)", proc.pid, how)
+                log.error("engine core process %s%s died (%s)", proc.pid, where, how)
             self._stalled_pid = None
             self._core_died(EngineDeadError(f"the engine process died ({how}); the request was not completed"))
             if not self.auto_restart:

@@ -10,6 +10,10 @@ Every core also publishes its KV-cache events (`engine/kv_events.py`) on two fix
 addresses in the same directory, `kv-events` (PUB) and `kv-replay` (ROUTER), the same
 for every generation: a restarted core binds them again (replacing the socket files a
 killed one left), and subscribers (`kv_events_sub.py`) reconnect by themselves.
+
+What every way of starting a core shares is `CoreLink` (the two sockets, the messages,
+waiting for `Ready`, stopping); a core on another machine is `remote_transport.py`'s. The
+supervisor sees either core as a `CoreProcess` (pid, returncode, wait, kill).
 """
 from __future__ import annotations
 
@@ -20,26 +24,46 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Protocol
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.curve import CurveClient
 from lockgate.engine.errors import EngineStartError
 from lockgate.engine.messages import CoreMessage, EngineFailed, Ready, Shutdown, encode_config
 
 log = logging.getLogger("lockgate.engine.client")
 
 
-class CoreTransport:
+class CoreProcess(Protocol):
+    """An engine-core process as its supervisor sees it (an `asyncio.subprocess.Process` is one)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class CoreLink:
+    """One core at a time, however it was started: its two sockets, the wire messages, its
+    start-up (`await_ready`) and its end (`discard`, `close`). Subclasses start the core."""
+
     def __init__(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._tmpdir = tempfile.mkdtemp(prefix="lockgate-engine-")  # 0700: private IPC sockets
         self.generation = 0  # 1 for the first core, +1 per restart
-        self.proc: asyncio.subprocess.Process | None = None  # the latest core, from its spawn on
-        self._kv_events_addr = f"ipc://{self._tmpdir}/kv-events"
-        self._kv_replay_addr = f"ipc://{self._tmpdir}/kv-replay"
+        self.proc: CoreProcess | None = None  # the latest core, from its spawn on
+        self.node: str | None = None  # the machine the core runs on (None: this one)
+        # Seconds the latest core took to start, by phase (durations: each from one clock).
+        self.timings: dict[str, float] = {}
+        self._spawned_at = 0.0
         self._in: zmq.Socket | None = None  # PUSH, used synchronously (aborts from finally blocks)
         self._out: zmq.asyncio.Socket | None = None  # PULL
         self._encoder = msgspec.msgpack.Encoder()
@@ -69,37 +93,20 @@ class CoreTransport:
 
     @property
     def kv_event_addresses(self) -> tuple[str, str]:
-        """(PUB, replay ROUTER) addresses of every core's KV-cache events, fixed for this transport."""
-        return self._kv_events_addr, self._kv_replay_addr
+        """(PUB, replay ROUTER) addresses of the core's KV-cache events."""
+        raise NotImplementedError
+
+    @property
+    def kv_event_curve(self) -> CurveClient | None:
+        """The CURVE keys a subscriber to those addresses needs (None: local IPC, none)."""
+        return None
 
     # ---- the process -------------------------------------------------------------------
-    async def spawn(self, config: EngineConfig) -> asyncio.subprocess.Process:
-        """Bind fresh sockets and start a core on them (it is not ready yet: `await_ready`)."""
-        self.generation += 1
-        in_addr = f"ipc://{self._tmpdir}/in-{self.generation}"
-        out_addr = f"ipc://{self._tmpdir}/out-{self.generation}"
-        self._in = self._ctx.socket(zmq.PUSH, socket_class=zmq.Socket)  # plain (sync) socket
-        self._in.setsockopt(zmq.SNDHWM, 0)
-        self._in.setsockopt(zmq.LINGER, 0)
-        self._in.bind(in_addr)
-        self._out = self._ctx.socket(zmq.PULL)
-        self._out.setsockopt(zmq.RCVHWM, 0)
-        self._out.setsockopt(zmq.LINGER, 0)
-        self._out.bind(out_addr)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "lockgate.engine.core",
-                "--input", in_addr, "--output", out_addr, "--config", encode_config(config).decode(),
-                "--generation", str(self.generation),
-                "--kv-events", self._kv_events_addr, "--kv-replay", self._kv_replay_addr,
-            )
-        except OSError:
-            self.close_sockets()
-            raise
-        self.proc = proc
-        return proc
+    async def spawn(self, config: EngineConfig) -> CoreProcess:
+        """Start a core with fresh sockets (it is not ready yet: `await_ready`)."""
+        raise NotImplementedError
 
-    async def await_ready(self, proc: asyncio.subprocess.Process, timeout_s: float) -> Ready:
+    async def await_ready(self, proc: CoreProcess, timeout_s: float) -> Ready:
         """The core's `Ready`; EngineStartError if it fails, exits or takes longer than `timeout_s`."""
         assert self._out is not None
         exited = asyncio.ensure_future(proc.wait())
@@ -117,13 +124,16 @@ class CoreTransport:
                     raise EngineStartError(f"engine core not ready after {timeout_s:.0f} s")
                 msg = self._decoder.decode(recv.result())
                 if isinstance(msg, Ready):
+                    self.timings["total_s"] = time.monotonic() - self._spawned_at
+                    # The core's own account: its imports, then the model's load (weights, KV cache).
+                    self.timings["core_imports_s"], self.timings["model_load_s"] = msg.started_s, msg.load_s
                     return msg
                 if isinstance(msg, EngineFailed):
                     raise EngineStartError(msg.message)
         finally:
             exited.cancel()
 
-    async def discard(self, proc: asyncio.subprocess.Process) -> None:
+    async def discard(self, proc: CoreProcess) -> None:
         """A core that failed to start: kill it if it still runs, and drop its sockets."""
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -152,4 +162,49 @@ class CoreTransport:
                 await proc.wait()
         self.close_sockets()
         self._ctx.term()
+
+
+class CoreTransport(CoreLink):
+    """A core on this machine: a child process on private IPC sockets this process binds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tmpdir = tempfile.mkdtemp(prefix="lockgate-engine-")  # 0700: private IPC sockets
+        self._kv_events_addr = f"ipc://{self._tmpdir}/kv-events"
+        self._kv_replay_addr = f"ipc://{self._tmpdir}/kv-replay"
+
+    @property
+    def kv_event_addresses(self) -> tuple[str, str]:
+        """(PUB, replay ROUTER) addresses of every core's KV-cache events, fixed for this transport."""
+        return self._kv_events_addr, self._kv_replay_addr
+
+    async def spawn(self, config: EngineConfig) -> asyncio.subprocess.Process:
+        """Bind fresh sockets and start a core on them (it is not ready yet: `await_ready`)."""
+        self._spawned_at = time.monotonic()
+        self.generation += 1
+        in_addr = f"ipc://{self._tmpdir}/in-{self.generation}"
+        out_addr = f"ipc://{self._tmpdir}/out-{self.generation}"
+        self._in = self._ctx.socket(zmq.PUSH, socket_class=zmq.Socket)  # plain (sync) socket
+        self._in.setsockopt(zmq.SNDHWM, 0)
+        self._in.setsockopt(zmq.LINGER, 0)
+        self._in.bind(in_addr)
+        self._out = self._ctx.socket(zmq.PULL)
+        self._out.setsockopt(zmq.RCVHWM, 0)
+        self._out.setsockopt(zmq.LINGER, 0)
+        self._out.bind(out_addr)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lockgate.engine.core",
+                "--input", in_addr, "--output", out_addr, "--config", encode_config(config).decode(),
+                "--generation", str(self.generation),
+                "--kv-events", self._kv_events_addr, "--kv-replay", self._kv_replay_addr,
+            )
+        except OSError:
+            self.close_sockets()
+            raise
+        self.proc = proc
+        return proc
+
+    async def close(self, timeout_s: float) -> None:
+        await super().close(timeout_s)
         shutil.rmtree(self._tmpdir, ignore_errors=True)
