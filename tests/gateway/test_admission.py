@@ -184,3 +184,17 @@ def test_lone_requests_are_no_basis_to_refuse() -> None:
     adm.check(1, 30, S, 1)
     adm.check(1, 3000, B, 2)
     assert rejected == []
+
+
+def test_refusals_are_counted_for_the_autoscaler() -> None:
+    adm, q, clock, _ = make()
+    warm(q, clock, rate_per_s=2.0)
+    for _ in range(3):
+        add(q, 1)
+    asked, refused = adm.num_asked, adm.num_refused
+    adm.check(1, 100, S)  # 4 ahead at 2 requests/s: 2 s < 0.6 x 4 s, admitted
+    for _ in range(5):
+        add(q, 1)
+    with pytest.raises(APIError):
+        adm.check(2, 200, S)
+    assert (adm.num_asked - asked, adm.num_refused - refused) == (3, 2)

@@ -55,6 +55,10 @@ class Admission:
         self.retry_hint_s = retry_hint_s
         self.clock = clock
         self._shed_until: dict[int, float] = {}  # class rank -> shedding lower classes until
+        # Requests that asked, and those refused (cumulative): demand the queue cannot show once shed
+        # (the autoscaler's signal).
+        self.num_asked = 0
+        self.num_refused = 0
 
     def check(self, num_requests: int, num_tokens: int, cls: PriorityClass | None = None,
               priority: int | None = None) -> None:
@@ -62,9 +66,11 @@ class Admission:
         priority `priority`, cannot be admitted now."""
         cls = cls or self.policy.classes.default
         priority = cls.rank if priority is None else priority
+        self.num_asked += num_requests
         try:
             self._check(num_requests, num_tokens, cls, priority)
         except APIError:
+            self.num_refused += num_requests
             self.queue.note_demand(priority, num_requests, num_tokens)  # admitted ones are noted by add()
             raise
 
@@ -82,9 +88,25 @@ class Admission:
                 self._reject("slo_unattainable", cls, 1,
                              f"the server is shedding {cls.name!r} requests while {above!r} requests miss their "
                              "latency target; retry after 1 s", shed=False)
+        predicted = self._predict(num_requests, num_tokens, cls, priority)
+        if predicted is None:
+            return  # nothing measured yet (no basis to refuse), or alone: never refused forever
+        wait, ahead_req = predicted
+        if wait > cls.ttft_s * TARGET_HEADROOM:
+            retry = self._retry(wait - cls.ttft_s * TARGET_HEADROOM)
+            shown = "more than an hour" if wait > 3600 else f"{wait:.2f} s"
+            self._reject("slo_unattainable", cls, retry,
+                         f"the server cannot start this {cls.name!r} request within its {cls.ttft_s:g} s target "
+                         f"({ahead_req} requests ahead, expected wait {shown}); retry after {retry} s")
+
+    def _predict(self, num_requests: int, num_tokens: int, cls: PriorityClass, priority: int
+                 ) -> tuple[float, int] | None:
+        """(predicted wait, requests ahead) of `num_requests` more of class `cls` arriving now; None when
+        there is no basis (no drain rate measured yet) or nothing is ahead and no higher class competes."""
+        q = self.queue
         rate = q.drain_rate()
-        if rate is None:  # nothing measured yet: no basis to refuse
-            return
+        if rate is None:
+            return None
         ahead_req, ahead_tok = q.ahead(None if self.policy.fcfs else priority, self.policy.aging_s, cls.ttft_s)
         contended = False
         if not self.policy.fcfs:
@@ -95,14 +117,8 @@ class Admission:
             rate = DrainRate(max(0.0, rate.requests_per_s - m * hi.requests_per_s),
                              max(0.0, rate.tokens_per_s - m * hi.tokens_per_s))
         if ahead_req == 0 and not contended:
-            return  # alone: even a request too big for its target is served, never refused forever
-        wait = rate.wait_s(ahead_req + num_requests, ahead_tok + num_tokens)
-        if wait > cls.ttft_s * TARGET_HEADROOM:
-            retry = self._retry(wait - cls.ttft_s * TARGET_HEADROOM)
-            shown = "more than an hour" if wait > 3600 else f"{wait:.2f} s"
-            self._reject("slo_unattainable", cls, retry,
-                         f"the server cannot start this {cls.name!r} request within its {cls.ttft_s:g} s target "
-                         f"({ahead_req} requests ahead, expected wait {shown}); retry after {retry} s")
+            return None
+        return rate.wait_s(ahead_req + num_requests, ahead_tok + num_tokens), ahead_req
 
     def _check_bounds(self, num_requests: int, num_tokens: int, cls: PriorityClass) -> None:
         q, b = self.queue, self.bounds
