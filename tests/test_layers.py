@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "server": 8,
     "bench": 8,
     "cli_admin": 9,
+    "cli_autoscale": 9,
     "cli": 10,
 }
 

@@ -107,9 +107,9 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
-from lockgate.server.launch import serve_command  # noqa: E402  (after the app exists)
+from lockgate.server.launch import ServeCommand, serve_command  # noqa: E402  (after the app exists)
 
-app.command("serve")(serve_command)
+app.command("serve", cls=ServeCommand)(serve_command)  # ServeCommand: a bare --ray means --ray local
 from lockgate.cli_admin import register as _register_admin  # noqa: E402
 
 _register_admin(app)  # tenants | keys | usage | audit
@@ -119,6 +119,9 @@ _register_bench(app)  # bench
 from lockgate.eval.cli import register as _register_eval  # noqa: E402
 
 _register_eval(app)  # eval
+from lockgate.cli_autoscale import register as _register_autoscale  # noqa: E402
+
+_register_autoscale(app)  # autoscale simulate | plan
 
 
 def main() -> None:

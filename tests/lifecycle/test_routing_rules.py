@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,39 @@ def test_replicas_from_the_command_line_and_the_config_file(tmp_path: Path, capl
     one = [EngineConfig()]
     build.share_threads([VersionSpec("a")], one)
     assert one[0].num_threads is None  # one engine: torch's own default, as before
+
+
+def test_placement_and_autoscale_in_the_config_file(tmp_path: Path) -> None:
+    f = tmp_path / "models.yaml"
+    f.write_text("""
+models:
+  - name: m
+    versions:
+      - version: v1
+        replicas: 3
+        placement: {num_cpus: 0.5, num_gpus: 1, resources: {gpu_80gb: 1}}
+        autoscale: {min_replicas: 0, max_replicas: 2, policy: hpa}
+      - version: v2
+        autoscale: {min_replicas: 2, max_replicas: 4}
+""")
+    specs, _ = models_config.load(str(f))
+    v1, v2 = specs
+    assert (v1.placement.num_cpus, v1.placement.num_gpus, v1.placement.resources) == (0.5, 1, {"gpu_80gb": 1})
+    assert v1.autoscale is not None and v1.autoscale.policy == "hpa" and v1.autoscale.min_replicas == 0
+    assert v1.replicas == 2  # starts inside its bounds
+    assert v2.autoscale is not None and v2.replicas == 2 and v2.placement.num_cpus == 1.0
+    bad = [
+        ("placement: {num_cpus: -1}", "placement.num_cpus"),
+        ("placement: {resources: {CPU: 2}}", "num_cpus and num_gpus"),
+        ("placement: {resources: {'a b': 1}}", "placement.resources"),
+        ("placement: {num_gpus: .inf}", "placement.num_gpus"),
+        ("autoscale: {min_replicas: 3, max_replicas: 2}", "above max_replicas"),
+        ("autoscale: {max_replicas: 33}", "autoscale.max_replicas"),
+        ("autoscale: {max_replicas: 2, policy: magic}", "autoscale.policy"),
+        ("autoscale: {max_replicas: 2, interval_s: 0}", "autoscale.interval_s"),
+        (f"autoscale: {{max_replicas: {2**70}}}", "autoscale.max_replicas"),
+    ]
+    for line, fragment in bad:
+        f.write_text(f"models:\n  - name: m\n    versions:\n      - version: v1\n        {line}\n")
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            models_config.load(str(f))

@@ -19,7 +19,19 @@ from lockgate.bodies import parse_body
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.errors import EngineUnavailableError
 from lockgate.lifecycle.registry import Model, ModelRegistry
-from lockgate.lifecycle.settings import MAX_ENGINES, MAX_MODELS, MAX_REPLICAS, MAX_VERSIONS, ModelPatch, ShadowConfig, check_traffic
+from lockgate.lifecycle.autoscale_types import AutoscaleConfig
+from lockgate.lifecycle.placement import Placement, PlacementBody
+from lockgate.lifecycle.settings import (
+    MAX_ENGINES,
+    MAX_MODELS,
+    MAX_REPLICAS,
+    MAX_VERSIONS,
+    AutoscaleBody,
+    ModelPatch,
+    ReplicaBounds,
+    ShadowConfig,
+    check_traffic,
+)
 from lockgate.lifecycle.spec import ENGINE_OPTION_NAMES, GateSpec, VersionSpec, validate
 from lockgate.lifecycle.version import ModelVersion, State
 from lockgate.errors import APIError, bad_request, field_error, unavailable
@@ -28,7 +40,7 @@ log = logging.getLogger("lockgate.lifecycle")
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 _Unit = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-LOAD_FIELDS = ("name", "version", "path", "gate", "fail_fraction", "replicas")
+LOAD_FIELDS = ("name", "version", "path", "gate", "fail_fraction", "replicas", "placement", "autoscale")
 
 
 class GateBody(BaseModel):
@@ -50,6 +62,8 @@ class LoadBody(BaseModel):
     gate: bool | GateBody = False  # pass the quality gate (lifecycle/gate.py) before taking traffic
     fail_fraction: _Unit = 0.0  # TEST ONLY: fail this fraction of the version's requests
     replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 1  # engine processes (lifecycle/fleet.py)
+    placement: PlacementBody | None = None  # Ray: what one replica asks of the cluster
+    autoscale: AutoscaleBody | None = None  # the count follows the load (lifecycle/autoscaler.py)
 
 
 def conflict(message: str, code: str) -> APIError:
@@ -112,7 +126,7 @@ class ModelAdmin:
             if model is not None and len(model.versions) >= MAX_VERSIONS:
                 raise conflict(f"model {spec.name!r} has {MAX_VERSIONS} versions, the most it may have; "
                                "delete one first", "too_many_versions")
-            self._check_engines({}, spec.replicas)
+            self._check_engines({}, max(spec.replicas, spec.autoscale.max_replicas if spec.autoscale else 0))
             if spec.gate is not None and spec.gate.against is not None and (
                     model is None or spec.gate.against not in model.versions):
                 raise bad_request(f"gate.against: {spec.name!r} has no version {spec.gate.against!r}",
@@ -121,7 +135,8 @@ class ModelAdmin:
             created = model is None
             reg.register(version)
             details = {"path": spec.path, "engine": spec.engine, "gate": spec.gate is not None,
-                       "replicas": spec.replicas,
+                       "replicas": spec.replicas, "placement": spec.placement.to_json(),
+                       "autoscale": _autoscale_json(spec.autoscale),
                        "fail_fraction": spec.fail_fraction or None}
             try:
                 await reg.audit(actor, "model.load", spec.ref, details)
@@ -147,9 +162,18 @@ class ModelAdmin:
             gate = GateSpec()
         elif isinstance(parsed.gate, GateBody):
             gate = GateSpec(**parsed.gate.model_dump())
+        autoscale = parsed.autoscale.config() if parsed.autoscale is not None else None
+        replicas = parsed.replicas
+        if autoscale is not None:  # starts inside its bounds (at least one: the version must warm up)
+            replicas = max(autoscale.min_replicas, min(replicas, autoscale.max_replicas), 1)
+        try:
+            placement = parsed.placement.placement() if parsed.placement is not None else Placement()
+        except ValueError as e:
+            raise bad_request(str(e), param="placement.resources") from None
         spec = VersionSpec(name=parsed.name, version=parsed.version, path=parsed.path,
                            engine={k: v for k, v in body.items() if k not in LOAD_FIELDS}, gate=gate,
-                           fail_fraction=parsed.fail_fraction, replicas=parsed.replicas)
+                           fail_fraction=parsed.fail_fraction, replicas=replicas, placement=placement,
+                           autoscale=autoscale)
         try:
             return spec, validate(spec, self.base)
         except ValueError as e:
@@ -222,34 +246,60 @@ class ModelAdmin:
                 await self._set_replicas(model, replicas, actor, drain_timeout_s)
         return model.to_json()
 
-    def _check_replicas(self, model: Model, replicas: dict[str, int] | None) -> dict[str, int]:
+    def _check_replicas(self, model: Model, replicas: dict[str, int | ReplicaBounds] | None
+                        ) -> dict[str, int | ReplicaBounds]:
         if replicas is None:
             raise bad_request("replicas: cannot be null (send {\"VERSION\": N})", param="replicas")
         for v in replicas:
             ver = self._version(model, v)
             if ver.state in (State.FAILED, State.DRAINING):
                 raise conflict(f"version {v!r} is {ver.state}; its replicas cannot change", "version_not_ready")
-        self._check_engines({model.versions[v].spec.ref: n for v, n in replicas.items()}, 0)
+        self._check_engines({model.versions[v].spec.ref: n if isinstance(n, int) else n.max_replicas
+                             for v, n in replicas.items()}, 0)
         return replicas
 
     def _check_engines(self, changed: dict[str, int], added: int) -> None:
         """At most MAX_ENGINES engine processes on this server (409 beyond)."""
-        total = added + sum(changed.get(v.spec.ref, v.fleet.configured) for v in self.registry.versions()
+        total = added + sum(changed.get(v.spec.ref, v.fleet.max_engines) for v in self.registry.versions()
                             if v.state is not State.DRAINING)
         if total > MAX_ENGINES:
             raise conflict(f"this would run {total} engine processes; at most {MAX_ENGINES} run on one server",
                            "too_many_engines")
 
-    async def _set_replicas(self, model: Model, replicas: dict[str, int], actor: str, drain_timeout_s: float) -> None:
+    async def _set_replicas(self, model: Model, replicas: dict[str, int | ReplicaBounds], actor: str,
+                            drain_timeout_s: float) -> None:
         """Audited first (nothing changes when the audit log cannot be written), then applied: new
-        replicas load in the background, extra ones drain before they stop."""
-        changes = {v: {"before": model.versions[v].fleet.configured, "after": n} for v, n in replicas.items()}
+        replicas load in the background, extra ones drain before they stop. An autoscaled version (or
+        one given bounds) gets new bounds, and its count is brought inside them at once; the autoscaler
+        moves it from there."""
+        changes: dict[str, dict[str, Any]] = {}
+        for v, n in replicas.items():
+            ver = model.versions[v]
+            if isinstance(n, int) and ver.autoscaler is None:
+                changes[v] = {"before": ver.fleet.configured, "after": n}
+            else:
+                lo, hi = (n, n) if isinstance(n, int) else (n.min_replicas, n.max_replicas)
+                before = ver.autoscaler.autoscaler.config if ver.autoscaler is not None else None
+                changes[v] = {"before": _bounds(before) if before else ver.fleet.configured,
+                              "after": {"min_replicas": lo, "max_replicas": hi}}
         try:
             await self.registry.audit(actor, "model.replicas", model.name, {"replicas": changes})
         except Exception:
             raise unavailable("the audit log is not writable; nothing was changed", "store_unavailable") from None
         for v, n in replicas.items():
-            await model.versions[v].fleet.set_replicas(n, drain_timeout_s)
+            ver = model.versions[v]
+            if isinstance(n, int) and ver.autoscaler is None:
+                await ver.fleet.set_replicas(n, drain_timeout_s)
+                continue
+            after = changes[v]["after"]
+            if ver.autoscaler is None:
+                self.registry.set_autoscale(ver, AutoscaleConfig(**after))
+            else:
+                ver.autoscaler.set_bounds(after["min_replicas"], after["max_replicas"])
+            count = ver.fleet.num_ready + ver.fleet.num_starting
+            clamped = max(after["min_replicas"], min(count, after["max_replicas"]))
+            if clamped != count:
+                await ver.fleet.set_replicas(clamped)
         log.info("model %s replicas set by %s: %s", model.name, actor, changes)
 
     @staticmethod
@@ -329,3 +379,11 @@ def _param_of(message: str) -> str | None:
             return param
     head = message.split(":", 1)[0]
     return head if head in ENGINE_OPTION_NAMES else None
+
+
+def _bounds(c: AutoscaleConfig) -> dict[str, int]:
+    return {"min_replicas": c.min_replicas, "max_replicas": c.max_replicas}
+
+
+def _autoscale_json(c: AutoscaleConfig | None) -> dict[str, Any] | None:
+    return None if c is None else {**_bounds(c), "policy": c.policy, "activation_timeout_s": c.activation_timeout_s}

@@ -14,6 +14,7 @@ from typing import Any
 from lockgate.engine.config import EngineConfig
 from lockgate.lifecycle.admin import ModelAdmin
 from lockgate.lifecycle.metrics import VersionCollector
+from lockgate.lifecycle.autoscale_metrics import AutoscaleCollector
 from lockgate.lifecycle.replica_metrics import ReplicaCollector
 from lockgate.lifecycle.models_config import ModelSettings
 from lockgate.gateway.gateway import Gateway
@@ -104,6 +105,7 @@ def build_registry(plan: ModelPlan, base: EngineConfig, options: EngineOptions, 
             v.stats.window = s.rules.window
     metrics.registry.register(VersionCollector(registry))
     metrics.registry.register(ReplicaCollector(registry))
+    metrics.registry.register(AutoscaleCollector(registry))
     return registry, ModelAdmin(registry, base)
 
 
@@ -119,7 +121,15 @@ def share_threads(specs: list[VersionSpec], configs: list[EngineConfig]) -> None
     """Several engine processes (versions x replicas) on one machine: each gets an equal share of the
     usable cores as its intra-op threads unless it set `num_threads`; an explicit choice that asks
     for more threads than there are cores is kept, with a warning (they would fight for the cores)."""
-    engines = sum(s.replicas for s in specs)
+    from lockgate.lifecycle import ray_cluster
+
+    if ray_cluster.active() is not None:  # cores on the cluster's nodes: Ray sets their threads from num_cpus
+        return
+
+    def most(s: VersionSpec) -> int:  # an autoscaled version may run up to its bound
+        return max(s.replicas, s.autoscale.max_replicas if s.autoscale is not None else 0)
+
+    engines = sum(most(s) for s in specs)
     if engines <= 1:
         return
     cores = usable_cores()
@@ -127,7 +137,7 @@ def share_threads(specs: list[VersionSpec], configs: list[EngineConfig]) -> None
     for spec, cfg in zip(specs, configs):
         if spec.engine.get("num_threads") is None and cfg.num_threads is None:
             cfg.num_threads = each
-    wanted = sum((c.num_threads or each) * s.replicas for s, c in zip(specs, configs))
+    wanted = sum((c.num_threads or each) * most(s) for s, c in zip(specs, configs))
     if wanted > cores:
         log.warning("%d engine processes ask for %d threads in all on %d usable cores: they will contend "
                     "(leave num_threads unset to share the cores)", engines, wanted, cores)

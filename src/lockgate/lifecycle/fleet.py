@@ -10,23 +10,31 @@ returns a `FleetStream` that re-routes it if that replica dies before answering.
 `--replicas 1` is one replica: today's single engine, with the router always
 answering replica 0. Replicas are added in the background (taking traffic once
 ready) and removed by draining (no new requests, in-flight ones finish).
+
+With an autoscaler (`autoscale`, driven by `autoscale_loop.py`) the count follows the
+load between its bounds, down to zero: a fleet at zero is still healthy (it can
+serve), and a request that finds no replica up waits in `activate` (the activator)
+while one starts, up to the version's activation timeout.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
 from lockgate.engine.config import EngineConfig, ModelConfig, checkpoint_load_format
-from lockgate.engine.errors import EngineStartError
+from lockgate.engine.errors import EngineStartError, EngineUnavailableError
 from lockgate.engine.frontend.client import AsyncEngineClient
 from lockgate.engine.frontend.queue_view import QueueView
 from lockgate.engine.frontend.supervisor import EngineState
 from lockgate.engine.prefix_hash import prompt_block_hashes
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
+from lockgate.lifecycle.autoscale_types import AutoscaleConfig, Decision
 from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.lifecycle.replica import Replica, ReplicaState
 from lockgate.lifecycle.router import NoReplicaError, Router, RouterConfig, Ticket
@@ -34,6 +42,7 @@ from lockgate.lifecycle.router import NoReplicaError, Router, RouterConfig, Tick
 log = logging.getLogger("lockgate.lifecycle")
 
 MakeClient = Callable[[QueueView], AsyncEngineClient]
+COLD_START_HISTORY = 32
 
 
 class Fleet:
@@ -48,6 +57,14 @@ class Fleet:
         self.tokenizer: Tokenizer | None = None  # set before start when another version shares its checkpoint
         self.model_config: ModelConfig | None = None
         self.num_reroutes = 0
+        self.autoscale: AutoscaleConfig | None = None  # set: the count follows the load (autoscale_loop.py)
+        self.last_evaluation: Decision | None = None  # the autoscaler's latest evaluation
+        self.last_decision: Decision | None = None  # its latest applied change (scale event)
+        self.held = 0  # requests waiting in `activate` for a replica to come up
+        self.wake_autoscaler: Callable[[], None] | None = None  # a held request wants a decision now
+        self.cold_starts: list[float] = []  # decision-to-ready seconds of the latest replicas (bounded)
+        self._max_model_len = 0  # kept while no replica is up (scaled to zero)
+        self._up = asyncio.Event()  # set while some replica is up
         self._make_client = make_client
         self._on_restart: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -56,25 +73,51 @@ class Fleet:
     # ---- the engine as one ------------------------------------------------------------------
     @property
     def max_model_len(self) -> int:
-        return next((r.client.max_model_len for r in self.replicas.values() if r.client.max_model_len), 0)
+        n = next((r.client.max_model_len for r in self.replicas.values() if r.client.max_model_len), 0)
+        if n:
+            self._max_model_len = n
+        return n or self._max_model_len
 
     @property
     def healthy(self) -> bool:
-        """At least one replica can take requests."""
-        return not self._closing and any(r.up for r in self.replicas.values())
+        """Can serve: a replica is up, or (autoscaled) one is started for the request that finds none."""
+        if self._closing:
+            return False
+        return self.autoscale is not None or any(r.up for r in self.replicas.values())
 
     @property
     def num_ready(self) -> int:
         return sum(1 for r in self.replicas.values() if r.up)
 
     @property
+    def num_starting(self) -> int:
+        return sum(1 for r in self.replicas.values() if r.state is ReplicaState.STARTING)
+
+    @property
     def degraded(self) -> bool:
-        """Fewer replicas can take requests than the operator asked for."""
+        """Fewer replicas can take requests than the operator (or the autoscaler) asked for."""
         return self.num_ready < self.configured
 
     @property
+    def max_engines(self) -> int:
+        """The most engine processes this fleet may run (its autoscaler's bound, or its count)."""
+        return max(self.configured, self.autoscale.max_replicas) if self.autoscale else self.configured
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(r.client.num_pending for r in self.replicas.values())
+
+    @property
+    def kv_usage(self) -> float:
+        """Mean KV-cache usage over the replicas that are up (0 with none)."""
+        up = [r.client.core_stats.kv_cache_usage for r in self.replicas.values() if r.up]
+        return sum(up) / len(up) if up else 0.0
+
+    @property
     def core_pids(self) -> list[int]:
-        return [pid for r in self.replicas.values() if (pid := r.client.core_pid) is not None]
+        """Local cores only: a remote core's pid is a pid on its own node."""
+        return [pid for r in self.replicas.values()
+                if (pid := r.client.core_pid) is not None and r.client.core_node is None]
 
     @property
     def num_restarts(self) -> int:
@@ -108,6 +151,8 @@ class Fleet:
             checkpoint = asyncio.ensure_future(asyncio.to_thread(
                 load_checkpoint, cfg.model, checkpoint_load_format(cfg.load_format)))
         starting = [self._add(checkpoint) for _ in range(self.configured)]
+        if not starting:
+            return
         try:
             pending = {r.task for r in starting if r.task is not None}
             while pending and not any(r.state is ReplicaState.READY for r in starting):
@@ -129,6 +174,7 @@ class Fleet:
         client.tokenizer, client.model_config = self.tokenizer, self.model_config
         client.on_restart = self._on_restart
         replica = Replica(f"{self.ref}/{index}", index, client, self.router)
+        replica.on_up = self._note_up
         self.replicas[index] = replica
         self.router.add_replica(index)
         replica.task = asyncio.ensure_future(self._start(replica, checkpoint))
@@ -146,19 +192,28 @@ class Fleet:
             with contextlib.suppress(Exception):
                 await replica.client.shutdown()
             return
-        log.info("%s is ready (pid %s)", replica.name, replica.client.core_pid)
+        cold = replica.cold_start_s
+        if cold is not None:
+            self.cold_starts = [*self.cold_starts, cold][-COLD_START_HISTORY:]
+        log.info("%s is ready (pid %s, %.2f s from decision to ready)", replica.name, replica.client.core_pid,
+                 cold or 0.0)
 
-    async def set_replicas(self, n: int, drain_timeout_s: float) -> None:
+    def _note_up(self) -> None:
+        self._up.set()
+
+    async def set_replicas(self, n: int, drain_timeout_s: float = math.inf) -> None:
         """Scale to `n` replicas: failed ones are replaced, new ones load in the background; extra ones
-        (the highest indices) stop taking requests at once and stop once their requests have ended."""
+        stop taking requests at once and stop once their requests have ended (still-loading ones first,
+        then those with the fewest requests in flight). `drain_timeout_s` inf: never cut one short."""
         self.configured = n
         for r in [r for r in self.replicas.values() if r.state is ReplicaState.FAILED]:
             self._forget(r)
-        live = sorted((r for r in self.replicas.values() if r.state is not ReplicaState.DRAINING),
-                      key=lambda r: r.index)
+        live = [r for r in self.replicas.values() if r.state is not ReplicaState.DRAINING]
         for _ in range(n - len(live)):
             self._add()
-        for r in live[n:]:
+        # Keep the ready ones with the most work (and, among equals, the oldest).
+        keep_first = sorted(live, key=lambda r: (r.state is not ReplicaState.READY, -r.client.num_pending, r.index))
+        for r in keep_first[max(n, 0):]:
             self._spawn(self._drain(r, drain_timeout_s))
 
     async def _drain(self, replica: Replica, timeout_s: float) -> None:
@@ -172,6 +227,8 @@ class Fleet:
             log.warning("%s: drain timeout, cutting %d request(s) short", replica.name, replica.client.num_pending)
         await replica.stop()
         self._forget(replica)
+        if not any(r.up for r in self.replicas.values()):
+            self._up.clear()
         log.info("%s removed", replica.name)
 
     def _forget(self, replica: Replica) -> None:
@@ -193,6 +250,30 @@ class Fleet:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*(r.stop() for r in list(self.replicas.values())), return_exceptions=True)
+
+    # ---- the activator ------------------------------------------------------------------------
+    async def activate(self, timeout_s: float) -> None:
+        """Return once a replica is up. At zero (or with every replica still loading) the caller is
+        held, the autoscaler is asked for a decision at once, and EngineUnavailableError comes after
+        `timeout_s` without one."""
+        if any(r.up for r in self.replicas.values()):
+            return
+        self._up.clear()
+        self.held += 1
+        try:
+            if self.wake_autoscaler is not None:
+                self.wake_autoscaler()
+            deadline = time.monotonic() + timeout_s
+            while not any(r.up for r in self.replicas.values()):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closing:
+                    raise EngineUnavailableError(
+                        f"no replica of {self.ref} became ready within {timeout_s:g} s (scaled to zero, "
+                        "starting one); retry shortly")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._up.wait(), min(left, 0.5))
+        finally:
+            self.held -= 1
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,

@@ -10,6 +10,10 @@ engine options and traffic weights, shadow and rollback rules (YAML or JSON).
         shadow: {version: v2, fraction: 0.1}     # optional
         rollback: {max_error_rate: 0.02, min_requests: 50}   # optional (these rules are on by default)
 
+A version may ask for `placement: {num_cpus, num_gpus, resources: {NAME: AMOUNT}}` (where
+its replicas are Ray actors, `serve --ray`) and `autoscale: {min_replicas, max_replicas,
+policy, ...}` (lifecycle/autoscaler.py; min 0 scales to zero).
+
 A model's weights must sum to 100 when any is given; without weights its first version
 takes all the traffic. `replicas` (engine processes of a version) defaults to serve's
 `--replicas`. The same checks as `POST`/`PATCH /admin/models` apply.
@@ -24,9 +28,11 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lockgate.lifecycle.admin import GateBody
+from lockgate.lifecycle.placement import Placement, PlacementBody
 from lockgate.lifecycle.settings import (
     MAX_MODELS,
     MAX_VERSIONS,
+    AutoscaleBody,
     RollbackBody,
     RollbackRules,
     ShadowBody,
@@ -48,6 +54,8 @@ class _Version(BaseModel):
     gate: bool | GateBody = False
     fail_fraction: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0  # TEST ONLY
     replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] | None = None  # None: serve's --replicas
+    placement: PlacementBody | None = None  # Ray: resources per replica
+    autoscale: AutoscaleBody | None = None  # replicas follow the load between min and max
 
 
 class _Model(BaseModel):
@@ -112,9 +120,18 @@ def load(path: str) -> tuple[list[VersionSpec], dict[str, ModelSettings]]:
             raise ValueError(f"--config {path}: model {m.name!r}: shadow version {m.shadow.version!r} is not listed")
         for v in m.versions:
             gate = GateSpec(**v.gate.model_dump()) if isinstance(v.gate, GateBody) else (GateSpec() if v.gate else None)
+            try:
+                placement = v.placement.placement() if v.placement else Placement()
+            except ValueError as e:
+                raise ValueError(f"--config {path}: model {m.name!r} version {v.version!r}: {e}") from None
+            autoscale = v.autoscale.config() if v.autoscale else None
+            replicas = v.replicas or 0
+            if autoscale is not None:  # starts at min (at least one, unless the version may sit at zero)
+                replicas = max(autoscale.min_replicas, min(replicas or 1, autoscale.max_replicas))
             specs.append(VersionSpec(name=m.name, version=v.version, path=v.path, engine=dict(v.engine),
                                      traffic=(v.traffic or 0.0) if weights else None, aliases=list(m.aliases),
-                                     gate=gate, fail_fraction=v.fail_fraction, replicas=v.replicas or 0))
+                                     gate=gate, fail_fraction=v.fail_fraction, replicas=replicas,
+                                     placement=placement, autoscale=autoscale))
         shadow = None
         if m.shadow is not None:
             shadow = ShadowConfig(m.shadow.version, m.shadow.fraction, m.shadow.max_concurrency)

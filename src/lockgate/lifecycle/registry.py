@@ -23,7 +23,10 @@ from lockgate.engine.frontend.queue_view import QueueView
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.gateway.admission import Admission, AdmissionPolicy, QueueBounds
 from lockgate.gateway.routing import pick, split_ref, sticky_point
-from lockgate.lifecycle import rollback
+from lockgate.lifecycle import ray_cluster, rollback
+from lockgate.lifecycle.autoscale_loop import AutoscaleLoop
+from lockgate.lifecycle.autoscale_types import Decision
+from lockgate.lifecycle.autoscaler import Autoscaler
 from lockgate.lifecycle.fleet import Fleet
 from lockgate.lifecycle.gate import run_gate
 from lockgate.lifecycle.router import RouterConfig
@@ -55,6 +58,8 @@ class EngineOptions:
     startup_timeout_s: float = 600.0
     stall_timeout_s: float = 60.0
     router_policy: str = "kv"  # router.POLICIES: "kv", or a peer policy to measure it against
+    # Replicas as Ray actors (`serve --ray`): the cluster this process joined; None: local processes.
+    ray: ray_cluster.RayCluster | None = field(default_factory=ray_cluster.active)
 
 
 @dataclass(slots=True)
@@ -101,8 +106,11 @@ class ModelRegistry:
         opts, metrics = self.options, self.metrics
 
         def make_client(queue: QueueView) -> AsyncEngineClient:
+            transport = None
+            if opts.ray is not None:  # the replica is a Ray actor placed by the version's resources
+                transport = opts.ray.transport(spec.ref, spec.placement, opts.startup_timeout_s)
             return AsyncEngineClient(engine_config, startup_timeout_s=opts.startup_timeout_s,
-                                     stall_timeout_s=opts.stall_timeout_s, queue=queue)
+                                     stall_timeout_s=opts.stall_timeout_s, queue=queue, transport=transport)
 
         router = RouterConfig(block_size=engine_config.block_size, policy=opts.router_policy,
                               fair_share=engine_config.scheduling_policy == "priority")
@@ -113,9 +121,22 @@ class ModelRegistry:
         admission = Admission(QueueBounds(opts.max_queued_requests, opts.max_queued_tokens), fleet.queue, policy,
                               metrics.reject, lambda: metrics.ttft_ema_s)
         version = ModelVersion(spec, engine_config, fleet, admission)
+        if spec.autoscale is not None:
+            self.set_autoscale(version, spec.autoscale)
         fleet.on_restart = lambda: log.warning("an engine core of %s restarted (%d restarts so far)",
                                                spec.ref, fleet.num_restarts)
         return version
+
+    def set_autoscale(self, version: ModelVersion, config: Any) -> None:
+        """Give the version an autoscaler (started once it is ready; at once when it already is)."""
+        ref = version.spec.ref
+
+        async def audited(d: Decision) -> None:
+            await self.audit("system", "model.autoscale", ref, {"policy": config.policy, **d.to_json()})
+
+        version.autoscaler = AutoscaleLoop(version.fleet, Autoscaler(config), version.admission, audited)
+        if version.state is State.READY:
+            version.autoscaler.start()
 
     def _share_tokenizer(self, fleet: Fleet) -> None:
         """A checkpoint some version already serves: take its tokenizer instead of loading it again in

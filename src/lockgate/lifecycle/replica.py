@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from enum import StrEnum
+from collections.abc import Callable
 from typing import Any
 
 from lockgate.engine.frontend.client import AsyncEngineClient
@@ -51,9 +52,16 @@ class Replica:
         self.reason: str | None = None
         self.created_at = time.time()
         self.ready_at: float | None = None
+        # Cold start, from the decision that made it (its creation) to ready: the core up (process start
+        # and weight load), then the warm-up forward pass.
+        self._decided = time.monotonic()
+        self.core_ready_s: float | None = None
+        self.warm_up_s: float | None = None
+        self.on_up: Callable[[], None] | None = None  # the fleet's activator wakes its held requests
         self.task: asyncio.Task[None] | None = None  # its start (and retries)
         self.subscriber: KVEventSubscriber | None = None
         self._was_up = False  # for clearing the router's index when the core goes down
+        self._follow: asyncio.Task[None] | None = None  # the subscriber moving to a restarted remote core
 
     # ---- routing ---------------------------------------------------------------------------
     @property
@@ -73,21 +81,46 @@ class Replica:
         if self._was_up and not up:
             self.router.cleared(self.index)  # a dead core's cache died with it
         self._was_up = up
+        if up:
+            self._follow_core()
         self.router.set_routable(self.index, up)
         self.router.set_kv_usage(self.index, self.client.core_stats.kv_cache_usage if up else 0.0)
+
+    def _follow_core(self) -> None:
+        """A restarted remote core binds new ports: move the subscriber there (a local core's
+        addresses never change, so this does nothing for it)."""
+        sub, addrs = self.subscriber, self.client.kv_event_addresses
+        if sub is None or not addrs[0] or addrs == (sub.pub_addr, sub.replay_addr):
+            return
+        if self._follow is None or self._follow.done():
+            sub.pub_addr, sub.replay_addr = addrs
+            self._follow = asyncio.ensure_future(sub.reconnect())
 
     # ---- life ------------------------------------------------------------------------------
     async def start(self, checkpoint: asyncio.Future[Any] | None, ref: str) -> None:
         """Start the core (sharing the version's tokenizer load), subscribe to its KV events, warm it
         with one real forward pass; then it is ready. Raises when the start fails."""
         await self.client.start(checkpoint=checkpoint)
+        self.core_ready_s = time.monotonic() - self._decided
         pub, replay = self.client.kv_event_addresses
-        self.subscriber = KVEventSubscriber(pub, replay, self._on_events, lambda: self.router.cleared(self.index))
-        await self.subscriber.start()
+        if pub:  # a remote core with prefix caching off has no KV-event sockets
+            self.subscriber = KVEventSubscriber(pub, replay, self._on_events, lambda: self.router.cleared(self.index),
+                                                curve=self.client.kv_event_curve)
+            await self.subscriber.start()
         await self._warm_up(ref)
         if self.state is ReplicaState.STARTING:
+            self.warm_up_s = time.monotonic() - self._decided - self.core_ready_s
             self.state = ReplicaState.READY
             self.ready_at = time.time()
+            if self.on_up is not None:
+                self.on_up()
+
+    @property
+    def cold_start_s(self) -> float | None:
+        """Seconds from the decision that started this replica to its being ready (None until then)."""
+        if self.core_ready_s is None or self.warm_up_s is None:
+            return None
+        return self.core_ready_s + self.warm_up_s
 
     async def _warm_up(self, ref: str) -> None:
         tok = self.client.tokenizer
@@ -121,6 +154,8 @@ class Replica:
             self.task.cancel()
             with contextlib.suppress(BaseException):
                 await self.task
+        if self._follow is not None and not self._follow.done():
+            self._follow.cancel()
         if self.subscriber is not None:
             await self.subscriber.close()
         await self.client.shutdown()
@@ -130,10 +165,17 @@ class Replica:
         view = self.router.replica_view(self.index) if self.index in self.router.replicas else {}
         return {"replica": self.name, "index": self.index, "state": str(self.state), "reason": self.reason,
                 "healthy": self.client.healthy, "stale": self.stale if self.up else None,
-                "pid": self.client.core_pid, "restarts": self.client.num_restarts,
+                "pid": self.client.core_pid, "node": self.client.core_node, "restarts": self.client.num_restarts,
                 "in_flight": self.client.num_pending, "running": stats.num_running, "waiting": stats.num_waiting,
                 "kv_cache_usage": round(stats.kv_cache_usage, 6), "kv_blocks": stats.num_total_blocks,
                 "cached_blocks": view.get("cached_blocks", 0), "queued_tokens": view.get("queued_tokens", 0),
                 "routed": view.get("routed", {}), "traffic_share": view.get("routed_share", 0.0),
                 "kv_events": dict(zip(("publisher", "replay"), self.client.kv_event_addresses)),
-                "created_at": self.created_at, "ready_at": self.ready_at}
+                "created_at": self.created_at, "ready_at": self.ready_at,
+                "cold_start": {"core_ready_s": _round(self.core_ready_s), "warm_up_s": _round(self.warm_up_s),
+                               "total_s": _round(self.cold_start_s)},
+                "core_timings": {k: _round(v) for k, v in self.client.core_timings.items()}}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)

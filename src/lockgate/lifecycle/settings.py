@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, model_validator
+
+from lockgate.lifecycle.autoscale_types import AutoscaleConfig, PolicyName
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 MAX_VERSIONS = 8  # per model: bounds /metrics labels and what an admin can start
@@ -70,6 +72,55 @@ class RollbackBody(BaseModel):
         return RollbackRules(**self.model_dump())
 
 
+class ReplicaBounds(BaseModel):
+    """`PATCH` `replicas: {VERSION: {min_replicas, max_replicas}}`: an autoscaler's bounds."""
+
+    model_config = _STRICT
+    min_replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)]
+    max_replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)]
+
+    @model_validator(mode="after")
+    def _order(self) -> ReplicaBounds:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+def _count_or_bounds(value: Any) -> str:
+    return "bounds" if isinstance(value, (dict, ReplicaBounds)) else "count"
+
+
+# A version's replicas in a PATCH: a number, or an autoscaler's bounds (errors name the form given).
+ReplicaCount = Annotated[Annotated[Annotated[int, Field(ge=1, le=MAX_REPLICAS)], Tag("count")]
+                         | Annotated[ReplicaBounds, Tag("bounds")], Discriminator(_count_or_bounds)]
+
+
+class AutoscaleBody(BaseModel):
+    """`autoscale` of a version (models config, `POST /admin/models`): its bounds and policy."""
+
+    model_config = _STRICT
+    min_replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = 1
+    max_replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 1
+    policy: PolicyName = "lockgate"
+    interval_s: Annotated[float, Field(ge=0.1, le=600, allow_inf_nan=False)] = 2.0
+    stable_window_s: Annotated[float, Field(ge=1, le=3600, allow_inf_nan=False)] = 60.0
+    panic_window_s: Annotated[float, Field(ge=0.5, le=600, allow_inf_nan=False)] = 6.0
+    scale_down_cooldown_s: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] = 30.0
+    activation_timeout_s: Annotated[float, Field(ge=0.1, le=3600, allow_inf_nan=False)] = 60.0
+    target_in_flight: Annotated[float, Field(ge=1, le=100_000, allow_inf_nan=False)] = 16.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleBody:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if self.panic_window_s > self.stable_window_s:
+            raise ValueError("panic_window_s must not be longer than stable_window_s")
+        return self
+
+    def config(self) -> AutoscaleConfig:
+        return AutoscaleConfig(**self.model_dump())
+
+
 class ModelPatch(BaseModel):
     """`PATCH /admin/models/{name}`: only the fields given change; `shadow: null` stops shadowing."""
 
@@ -77,9 +128,10 @@ class ModelPatch(BaseModel):
     traffic: Annotated[dict[VersionName, Weight], Field(min_length=1, max_length=MAX_VERSIONS)] | None = None
     shadow: ShadowBody | None = None
     rollback: RollbackBody | None = None
-    # version -> engine replicas: more load in the background, fewer drain first
-    replicas: Annotated[dict[VersionName, Annotated[int, Field(ge=1, le=MAX_REPLICAS)]],
-                        Field(min_length=1, max_length=MAX_VERSIONS)] | None = None
+    # version -> engine replicas: more load in the background, fewer drain first. An autoscaled version
+    # takes bounds instead ({"min_replicas", "max_replicas"}; a number N pins both to N); bounds given to
+    # a version without an autoscaler give it one.
+    replicas: Annotated[dict[VersionName, ReplicaCount], Field(min_length=1, max_length=MAX_VERSIONS)] | None = None
 
 
 def check_traffic(traffic: dict[str, float], versions: set[str]) -> dict[str, float]:

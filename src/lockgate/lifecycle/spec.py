@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from lockgate.engine.config import EngineConfig
 from lockgate.gateway.routing import VERSION_SEPARATOR
+from lockgate.lifecycle.autoscale_types import AutoscaleConfig
+from lockgate.lifecycle.placement import Placement
 from lockgate.lifecycle.settings import MAX_REPLICAS
 
 DEFAULT_VERSION = "v1"
@@ -82,6 +84,8 @@ class VersionSpec:
     gate: GateSpec | None = None
     fail_fraction: float = 0.0  # TEST ONLY: fail this fraction of the version's requests (rollback tests)
     replicas: int = 1  # engine-core processes serving this version (lifecycle/fleet.py)
+    placement: Placement = field(default_factory=Placement)  # what one replica asks of a Ray cluster
+    autoscale: AutoscaleConfig | None = None  # None: a fixed number of replicas
 
     @property
     def ref(self) -> str:

@@ -18,6 +18,7 @@ the shadow comparisons.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -101,6 +102,21 @@ class Target:
         """Some of the request's engine requests went to the shadow too (their tokens are compared)."""
         return bool(self._paired)
 
+    async def activate(self) -> None:
+        """An autoscaled version at zero replicas (or with every replica still loading): wait for one,
+        up to its activation timeout, then 503 with Retry-After. At once when a replica is up."""
+        fleet = self.fleet
+        cfg = fleet.autoscale
+        if cfg is None or fleet.num_ready > 0:
+            return
+        if fleet.held >= self.admission.bounds.max_requests:
+            raise unavailable(f"{fleet.held} requests already wait for a replica of {self.version.spec.ref} to "
+                              "start; retry shortly", "engine_unavailable", retry_after_s=_retry_s(fleet))
+        try:
+            await fleet.activate(cfg.activation_timeout_s)
+        except EngineUnavailableError as exc:
+            raise unavailable(str(exc), "engine_unavailable", retry_after_s=_retry_s(fleet)) from None
+
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams, **kwargs: object
                ) -> FleetStream:
         """One engine request on this version (mirrored to the shadow when its fraction says so)."""
@@ -132,3 +148,9 @@ class Target:
         for request_id, paired in self._paired:
             paired(outcome, final_ids.get(request_id, []))
         self._paired.clear()
+
+
+def _retry_s(fleet: Fleet) -> int:
+    """Retry-After for a request that found no replica: the latest cold start, 10 s before any."""
+    last = fleet.cold_starts[-1] if fleet.cold_starts else 10.0
+    return max(1, min(300, math.ceil(last)))

@@ -19,6 +19,7 @@ from typing import Any
 from lockgate.engine.config import EngineConfig
 from lockgate.gateway.admission import Admission
 from lockgate.lifecycle import priority
+from lockgate.lifecycle.autoscale_loop import AutoscaleLoop
 from lockgate.lifecycle.fleet import Fleet
 from lockgate.lifecycle.spec import VersionSpec
 from lockgate.lifecycle.stats import VersionStats
@@ -53,6 +54,7 @@ class ModelVersion:
         self.gate_report: dict[str, Any] | None = None
         self.rolled_back: dict[str, Any] | None = None  # the last automatic rollback's rule and figures
         self.load_task: asyncio.Task[None] | None = None  # a load started by the admin API
+        self.autoscaler: AutoscaleLoop | None = None  # runs once the version is ready
         self._faults = 0  # TEST ONLY: requests seen by fail_fraction
         self._idle = asyncio.Event()
         self._idle.set()
@@ -105,6 +107,8 @@ class ModelVersion:
         self.ready_at = time.time()
         self.state = State.READY
         log.info("model %s is ready (loaded and warmed in %.1f s)", self.spec.ref, self.load_seconds)
+        if self.autoscaler is not None:
+            self.autoscaler.start()
         return True
 
     async def _start_at_idle_priority(self) -> None:
@@ -160,6 +164,8 @@ class ModelVersion:
         """No new requests (the caller has set `draining`); wait for those routed here, up to
         `timeout_s`, then cut the rest short."""
         self.state = State.DRAINING
+        if self.autoscaler is not None:  # its count is no longer the autoscaler's to change
+            await self.autoscaler.stop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         if self.users > 0:
@@ -169,6 +175,8 @@ class ModelVersion:
         if self._stopped:
             return
         self._stopped = True
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
         await self.fleet.shutdown()
 
     def inject_fault(self) -> bool:
@@ -190,5 +198,21 @@ class ModelVersion:
                 "in_flight": self.users, "engine": dict(s.engine), "fail_fraction": s.fail_fraction or None,
                 "gate": self.gate_report, "rolled_back": self.rolled_back,
                 "max_model_len": self.fleet.max_model_len or None,
-                "replicas": {"configured": self.fleet.configured, "ready": self.fleet.num_ready,
-                             "rerouted": self.fleet.num_reroutes, "list": self.fleet.to_json()}}
+                "replicas": self._replicas_json(), "placement": s.placement.to_json()}
+
+    def _replicas_json(self) -> dict[str, Any]:
+        f = self.fleet
+        out: dict[str, Any] = {"configured": f.configured, "desired": f.configured, "ready": f.num_ready,
+                               "starting": f.num_starting, "rerouted": f.num_reroutes,
+                               "cold_start_s": [round(x, 3) for x in f.cold_starts], "list": f.to_json()}
+        if self.autoscaler is not None:
+            c = self.autoscaler.autoscaler.config
+            last, seen = f.last_decision, f.last_evaluation
+            out["autoscale"] = {
+                "policy": c.policy, "min_replicas": c.min_replicas, "max_replicas": c.max_replicas,
+                "interval_s": c.interval_s, "stable_window_s": c.stable_window_s, "panic_window_s": c.panic_window_s,
+                "scale_down_cooldown_s": c.scale_down_cooldown_s, "activation_timeout_s": c.activation_timeout_s,
+                "held": f.held, "last_decision": last.to_json() if last is not None else None,
+                "last_evaluation": seen.to_json() if seen is not None else None,
+                "scale_events": sum(self.autoscaler.events.counts.values())}
+        return out

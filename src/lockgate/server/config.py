@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from lockgate.engine.sampling_params import MAX_STOP_STRINGS
 from lockgate.gateway.classes import ClassTable
+from lockgate.lifecycle.ray_cluster import check_address
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # served name of the embedded default model
 
@@ -40,6 +41,8 @@ class ServerConfig:
     max_queued_tokens: int = 262_144
     replicas: int = 1  # engine processes per model version (--replicas; a --config file sets it per version)
     router_policy: str = "kv"  # how replicas are chosen (lifecycle/router.py POLICIES; others only to compare)
+    # Replicas as Ray actors (--ray): "local" starts a cluster here, "auto" or HOST:PORT joins one; None: processes.
+    ray: str | None = None
     # Priority classes (SLO targets, per-class queue caps) and SLO admission (gateway/admission.py).
     classes: ClassTable = field(default_factory=ClassTable)
     slo_admission: bool = True
@@ -66,6 +69,8 @@ class ServerConfig:
                      "max_stop", "max_messages", "max_prompts", "max_header_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ray is not None:
+            check_address(self.ray)
         if self.router_policy not in ("kv", "round_robin", "least_loaded"):
             raise ValueError(f"router_policy must be kv, round_robin or least_loaded, got {self.router_policy!r}")
         if self.max_stop > MAX_STOP_STRINGS:

@@ -1,4 +1,8 @@
-"""Start the server: `serve(...)` from Python, `serve_command` for the `lockgate serve` CLI.
+"""Start the server: `serve(...)` from Python, `serve_command` for the `lockgate serve` CLI
+(registered with `ServeCommand`, for `--ray`'s optional value).
+
+With `--ray` the Ray cluster is started or joined before the models are built, and left
+(stopped, if this process started it) after the server has stopped.
 
 SIGTERM drains (new requests 503 at once, in-flight ones finish up to the drain
 timeout, then both processes exit with status 0); SIGINT (Ctrl-C) stops the
@@ -18,10 +22,13 @@ from typing import Annotated, Any
 
 import typer
 import uvicorn
+from typer.core import TyperCommand
 
 from lockgate.engine.config import EngineConfig
 from lockgate.gateway.classes import ClassTable
 from lockgate.lifecycle.build import plan_from_args
+from lockgate.lifecycle.ray_cluster import check_address, require_ray
+from lockgate.lifecycle.ray_cluster import join as join_ray
 from lockgate.lifecycle.spec import check_replicas
 from lockgate.server.app import build_app, drain
 from lockgate.server.config import ServerConfig
@@ -88,7 +95,7 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
           max_queued_tokens: int = 262_144, drain_timeout_s: float = 30.0, max_n: int = 16,
           log_level: str = "info", access_log: bool = True, engine_stall_timeout_s: float = 60.0,
           class_config: str | None = None, server_options: dict[str, Any] | None = None,
-          replicas: int = 1, **engine_options: Any) -> int:
+          replicas: int = 1, ray: str | None = None, **engine_options: Any) -> int:
     """Serve `model` (None: the embedded SmolLM2) until stopped; returns the exit status.
 
     `model` may also be a list of `NAME=PATH` / `NAME@VERSION=PATH` values, and `config` a models
@@ -97,8 +104,12 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
     `engine_options` are `EngineConfig` fields (max_model_len, max_num_seqs, kv_cache_memory_gb, ...;
     the server schedules by priority class unless `scheduling_policy="fcfs"`); `class_config` a
     priority-class file (YAML or JSON, gateway/classes.py); `server_options` more `ServerConfig`
-    fields (allowed_origins, header_timeout_s, slo_admission, ...).
+    fields (allowed_origins, header_timeout_s, slo_admission, ...). `ray`: replicas as Ray actors
+    ("local" starts a cluster here, "auto" or HOST:PORT joins one; lifecycle/ray_cluster.py).
     """
+    if ray is not None:  # at once, before anything loads: Ray missing or a bad address
+        check_address(ray)
+        require_ray()
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     models = [model] if isinstance(model, str) else list(model or [])
     check_replicas(replicas, "--replicas")
@@ -114,7 +125,7 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
         insecure_no_auth=insecure_no_auth,
         max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
         max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout_s, max_n=max_n, log_level=log_level,
-        engine_stall_timeout_s=engine_stall_timeout_s, replicas=replicas, **(server_options or {}))
+        engine_stall_timeout_s=engine_stall_timeout_s, replicas=replicas, ray=ray, **(server_options or {}))
     level = log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lockgate").setLevel(level)
@@ -126,18 +137,24 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
                              "tenants and keys), or pass --insecure-no-auth to serve anyone who can reach it")
         log.warning("listening on %s without authentication (--insecure-no-auth): anyone who can reach it "
                     "can use it", host)
-    app = build_app(engine_config, server_config, plan)
-    sc = server_config
-    # httptools (llhttp) rejects ambiguous framing; the subclass adds head deadlines and size bounds.
-    http = protocol_class(sc.header_timeout_s, sc.max_header_bytes)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log,
-                            http=http, timeout_graceful_shutdown=5, limit_concurrency=sc.max_connections,
-                            timeout_keep_alive=max(1, round(sc.keep_alive_timeout_s)))
-    server = DrainingServer(config, app.state.lockgate, drain_timeout_s)
+    # Before the models are built: their replicas become Ray actors of this cluster.
+    cluster = join_ray(ray) if ray is not None else None
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
+        app = build_app(engine_config, server_config, plan)
+        sc = server_config
+        # httptools (llhttp) rejects ambiguous framing; the subclass adds head deadlines and size bounds.
+        http = protocol_class(sc.header_timeout_s, sc.max_header_bytes)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log,
+                                http=http, timeout_graceful_shutdown=5, limit_concurrency=sc.max_connections,
+                                timeout_keep_alive=max(1, round(sc.keep_alive_timeout_s)))
+        server = DrainingServer(config, app.state.lockgate, drain_timeout_s)
+        try:
+            server.run()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        if cluster is not None:
+            cluster.shutdown()  # after the replicas' actors are gone (the app's shutdown)
     return 0 if server.started else STARTUP_FAILURE
 
 
@@ -145,10 +162,31 @@ def _default(name: str) -> Any:
     return EngineConfig.__dataclass_fields__[name].default
 
 
+def bare_ray_is_local(args: list[str]) -> list[str]:
+    """`--ray` with no value (last, or followed by another option) as `--ray local`."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg == "--":
+            return out + args[i + 1:]
+        if arg == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("local")
+    return out
+
+
+class ServeCommand(TyperCommand):
+    """`lockgate serve`: as Typer builds it, but a bare `--ray` means `--ray local` (a Typer option
+    cannot take an optional value)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, bare_ray_is_local(args))
+
+
 def serve_command(
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="PATH (an HF checkpoint directory or GGUF file), or NAME=PATH / NAME@VERSION=PATH, repeatable (each version its own engine); default: the embedded SmolLM2-135M-Instruct")] = None,  # noqa: E501
     config: Annotated[str | None, typer.Option("--config", help="Models file (YAML or JSON): models, versions, per-version engine options, traffic weights, shadow, rollback rules")] = None,  # noqa: E501
     replicas: Annotated[int, typer.Option(help="Engine processes per model version (each with its own KV cache; requests routed by cached prefix and load); the --config file may set it per version")] = 1,  # noqa: E501
+    ray: Annotated[str | None, typer.Option("--ray", metavar="[local|auto|ADDRESS]", help="Replicas as Ray actors, placed by each version's `placement` (docs/RAY.md): local (also a bare --ray) starts a cluster here, auto joins the one `ray start` runs here, HOST:PORT joins that one; needs pip install 'lockgate[ray]'")] = None,  # noqa: E501
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     served_model_name: Annotated[list[str] | None, typer.Option(help="Name(s) clients use as `model` (repeatable)")] = None,  # noqa: E501
@@ -210,7 +248,7 @@ def serve_command(
             "(a metrics-scope or global admin key); --metrics-public opens it")
     try:
         code = serve(
-            model, host, port, config=config, replicas=replicas, served_model_name=served_model_name,
+            model, host, port, config=config, replicas=replicas, ray=ray, served_model_name=served_model_name,
             admin_key=admin_key,
             data_dir=data_dir,
             insecure_no_auth=insecure_no_auth,

@@ -260,6 +260,8 @@ class Pipeline:
         """One engine request per prompt, all or nothing, once the reservation is on disk; every
         stream and the request's metrics are held on the lease from the moment they exist."""
         await self._reserved()
+        await self.routed.activate()  # an autoscaled version at zero: held while a replica starts
+        self.check_ready()
         lease = self.lease
         lease.checkpoint("track")
         self.record.admitted = time.monotonic()  # admission ends: the engine takes over
