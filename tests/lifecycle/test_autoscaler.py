@@ -165,3 +165,24 @@ def test_bad_policy_and_bounds_are_refused():
         AutoscaleConfig(min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="unknown autoscale policy"):
         Autoscaler(AutoscaleConfig(policy="nope"))  # type: ignore[arg-type]
+
+
+def test_demand_shed_at_admission_scales_up_though_nothing_queues():
+    # Admission refuses what it cannot serve in time, so the queue stays short and the wait low;
+    # the refusals are the demand the fleet misses.
+    cfg = AutoscaleConfig(min_replicas=1, max_replicas=8, interval_s=2.0)
+    scaler = Autoscaler(cfg)
+    calm = [scaler.decide(FleetSample(t, 2, 0, 8, 0.1, [ClassLoad("interactive", 0.5, 0.0, 0)], arrived=40))
+            for t in (0.0, 2.0, 4.0)]
+    assert all(d.desired == 2 for d in calm)
+    # Half refused, sustained over the panic window (one sample of it is not a burst): twice the replicas.
+    shed = [scaler.decide(FleetSample(t, 2, 0, 8, 0.1, [ClassLoad("interactive", 0.5, 0.0, 0)], arrived=40,
+                                      refused=20)) for t in (6.0, 8.0, 10.0, 12.0)]
+    assert shed[0].desired == 2
+    assert shed[1].desired == 4 and "20 of 40 refused at admission" in shed[1].reason
+    assert shed[1].figures["need_shed"] == pytest.approx(4.0)
+    assert shed[2].mode == "panic" and shed[2].desired == 4  # half refused for the whole panic window
+    # Everything refused: at most the 2x limit at once.
+    scaler = Autoscaler(cfg)
+    d = scaler.decide(FleetSample(0.0, 3, 0, 8, 0.1, [], arrived=30, refused=30))
+    assert d.desired == 6
