@@ -277,7 +277,10 @@ def test_a_core_refuses_clients_without_the_cluster_keys(ray_fleet: RayFleet) ->
         return any("refused a connection to its kv-replay socket at tcp://" in line and f":{port}:" in line
                    and cause in line for line in ray_fleet.srv.log_text().splitlines())
 
-    assert wait_for(lambda: logged("without CURVE") and logged("wrong server key"), 15), ray_fleet.srv.log_text()[-3000:]
+    # A plain client is named as such when ZeroMQ reports the mechanism mismatch; on a busy machine it
+    # may report only a handshake that did not complete. Either way the attempt is logged.
+    assert wait_for(lambda: (logged("without CURVE") or logged("handshake that did not complete"))
+                    and logged("wrong server key"), 15), ray_fleet.srv.log_text()[-3000:]
 
 
 @needs_ray

@@ -64,9 +64,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, native_kernels: bool = False) -> torch.dtype:
+    """`native_kernels`: a block-quantized model that may run on the native CPU kernels, which take
+    float32 activations: "auto" is float32 there even where bf16 matmuls are fast (AVX512-BF16),
+    or every step would fall back to the PyTorch model."""
     if name != "auto":
         return DTYPES[name]
+    if device.type == "cpu" and native_kernels:
+        return torch.float32
     if device.type == "cuda" or cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
@@ -95,7 +100,8 @@ class ModelRunner:
         self.config = config
         self.model_config = ckpt.config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, native_kernels=bool(config.quantization)
+                                   and config.quantization_kernels in ("auto", "native"))
         self.block_size = config.block_size
         self.model = build_model(ckpt, max_model_len, self.device, self.dtype)
         self.kernels = "float"
