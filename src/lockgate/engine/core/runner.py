@@ -56,6 +56,17 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def native_planned(config: EngineConfig) -> bool:
+    """Whether quantization will put the model on the native kernels (quantize_model's own choice:
+    int4 unless told "torch", int8 only when told "native"), where they build."""
+    q, k = config.quantization, config.quantization_kernels
+    if not ((q == "int4" and k in ("auto", "native")) or (q == "int8" and k == "native")):
+        return False
+    from lockgate.engine.native.build import load
+
+    return load() is not None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,8 +111,7 @@ class ModelRunner:
         self.config = config
         self.model_config = ckpt.config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device, native_kernels=bool(config.quantization)
-                                   and config.quantization_kernels in ("auto", "native"))
+        self.dtype = resolve_dtype(config.dtype, self.device, native_kernels=native_planned(config))
         self.block_size = config.block_size
         self.model = build_model(ckpt, max_model_len, self.device, self.dtype)
         self.kernels = "float"
