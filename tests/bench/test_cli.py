@@ -191,7 +191,7 @@ def test_chat_endpoint_with_prompts_file_and_prefix_groups(fake_server: ServerPr
 
 def test_sweep_finds_the_known_capacity(fake_server: ServerProcess, tmp_path: Path) -> None:
     r = bench("--base-url", f"{fake_server.base_url}/v1", "--model", MODEL, "--sweep", "--slo", "e2e_p90<0.5",
-              "--arrivals", "constant", "--sweep-start", "8", "--duration", "2", "--input-len", "16",
+              "--arrivals", "constant", "--sweep-start", "8", "--duration", "1", "--input-len", "16",
               "--output-len", str(OUTPUT_LEN), "--ignore-eos", "--sweep-tolerance", "0.2", "--out", str(tmp_path))
     res, _ = load(tmp_path)
     sw = res["sweep"]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -20,9 +22,40 @@ from lockgate.eval.offline import parse_side
 QUICK = ["--limit", "3", "--max-tokens", "8", "--num-threads", "1"]
 
 
-def _eval(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lockgate.cli", "eval", *args], capture_output=True, text=True,
-                          timeout=600)
+class _Eval:
+    """`lockgate eval ARGS` started in its own process; `result()` waits for it."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "lockgate.cli", "eval", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self._done: subprocess.CompletedProcess[str] | None = None
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        if self._done is None:
+            try:
+                out, err = self.proc.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise
+            self._done = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+        return self._done
+
+
+@pytest.fixture(scope="module")
+def evals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The module's model runs, started together: each runs on one thread, so on a 2-core machine
+    the two take about as long as the longer one alone."""
+    out = tmp_path_factory.mktemp("eval") / "report.json"
+    runs = {
+        "pass": _Eval("--model", "default:int8", "--against", "default:float32", *QUICK, "--output", str(out)),
+        "fail": _Eval("--model", "default:int8", "--limit", "1", "--max-tokens", "4", "--num-threads", "1",
+                      "--max-perplexity", "1.5"),
+    }
+    yield {"out": out, **runs}
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
 
 
 def test_bundled_sets_and_side_syntax(tmp_path: Path) -> None:
@@ -59,9 +92,9 @@ def test_bad_input_exits_2_before_loading_anything(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_int8_against_float32_passes_with_a_full_report(tmp_path: Path) -> None:
-    out = tmp_path / "report.json"
-    r = _eval("--model", "default:int8", "--against", "default:float32", *QUICK, "--output", str(out))
+def test_int8_against_float32_passes_with_a_full_report(evals: dict[str, Any]) -> None:
+    out = evals["out"]
+    r = evals["pass"].result()
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report == json.loads(r.stdout)
@@ -81,9 +114,8 @@ def test_int8_against_float32_passes_with_a_full_report(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_failing_check_exits_1() -> None:
-    r = _eval("--model", "default:int8", "--limit", "1", "--max-tokens", "4", "--num-threads", "1",
-              "--max-perplexity", "1.5")
+def test_a_failing_check_exits_1(evals: dict[str, Any]) -> None:
+    r = evals["fail"].result()
     assert r.returncode == 1, r.stderr[-3000:]
     report = json.loads(r.stdout)
     assert report["passed"] is False and report["against"] is None

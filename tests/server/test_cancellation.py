@@ -1,14 +1,33 @@
-"""Clients that hang up mid-generation: their requests leave the engine at once."""
+"""Clients that hang up mid-generation: their requests leave the engine at once.
+
+What is checked is the engine's bookkeeping (running, waiting, KV blocks, in flight), not the
+model's tokens, so the server runs the fake engine (`--load-format fake`: the real tokenizer,
+scheduler, KV cache and output path, no model), with room for the whole storm at once. 50 ms a
+step: a request that was not dropped would still be generating long after the waits below (500
+tokens: 25 s; 2000: 100 s), as on the real model.
+"""
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 import httpx
+import pytest
 
-from tests.server.conftest import ServerProcess, wait_for
+from tests.server.conftest import ServerProcess, start_server, wait_for
 
 STORM = 100
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """This module's own fake-engine server, in place of the session's real-model `server`."""
+    d = tmp_path_factory.mktemp("cancellation")
+    srv = start_server(d, "--load-format", "fake", "--fake-step-delay", "0.05", "--max-num-seqs", "256",
+                       "--data-dir", str(d / "data"))
+    yield srv
+    srv.stop()
 
 
 def _engine_idle(server: ServerProcess) -> bool:

@@ -2,6 +2,7 @@
 one token per 20 ms step, so a running request holds its slot while the queue fills)."""
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -29,6 +30,7 @@ class _Background:
         self.first = threading.Event()
         self.status: int | None = None
         self._stop = threading.Event()
+        self._sock: socket.socket | None = None
         self._client = httpx.Client(timeout=300)
         body = {"prompt": prompt, "max_tokens": 1000, "ignore_eos": True, "stream": True}
         self._t = threading.Thread(target=self._run, args=(base_url, body), daemon=True)
@@ -38,6 +40,7 @@ class _Background:
         try:
             with self._client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
                 self.status = r.status_code
+                self._sock = r.extensions["network_stream"].get_extra_info("socket")
                 for line in r.iter_lines():
                     if line.startswith("data: ") and '"text":"' in line:
                         self.first.set()
@@ -48,7 +51,15 @@ class _Background:
 
     def close(self) -> None:
         self._stop.set()
-        self._client.close()  # hangs up even while no chunk arrives (a queued request)
+        # Hangs up even while no chunk arrives (a queued request). Closing the client alone does
+        # not: the socket stays open while the thread blocks reading it, so a queued request stayed
+        # queued, ran when it got the slot, and close() waited for it (up to the 1000 tokens, 20 s).
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+        self._client.close()
         self._t.join(30)
 
 

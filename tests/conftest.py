@@ -1,0 +1,29 @@
+"""Settings for the whole test run.
+
+httpx builds a new SSL context for every client, loading the whole CA bundle (20-90 ms on a
+2-core box), and every `httpx.get()`/`httpx.post()` is a new client: the suite makes well over
+a thousand of them, all plain HTTP to 127.0.0.1 (nothing here speaks TLS). One context per
+distinct set of arguments, shared by every client, makes each call cost what the request
+costs; it also keeps that load time out of tests that time a request (e.g. /health answering
+while long prompts tokenize).
+"""
+from __future__ import annotations
+
+import functools
+
+import httpx._transports.default as _httpx_transport
+
+_create = _httpx_transport.create_ssl_context
+_cached = functools.lru_cache(maxsize=8)(_create)
+
+
+def _shared_ssl_context(*args, **kwargs):  # httpx's own signature
+    try:
+        return _cached(*args, **kwargs)
+    except TypeError:  # an unhashable argument (a list for `cert`): a context of its own
+        return _create(*args, **kwargs)
+
+
+if not getattr(_create, "_lockgate_shared", False):  # not twice
+    _shared_ssl_context._lockgate_shared = True
+    _httpx_transport.create_ssl_context = _shared_ssl_context
