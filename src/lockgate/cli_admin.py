@@ -1,8 +1,9 @@
 """`lockgate tenants | keys | usage | audit`: the admin API's operations on the store, from a shell.
 
 Every command opens the store in `--data-dir` (default ./lockgate-data, env
-LOCKGATE_DATA_DIR) directly: it works with or without a running server (SQLite
-WAL lets both use the file; the server notices admin changes). Output is JSON
+LOCKGATE_DATA_DIR), or the PostgreSQL store of `--store` (env LOCKGATE_STORE_URL),
+directly: it works with or without a running server (SQLite WAL lets both use
+the file; every server notices admin changes within 2 s). Output is JSON
 (CSV for `usage --format csv`); errors go to stderr with a non-zero exit status.
 The actor recorded in the audit log is "cli"; the CLI is a global admin (whoever can
 open the database file can change it anyway).
@@ -24,6 +25,11 @@ ACTOR = "cli"
 DataDirOpt = Annotated[Optional[str], typer.Option(
     "--data-dir", envvar="LOCKGATE_DATA_DIR", show_envvar=True,
     help="directory of lockgate.db [default: ./lockgate-data]")]
+
+StoreOpt = Annotated[Optional[str], typer.Option(
+    "--store", envvar="LOCKGATE_STORE_URL", show_envvar=True,
+    help="a PostgreSQL store, postgresql://USER@HOST[:PORT]/DB (instead of --data-dir; a password belongs in "
+         "the environment variable, not the command line)")]
 
 tenants_app = typer.Typer(no_args_is_help=True, help="Create, list, change and delete tenants.")
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys (a tenant's, or global ones).")
@@ -47,7 +53,7 @@ def _print(value: Any) -> None:
 
 
 @contextmanager
-def _service(data_dir: str | None) -> Iterator[AdminService]:
+def _service(data_dir: str | None, store_url: str | None = None) -> Iterator[AdminService]:
     import sqlite3
 
     from lockgate.gateway.tenants import AdminService
@@ -56,7 +62,12 @@ def _service(data_dir: str | None) -> Iterator[AdminService]:
     from lockgate.store.sqlite import StoreError, open_store
 
     try:
-        store = open_store(data_dir)
+        if store_url:
+            from lockgate.store.postgres import PostgresStore
+
+            store = PostgresStore(store_url)
+        else:
+            store = open_store(data_dir)
     except (StoreError, SchemaError, OSError, sqlite3.Error) as e:
         _fail(str(e))
     try:
@@ -142,26 +153,26 @@ def tenants_create(
     name: NameOpt = None, models: ModelsOpt = None, rpm: RpmOpt = None, tpm: TpmOpt = None,
     max_concurrency: ConcOpt = None, max_tokens: MaxTokOpt = None, priority: PrioOpt = None,
     weight: WeightOpt = None, budget_usd: BudgetOpt = None, budget_period: PeriodOpt = None,
-    price: PriceOpt = None, json_body: JsonOpt = None, data_dir: DataDirOpt = None,
+    price: PriceOpt = None, json_body: JsonOpt = None, data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """Create a tenant (limits left out are unlimited); prints it with its id."""
     body = _tenant_body(json_body, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd,
                         budget_period, price, weight)
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         _print(svc.create_tenant(body, actor=ACTOR))
 
 
 @tenants_app.command("list")
-def tenants_list(data_dir: DataDirOpt = None) -> None:
+def tenants_list(data_dir: DataDirOpt = None, store: StoreOpt = None) -> None:
     """List the tenants."""
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         _print(svc.list_tenants())
 
 
 @tenants_app.command("get")
-def tenants_get(tenant_id: Annotated[str, typer.Argument()], data_dir: DataDirOpt = None) -> None:
+def tenants_get(tenant_id: Annotated[str, typer.Argument()], data_dir: DataDirOpt = None, store: StoreOpt = None) -> None:
     """Show one tenant."""
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         _print(svc.get_tenant(tenant_id))
 
 
@@ -173,21 +184,21 @@ def tenants_update(
     weight: WeightOpt = None, budget_usd: BudgetOpt = None, budget_period: PeriodOpt = None,
     price: PriceOpt = None, unset: Annotated[Optional[list[str]], typer.Option(
         "--unset", help="a field to set to null (unlimited / default), e.g. --unset rpm; repeatable")] = None,
-    json_body: JsonOpt = None, data_dir: DataDirOpt = None,
+    json_body: JsonOpt = None, data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """Change only the given fields of a tenant."""
     body = _tenant_body(json_body, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd,
                         budget_period, price, weight)
     for f in unset or []:
         body[f] = None  # an unknown name is rejected by the body model, like any typo
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         _print(svc.update_tenant(tenant_id, body, actor=ACTOR))
 
 
 @tenants_app.command("delete")
-def tenants_delete(tenant_id: Annotated[str, typer.Argument()], data_dir: DataDirOpt = None) -> None:
+def tenants_delete(tenant_id: Annotated[str, typer.Argument()], data_dir: DataDirOpt = None, store: StoreOpt = None) -> None:
     """Delete a tenant and revoke all its keys (its usage rows are kept)."""
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         _print(svc.delete_tenant(tenant_id, actor=ACTOR))
 
 
@@ -205,7 +216,7 @@ def keys_create(
                         "A tenant's admin key manages only that tenant")] = None,
     expires_at: Annotated[Optional[str], typer.Option(help="ISO-8601 time, e.g. 2027-01-01T00:00:00Z")] = None,
     rpm: RpmOpt = None, tpm: TpmOpt = None, max_concurrency: ConcOpt = None, max_tokens: MaxTokOpt = None,
-    data_dir: DataDirOpt = None,
+    data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """Create an API key; the key itself is printed once, here, and never again."""
     if global_ == (tenant_id is not None):
@@ -213,7 +224,7 @@ def keys_create(
     given = {"name": name, "scopes": scope or None, "expires_at": expires_at, "rpm": rpm, "tpm": tpm,
              "max_concurrency": max_concurrency, "max_tokens": max_tokens}
     body = {k: v for k, v in given.items() if v is not None}
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         _print(svc.create_global_key(body, actor=ACTOR) if tenant_id is None
                else svc.create_key(tenant_id, body, actor=ACTOR))
 
@@ -221,17 +232,17 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(
     tenant_id: Annotated[Optional[str], typer.Option("--tenant-id", help="only this tenant's keys")] = None,
-    data_dir: DataDirOpt = None,
+    data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """List keys (never the keys themselves: their prefixes)."""
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         _print(svc.list_keys(tenant_id))
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: Annotated[str, typer.Argument()], data_dir: DataDirOpt = None) -> None:
+def keys_revoke(key_id: Annotated[str, typer.Argument()], data_dir: DataDirOpt = None, store: StoreOpt = None) -> None:
     """Revoke a key at once."""
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         _print(svc.revoke_key(key_id, actor=ACTOR))
 
 
@@ -246,10 +257,10 @@ def usage(
         "--group-by", help="request | day | model | refusals (refused requests, per hour)")] = "request",
     format: Annotated[str, typer.Option("--format", help="json | csv")] = "json",
     limit: Annotated[int, typer.Option(help="at most this many rows")] = 1000,
-    data_dir: DataDirOpt = None,
+    data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """The usage ledger: one row per request (newest first), or totals per day or per model."""
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         out = svc.usage(tenant_id=tenant_id, model=model, since=since, until=until, group_by=group_by,
                         format=format, limit=limit)
     if isinstance(out, str):
@@ -262,17 +273,17 @@ def usage(
 def audit_list(
     since_id: Annotated[int, typer.Option("--since-id", help="records after this id")] = 0,
     limit: Annotated[int, typer.Option()] = 1000,
-    data_dir: DataDirOpt = None,
+    data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """Audit records, oldest first."""
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         _print(svc.audit_list(since_id, limit))
 
 
 @audit_app.command("verify")
-def audit_verify(data_dir: DataDirOpt = None) -> None:
+def audit_verify(data_dir: DataDirOpt = None, store: StoreOpt = None) -> None:
     """Check the hash chain; exit status 1 (and the first bad record id) if it is broken."""
-    with _service(data_dir) as svc:
+    with _service(data_dir, store) as svc:
         result = svc.audit_verify()
     _print(result)
     if not result["ok"]:

@@ -4,6 +4,7 @@ isolation between tenants, and persistence across a restart and a SIGKILL.
 On the fake engine: what is checked is accounting, not the model's tokens."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,14 +52,18 @@ class Admin:
         return {(r["status"], r["code"]): r["requests"] for r in self.usage(tenant_id, "refusals")}
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Every test on both stores: the SQLite file (limits and budgets in memory) and PostgreSQL
+    (decided in the store, as for several instances: gateway/shared.py)."""
     tmp = tmp_path_factory.mktemp("gw")
+    store = ["--store", request.getfixturevalue("pg_module_url")] if request.param == "postgresql" else []
     # --no-slo-admission: these tests count what limits and budgets let through; SLO shedding of a
     # concurrent burst on a loaded machine is tested in test_slo.py.
     srv = start_server(tmp, *FAKE, "--admin-key", ADMIN, "--data-dir", str(tmp / "data"), "--max-model-len", "1024",
-                       "--no-slo-admission")
+                       "--no-slo-admission", *store)
     srv.data_dir = tmp / "data"  # type: ignore[attr-defined]
+    srv.store_url = store[1] if store else None  # type: ignore[attr-defined]
     yield srv
     srv.stop()
 
@@ -85,6 +90,22 @@ def _error(r: httpx.Response, status: int, code: str) -> dict:
     err = r.json()["error"]
     assert err["code"] == code and err["message"], err
     return err
+
+
+@contextlib.contextmanager
+def _raw_db(srv: ServerProcess) -> Iterator[Any]:
+    """The server's database opened behind its back (what an intruder with write access does)."""
+    url = getattr(srv, "store_url", None)
+    if url is None:
+        with sqlite3.connect(srv.data_dir / "lockgate.db") as conn:  # type: ignore[attr-defined]
+            yield conn
+        return
+    import psycopg
+
+    from lockgate.store.postgres import _Conn
+
+    with psycopg.connect(url, autocommit=True) as c:
+        yield _Conn(c)
 
 
 # ---- keys and scopes --------------------------------------------------------------------------
@@ -325,14 +346,13 @@ def test_audit_records_changes_and_detects_tampering(gw: ServerProcess, admin: A
     assert ADMIN not in json.dumps(records)  # the admin key is identified by a hash prefix only
     assert all(r["actor"] == "admin-key" for r in records[1:])
     assert admin.c.get("/admin/audit/verify").json()["ok"] is True
-    db = gw.data_dir / "lockgate.db"  # type: ignore[attr-defined]
-    with sqlite3.connect(db) as conn:
+    with _raw_db(gw) as conn:
         victim = conn.execute("SELECT id, details FROM audit ORDER BY id LIMIT 1 OFFSET 1").fetchone()
         edited = {**json.loads(victim[1]), "budget_usd": 1e9}  # someone raising a budget behind our back
         conn.execute("UPDATE audit SET details = ? WHERE id = ?", (json.dumps(edited), victim[0]))
     v = admin.c.get("/admin/audit/verify").json()
     assert v["ok"] is False and v["first_bad"] == victim[0]
-    with sqlite3.connect(db) as conn:  # put it back so later tests see a good chain
+    with _raw_db(gw) as conn:  # put it back so later tests see a good chain
         conn.execute("UPDATE audit SET details = ? WHERE id = ?", (victim[1], victim[0]))
     assert admin.c.get("/admin/audit/verify").json()["ok"] is True
 

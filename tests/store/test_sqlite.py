@@ -1,4 +1,4 @@
-"""SQLiteStore on real files: migrations, WAL, tenants and keys, the exactly-once ledger, idempotency."""
+"""The store on a real SQLite file and (the `store` fixture) a real PostgreSQL database: migrations, WAL, tenants and keys, the exactly-once ledger, idempotency."""
 from __future__ import annotations
 
 import contextlib
@@ -22,10 +22,23 @@ from lockgate.store.models import (
 from lockgate.store.schema import MIGRATIONS, SCHEMA_VERSION, SchemaError
 from lockgate.store.sqlite import DB_FILENAME, SQLiteStore, StoreError, open_store
 
+try:
+    import psycopg
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = open_store(tmp_path)
+    INTEGRITY: tuple[type[Exception], ...] = (sqlite3.IntegrityError, psycopg.errors.IntegrityError)
+except ImportError:  # the PostgreSQL cases then fail at their fixture, not here
+    INTEGRITY = (sqlite3.IntegrityError,)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path: Path):
+    """Each behaviour on both backends: the SQLite file and a real PostgreSQL database."""
+    if request.param == "sqlite":
+        s = open_store(tmp_path)
+    else:
+        from lockgate.store.postgres import PostgresStore
+
+        s = PostgresStore(request.getfixturevalue("pg_url"))
     yield s
     s.close()
 
@@ -104,7 +117,7 @@ def test_tenant_crud_round_trips_every_field(store: SQLiteStore) -> None:
     again = store.get_tenant("ten_a")
     assert again is not None and again.limits.rpm is None and again.name == "renamed"
     assert store.count_tenants() == 1
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY):
         store.create_tenant(_tenant(), "cli")  # same id
     with pytest.raises(KeyError):
         store.update_tenant(_tenant("ten_nope"), {}, "cli")
@@ -122,7 +135,7 @@ def test_key_lookup_by_hash_and_revoke(store: SQLiteStore) -> None:
     assert got is not None and got.id == "key_1" and got.scopes == ["admin"] and got.limits.rpm == 3
     assert got.expires_at == pytest.approx(k.expires_at)
     assert store.get_key_by_hash("b" * 64) is None
-    with pytest.raises(sqlite3.IntegrityError):  # key_hash is unique
+    with pytest.raises(INTEGRITY):  # key_hash is unique
         store.create_key(_key("key_2", h="a" * 64), "cli")
     with pytest.raises(KeyError):
         store.create_key(_key("key_3", tid="ten_nope"), "cli")
@@ -158,7 +171,7 @@ def test_delete_tenant_revokes_its_keys_only(store: SQLiteStore) -> None:
 
 def test_a_failed_change_writes_no_audit_record(store: SQLiteStore) -> None:
     store.create_tenant(_tenant(), "cli")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY):
         store.create_tenant(_tenant(), "cli")
     assert len(store.list_audit()) == 1
     assert store.verify_audit() == (True, 1, None)

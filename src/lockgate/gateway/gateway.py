@@ -27,6 +27,7 @@ from lockgate.gateway.budget import BudgetBook, period_start
 from lockgate.gateway.lease import Lease
 from lockgate.gateway.ledger import CHECKPOINT_INTERVAL_S, Ledger
 from lockgate.gateway.limits import LimitState, RateLimiter
+from lockgate.gateway.shared import LEASE_RENEW_S, SharedState
 from lockgate.gateway.tenants import hash_key
 from lockgate.store.models import RefusalCount, Tenant
 
@@ -34,6 +35,7 @@ log = logging.getLogger("lockgate.gateway")
 
 DB_NAME = "lockgate.db"
 REFRESH_INTERVAL_S = 2.0  # changes made by another process (the CLI) are picked up this fast
+SHARED_REFRESH_INTERVAL_S = 0.5  # on a shared store: a change made through any instance, within 2 s
 REFUSAL_BUCKET_S = 3600.0  # refused requests are counted per hour (store/schema.py: refusals)
 
 
@@ -41,6 +43,14 @@ REFUSAL_BUCKET_S = 3600.0  # refused requests are counted per hour (store/schema
 class GatewayConfig:
     data_dir: str = "./lockgate-data"
     admin_key: str | None = None
+    store_url: str | None = None  # PostgreSQL (store/postgres.py); None: SQLite in data_dir
+    api_workers: int = 1  # API processes of this server sharing the store (--api-workers)
+
+    @property
+    def shared(self) -> bool:
+        """Several processes write the store: limits and budgets are decided in it (gateway/shared.py),
+        not in this process's memory."""
+        return self.store_url is not None or self.api_workers > 1
 
 
 class Gateway:
@@ -52,12 +62,17 @@ class Gateway:
         self.store = None  # SQLiteStore, opened at start when there is anything to keep
         self.astore = None  # AsyncStore over it
         self.ledger = Ledger(self.budgets, self.count_refusal)
+        self.shared_state = SharedState(self.limiter, self.count_refusal) if config.shared else None
         self._reload_lock = asyncio.Lock()
         self._tenants: dict[str, Tenant] = {}  # the latest of each tenant (budget, prices, limits), by id
         # Refusals counted since the last flush: (tenant, key, status, code, hour) -> count.
         self._refusals: dict[tuple[str, str, int, str, float], int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._admin_version = -1  # the store's admin version the ring was built from
+
+    @property
+    def shared(self) -> bool:
+        return self.config.shared
 
     @property
     def keyed(self) -> bool:
@@ -69,22 +84,49 @@ class Gateway:
 
     # ---- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        if self.config.admin_key or self.db_path.exists():
+        if self.config.admin_key or self.config.store_url or self.db_path.exists():
             await asyncio.to_thread(self._open)
-            await self.ledger.recover()
+            await self._take_over()
             await self._record_admin_key()
             await self.reload()
         self._tasks = [asyncio.create_task(self._checkpoint_loop(), name="ledger-checkpoints"),
                        asyncio.create_task(self._refresh_loop(), name="gateway-refresh")]
+        if self.shared_state is not None:
+            self._tasks.append(asyncio.create_task(self._lease_loop(), name="gateway-lease"))
 
     def _open(self) -> None:
-        from lockgate.store.sqlite import open_store
         from lockgate.store.writer import AsyncStore
 
-        # The directory 0700 and the files 0600, or UnsafeDataDir if open to others (store/files.py).
-        self.store = open_store(self.config.data_dir)
-        self.astore = AsyncStore(self.store)
+        if self.config.store_url:
+            from lockgate.store.postgres import PostgresStore
+
+            store = PostgresStore(self.config.store_url)
+            # Per-request limit and budget statements run concurrently on the pool's connections.
+            astore = AsyncStore(store, checkpoint_interval_s=None, hot_threads=store.pool_size)
+        else:
+            from lockgate.store.sqlite import open_store
+
+            # The directory 0700 and the files 0600, or UnsafeDataDir if open to others (store/files.py).
+            store = open_store(self.config.data_dir)
+            store.shared = self.config.shared  # several API processes on this file (--api-workers)
+            astore = AsyncStore(store)
+        self.store, self.astore = store, astore
         self.ledger.attach(self.store, self.astore)
+        if self.shared_state is not None:
+            self.shared_state.attach(self.store, self.astore)
+
+    async def _take_over(self) -> None:
+        """Settle what killed processes left. Alone on the store: every open reservation is theirs.
+        Shared: only those of instances whose lease went stale (the others are live requests)."""
+        if self.shared_state is None:
+            await self.astore.call(self.store.reset_shared_state)
+            await self.ledger.recover()
+            return
+        await self.shared_state.register()
+        await self.shared_state.sweep(self._all_tenants)
+
+    async def _all_tenants(self) -> list[Tenant]:
+        return await self.astore.call(self.store.list_tenants)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -94,6 +136,8 @@ class Gateway:
                 await t
         await self.ledger.drain()
         await self._flush_refusals()
+        if self.shared_state is not None:
+            await self.shared_state.unregister()
         if self.astore is not None:
             self.ledger.detach()
             await self.astore.aclose()
@@ -116,6 +160,8 @@ class Gateway:
         now = time.time()
         loads = []
         for t in tenants:
+            if self.shared_state is not None:
+                break  # budgets are decided in the store
             if self.budgets.current(t, now):
                 continue  # in memory, spend is ahead of the ledger (settlements still queued)
             start = period_start(t.budget_period, now)
@@ -233,13 +279,26 @@ class Gateway:
                 if x is not None and x.limits.max_tokens is not None]
         return min(caps) if caps else None
 
+    async def charge_shared(self, principal: Principal | None) -> None:
+        """`charge_request` on a shared store: the rpm of every instance together (429, or 503)."""
+        if principal is None or principal.tenant is None or self.shared_state is None:
+            return
+        await self.shared_state.charge(principal, self.latest(principal.tenant))
+
     def reserve(self, lease: Lease, meter: Meter, prompt_tokens: int, worst_completion_tokens: int) -> None:
         """Reserve a request's limits and budget: tokens per minute, concurrency and the worst-case
         cost (in the ledger), all taken or none (429); each given back on release. (The request unit
-        of rpm was charged on arrival: `charge_request`.)"""
+        of rpm was charged on arrival: `charge_request`.) On a shared store the store decides, and
+        `meter.reservation` fails with the 429 (or 503) when it refuses."""
         assert meter.principal.tenant is not None
         tenant = self.latest(meter.principal.tenant)
         now = time.time()
+        if self.shared_state is not None:
+            price = tenant.price_for(meter.model)
+            meter.prompt_tokens, meter.price = prompt_tokens, price
+            meter.reserved_usd = price.cost(prompt_tokens, worst_completion_tokens)
+            self.shared_state.start_admit(meter, tenant, prompt_tokens, meter.reserved_usd, now)
+            return
         states = self.limit_states(meter.principal, now)
         self.limiter.check(states, prompt_tokens, now)
         self.ledger.reserve(meter, tenant, prompt_tokens, worst_completion_tokens, now)  # raises: nothing taken
@@ -249,7 +308,7 @@ class Gateway:
 
     def on_tokens(self, meter: Meter, n: int, cached: int) -> None:
         meter.on_tokens(n, cached)
-        if n:
+        if n and meter.limit_states:  # shared: the store's checkpoints take them off
             self.limiter.consume_tokens(meter.limit_states, n)
 
     def rate_headers(self, principal: Principal | None) -> dict[str, str]:
@@ -268,9 +327,11 @@ class Gateway:
             await self.ledger.checkpoint()
 
     async def _refresh_loop(self) -> None:
-        """Pick up changes made by another process (the CLI): the store's admin version moved."""
+        """Pick up changes made by another process (the CLI, another instance): the store's admin
+        version moved."""
+        interval = SHARED_REFRESH_INTERVAL_S if self.shared_state is not None else REFRESH_INTERVAL_S
         while True:
-            await asyncio.sleep(REFRESH_INTERVAL_S)
+            await asyncio.sleep(interval)
             try:
                 if self.astore is None:
                     if self.db_path.exists():
@@ -279,8 +340,19 @@ class Gateway:
                     continue
                 if await self.astore.call(self.store.admin_version) != self._admin_version:
                     await self.reload()
-            except Exception:  # noqa: BLE001 - keep serving with what we have
-                log.exception("refreshing tenants and keys failed")
+            except Exception as e:  # noqa: BLE001 - keep serving with what we have
+                log.warning("refreshing tenants and keys failed: %r", e)
+
+    async def _lease_loop(self) -> None:
+        """Shared store: renew this instance's lease; settle the requests of instances that died."""
+        assert self.shared_state is not None
+        while True:
+            await asyncio.sleep(LEASE_RENEW_S)
+            try:
+                await self.shared_state.renew()
+                await self.shared_state.sweep(self._all_tenants)
+            except Exception as e:  # noqa: BLE001 - the store may be down: next round
+                log.warning("lease renewal or sweep failed: %r", e)
 
 
 

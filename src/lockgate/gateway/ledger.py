@@ -19,16 +19,18 @@ as it happens is its `Meter` (accounting.py); the store's writer thread
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from lockgate.errors import APIError
 from lockgate.gateway.accounting import Meter
 from lockgate.gateway.auth import Principal
 from lockgate.gateway.budget import BudgetBook
+from lockgate.gateway.shared import interrupted_rows
 from lockgate.store.models import Tenant, UsageRecord
+from lockgate.store.store_error import StoreUnavailable
 
 if TYPE_CHECKING:
     from lockgate.store.base import Store
@@ -53,6 +55,10 @@ class Ledger:
     def attach(self, store: Store, astore: AsyncStore) -> None:
         """Write to this store from now on (the gateway opened it)."""
         self.store, self.astore = store, astore
+
+    @property
+    def shared(self) -> bool:
+        return bool(getattr(self.store, "shared", False))
 
     def detach(self) -> None:
         self.store = self.astore = None
@@ -100,13 +106,27 @@ class Ledger:
 
     async def _write_settle(self, meter: Meter, row: UsageRecord) -> None:
         if meter.reservation is not None:  # the row replaces the reservation: it must be there first
-            with contextlib.suppress(Exception):
+            try:
                 await meter.reservation
-        assert self.astore is not None
-        try:
-            await self.astore.settle([row])
-        except Exception:  # noqa: BLE001 - the reservation stays on disk: settled as interrupted at restart
-            log.exception("could not write the usage row of %s", row.request_id)
+            except Exception as e:  # noqa: BLE001 - never reserved (refused, or the store was down)
+                if self.shared and meter.completion_tokens == 0:  # nothing ran: a refusal, not a row
+                    status, code = (e.status, e.code) if isinstance(e, APIError) else (503, "store_unavailable")
+                    self.count_refusal(meter.principal, status, code, meter.created_at)
+                    return
+        delay = 0.25
+        while True:
+            if self.astore is None:
+                return
+            try:
+                await self.astore.settle([row])
+                return
+            except StoreUnavailable as e:  # the row waits here, and is written when the store is back
+                log.warning("usage row of %s waits for the store: %s", row.request_id, e)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+            except Exception:  # noqa: BLE001 - the reservation stays: settled as interrupted later
+                log.exception("could not write the usage row of %s", row.request_id)
+                return
 
     async def drain(self) -> None:
         """Wait until the usage rows queued so far are written (or failed)."""
@@ -131,23 +151,14 @@ class Ledger:
                 log.exception("checkpointing streamed tokens failed")
 
     async def recover(self) -> None:
-        """Settle what a killed process left: each reservation becomes an `interrupted` usage row."""
+        """Settle what a killed process left: each reservation becomes an `interrupted` usage row
+        (alone on the store; a shared store sweeps by lease: gateway/shared.py)."""
         assert self.astore is not None and self.store is not None
         store = self.store
         left = await self.astore.call(store.list_reservations)
         if not left:
             return
         tenants = {t.id: t for t in await self.astore.call(store.list_tenants)}
-        rows = []
-        for r in left:
-            t = tenants.get(r.tenant_id)
-            price = t.price_for(r.model) if t is not None else None
-            cost = price.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens) if price else 0.0
-            rows.append(UsageRecord(
-                request_id=r.request_id, tenant_id=r.tenant_id, key_id=r.key_id, model=r.model,
-                prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                cached_tokens=r.cached_tokens, queue_time_s=None, ttft_s=None,
-                e2e_s=max(0.0, r.updated_at - r.created_at), finish_reason="interrupted", status=0,
-                cost_usd=cost, created_at=r.created_at, model_version=r.model_version))
+        rows = interrupted_rows(left, tenants)
         await self.astore.settle(rows)
         log.warning("settled %d request(s) interrupted by the previous shutdown", len(rows))

@@ -43,7 +43,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: Mo
     cfg = server_config
     metrics = ServerMetrics(plan.specs[0].name, lambda: engine_state(state.models))  # summed over every version
     metrics.max_queued.labels(plan.specs[0].name).set(cfg.max_queued_requests)
-    gateway = Gateway(GatewayConfig(cfg.data_dir, cfg.admin_key))
+    gateway = Gateway(GatewayConfig(cfg.data_dir, cfg.admin_key, cfg.store_url, cfg.api_workers))
     observer = Observer.from_config(cfg, metrics, cfg.classes)
     options = EngineOptions(cfg.classes, cfg.slo_admission, cfg.max_queued_requests, cfg.max_queued_tokens,
                             cfg.engine_startup_timeout_s, cfg.engine_stall_timeout_s, cfg.router_policy)

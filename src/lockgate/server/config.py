@@ -21,6 +21,10 @@ class ServerConfig:
     admin_key: str | None = None
     # The SQLite store: tenants, keys, usage ledger, audit log, stored completions (kept 0700/0600).
     data_dir: str = "./lockgate-data"
+    # A PostgreSQL store (postgresql://USER@HOST/DB; or $LOCKGATE_STORE_URL) instead of the SQLite file in
+    # data_dir: several instances share tenants, keys, limits, budgets and the ledger (docs/HORIZONTAL.md).
+    store_url: str | None = None
+    api_workers: int = 1  # API processes on one port sharing the engine cores and the store
     metrics_public: bool = False  # /metrics without a key even when keys are on (it names every tenant)
     insecure_no_auth: bool = False  # allow open (keyless) mode on a non-loopback address
     # Browser protection without a key (origins.py): extra Host names, and origins allowed

@@ -7,6 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from lockgate.gateway.shared import store_unavailable
+from lockgate.store.store_error import StoreUnavailable
 from lockgate.server.state import LEASE_SCOPE_KEY
 from lockgate.errors import (  # noqa: F401 - re-exported for the server's modules
     APIError,
@@ -34,6 +36,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
         return _render(request, exc)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, exc: StoreUnavailable) -> Response:
+        return _render(request, store_unavailable(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -73,6 +73,17 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def check_store_url(url: str) -> None:
+    """ValueError (exit 2) for a store URL lockgate cannot use, before anything starts."""
+    from lockgate.store.postgres import split_url
+    from lockgate.store.store_error import StoreError
+
+    try:
+        split_url(url)
+    except StoreError as e:
+        raise ValueError(f"--store: {e}") from None
+
+
 def has_tenants(data_dir: str) -> bool:
     """Whether the store under `data_dir` holds tenants (then keys are required, whatever the flags)."""
     from lockgate.gateway.gateway import DB_NAME
@@ -129,9 +140,12 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
     level = log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lockgate").setLevel(level)
-    if Path(data_dir).exists():  # refused before the engine starts, not in a traceback after
+    store_url = server_config.store_url
+    if store_url is not None:  # a bad URL is refused before the engine starts (no password shown)
+        check_store_url(store_url)
+    elif Path(data_dir).exists():  # refused before the engine starts, not in a traceback after
         check_private_dir(data_dir)
-    if not is_loopback_name(host) and not admin_key and not has_tenants(data_dir):
+    if not is_loopback_name(host) and not admin_key and store_url is None and not has_tenants(data_dir):
         if not insecure_no_auth:
             raise ValueError(f"refusing to listen on {host} without authentication: set --admin-key (and create "
                              "tenants and keys), or pass --insecure-no-auth to serve anyone who can reach it")
@@ -192,6 +206,7 @@ def serve_command(
     served_model_name: Annotated[list[str] | None, typer.Option(help="Name(s) clients use as `model` (repeatable)")] = None,  # noqa: E501
     admin_key: Annotated[str | None, typer.Option(envvar="LOCKGATE_ADMIN_KEY", help="Operator key for /admin (turns on keys for every route)")] = None,  # noqa: E501
     data_dir: Annotated[str, typer.Option(envvar="LOCKGATE_DATA_DIR", help="Where tenants, keys, the usage ledger and the audit log are kept")] = "./lockgate-data",  # noqa: E501
+    store: Annotated[str | None, typer.Option("--store", envvar="LOCKGATE_STORE_URL", show_envvar=False, help="PostgreSQL store shared by several instances: postgresql://USER@HOST[:PORT]/DB[?sslmode=..&pool_size=N] (instead of --data-dir; put a password in $LOCKGATE_STORE_URL, not here)")] = None,  # noqa: E501
     insecure_no_auth: Annotated[bool, typer.Option(help="Allow serving without keys on a non-loopback address")] = False,  # noqa: E501
     metrics_public: Annotated[bool, typer.Option(help="/metrics without a key even when keys are on (it shows every tenant's usage); by default it needs a metrics-scope or global admin key")] = False,  # noqa: E501
     metrics_auth: Annotated[bool, typer.Option(hidden=True, help="Deprecated, no effect: /metrics needs a key by default now")] = False,  # noqa: E501
@@ -262,7 +277,8 @@ def serve_command(
                             "metrics_public": metrics_public, "slo_admission": slo_admission,
                             "request_log": request_log, "request_log_file": request_log_file,
                             "log_prompts": log_prompts, "otel_endpoint": otel_endpoint,
-                            "slo_period_s": slo_period_days * 86400.0, "metrics_max_tenants": metrics_max_tenants},
+                            "slo_period_s": slo_period_days * 86400.0, "metrics_max_tenants": metrics_max_tenants,
+                            "store_url": store or None},
             class_config=class_config,
             debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -113,7 +113,7 @@ class GuardMiddleware:
             return
         err = self._authorize(scope, headers, path)
         if err is None:  # every call on an inference route costs its caller one request of rpm
-            err = charge_call(state.gateway, scope, path)
+            err = await charge_call(state.gateway, scope, path)
         if err is not None:
             await self._reply(send, err)
             return

@@ -49,7 +49,7 @@ PRIORITY_HEADER = "x-lockgate-priority"
 INFERENCE_PATHS = frozenset({"/tokenize", "/detokenize"})  # besides every /v1/ route
 
 
-def charge_call(gateway: Gateway, scope: MutableMapping[str, Any], path: str) -> APIError | None:
+async def charge_call(gateway: Gateway, scope: MutableMapping[str, Any], path: str) -> APIError | None:
     """Every call a tenant's key makes on an inference route (`/v1/*`, `/tokenize`, `/detokenize`)
     costs one request of its rpm, whatever its answer: a malformed, oversized or refused call is not
     free. Called by the guard middleware once the key is known; the 429 to send, or None."""
@@ -57,7 +57,10 @@ def charge_call(gateway: Gateway, scope: MutableMapping[str, Any], path: str) ->
     if principal is None or not (path.startswith("/v1/") or path in INFERENCE_PATHS):
         return None
     try:
-        gateway.charge_request(principal)
+        if gateway.shared:  # the limit is the sum over every instance: counted in the store
+            await gateway.charge_shared(principal)
+        else:
+            gateway.charge_request(principal)
     except APIError as err:
         return err
     return None
@@ -297,6 +300,9 @@ class Pipeline:
             return
         try:
             await self.meter.reservation
+        except APIError:  # a shared store refused (429) or could not answer (503): nothing was reserved
+            self.meter.reservation = None  # settles as a refusal, not a ledger row
+            raise
         except Exception:  # noqa: BLE001 - nothing may run unrecorded
             raise unavailable("the usage ledger is not writable; the request was not run", "ledger_unavailable",
                               retry_after_s=5) from None

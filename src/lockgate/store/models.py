@@ -91,6 +91,7 @@ class Reservation:
     created_at: float = 0.0
     updated_at: float = 0.0
     model_version: str | None = None  # the version of `model` that served it (None: before versions)
+    instance_id: str | None = None  # the gateway instance holding it (shared stores; None: single process)
 
 
 @dataclass(slots=True)

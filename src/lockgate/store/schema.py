@@ -11,6 +11,34 @@ import sqlite3
 
 GENESIS_HASH = "0" * 64
 
+SHARED_STATE_MIGRATION: tuple[str, ...] = (
+    "ALTER TABLE reservations ADD COLUMN instance_id TEXT",
+    "CREATE INDEX reservations_tenant ON reservations(tenant_id)",
+    "CREATE INDEX reservations_key ON reservations(key_id)",
+    "CREATE INDEX reservations_instance ON reservations(instance_id)",
+    """CREATE TABLE budget_books (
+        tenant_id TEXT PRIMARY KEY,
+        period TEXT NOT NULL,              -- '' until first computed
+        period_start DOUBLE PRECISION,     -- NULL: all time
+        spent DOUBLE PRECISION NOT NULL    -- settled cost of usage rows created in the period
+    )""",
+    """CREATE TABLE limit_buckets (
+        scope TEXT NOT NULL,               -- 't:<tenant id>' or 'k:<key id>'
+        kind TEXT NOT NULL,                -- 'req' (rpm) or 'tok' (tpm)
+        capacity DOUBLE PRECISION NOT NULL,
+        level DOUBLE PRECISION NOT NULL,
+        updated DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (scope, kind)
+    )""",
+    """CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        renewed_at DOUBLE PRECISION NOT NULL
+    )""",
+)
+
 MIGRATIONS: list[tuple[str, ...]] = [
     # 1: tenants, keys, reservations, the usage ledger, idempotency, the audit chain.
     (
@@ -144,6 +172,10 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
     # 6: the replica that served a request (NAME@VERSION/INDEX; lifecycle/fleet.py).
     ("ALTER TABLE usage ADD COLUMN replica TEXT",),
+    # 7: several processes or instances on one store (store/shared_ops.py): which instance holds a
+    # reservation (a dead one's are swept), each tenant's spend in its budget period, the rpm/tpm
+    # token buckets of tenants and keys, and the instances' leases.
+    SHARED_STATE_MIGRATION,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -20,11 +20,13 @@ The CLI and tests use the plain synchronous `Store` directly.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +64,12 @@ def _resolve(fut: asyncio.Future, result: Any, exc: BaseException | None) -> Non
 
 class AsyncStore:
     def __init__(self, store: Store, *, window_s: float = 0.0, max_batch: int = 1024,
-                 checkpoint_interval_s: float | None = 1.0, wal_restart_pages: int = 4096) -> None:
+                 checkpoint_interval_s: float | None = 1.0, wal_restart_pages: int = 4096,
+                 hot_threads: int = 0) -> None:
         self.store = store
+        # `hot` calls (per-request limit and budget statements of a shared store) on threads of their
+        # own, concurrently, when the store takes several connections (PostgreSQL); else the writer's.
+        self._hot = ThreadPoolExecutor(hot_threads, thread_name_prefix="lockgate-store-hot") if hot_threads else None
         self.wal_restart_pages = int(wal_restart_pages)
         self.window_s = float(window_s)
         self.max_batch = int(max_batch)
@@ -91,6 +97,12 @@ class AsyncStore:
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future:
         """Run `fn(*args, **kwargs)` (any store method, or anything touching the store) on the writer thread."""
         return self._submit(_Item("call", None, None, fn=fn, args=args, kwargs=kwargs))
+
+    def hot(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Run `fn(*args)` now: on the hot pool when there is one (not queued behind group commits)."""
+        if self._hot is None:
+            return self.call(fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self._hot, functools.partial(fn, *args))
 
     def add_reservations(self, reservations: list[Reservation]) -> asyncio.Future:
         return self._submit(_Item("add_reservations", None, None, payload=list(reservations)))
@@ -132,6 +144,8 @@ class AsyncStore:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         self._stop_checkpoints.set()
+        if self._hot is not None:
+            self._hot.shutdown(wait=True)
         if self._checkpointer is not None and threading.current_thread() is not self._checkpointer:
             self._checkpointer.join(timeout)
 

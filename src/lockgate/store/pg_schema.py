@@ -1,0 +1,108 @@
+"""The PostgreSQL schema: the same numbered migrations as SQLite's (schema.py), in PostgreSQL's types.
+
+Migration N takes a database from version N-1 to N on both backends, so a
+version number names one schema everywhere. The version is kept in
+`lockgate_schema`; migrations run under a session advisory lock, so instances
+starting together migrate once (the others wait, then find the version current).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from lockgate.store.schema import GENESIS_HASH, SCHEMA_VERSION, SHARED_STATE_MIGRATION, SchemaError
+
+MIGRATE_LOCK = 0x6C6F636B67617465  # "lockgate": pg_advisory_lock key for migrations
+ADMIN_LOCK = MIGRATE_LOCK + 1  # admin changes and the audit chain (pg_advisory_xact_lock)
+
+MIGRATIONS: list[tuple[str, ...]] = [
+    # 1: tenants, keys, reservations, the usage ledger, idempotency, the audit chain.
+    (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE tenants (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, models TEXT NOT NULL,
+            rpm BIGINT, tpm BIGINT, max_concurrency BIGINT, max_tokens BIGINT,
+            priority TEXT NOT NULL, budget_usd DOUBLE PRECISION, budget_period TEXT NOT NULL,
+            prices TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
+            deleted_at DOUBLE PRECISION
+        )""",
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL REFERENCES tenants(id), name TEXT NOT NULL,
+            prefix TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL,
+            rpm BIGINT, tpm BIGINT, max_concurrency BIGINT, max_tokens BIGINT,
+            expires_at DOUBLE PRECISION, revoked_at DOUBLE PRECISION, created_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX api_keys_tenant ON api_keys(tenant_id)",
+        """CREATE TABLE reservations (
+            request_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, key_id TEXT, model TEXT NOT NULL,
+            reserved_usd DOUBLE PRECISION NOT NULL, prompt_tokens BIGINT NOT NULL,
+            completion_tokens BIGINT NOT NULL DEFAULT 0, cached_tokens BIGINT NOT NULL DEFAULT 0,
+            created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE usage (
+            request_id TEXT PRIMARY KEY, tenant_id TEXT, key_id TEXT, model TEXT NOT NULL,
+            prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL,
+            queue_time_s DOUBLE PRECISION, ttft_s DOUBLE PRECISION, e2e_s DOUBLE PRECISION,
+            finish_reason TEXT NOT NULL, status INTEGER NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX usage_tenant_time ON usage(tenant_id, created_at)",
+        "CREATE INDEX usage_model ON usage(model)",
+        "CREATE INDEX usage_time ON usage(created_at)",
+        """CREATE TABLE idempotency (
+            tenant_id TEXT NOT NULL, key TEXT NOT NULL, body_hash TEXT NOT NULL, request_id TEXT NOT NULL,
+            status INTEGER, response BYTEA, created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (tenant_id, key)
+        )""",
+        "CREATE INDEX idempotency_time ON idempotency(created_at)",
+        """CREATE TABLE audit (
+            id BIGINT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+            target TEXT, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL
+        )""",
+        f"INSERT INTO meta(key, value) VALUES ('audit_head', '{GENESIS_HASH}')",
+        "INSERT INTO meta(key, value) VALUES ('audit_count', '0')",
+        "INSERT INTO meta(key, value) VALUES ('admin_version', '0')",
+    ),
+    # 2: a tenant's fair-share weight.
+    ("ALTER TABLE tenants ADD COLUMN weight DOUBLE PRECISION NOT NULL DEFAULT 1.0",),
+    # 3: the model version that served a request.
+    ("ALTER TABLE usage ADD COLUMN model_version TEXT",
+     "ALTER TABLE reservations ADD COLUMN model_version TEXT"),
+    # 4: global keys: api_keys.tenant_id may be NULL.
+    ("ALTER TABLE api_keys ALTER COLUMN tenant_id DROP NOT NULL",),
+    # 5: refused requests, counted per tenant, key, status, code and hour.
+    (
+        """CREATE TABLE refusals (
+            tenant_id TEXT NOT NULL, key_id TEXT NOT NULL DEFAULT '', status INTEGER NOT NULL,
+            code TEXT NOT NULL DEFAULT '', bucket DOUBLE PRECISION NOT NULL, count BIGINT NOT NULL,
+            PRIMARY KEY (tenant_id, key_id, status, code, bucket)
+        )""",
+        "CREATE INDEX refusals_time ON refusals(bucket)",
+    ),
+    # 6: the replica that served a request.
+    ("ALTER TABLE usage ADD COLUMN replica TEXT",),
+    # 7: instances sharing the store: reservation holders, budget books, rate buckets, leases.
+    SHARED_STATE_MIGRATION,
+]
+
+assert len(MIGRATIONS) == SCHEMA_VERSION, "a migration added to schema.py needs its PostgreSQL form here"
+
+
+def migrate(conn: Any, where: str) -> int:
+    """Bring the database to SCHEMA_VERSION under the migration lock; returns the version found.
+    `conn`: a psycopg connection in autocommit mode."""
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS lockgate_schema (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT max(version) FROM lockgate_schema").fetchone()
+        found = int(row[0] or 0)
+        if found > SCHEMA_VERSION:
+            raise SchemaError(f"database {where} has schema version {found}, newer than this lockgate knows "
+                              f"({SCHEMA_VERSION}); upgrade lockgate or use another database")
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            with conn.transaction():  # each migration and its version bump commit together
+                for stmt in MIGRATIONS[version - 1]:
+                    conn.execute(stmt)
+                conn.execute("INSERT INTO lockgate_schema(version) VALUES (%s)", (version,))
+        return found
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))

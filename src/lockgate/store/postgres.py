@@ -1,0 +1,227 @@
+"""`PostgresStore`: the `Store` on PostgreSQL, for several API processes and gateway instances.
+
+`--store postgresql://USER@HOST[:PORT]/DB[?sslmode=...&pool_size=N]`, or the same
+in `$LOCKGATE_STORE_URL` so a password stays out of the process list. Every
+statement is SqlStore's (sql.py, shared_ops.py); this module owns connections,
+transactions and migrations.
+
+- Driver: psycopg 3, synchronous, with psycopg_pool. The server calls the store
+  from threads (store/writer.py: the group-committing writer for settlements,
+  a small pool for the per-request limit and budget statements), where a round
+  trip releases the GIL; the CLI and tests call it directly. The same class
+  serves both, so there is one code path to trust for the ledger. Statements
+  are prepared by the server after a few uses (psycopg's prepare threshold).
+- Transactions: autocommit connections with explicit BEGIN/COMMIT, as the
+  SQLite store. Admin changes take an advisory transaction lock (`ADMIN_LOCK`):
+  the audit chain is appended by one transaction at a time across instances,
+  and two instances cannot both give a new tenant the same name.
+- Failure: a connection that breaks is dropped by the pool and replaced on
+  the next use; while the database is down every call raises
+  `StoreUnavailable` within `timeout_s` (the server answers 503
+  `store_unavailable`), and service resumes by itself when it is back.
+- The password never appears in a message: errors name user, host, port and
+  database only.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from lockgate.store.pg_schema import ADMIN_LOCK, migrate
+from lockgate.store.schema import SchemaError
+from lockgate.store.sql import SqlStore
+from lockgate.store.store_error import StoreError, StoreUnavailable
+
+log = logging.getLogger("lockgate.store")
+
+STORE_URL_ENV = "LOCKGATE_STORE_URL"
+DEFAULT_POOL_SIZE = 8
+SCHEMES = ("postgresql", "postgres")
+
+
+def is_store_url(value: str | None) -> bool:
+    return bool(value) and urlsplit(str(value)).scheme in SCHEMES
+
+
+def describe(url: str) -> str:
+    """USER@HOST:PORT/DB of a store URL: safe to log (no password, no query)."""
+    u = urlsplit(url)
+    user = f"{u.username}@" if u.username else ""
+    port = f":{u.port}" if u.port else ""
+    return f"postgresql://{user}{u.hostname or 'localhost'}{port}{u.path or '/'}"
+
+
+def split_url(url: str) -> tuple[str, int]:
+    """The libpq connection string without lockgate's own `pool_size` parameter, and the pool size."""
+    u = urlsplit(url)
+    if u.scheme not in SCHEMES:
+        raise StoreError(f"a store URL starts with postgresql://, not {u.scheme or '(nothing)'}://")
+    query = parse_qsl(u.query, keep_blank_values=True)
+    size = DEFAULT_POOL_SIZE
+    rest = []
+    for k, v in query:
+        if k == "pool_size":
+            try:
+                size = int(v)
+            except ValueError:
+                raise StoreError(f"pool_size must be a whole number, not {v!r}") from None
+            if not 1 <= size <= 256:
+                raise StoreError(f"pool_size must be between 1 and 256, not {size}")
+        else:
+            rest.append((k, v))
+    return urlunsplit((u.scheme, u.netloc, u.path, urlencode(rest), u.fragment)), size
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    """SqlStore's `?` placeholders as psycopg's `%s` (a literal `%` doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _Conn:
+    """A psycopg connection that speaks SqlStore's dialect (`?` placeholders)."""
+
+    __slots__ = ("c",)
+
+    def __init__(self, c: Any) -> None:
+        self.c = c
+
+    def execute(self, sql: str, args: tuple | list = ()) -> Any:
+        return self.c.execute(_pg_sql(sql), args)
+
+    def executemany(self, sql: str, rows: list) -> Any:
+        cur = self.c.cursor()
+        cur.executemany(_pg_sql(sql), rows)
+        return cur
+
+
+class PostgresStore(SqlStore):
+    DAY_SQL = "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    RES_SELECT = ("SELECT ?::text, ?::text, ?::text, ?::text, ?::float8, ?::bigint, ?::bigint, ?::bigint, "
+                  "?::float8, ?::float8, ?::text, ?::text")
+    shared = True  # always several possible writers: limits and budgets are decided here
+
+    def __init__(self, url: str | None = None, *, pool_size: int | None = None, timeout_s: float = 5.0,
+                 connect_timeout_s: float = 10.0) -> None:
+        import psycopg  # noqa: F401 - fail here, clearly, when the driver is missing
+        from psycopg_pool import ConnectionPool
+
+        url = url or os.environ.get(STORE_URL_ENV)
+        if not url:
+            raise StoreError(f"no store URL: pass --store postgresql://... or set {STORE_URL_ENV}")
+        self.where = describe(url)
+        conninfo, size = split_url(url)
+        self.pool_size = pool_size or size
+        self.timeout_s = float(timeout_s)
+        # Statements that can never succeed fail fast instead of waiting out the pool's timeout.
+        kwargs = {"autocommit": True, "connect_timeout": max(1, int(min(connect_timeout_s, timeout_s)))}
+        self.pool = ConnectionPool(conninfo, min_size=1, max_size=self.pool_size, kwargs=kwargs, open=False,
+                                   timeout=self.timeout_s, name="lockgate-store")
+        try:
+            self.pool.open(wait=True, timeout=connect_timeout_s)
+        except Exception as e:  # noqa: BLE001 - PoolTimeout hides the cause: say where
+            self.pool.close()
+            raise StoreError(f"cannot connect to {self.where}: {_cause(e)}") from None
+        try:
+            with self.pool.connection() as c:
+                migrate(c, self.where)
+        except SchemaError:
+            self.pool.close()
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.pool.close()
+            raise StoreError(f"cannot use {self.where} as a lockgate database: {_cause(e)}") from None
+
+    # ------------------------------------------------------------------ connections
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        import psycopg
+        from psycopg_pool import PoolClosed, PoolTimeout
+
+        try:
+            with self.pool.connection() as c:
+                yield c
+        except (PoolTimeout, psycopg.OperationalError, PoolClosed) as e:
+            raise StoreUnavailable(f"the store {self.where} is unavailable: {_cause(e)}") from None
+
+    @contextmanager
+    def _write(self, admin: bool = False) -> Iterator[_Conn]:
+        with self._connection() as c:
+            c.execute("BEGIN")
+            try:
+                if admin:
+                    c.execute("SELECT pg_advisory_xact_lock(%s)", (ADMIN_LOCK,))
+                yield _Conn(c)
+            except BaseException:
+                try:
+                    c.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001 - a broken connection: the pool discards it
+                    pass
+                raise
+            c.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[_Conn]:
+        with self._connection() as c:
+            c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield _Conn(c)
+            finally:
+                try:
+                    c.execute("COMMIT")
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def _q(self, sql: str, args: tuple | list = ()) -> Any:
+        """One statement; its rows are fetched before the connection goes back to the pool."""
+        with self._connection() as c:
+            cur = c.execute(_pg_sql(sql), args)
+            return _Rows(cur.fetchall() if cur.description is not None else [], cur.rowcount)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def schema_version(self) -> int:
+        return int(self._q("SELECT max(version) FROM lockgate_schema").fetchone()[0])
+
+    def ping(self) -> None:
+        """StoreUnavailable unless the database answers now."""
+        self._q("SELECT 1")
+
+
+class _Rows:
+    """A fetched result that reads like a cursor (fetchone, fetchall, iteration, rowcount)."""
+
+    __slots__ = ("rows", "rowcount", "_i")
+
+    def __init__(self, rows: list, rowcount: int) -> None:
+        self.rows, self.rowcount, self._i = rows, rowcount, 0
+
+    def fetchone(self) -> Any:
+        if self._i >= len(self.rows):
+            return None
+        self._i += 1
+        return self.rows[self._i - 1]
+
+    def fetchall(self) -> list:
+        out, self._i = self.rows[self._i:], len(self.rows)
+        return out
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+def _cause(e: BaseException) -> str:
+    """The root message of a driver or pool error, one line, never the password (libpq omits it)."""
+    seen = e
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        nxt = seen.__cause__ or seen.__context__
+        assert nxt is not None
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    return text[0] if text else type(seen).__name__
