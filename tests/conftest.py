@@ -45,7 +45,7 @@ def pg_server():
     from lockgate.bench.pgserver import PgServer, PgUnavailable
 
     try:
-        server = PgServer()
+        server = PgServer(durable=False)  # no fsync: a throwaway database
     except PgUnavailable as e:
         if os.environ.get("CI"):
             raise

@@ -52,7 +52,9 @@ def _free_port() -> int:
 
 
 class PgServer:
-    def __init__(self, port: int | None = None, bin_dir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, bin_dir: Path | None = None, *, durable: bool = True) -> None:
+        """`durable=False` (tests): no fsync. Benchmarks keep PostgreSQL's defaults."""
+        self.durable = durable
         self.bin = bin_dir or find_bin()
         self.port = port or _free_port()
         self.root = Path(tempfile.mkdtemp(prefix="lockgate-pg-"))
@@ -87,7 +89,8 @@ class PgServer:
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             self._cmd([str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.root),
-                       "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"]),
+                       "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200",
+                       *([] if self.durable else ["-c", "fsync=off", "-c", "full_page_writes=off"])]),
             stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
@@ -119,13 +122,14 @@ class PgServer:
             c.execute(f'CREATE DATABASE "{name}"')
         return self.url_for(name)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """A fast shutdown (connections cut, nothing committed lost); `start()` brings it back."""
+    def stop(self, timeout: float = 30.0, *, immediate: bool = False) -> None:
+        """A fast shutdown (connections cut, nothing committed lost), or with `immediate` a crash
+        (no checkpoint: recovery replays the WAL at the next start); `start()` brings it back."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            # postgres' "fast" shutdown; to the group: under runuser the postmaster is its child
-            os.killpg(self.proc.pid, signal.SIGINT)
+            # To the group: under runuser the postmaster is its child.
+            os.killpg(self.proc.pid, signal.SIGQUIT if immediate else signal.SIGINT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -134,7 +138,7 @@ class PgServer:
         self.proc = None
 
     def close(self) -> None:
-        self.stop()
+        self.stop(immediate=True)  # its files are deleted next: no checkpoint worth waiting for
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> PgServer:

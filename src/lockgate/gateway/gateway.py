@@ -27,7 +27,7 @@ from lockgate.gateway.budget import BudgetBook, period_start
 from lockgate.gateway.lease import Lease
 from lockgate.gateway.ledger import CHECKPOINT_INTERVAL_S, Ledger
 from lockgate.gateway.limits import LimitState, RateLimiter
-from lockgate.gateway.shared import LEASE_RENEW_S, SharedState
+from lockgate.gateway.shared import SharedState
 from lockgate.gateway.tenants import hash_key
 from lockgate.store.models import RefusalCount, Tenant
 
@@ -347,7 +347,7 @@ class Gateway:
         """Shared store: renew this instance's lease; settle the requests of instances that died."""
         assert self.shared_state is not None
         while True:
-            await asyncio.sleep(LEASE_RENEW_S)
+            await asyncio.sleep(self.shared_state.renew_every_s)
             try:
                 await self.shared_state.renew()
                 await self.shared_state.sweep(self._all_tenants)

@@ -57,7 +57,7 @@ def lease_timeout_s() -> float:
         value = float(raw) if raw else MAX_LEASE_TIMEOUT_S
     except ValueError:
         value = MAX_LEASE_TIMEOUT_S
-    return min(MAX_LEASE_TIMEOUT_S, max(2 * LEASE_RENEW_S / 5, value))
+    return min(MAX_LEASE_TIMEOUT_S, max(1.0, value))
 
 
 def store_unavailable(exc: BaseException | None = None) -> APIError:
@@ -90,6 +90,8 @@ class SharedState:
         self.count_refusal = count_refusal
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease_timeout_s = lease_timeout_s()
+        # Renewed (and dead instances swept) several times per timeout: one late renewal is not death.
+        self.renew_every_s = min(LEASE_RENEW_S, self.lease_timeout_s / 3)
         self.store: Any = None
         self.astore: AsyncStore | None = None
         self.swept = 0  # reservations of dead instances this one settled

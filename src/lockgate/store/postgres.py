@@ -5,8 +5,9 @@ in `$LOCKGATE_STORE_URL` so a password stays out of the process list. Every
 statement is SqlStore's (sql.py, shared_ops.py); this module owns connections,
 transactions and migrations.
 
-- Driver: psycopg 3, synchronous, with psycopg_pool. The server calls the store
-  from threads (store/writer.py: the group-committing writer for settlements,
+- Driver: psycopg 3, synchronous, on our own small pool (pg_pool.py: it fails
+  fast while the database is down and recovers on the next request). The server
+  calls the store from threads (store/writer.py: the group-committing writer for settlements,
   a small pool for the per-request limit and budget statements), where a round
   trip releases the GIL; the CLI and tests call it directly. The same class
   serves both, so there is one code path to trust for the ledger. Statements
@@ -15,10 +16,10 @@ transactions and migrations.
   SQLite store. Admin changes take an advisory transaction lock (`ADMIN_LOCK`):
   the audit chain is appended by one transaction at a time across instances,
   and two instances cannot both give a new tenant the same name.
-- Failure: a connection that breaks is dropped by the pool and replaced on
-  the next use; while the database is down every call raises
-  `StoreUnavailable` within `timeout_s` (the server answers 503
-  `store_unavailable`), and service resumes by itself when it is back.
+- Failure: a connection that breaks is closed and replaced on the next use;
+  while the database is down every call raises `StoreUnavailable` at once (the
+  server answers 503 `store_unavailable`), and service resumes by itself on
+  the first request after it is back.
 - The password never appears in a message: errors name user, host, port and
   database only.
 """
@@ -32,6 +33,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from lockgate.store.pg_pool import PgPool, first_line
 from lockgate.store.pg_schema import ADMIN_LOCK, migrate
 from lockgate.store.schema import SchemaError
 from lockgate.store.sql import SqlStore
@@ -107,9 +109,8 @@ class PostgresStore(SqlStore):
     shared = True  # always several possible writers: limits and budgets are decided here
 
     def __init__(self, url: str | None = None, *, pool_size: int | None = None, timeout_s: float = 5.0,
-                 connect_timeout_s: float = 10.0) -> None:
+                 connect_timeout_s: float = 5.0) -> None:
         import psycopg  # noqa: F401 - fail here, clearly, when the driver is missing
-        from psycopg_pool import ConnectionPool
 
         url = url or os.environ.get(STORE_URL_ENV)
         if not url:
@@ -117,42 +118,25 @@ class PostgresStore(SqlStore):
         self.where = describe(url)
         conninfo, size = split_url(url)
         self.pool_size = pool_size or size
-        self.timeout_s = float(timeout_s)
-        # Statements that can never succeed fail fast instead of waiting out the pool's timeout.
-        kwargs = {"autocommit": True, "connect_timeout": max(1, int(min(connect_timeout_s, timeout_s)))}
-        self.pool = ConnectionPool(conninfo, min_size=1, max_size=self.pool_size, kwargs=kwargs, open=False,
-                                   timeout=self.timeout_s, name="lockgate-store")
+        self.pool = PgPool(conninfo, self.where, size=self.pool_size, timeout_s=timeout_s,
+                           connect_timeout_s=connect_timeout_s)
         try:
-            self.pool.open(wait=True, timeout=connect_timeout_s)
-        except Exception as e:  # noqa: BLE001 - PoolTimeout hides the cause: say where
-            self.pool.close()
-            raise StoreError(f"cannot connect to {self.where}: {_cause(e)}") from None
-        try:
-            with self.pool.connection() as c:
+            with self.pool.connection() as (c, _):
                 migrate(c, self.where)
         except SchemaError:
             self.pool.close()
             raise
+        except StoreUnavailable as e:
+            self.pool.close()
+            raise StoreError(f"cannot connect to {self.where}: {str(e).split(': ', 1)[-1]}") from None
         except Exception as e:  # noqa: BLE001
             self.pool.close()
-            raise StoreError(f"cannot use {self.where} as a lockgate database: {_cause(e)}") from None
+            raise StoreError(f"cannot use {self.where} as a lockgate database: {first_line(e)}") from None
 
     # ------------------------------------------------------------------ connections
     @contextmanager
-    def _connection(self) -> Iterator[Any]:
-        import psycopg
-        from psycopg_pool import PoolClosed, PoolTimeout
-
-        try:
-            with self.pool.connection() as c:
-                yield c
-        except (PoolTimeout, psycopg.OperationalError, PoolClosed) as e:
-            raise StoreUnavailable(f"the store {self.where} is unavailable: {_cause(e)}") from None
-
-    @contextmanager
     def _write(self, admin: bool = False) -> Iterator[_Conn]:
-        with self._connection() as c:
-            c.execute("BEGIN")
+        with self.pool.connection("BEGIN") as (c, _):
             try:
                 if admin:
                     c.execute("SELECT pg_advisory_xact_lock(%s)", (ADMIN_LOCK,))
@@ -160,15 +144,14 @@ class PostgresStore(SqlStore):
             except BaseException:
                 try:
                     c.execute("ROLLBACK")
-                except Exception:  # noqa: BLE001 - a broken connection: the pool discards it
+                except Exception:  # noqa: BLE001 - a broken connection: the pool closes it
                     pass
                 raise
             c.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[_Conn]:
-        with self._connection() as c:
-            c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        with self.pool.connection("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as (c, _):
             try:
                 yield _Conn(c)
             finally:
@@ -178,9 +161,8 @@ class PostgresStore(SqlStore):
                     pass
 
     def _q(self, sql: str, args: tuple | list = ()) -> Any:
-        """One statement; its rows are fetched before the connection goes back to the pool."""
-        with self._connection() as c:
-            cur = c.execute(_pg_sql(sql), args)
+        """One read; its rows are fetched before the connection goes back to the pool."""
+        with self.pool.connection(_pg_sql(sql), args) as (_, cur):
             return _Rows(cur.fetchall() if cur.description is not None else [], cur.rowcount)
 
     def close(self) -> None:
@@ -214,14 +196,3 @@ class _Rows:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.fetchall())
-
-
-def _cause(e: BaseException) -> str:
-    """The root message of a driver or pool error, one line, never the password (libpq omits it)."""
-    seen = e
-    while seen.__cause__ is not None or seen.__context__ is not None:
-        nxt = seen.__cause__ or seen.__context__
-        assert nxt is not None
-        seen = nxt
-    text = str(seen).strip().splitlines()
-    return text[0] if text else type(seen).__name__
