@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lockgate.store.pg_functions import FUNCTIONS
 from lockgate.store.schema import GENESIS_HASH, SCHEMA_VERSION, SHARED_STATE_MIGRATION, SchemaError
 
 MIGRATE_LOCK = 0x6C6F636B67617465  # "lockgate": pg_advisory_lock key for migrations
@@ -80,8 +81,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
     # 6: the replica that served a request.
     ("ALTER TABLE usage ADD COLUMN replica TEXT",),
-    # 7: instances sharing the store: reservation holders, budget books, rate buckets, leases.
-    SHARED_STATE_MIGRATION,
+    # 7: instances sharing the store: reservation holders, budget books, rate buckets, leases; and
+    # the per-request decisions as server-side functions (pg_functions.py).
+    SHARED_STATE_MIGRATION + FUNCTIONS,
 ]
 
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a migration added to schema.py needs its PostgreSQL form here"

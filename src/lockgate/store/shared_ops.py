@@ -102,7 +102,7 @@ class SharedOps:
     def charge_requests(self, scopes: list[tuple[str, int]], now: float | None = None) -> Charge:
         """One request unit from every (scope, rpm) bucket, or none and the refusal with its wait."""
         now = time.time() if now is None else now
-        with self._write() as conn:  # type: ignore[attr-defined]
+        with self._write(lazy=True) as conn:  # type: ignore[attr-defined]
             buckets = self._lock_buckets(conn, "req", scopes, now)
             for scope, (cap, level) in buckets.items():
                 if level < 1.0:
@@ -134,7 +134,7 @@ class SharedOps:
         """Concurrency, tokens per minute and the budget for `req.reservation`, and its row: all or none."""
         now = time.time() if now is None else now
         r = req.reservation
-        with self._write() as conn:  # type: ignore[attr-defined]
+        with self._write(lazy=True) as conn:  # type: ignore[attr-defined]
             spent = self._book(conn, r.tenant_id, req.period, req.period_start)
             open_n, held = conn.execute("SELECT count(*), coalesce(sum(reserved_usd), 0) FROM reservations "
                                         "WHERE tenant_id = ?", (r.tenant_id,)).fetchone()
@@ -197,7 +197,7 @@ class SharedOps:
     # ---- instances ----------------------------------------------------------------------------
     def register_instance(self, instance_id: str, host: str, pid: int, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        with self._write() as conn:  # type: ignore[attr-defined]
+        with self._write(lazy=True) as conn:  # type: ignore[attr-defined]
             conn.execute("INSERT INTO instances(id, host, pid, started_at, renewed_at) VALUES (?, ?, ?, ?, ?) "
                          "ON CONFLICT(id) DO UPDATE SET renewed_at = excluded.renewed_at",
                          (instance_id, host, int(pid), now, now))
@@ -205,7 +205,7 @@ class SharedOps:
     def renew_instance(self, instance_id: str, now: float | None = None) -> bool:
         """False: the lease was gone (another instance judged this one dead and swept it)."""
         now = time.time() if now is None else now
-        with self._write() as conn:  # type: ignore[attr-defined]
+        with self._write(lazy=True) as conn:  # type: ignore[attr-defined]
             return conn.execute("UPDATE instances SET renewed_at = ? WHERE id = ?", (now, instance_id)).rowcount == 1
 
     def drop_instance(self, instance_id: str) -> None:

@@ -102,7 +102,7 @@ class SqlStore(SharedOps):
     USAGE_INSERT_SQL = (f"INSERT INTO usage({','.join(USAGE_COLS)}) VALUES ({','.join('?' * len(USAGE_COLS))}) "
                         "ON CONFLICT(request_id) DO NOTHING")
 
-    def _write(self, admin: bool = False) -> AbstractContextManager[Any]:
+    def _write(self, admin: bool = False, lazy: bool = False) -> AbstractContextManager[Any]:
         raise NotImplementedError
 
     def _read(self) -> AbstractContextManager[Any]:

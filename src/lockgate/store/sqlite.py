@@ -107,7 +107,7 @@ class SQLiteStore(SqlStore):
         return conn
 
     @contextmanager
-    def _write(self, admin: bool = False) -> Iterator[sqlite3.Connection]:
+    def _write(self, admin: bool = False, lazy: bool = False) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE: takes the write lock up front, no upgrade deadlocks;
         it holds across processes, so `admin` needs nothing more)."""
         conn = self._conn()
