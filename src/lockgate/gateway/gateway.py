@@ -36,6 +36,7 @@ log = logging.getLogger("lockgate.gateway")
 DB_NAME = "lockgate.db"
 REFRESH_INTERVAL_S = 2.0  # changes made by another process (the CLI) are picked up this fast
 SHARED_REFRESH_INTERVAL_S = 0.5  # on a shared store: a change made through any instance, within 2 s
+MISS_CHECK_S = 0.05  # an unknown key asks the store whether keys changed at most this often
 REFUSAL_BUCKET_S = 3600.0  # refused requests are counted per hour (store/schema.py: refusals)
 
 
@@ -69,6 +70,8 @@ class Gateway:
         self._refusals: dict[tuple[str, str, int, str, float], int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._admin_version = -1  # the store's admin version the ring was built from
+        self._miss_check: asyncio.Future[bool] | None = None  # refresh_on_miss: the check in flight
+        self._miss_checked = 0.0
 
     @property
     def shared(self) -> bool:
@@ -216,6 +219,32 @@ class Gateway:
     # ---- per request ----------------------------------------------------------------------
     def authenticate(self, authorization: bytes | None) -> Principal:
         return self.ring.authenticate(authorization)
+
+    async def refresh_on_miss(self) -> bool:
+        """An unknown key on a shared store: reload now if the admin version moved (a key created
+        through another instance works at once, not after the next poll). One check at a time and at
+        most one per `MISS_CHECK_S`, whatever keys arrive; True when the ring was reloaded."""
+        if self.shared_state is None or self.astore is None:
+            return False
+        if self._miss_check is None:
+            if time.monotonic() - self._miss_checked < MISS_CHECK_S:
+                return False
+            self._miss_check = asyncio.ensure_future(self._check_admin_version())
+        check = self._miss_check
+        try:
+            return await asyncio.shield(check)
+        except Exception:  # noqa: BLE001 - the store may be down: the key stays unknown
+            return False
+
+    async def _check_admin_version(self) -> bool:
+        try:
+            if await self.astore.hot(self.store.admin_version) == self._admin_version:
+                return False
+            await self.reload()
+            return True
+        finally:
+            self._miss_checked = time.monotonic()
+            self._miss_check = None
 
     def open_meter(self, lease: Lease, principal: Principal, request_id: str) -> Meter | None:
         """Start metering a tenant's inference request; it settles when the lease is released."""
