@@ -363,8 +363,9 @@ class Gateway:
             await asyncio.sleep(interval)
             try:
                 if self.astore is None:
-                    if self.db_path.exists():
+                    if self.db_path.exists():  # the CLI made the first tenant: keys are on from now
                         await asyncio.to_thread(self._open)
+                        await self._take_over()
                         await self.reload()
                     continue
                 if await self.astore.call(self.store.admin_version) != self._admin_version:
@@ -377,6 +378,8 @@ class Gateway:
         assert self.shared_state is not None
         while True:
             await asyncio.sleep(self.shared_state.renew_every_s)
+            if self.astore is None:  # open mode: no store yet (the refresh loop opens it when one appears)
+                continue
             try:
                 await self.shared_state.renew()
                 await self.shared_state.sweep(self._all_tenants)
