@@ -1,49 +1,50 @@
-"""What the gateway costs a request: the same stream with the gateway off and fully on, one run.
+"""What the gateway costs: capacity, added latency and CPU per request, gateway off and on, one run.
 
-    .venv/bin/python benchmarks/gateway_overhead.py [--rate 500] [--seconds 20] [--warmup 2]
-                                                    [--block 0.5] [--connections 64] [--json out.json]
+    .venv/bin/python benchmarks/gateway_overhead.py [--configs off,sqlite,pg,off-w2,sqlite-w2,pg-w2]
+        [--p95-ms 150] [--phase-seconds 3] [--seconds 10] [--rate R] [--json out.json] [--keep]
 
-Starts two `python -m lockgate.server --load-format fake` processes (an engine
-that answers at once with no model, so only the server's and gateway's own
-cost shows):
-- off: open mode, no admin key, an empty data dir: no auth, limits, budget or ledger;
-- on:  `--admin-key` and a fresh `--data-dir`; the script creates a tenant with
-  limits far above the load (nothing is rejected, every check still runs), a
-  budget and prices, and an inference key, and sends every request with it:
-  auth, rate and token limits, concurrency, budget reserve/settle and a ledger
-  row per request.
+Configurations (`--configs`, comma-separated; all six by default), each its own
+`python -m lockgate.server --load-format fake` (an engine that answers at once with no
+model, so only the server's and the gateway's own cost shows):
+- off:    open mode, no admin key: no auth, limits, budget or ledger;
+- sqlite: `--admin-key` and a fresh `--data-dir` (the SQLite store); the script creates a
+          tenant with limits far above the load (nothing is rejected, every check still
+          runs), a budget and prices, and an inference key, and sends every request with it;
+- pg:     the same on `--store postgresql://...`: a throwaway PostgreSQL the script starts
+          (lockgate/bench/pgserver.py; PostgreSQL's durability defaults, fsync and
+          synchronous_commit on), one database per configuration;
+- NAME-w2: the same with `--api-workers 2` (skipped, with a note, by a server without it).
 
-Load: open-loop, constant arrivals at `--rate` (500 req/s), non-streaming
-`/v1/completions` with `max_tokens=1`, over keep-alive connections from a
-bounded pool per server. The client is a minimal asyncio HTTP/1.1 keep-alive
-pool (`--client raw`, the default) or httpx's AsyncClient (`--client httpx`):
-on the 2-core box httpx spends ~5 ms of CPU per request, more than the server
-itself, and the load generator shares those cores with both servers, so httpx
-alone cannot offer 500 req/s there; the raw client costs a fraction of that.
-Both clients treat the two modes alike. One arrival stream alternates between
-the two servers in blocks of `--block` seconds (off, on, off, on, ...), so each
-mode gets `--seconds` of load at the full rate and drift of a shared machine
-(other jobs, thermal, page cache) lands on both alike; back-to-back runs would
-charge a drift to whichever mode ran during it. The first `--warmup` seconds per
-mode are discarded.
+Load: open loop, constant arrivals, non-streaming `/v1/completions` with `max_tokens=1`,
+over a bounded pool of keep-alive connections per server (a minimal asyncio HTTP/1.1
+client, lockgate/bench/rawhttp.py; `--client httpx` for httpx's, which on a 2-core box
+costs more CPU than the servers). Latency is measured from each request's dispatch to
+its full response; the client's lateness against the schedule (dispatch lag) is
+reported apart, so a client that cannot keep up shows as lag, not as server latency.
 
-Latency is measured client-side from the moment a request is handed to the
-client (its dispatch) to the full response; the client's lateness against the
-schedule (dispatch lag) is reported separately, so a client that cannot keep up
-shows as lag, not as server latency. The load generator shares the machine's
-cores with both servers: its own CPU use and each server's CPU per request
-(API process + engine process, from /proc) are printed too.
+1. Capacity, per configuration: the highest offered rate whose p95 latency is under
+   `--p95-ms` (150 ms; a failed request counts as over it), from short open-loop phases
+   (`--phase-seconds` after `--phase-warmup`): the rate doubles from `--start-rate` until
+   a phase fails, then bisection narrows it to `--precision`. Rates the load generator
+   itself could not offer end the search (the capacity is then a lower bound).
+2. Added latency and CPU, per worker count: the configurations with that many workers
+   share one arrival stream at half the gateway-off capacity (`--rate` fixes it instead,
+   and `--rate` alone skips step 1), alternating in blocks of `--block` seconds (off,
+   sqlite, pg, off, ...), so each gets `--seconds` of load at the full rate and the drift
+   of a shared machine lands on all alike. The first `--warmup` seconds are discarded.
+   Before that, an idle baseline: `--idle-requests` requests each, one at a time. Added
+   p50/p99 = the configuration's minus gateway off's (same worker count). CPU per
+   request from /proc over the measured window: the server's API processes (every worker
+   and the supervisor) and its engine core, and PostgreSQL's (server and backends) for pg.
 
-Before the load, an idle baseline: `--idle-requests` (200) requests per mode one
-at a time, modes alternating: the gateway's own cost with no queueing at all.
-Under load a mode counts as saturated when its p50 is over 10x its idle p50 (or it
-answers under 90% of the offered rate): its loaded latency is then queueing.
-
-Targets (issue 7, 2-core machine): added latency (on - off) p50 <= 2 ms, p99 <= 10 ms.
-Exit status: 0 PASS, 1 FAIL, 2 setup failed, 3 the "on" server could not be set up
-(only "off" measured), 4 inconclusive (both servers saturated at this rate: the loaded
-numbers are queueing; the idle baseline, one request at a time, still shows the gateway's
-own per-request cost).
+Targets (issues 7 and 21): added p50 <= 2 ms and p99 <= 10 ms; API CPU per request with
+the gateway on <= `--cpu-target-ms` (1 ms; 0: not checked; one worker: the figure that
+scales); 2 workers reach >= 1.3x the capacity of one.
+Exit status: 0 PASS, 1 FAIL (a target missed), 2 setup failed (nothing measured),
+3 incomplete (a configuration could not be set up, e.g. no PostgreSQL or no
+--api-workers: the rest passed), 4 inconclusive (the load generator could not offer the
+rates needed, or gateway off itself queued at the latency phase's rate; a gateway
+configuration that saturates where off does not fails its latency targets).
 """
 from __future__ import annotations
 
@@ -65,62 +66,75 @@ from typing import Any
 
 import httpx
 
-from lockgate.bench.procs import ServerProcess, children
+from lockgate.bench.procs import ServerProcess
+from lockgate.bench.proctree import tree_cpu, tree_total
+from lockgate.bench.rawhttp import RawClient
 from lockgate.stats import percentile
 
 TARGET_P50_MS = 2.0
 TARGET_P99_MS = 10.0
+TARGET_SCALING = 1.3  # 2 workers' capacity over 1's
 PROMPT = "Write one word about the sea."
-ENV_DROP = ("LOCKGATE_ADMIN_KEY", "LOCKGATE_API_KEY", "LOCKGATE_DATA_DIR")
+PATH = "/v1/completions"
+ENV_DROP = ("LOCKGATE_ADMIN_KEY", "LOCKGATE_API_KEY", "LOCKGATE_DATA_DIR", "LOCKGATE_STORE_URL")
+ALL_CONFIGS = ("off", "sqlite", "pg", "off-w2", "sqlite-w2", "pg-w2")
+STORES = ("off", "sqlite", "pg")
 
 
-# ---- servers ---------------------------------------------------------------------------------
+# ---- configurations and servers ---------------------------------------------------------------
 class SetupError(RuntimeError):
     pass
 
 
-class Server(ServerProcess):
-    """One `python -m lockgate.server` process (fake engine) in its own working directory."""
+class Skipped(RuntimeError):
+    """This configuration cannot run here (no PostgreSQL, no --api-workers): the others go on."""
 
-    def __init__(self, name: str, workdir: Path, extra: list[str], server_args: list[str]) -> None:
-        self.name = name
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    store: str  # off | sqlite | pg
+    workers: int
+
+    @classmethod
+    def parse(cls, name: str) -> Config:
+        store, _, w = name.partition("-w")
+        if store == "on":
+            store = "sqlite"  # the old script's name for it
+        if store not in STORES or (w and not (w.isdigit() and int(w) >= 1)):
+            raise ValueError(f"unknown configuration {name!r}: one of {', '.join(ALL_CONFIGS)} (-wN: N API workers)")
+        workers = int(w) if w else 1
+        return cls(store if workers == 1 else f"{store}-w{workers}", store, workers)
+
+    @property
+    def gateway(self) -> bool:
+        return self.store != "off"
+
+
+class Server(ServerProcess):
+    """One `python -m lockgate.server` (fake engine) in its own working directory."""
+
+    def __init__(self, cfg: Config, workdir: Path, extra: list[str], server_args: list[str]) -> None:
+        self.cfg = cfg
         workdir.mkdir(parents=True)
         env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
+        workers = ["--api-workers", str(cfg.workers)] if cfg.workers > 1 else []
         # cwd: the default ./lockgate-data of open mode lands in an empty directory of ours.
-        super().__init__(["--load-format", "fake", "--log-level", "warning", *server_args, *extra],
+        super().__init__(["--load-format", "fake", "--log-level", "warning", *workers, *server_args, *extra],
                          workdir / "server.log", wait=False, cwd=workdir, env=env, die_with_parent=True)
-        self.url = self.base_url
 
-    def log_tail(self, n: int = 2500) -> str:
-        return self.log_text()[-n:]
-
-    def wait_healthy(self, timeout: float) -> None:  # type: ignore[override]
+    def wait_up(self, timeout: float) -> None:
         try:
-            super().wait_healthy(timeout)
+            self.wait_healthy(timeout)
         except RuntimeError:  # it exited
-            tail = self.log_tail()
-            hint = ""
-            if "No such option" in tail and ("--admin-key" in tail or "--data-dir" in tail):
-                hint = ("\n  -> this lockgate has no --admin-key/--data-dir yet (issue 7's gateway has not "
-                        "landed), so the gateway cannot be switched on")
-            raise SetupError(f"{self.name} server exited with {self.proc.returncode} at startup{hint}\n"
+            tail = self.log_text()[-2500:]
+            if self.cfg.workers > 1 and "No such option" in tail and "--api-workers" in tail:
+                raise Skipped("this lockgate has no --api-workers") from None
+            raise SetupError(f"{self.cfg.name} server exited with {self.proc.returncode} at startup\n"
                              f"  command: {' '.join(self.cmd)}\n  log tail:\n{_indent(tail)}") from None
         except TimeoutError:
-            raise SetupError(f"{self.name} server not healthy after {timeout:.0f} s\n  log tail:\n"
-                             f"{_indent(self.log_tail())}") from None
-
-    def cpu_seconds(self) -> tuple[float, float]:
-        """user + system CPU seconds of the API process and of its children (the engine core), from /proc."""
-        api = _proc_cpu(self.proc.pid)
-        return api, sum(_proc_cpu(pid) for pid in children(self.proc.pid))
-
-
-def _proc_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    except (OSError, IndexError, ValueError):
-        return 0.0
+            raise SetupError(f"{self.cfg.name} server not healthy after {timeout:.0f} s\n  log tail:\n"
+                             f"{_indent(self.log_text()[-2500:])}") from None
 
 
 def _indent(text: str) -> str:
@@ -129,53 +143,61 @@ def _indent(text: str) -> str:
 
 @dataclass
 class Target:
-    name: str
+    cfg: Config
     server: Server
     headers: dict[str, str] = field(default_factory=dict)
     model: str = ""
     tenant_id: str | None = None
+    db_pid: int | None = None  # PostgreSQL's postmaster (pg configurations): its CPU counts too
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def cpu(self) -> tuple[float, float, float]:
+        """(API, engine, database) CPU seconds so far."""
+        api, engine = tree_cpu(self.server.pid)
+        return api, engine, tree_total(self.db_pid) if self.db_pid is not None else 0.0
 
 
 def first_model(url: str, headers: dict[str, str]) -> str:
-    r = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+    r = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
     if r.status_code != 200:
         raise SetupError(f"GET /v1/models: {r.status_code} {r.text[:300]}")
     return r.json()["data"][0]["id"]
 
 
-def setup_gateway(srv: Server, admin_key: str, rate: float, connections: int) -> Target:
-    """A tenant with limits far above the offered load, a budget and prices; one inference key."""
-    admin = {"Authorization": f"Bearer {admin_key}"}
+def setup_gateway(t: Target, admin_key: str, max_rate: float, connections: int) -> None:
+    """A tenant with limits far above any offered load, a budget and prices; one inference key."""
+    url, admin = t.server.base_url, {"Authorization": f"Bearer {admin_key}"}
     tenant = {
         "name": "bench", "models": ["*"],
-        "rpm": int(rate * 60 * 10), "tpm": int(rate * 60 * 10 * 200),
-        "max_concurrency": connections * 4, "max_tokens": 64,
+        "rpm": int(max_rate * 60 * 10), "tpm": int(max_rate * 60 * 10 * 200),
+        "max_concurrency": connections * 16, "max_tokens": 64,
         "budget_usd": 1_000_000.0, "budget_period": "total",
         "prices": {"*": {"prompt": 0.1, "completion": 0.2}},
     }
-    r = httpx.post(f"{srv.url}/admin/tenants", json=tenant, headers=admin, timeout=10)
+    r = httpx.post(f"{url}/admin/tenants", json=tenant, headers=admin, timeout=30)
     if r.status_code != 201:
-        raise SetupError(f"POST /admin/tenants: {r.status_code} {r.text[:500]}")
-    tid = r.json()["id"]
-    r = httpx.post(f"{srv.url}/admin/tenants/{tid}/keys", json={"name": "bench", "scopes": ["inference"]},
-                   headers=admin, timeout=10)
+        raise SetupError(f"{t.name}: POST /admin/tenants: {r.status_code} {r.text[:500]}")
+    t.tenant_id = r.json()["id"]
+    r = httpx.post(f"{url}/admin/tenants/{t.tenant_id}/keys", json={"name": "bench", "scopes": ["inference"]},
+                   headers=admin, timeout=30)
     if r.status_code != 201:
-        raise SetupError(f"POST /admin/tenants/{tid}/keys: {r.status_code} {r.text[:500]}")
-    headers = {"Authorization": f"Bearer {r.json()['key']}"}
-    return Target("on", srv, headers, first_model(srv.url, headers), tid)
+        raise SetupError(f"{t.name}: POST /admin/tenants/{t.tenant_id}/keys: {r.status_code} {r.text[:500]}")
+    t.headers = {"Authorization": f"Bearer {r.json()['key']}"}
 
 
-def ledger_rows(target: Target, admin_key: str) -> tuple[int, float] | None:
-    """(requests, cost in USD) the ledger holds for the bench tenant; None when the usage API answers otherwise."""
-    time.sleep(2.0)  # the ledger is written behind the responses (writer thread, 1 s checkpoints)
+def ledger_requests(t: Target, admin_key: str) -> int | None:
+    """Requests the ledger holds for the bench tenant; None when the usage API answers otherwise."""
     try:
-        r = httpx.get(f"{target.server.url}/admin/usage",
-                      params={"tenant_id": target.tenant_id, "group_by": "model", "format": "json"},
+        r = httpx.get(f"{t.server.base_url}/admin/usage",
+                      params={"tenant_id": t.tenant_id, "group_by": "model", "format": "json"},
                       headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
         rows = r.json().get("data")
         if r.status_code != 200 or not isinstance(rows, list):
             return None
-        return sum(int(x["requests"]) for x in rows), sum(float(x["cost_usd"] or 0) for x in rows)
+        return sum(int(x["requests"]) for x in rows)
     except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -187,163 +209,121 @@ class HttpxClient:
     def __init__(self, t: Target, connections: int, timeout: float, body: bytes) -> None:
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
                               keepalive_expiry=60)
-        self.client = httpx.AsyncClient(base_url=t.server.url, limits=limits, timeout=httpx.Timeout(timeout),
+        self.client = httpx.AsyncClient(base_url=t.server.base_url, limits=limits, timeout=httpx.Timeout(timeout),
                                         headers={**t.headers, "content-type": "application/json"})
         self.body = body
 
     async def post(self) -> int:
-        r = await self.client.post("/v1/completions", content=self.body)
-        return r.status_code
+        return (await self.client.post(PATH, content=self.body)).status_code
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
-class RawClient:
-    """A minimal HTTP/1.1 client: one fixed POST, a bounded pool of keep-alive connections.
-
-    Reads the status line, the headers and a Content-Length or chunked body; a
-    connection the server closes (or that fails) is dropped and a new one opened."""
-
-    def __init__(self, t: Target, connections: int, timeout: float, body: bytes) -> None:
-        self.host, self.port = "127.0.0.1", t.server.port
-        auth = "".join(f"{k}: {v}\r\n" for k, v in t.headers.items())
-        self.request = (f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{auth}\r\n"
-                        ).encode() + body
-        self.slots = asyncio.Semaphore(connections)
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def post(self) -> int:
-        async with self.slots:
-            conn = None
-            while self.idle:  # most recently used first; drop those the server closed while idle
-                conn = self.idle.pop()
-                if not conn[0].at_eof():
-                    break
-                conn[1].close()
-                conn = None
-            if conn is not None:
-                try:
-                    return await self._send(conn)
-                except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
-                    if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
-                        raise
-                    # Closed by the server before it read this request (its keep-alive timeout racing
-                    # our reuse): send it again on a fresh connection, as HTTP clients do.
-            return await self._send(await asyncio.open_connection(self.host, self.port))
-
-    async def _send(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> int:
-        try:
-            status, keep = await self._exchange(*conn)  # the caller bounds the whole request
-        except BaseException:
-            conn[1].close()
-            raise
-        if keep:
-            self.idle.append(conn)
-        else:
-            conn[1].close()
-        return status
-
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, bool]:
-        writer.write(self.request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                await reader.readexactly(size + 2)
-                if size == 0:
-                    break
-        else:
-            await reader.readexactly(int(headers.get("content-length", "0")))
-        return status, headers.get("connection", "").lower() != "close"
-
-    async def aclose(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
+def make_client(t: Target, kind: str, connections: int, timeout: float) -> HttpxClient | RawClient:
+    body = json.dumps({"model": t.model, "prompt": PROMPT, "max_tokens": 1}).encode()
+    if kind == "httpx":
+        return HttpxClient(t, connections, timeout, body)
+    return RawClient("127.0.0.1", t.server.port, PATH, t.headers, body, connections)
 
 
 @dataclass
 class Sample:
-    mode: str
+    name: str
     scheduled: float
     dispatched: float
     done: float
     status: str
 
+    @property
+    def ok(self) -> bool:
+        return self.status == "200"
 
-async def generate_load(targets: list[Target], rate: float, seconds: float, warmup: float, block: float,
-                        connections: int, timeout: float, client_kind: str = "raw", idle_requests: int = 200,
-                        ) -> tuple[list[Sample], list[Sample], dict[str, float]]:
-    """Open-loop constant arrivals; block k of `block` seconds goes to targets[k % len(targets)]."""
+    @property
+    def latency_ms(self) -> float:
+        return (self.done - self.dispatched) * 1000
+
+
+@dataclass
+class Phase:
+    """One open-loop phase: its samples (measured part), idle baseline and meters."""
+
+    samples: list[Sample]
+    idle: list[Sample]
+    wall_s: float  # the measured window
+    dispatched_rps: float  # what the client actually offered in it
+    lag_ms: dict[str, float]
+    client_cpu_ms_per_request: float
+    cpu: dict[str, tuple[float, float, float]]  # per target: (API, engine, database) CPU seconds in the window
+
+
+async def open_loop(targets: list[Target], clients: dict[str, HttpxClient | RawClient], rate: float,
+                    seconds: float, warmup: float, block: float, timeout: float, idle_requests: int = 0,
+                    meter_cpu: bool = True) -> Phase:
+    """Constant arrivals at `rate`; block k of `block` seconds goes to targets[k % len(targets)], so each
+    target gets `seconds` of measured load at the full rate (after `warmup` seconds each)."""
     loop = asyncio.get_running_loop()
-    bodies = {t.name: json.dumps({"model": t.model, "prompt": PROMPT, "max_tokens": 1}).encode() for t in targets}
-    clients: dict[str, HttpxClient | RawClient] = {
-        t.name: (HttpxClient if client_kind == "httpx" else RawClient)(t, connections, timeout, bodies[t.name])
-        for t in targets}
     samples: list[Sample] = []
-    k = len(targets)
-    warm_s = warmup * k
-    total_s = warm_s + seconds * k
-    interval = 1.0 / rate
-    meter: dict[str, float] = {f"sent_{t.name}": 0.0 for t in targets}
-
     idle: list[Sample] = []
+    k = len(targets)
+    warm_s, total_s = warmup * k, (warmup + seconds) * k
+    interval = 1.0 / rate
 
-    async def one(t: Target, scheduled: float, measured: bool, into: list[Sample] = samples) -> None:
+    async def one(t: Target, scheduled: float, into: list[Sample] | None) -> None:
         dispatched = loop.time()
-        meter[f"sent_{t.name}"] += 1
+        SENT[t.name] = SENT.get(t.name, 0) + 1
         try:  # the timeout covers the wait for a pooled connection too
             status = str(await asyncio.wait_for(clients[t.name].post(), timeout))
         except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
                 TimeoutError) as exc:
             status = type(exc).__name__
-        if measured:
+        if into is not None:
             into.append(Sample(t.name, scheduled, dispatched, loop.time(), status))
 
-    try:
-        # Open `connections / 4` keep-alive connections per server before the clock starts.
+    for _ in range(idle_requests):  # one request at a time, targets alternating: no queueing at all
         for t in targets:
-            await asyncio.gather(*(one(t, 0.0, False) for _ in range(max(1, connections // 4))))
-        # Idle baseline: one request at a time, modes alternating, so no queueing at all.
-        for _ in range(idle_requests):
-            for t in targets:
-                await one(t, loop.time(), True, idle)
-        tasks: set[asyncio.Task[None]] = set()
-        t0 = loop.time() + 0.05
-        i = 0
-        measuring = False
-        while True:
-            offset = i * interval
-            if offset >= total_s:
-                break
-            scheduled = t0 + offset
-            delay = scheduled - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if not measuring and offset >= warm_s:
-                measuring = True
-                meter["wall0"], meter["cpu0"] = time.monotonic(), _self_cpu()
-                for t in targets:
-                    meter[f"api0_{t.name}"], meter[f"engine0_{t.name}"] = t.server.cpu_seconds()
-            task = asyncio.create_task(one(targets[int(offset / block) % k], scheduled, offset >= warm_s))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            i += 1
-        meter["dispatch_end"] = loop.time()
-        meter["dispatch_start"] = t0 + warm_s
-        await asyncio.gather(*tasks)
-        meter["wall1"], meter["cpu1"] = time.monotonic(), _self_cpu()
-        for t in targets:
-            meter[f"api1_{t.name}"], meter[f"engine1_{t.name}"] = t.server.cpu_seconds()
-    finally:
-        for c in clients.values():
-            await c.aclose()
-    return samples, idle, meter
+            await one(t, loop.time(), idle)
+    tasks: set[asyncio.Task[None]] = set()
+    t0 = loop.time() + 0.05
+    i = 0
+    started: dict[str, Any] = {}
+    while (offset := i * interval) < total_s:
+        scheduled = t0 + offset
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        measured = offset >= warm_s
+        if measured and not started:
+            started = {"wall": time.monotonic(), "client": _self_cpu(),
+                       "cpu": {t.name: t.cpu() for t in targets} if meter_cpu else {}}
+        task = asyncio.create_task(one(targets[int(offset / block) % k], scheduled, samples if measured else None))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        i += 1
+    span = loop.time() - (t0 + warm_s)
+    if not started:  # nothing was measured
+        started = {"wall": time.monotonic(), "client": _self_cpu(), "cpu": {t.name: t.cpu() for t in targets}}
+    await asyncio.gather(*tasks)
+    wall = time.monotonic() - started["wall"]
+    cpu = {t.name: tuple(b - a for a, b in zip(started["cpu"][t.name], t.cpu())) for t in targets} if meter_cpu else {}
+    lags = sorted((s.dispatched - s.scheduled) * 1000 for s in samples)
+    client_cpu = _self_cpu() - started["client"]
+    return Phase(samples, idle, wall, len(samples) / span if span > 0 else math.nan,
+                 {"p50": percentile(lags, 50, empty=math.nan), "p99": percentile(lags, 99, empty=math.nan),
+                  "max": lags[-1] if lags else math.nan},
+                 client_cpu * 1000 / len(samples) if samples else math.nan, cpu)  # type: ignore[arg-type]
+
+
+async def warm(clients: dict[str, HttpxClient | RawClient], connections: int) -> None:
+    """Open `connections / 4` keep-alive connections per server (and warm its caches)."""
+    n = max(1, connections // 4)
+    for name, c in clients.items():
+        for _ in range(3):
+            await asyncio.gather(*(c.post() for _ in range(n)))
+        SENT[name] = SENT.get(name, 0) + 3 * n
+
+
+SENT: dict[str, int] = {}  # requests sent per configuration, warm-ups and probes included
 
 
 def _self_cpu() -> float:
@@ -351,198 +331,335 @@ def _self_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-# ---- report ----------------------------------------------------------------------------------
-def summarize(samples: list[Sample], idle: list[Sample], targets: list[Target], meter: dict[str, float],
-              rate: float, seconds: float) -> dict[str, Any]:
-    wall = meter["wall1"] - meter["wall0"]
-    modes: dict[str, Any] = {}
+def p95_ms(samples: list[Sample]) -> float:
+    """p95 latency, a failed request counting as infinitely slow."""
+    lat = sorted(s.latency_ms if s.ok else math.inf for s in samples)
+    if not lat:
+        return math.inf
+    return lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)]
+
+
+# ---- 1 capacity --------------------------------------------------------------------------------
+async def capacity(t: Target, args: argparse.Namespace, log: list[dict[str, Any]]) -> dict[str, Any]:
+    """The highest offered rate with p95 under the bound: doubling, then bisection."""
+    client = make_client(t, args.client, args.connections, args.phase_timeout)
+    clients = {t.name: client}
+    try:
+        await warm(clients, args.connections)
+        passed, failed, limited = 0.0, math.inf, False
+
+        async def probe(rate: float) -> bool:
+            nonlocal limited
+            ph = await open_loop([t], clients, rate, args.phase_seconds, args.phase_warmup, 1e9,
+                                 args.phase_timeout, meter_cpu=False)
+            p95 = p95_ms(ph.samples)
+            errors = sum(not s.ok for s in ph.samples)
+            ok = p95 < args.p95_ms
+            short = ph.dispatched_rps < 0.97 * rate
+            log.append({"config": t.name, "rate": rate, "p95_ms": p95, "errors": errors,
+                        "dispatched_rps": ph.dispatched_rps, "pass": ok, "client_limited": short})
+            offered = f", the client offered only {ph.dispatched_rps:.0f} req/s" if short else ""
+            print(f"  {t.name:<10} {rate:7.0f} req/s: p95 {p95:8.1f} ms, {errors} errors{offered} -> "
+                  f"{'ok' if ok else 'over'}", flush=True)
+            await asyncio.sleep(args.cooldown)  # what the server still holds drains
+            if ok and short:
+                limited = True  # the client cannot offer more: stop here, a lower bound
+            return ok
+
+        rate = args.start_rate
+        while rate <= args.max_rate and not limited:
+            if not await probe(rate):
+                failed = rate
+                break
+            passed, rate = rate, rate * 2
+        while passed == 0 and failed > args.start_rate / 32:  # over at the first rate: halve until one is not
+            if await probe(failed / 2):
+                passed = failed / 2
+            else:
+                failed /= 2
+        while not limited and passed > 0 and failed < math.inf and failed / passed > 1 + args.precision:
+            mid = (passed * failed) ** 0.5
+            if await probe(mid):
+                passed = mid
+            else:
+                failed = mid
+        return {"capacity_rps": passed, "first_failing_rps": failed if failed < math.inf else None,
+                "lower_bound": limited or failed == math.inf}
+    finally:
+        await client.aclose()
+
+
+# ---- 2 latency and CPU at a fixed rate --------------------------------------------------------
+async def interleaved(targets: list[Target], rate: float, args: argparse.Namespace) -> Phase:
+    clients = {t.name: make_client(t, args.client, args.connections, args.timeout) for t in targets}
+    try:
+        await warm(clients, args.connections)
+        return await open_loop(targets, clients, rate, args.seconds, args.warmup, args.block, args.timeout,
+                               args.idle_requests)
+    finally:
+        for c in clients.values():
+            await c.aclose()
+
+
+def summarize(ph: Phase, targets: list[Target], rate: float) -> dict[str, Any]:
+    k = len(targets)
+    out: dict[str, Any] = {}
     for t in targets:
-        mine = [s for s in samples if s.mode == t.name]
-        ok = sorted((s.done - s.dispatched) * 1000 for s in mine if s.status == "200")
-        from_schedule = sorted((s.done - s.scheduled) * 1000 for s in mine if s.status == "200")
+        mine = [s for s in ph.samples if s.name == t.name]
+        ok = sorted(s.latency_ms for s in mine if s.ok)
+        idle = sorted(s.latency_ms for s in ph.idle if s.name == t.name and s.ok)
         errors: dict[str, int] = {}
         for s in mine:
-            if s.status != "200":
+            if not s.ok:
                 errors[s.status] = errors.get(s.status, 0) + 1
-        api_cpu = meter[f"api1_{t.name}"] - meter[f"api0_{t.name}"]
-        engine_cpu = meter[f"engine1_{t.name}"] - meter[f"engine0_{t.name}"]
-        srv_cpu = api_cpu + engine_cpu
-        idle_ok = sorted((s.done - s.dispatched) * 1000 for s in idle if s.mode == t.name and s.status == "200")
-        modes[t.name] = {
-            "requests": len(mine), "ok": len(ok), "errors": errors,
-            # Each mode had the stream for half the measured wall time (blocks alternate).
-            "achieved_rps": len(ok) / (wall / len(targets)) if wall > 0 else math.nan,
+        api, engine, db = ph.cpu[t.name]
+        n = len(mine) or math.nan
+        out[t.name] = {
+            "rate_rps": rate, "requests": len(mine), "ok": len(ok), "errors": errors,
+            # Each target had the stream for 1/k of the measured wall time (blocks alternate).
+            "achieved_rps": len(ok) / (ph.wall_s / k) if ph.wall_s > 0 else math.nan,
             "latency_ms": {f"p{q}": percentile(ok, q, empty=math.nan) for q in (50, 90, 99)}
             | {"max": ok[-1] if ok else math.nan},
-            "latency_from_schedule_ms": {f"p{q}": percentile(from_schedule, q, empty=math.nan) for q in (50, 99)},
-            "idle_latency_ms": {f"p{q}": percentile(idle_ok, q, empty=math.nan) for q in (50, 90, 99)}
-            | {"n": len(idle_ok)},
-            "server_cpu_ms_per_request": srv_cpu * 1000 / len(mine) if mine else math.nan,
-            "api_cpu_ms_per_request": api_cpu * 1000 / len(mine) if mine else math.nan,
-            "engine_cpu_ms_per_request": engine_cpu * 1000 / len(mine) if mine else math.nan,
-            "server_cpu_cores": srv_cpu / (wall / len(targets)) if wall > 0 else math.nan,
+            "idle_latency_ms": {f"p{q}": percentile(idle, q, empty=math.nan) for q in (50, 99)},
+            "api_cpu_ms_per_request": api * 1000 / n, "engine_cpu_ms_per_request": engine * 1000 / n,
+            "db_cpu_ms_per_request": db * 1000 / n if t.db_pid is not None else None,
         }
-    lags = sorted((s.dispatched - s.scheduled) * 1000 for s in samples)
-    span = meter["dispatch_end"] - meter["dispatch_start"]
-    client_cpu = meter["cpu1"] - meter["cpu0"]
-    client = {
-        "target_rps": rate,
-        "dispatched_rps": len(samples) / span if span > 0 else math.nan,
-        "dispatch_lag_ms": {"p50": percentile(lags, 50, empty=math.nan), "p99": percentile(lags, 99, empty=math.nan),
-                            "max": lags[-1] if lags else math.nan},
-        "cpu_cores": client_cpu / wall if wall > 0 else math.nan,
-        "cpu_ms_per_request": client_cpu * 1000 / len(samples) if samples else math.nan,
-    }
-    client["sustained"] = client["dispatched_rps"] >= 0.97 * rate
-    out: dict[str, Any] = {"modes": modes, "client": client, "measured_wall_s": wall}
-    # A server that answers well under the offered rate is overloaded: its latency is queueing.
-    # With the modes interleaved, a server that falls behind in its block catches up in the other's,
-    # so the achieved rate hides saturation: a loaded p50 far above the idle p50 shows it.
-    out["overloaded"] = [name for name, m in modes.items() if m["achieved_rps"] < 0.9 * rate
-                         or m["latency_ms"]["p50"] > max(10 * m["idle_latency_ms"]["p50"], 20.0)]
-    if "on" in modes and "off" in modes:
-        off, on = modes["off"]["latency_ms"], modes["on"]["latency_ms"]
-        added = {"p50": on["p50"] - off["p50"], "p99": on["p99"] - off["p99"]}
-        out["added_ms"] = added
-        i_off, i_on = modes["off"]["idle_latency_ms"], modes["on"]["idle_latency_ms"]
-        out["added_idle_ms"] = {"p50": i_on["p50"] - i_off["p50"], "p99": i_on["p99"] - i_off["p99"]}
-        out["added_server_cpu_ms_per_request"] = (modes["on"]["server_cpu_ms_per_request"]
-                                                  - modes["off"]["server_cpu_ms_per_request"])
-        errors = any(m["errors"] for m in modes.values())
-        out["pass"] = added["p50"] <= TARGET_P50_MS and added["p99"] <= TARGET_P99_MS and not errors
-        out["inconclusive"] = len(out["overloaded"]) == len(modes)  # both drowned: the difference is noise
+        m = out[t.name]
+        # A target answering well under the offered rate, or whose p50 is far over its idle p50, is
+        # saturated: its loaded latency is then queueing, not the gateway's cost.
+        m["saturated"] = (m["achieved_rps"] < 0.9 * rate
+                          or m["latency_ms"]["p50"] > max(10 * m["idle_latency_ms"]["p50"], 20.0))
     return out
 
 
-def print_report(res: dict[str, Any], args: argparse.Namespace, cores: int) -> None:
-    print(f"\ngateway overhead: {args.rate:g} req/s offered, open loop, constant arrivals, /v1/completions "
-          f"max_tokens=1, non-streaming, {args.seconds:g} s per mode after {args.warmup:g} s warm-up, "
-          f"modes interleaved in {args.block:g} s blocks, {args.client} client with {args.connections} keep-alive "
-          f"connections per server, "
-          f"fake engine (no model), {cores} CPU cores shared by client and servers\n")
-    head = (f"{'mode':<5} {'requests':>8} {'ok':>7} {'errors':<18} {'achieved/s':>10} {'p50 ms':>7} {'p90 ms':>7} "
-            f"{'p99 ms':>7} {'max ms':>7} {'CPU ms/req api+engine':>21}")
+# ---- report --------------------------------------------------------------------------------------
+def _f(v: float | None, fmt: str = ".2f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def judge(res: dict[str, Any], args: argparse.Namespace) -> None:
+    """Each target's verdict into res["checks"]; res["pass"], res["inconclusive"]."""
+    checks: list[dict[str, Any]] = []
+    lat, caps = res["latency"], res["capacity"]
+    for name, m in lat.items():
+        cfg = Config.parse(name)
+        if not cfg.gateway:
+            continue
+        base = "off" if cfg.workers == 1 else f"off-w{cfg.workers}"
+        if base in lat:
+            a50 = m["latency_ms"]["p50"] - lat[base]["latency_ms"]["p50"]
+            a99 = m["latency_ms"]["p99"] - lat[base]["latency_ms"]["p99"]
+            m["added_ms"] = {"p50": a50, "p99": a99}
+            checks.append({"check": f"{name}: added p50 <= {TARGET_P50_MS:g} ms", "value": a50,
+                           "pass": a50 <= TARGET_P50_MS})
+            checks.append({"check": f"{name}: added p99 <= {TARGET_P99_MS:g} ms", "value": a99,
+                           "pass": a99 <= TARGET_P99_MS})
+        if args.cpu_target_ms > 0 and cfg.workers == 1:
+            v = m["api_cpu_ms_per_request"]
+            checks.append({"check": f"{name}: API CPU per request <= {args.cpu_target_ms:g} ms", "value": v,
+                           "pass": v <= args.cpu_target_ms})
+        if m["errors"]:
+            checks.append({"check": f"{name}: no errors", "value": sum(m["errors"].values()), "pass": False})
+    for name, c in caps.items():
+        cfg = Config.parse(name)
+        one = caps.get(cfg.store)  # the same store with one worker
+        if cfg.workers == 2 and one is not None and one["capacity_rps"] > 0:
+            ratio = c["capacity_rps"] / one["capacity_rps"]
+            c["scaling"] = ratio
+            checks.append({"check": f"{name}: capacity >= {TARGET_SCALING:g}x {cfg.store}'s", "value": ratio,
+                           "pass": ratio >= TARGET_SCALING, "lower_bound": c["lower_bound"]})
+    res["checks"] = checks
+    failed = [c for c in checks if not c["pass"]]
+    # A missed scaling target whose 2-worker capacity is only a lower bound (the client ran out) proves
+    # nothing; nor does a latency phase the client could not offer in full, or one where gateway off
+    # itself queued (the rate is too much for this machine). A gateway configuration that saturates
+    # where gateway off does not simply fails its latency targets.
+    res["inconclusive"] = (any(c.get("lower_bound") for c in failed)
+                           or any(m["saturated"] for n, m in lat.items() if not Config.parse(n).gateway)
+                           or any(c["dispatched_rps"] < 0.97 * c["rate_rps"] for c in res["clients"].values()))
+    res["pass"] = not failed
+
+
+def print_report(res: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"\ngateway overhead: /v1/completions max_tokens=1, non-streaming, open loop, fake engine, "
+          f"{os.cpu_count()} CPU cores shared by the client and every server; {args.client} client, "
+          f"{args.connections} keep-alive connections per server")
+    caps = res["capacity"]
+    if caps:
+        print(f"\ncapacity: the highest offered rate with p95 < {args.p95_ms:g} ms ({args.phase_seconds:g} s "
+              f"phases, doubling then bisection to {args.precision:.0%})")
+        for name, c in caps.items():
+            extra = f"  ({c['scaling']:.2f}x one worker's)" if "scaling" in c else ""
+            bound = " (at least: the client could offer no more)" if c["lower_bound"] else ""
+            print(f"  {name:<10} {c['capacity_rps']:8.0f} req/s{bound}{extra}")
+    lat = res["latency"]
+    head = (f"{'config':<10} {'rate/s':>7} {'ok':>6} {'errors':<14} {'p50 ms':>7} {'p99 ms':>7} {'+p50':>6} "
+            f"{'+p99':>6} {'idle p50':>8}  {'CPU ms/request: api + engine (+ db)':<36}")
+    at = f"at {args.rate:g} req/s" if args.rate is not None else "at half the gateway-off capacity (per worker count)"
+    print(f"\n{at}, configurations interleaved in {args.block:g} s blocks, {args.seconds:g} s each after "
+          f"{args.warmup:g} s (+p50/+p99: added against gateway off with as many workers):")
     print(head)
     print("-" * len(head))
-    for name, m in res["modes"].items():
+    for name, m in lat.items():
         errs = ", ".join(f"{k}:{v}" for k, v in sorted(m["errors"].items())) or "-"
-        lat = m["latency_ms"]
-        print(f"{name:<5} {m['requests']:>8} {m['ok']:>7} {errs:<18} {m['achieved_rps']:>10.1f} {lat['p50']:>7.2f} "
-              f"{lat['p90']:>7.2f} {lat['p99']:>7.2f} {lat['max']:>7.1f} "
-              f"{m['api_cpu_ms_per_request']:>12.2f}+{m['engine_cpu_ms_per_request']:<8.2f}")
-    print(f"\nidle baseline ({args.idle_requests} requests per mode, one at a time, modes alternating; "
-          f"no queueing):")
-    for name, m in res["modes"].items():
-        i = m["idle_latency_ms"]
-        print(f"  {name:<4} p50 {i['p50']:.2f} ms, p90 {i['p90']:.2f} ms, p99 {i['p99']:.2f} ms")
-    if "added_idle_ms" in res:
-        a = res["added_idle_ms"]
-        print(f"  added (on - off): p50 {a['p50']:+.2f} ms, p99 {a['p99']:+.2f} ms")
-    c = res["client"]
-    print(f"\nclient: dispatched {c['dispatched_rps']:.1f} req/s of {c['target_rps']:g} offered; dispatch lag "
-          f"p50 {c['dispatch_lag_ms']['p50']:.2f} ms, p99 {c['dispatch_lag_ms']['p99']:.2f} ms, "
-          f"max {c['dispatch_lag_ms']['max']:.1f} ms; its own CPU {c['cpu_cores']:.2f} cores "
-          f"({c['cpu_ms_per_request']:.2f} ms per request)")
-    if not c["sustained"]:
-        print(f"  NOTE: the load generator could not sustain {c['target_rps']:g} req/s on this machine (it shares "
-              f"the cores with both servers): it offered {c['dispatched_rps']:.1f} req/s")
-    elif c["dispatch_lag_ms"]["p99"] > 10:
-        print("  note: the client kept the rate but was often late (CPU-starved); latency is counted from dispatch, "
-              "so its lateness is not in the table")
-    for name in res["overloaded"]:
-        m = res["modes"][name]
-        print(f"  NOTE: '{name}' is saturated at {c['target_rps']:g} req/s (answered {m['achieved_rps']:.1f} req/s; "
-              f"loaded p50 {m['latency_ms']['p50']:.1f} ms vs {m['idle_latency_ms']['p50']:.2f} ms idle; "
-              f"{m['server_cpu_ms_per_request']:.2f} ms of server CPU per request on a machine the client and "
-              f"the other server share): its loaded latencies are mostly queueing")
-    if "added_ms" in res:
-        a = res["added_ms"]
-        ok50, ok99 = a["p50"] <= TARGET_P50_MS, a["p99"] <= TARGET_P99_MS
-        print(f"\nadded latency (on - off): p50 {a['p50']:+.2f} ms (target <= {TARGET_P50_MS:g}: "
-              f"{'PASS' if ok50 else 'FAIL'}), p99 {a['p99']:+.2f} ms (target <= {TARGET_P99_MS:g}: "
-              f"{'PASS' if ok99 else 'FAIL'}); added server CPU {res['added_server_cpu_ms_per_request']:+.2f} ms "
-              f"per request")
-        if res.get("ledger") is not None:
-            n, cost = res["ledger"]
-            print(f"ledger for the bench tenant: {n} requests, ${cost:.6f} "
-                  f"(requests sent to 'on', warm-ups included: {res['on_requests_total']})")
-        if any(m["errors"] for m in res["modes"].values()):
-            print("errors above: a run with errors does not PASS (the gateway must reject nothing here)")
-        if res["inconclusive"]:
-            print("\nRESULT: INCONCLUSIVE (both servers overloaded: lower --rate, or run on a quieter machine)")
-        else:
-            print(f"\nRESULT: {'PASS' if res['pass'] else 'FAIL'}")
+        a = m.get("added_ms", {})
+        db = f" + {m['db_cpu_ms_per_request']:.2f}" if m["db_cpu_ms_per_request"] is not None else ""
+        print(f"{name:<10} {m['rate_rps']:>7.0f} {m['ok']:>6} {errs:<14} {_f(m['latency_ms']['p50']):>7} "
+              f"{_f(m['latency_ms']['p99']):>7} {_f(a.get('p50'), '+.2f'):>6} {_f(a.get('p99'), '+.2f'):>6} "
+              f"{_f(m['idle_latency_ms']['p50']):>8}  {m['api_cpu_ms_per_request']:.2f} + "
+              f"{m['engine_cpu_ms_per_request']:.2f}{db}"
+              f"{'   SATURATED: its latency is queueing' if m['saturated'] else ''}")
+    for w, c in res["clients"].items():
+        print(f"client ({w} worker{'s' if w != '1' else ''}): offered {c['dispatched_rps']:.0f} req/s of "
+              f"{c['rate_rps']:.0f}; dispatch lag p50 {c['lag_ms']['p50']:.2f} ms, p99 {c['lag_ms']['p99']:.2f} ms; "
+              f"its own CPU {c['cpu_ms_per_request']:.2f} ms per request")
+    for name, n in res.get("ledger", {}).items():
+        print(f"ledger of {name}: {n} requests (sent: {res['sent'][name]}, warm-ups and probes included)")
+    if res["skipped"]:
+        print("\nskipped: " + "; ".join(f"{k} ({v})" for k, v in res["skipped"].items()))
+    print("\nchecks:")
+    for c in res["checks"]:
+        print(f"  {'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']:.2f}"
+              f"{' (a lower bound)' if c.get('lower_bound') else ''}")
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def start_postgres(tmp: Path) -> Any:
+    from lockgate.bench.pgserver import PgServer, PgUnavailable
+
+    try:
+        return PgServer().start()  # PostgreSQL's durability defaults (fsync, synchronous_commit on)
+    except PgUnavailable as exc:
+        raise Skipped(str(exc)) from None
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        raise Skipped(f"PostgreSQL did not start: {exc}") from None
+
+
+async def run(args: argparse.Namespace, configs: list[Config], tmp: Path, admin_key: str,
+              res: dict[str, Any], servers: list[Server], pg_box: list[Any]) -> None:
+    targets: dict[str, Target] = {}
+    pending: list[tuple[Config, Server]] = []
+    for cfg in configs:  # start them all: they come up side by side
+        extra: list[str] = []
+        if cfg.gateway:
+            extra = ["--admin-key", admin_key, "--data-dir", str(tmp / cfg.name / "data")]
+        if cfg.store == "pg":
+            try:
+                if not pg_box:
+                    print("starting PostgreSQL ...", flush=True)
+                    pg_box.append(start_postgres(tmp))
+                extra += ["--store", pg_box[0].create_database("gw_" + cfg.name.replace("-", "_"))]
+            except Skipped as exc:
+                res["skipped"][cfg.name] = str(exc)
+                continue
+        srv = Server(cfg, tmp / cfg.name, extra, args.server_arg)
+        servers.append(srv)
+        pending.append((cfg, srv))
+    print(f"starting {len(pending)} servers (fake engine) ... logs under {tmp}", flush=True)
+    for cfg, srv in pending:
+        try:
+            srv.wait_up(args.startup_timeout)
+        except Skipped as exc:
+            res["skipped"][cfg.name] = str(exc)
+            print(f"  {cfg.name}: skipped ({exc})", flush=True)
+            srv.stop()
+            continue
+        t = Target(cfg, srv)
+        if cfg.gateway:
+            setup_gateway(t, admin_key, max(args.max_rate, args.rate or 0), args.connections)
+        if cfg.store == "pg":
+            t.db_pid = pg_box[0].proc.pid
+        t.model = first_model(srv.base_url, t.headers)
+        targets[cfg.name] = t
+    if not targets:
+        raise SetupError("no configuration could be set up")
+
+    if args.rate is None:
+        print("\n1. capacity", flush=True)
+        for name, t in targets.items():
+            res["capacity"][name] = await capacity(t, args, res["probes"])
+    print("\n2. latency and CPU at a fixed rate", flush=True)
+    for workers in sorted({t.cfg.workers for t in targets.values()}):
+        group = [t for t in targets.values() if t.cfg.workers == workers]
+        if args.rate is not None:
+            rate = args.rate
+        else:  # half the gateway-off capacity (no gateway-off configuration: half the lowest capacity)
+            base = next((t for t in group if not t.cfg.gateway), None)
+            caps = [res["capacity"][t.name]["capacity_rps"] for t in ([base] if base else group)]
+            rate = max(1.0, min(caps) / 2)
+        print(f"  {workers} worker(s): {', '.join(t.name for t in group)} at {rate:.0f} req/s ...", flush=True)
+        ph = await interleaved(group, rate, args)
+        res["latency"].update(summarize(ph, group, rate))
+        res["clients"][str(workers)] = {"rate_rps": rate, "dispatched_rps": ph.dispatched_rps, "lag_ms": ph.lag_ms,
+                                        "cpu_ms_per_request": ph.client_cpu_ms_per_request}
+    await asyncio.sleep(2.0)  # the ledgers are written behind the responses
+    for name, t in targets.items():
+        if t.cfg.gateway:
+            n = ledger_requests(t, admin_key)
+            if n is not None:
+                res.setdefault("ledger", {})[name] = n
+    res["sent"] = {name: SENT.get(name, 0) for name in targets}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rate", type=float, default=500.0, help="offered requests per second (constant arrivals)")
-    ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per mode")
-    ap.add_argument("--warmup", type=float, default=2.0, help="discarded seconds per mode before measuring")
-    ap.add_argument("--block", type=float, default=0.5, help="seconds per alternating block (off, on, off, ...)")
+    ap.add_argument("--configs", default=",".join(ALL_CONFIGS),
+                    help=f"comma-separated, from {', '.join(ALL_CONFIGS)} (-wN: N API workers)")
+    ap.add_argument("--rate", type=float, help="latency phase at this rate for every configuration, no capacity search")
+    ap.add_argument("--p95-ms", type=float, default=150.0, help="capacity: the p95 latency bound")
+    ap.add_argument("--start-rate", type=float, default=100.0, help="capacity: the first probe's rate")
+    ap.add_argument("--max-rate", type=float, default=6400.0, help="capacity: the highest rate probed")
+    ap.add_argument("--precision", type=float, default=0.1, help="capacity: bisect until within this fraction")
+    ap.add_argument("--phase-seconds", type=float, default=3.0, help="capacity: measured seconds per probe")
+    ap.add_argument("--phase-warmup", type=float, default=1.0, help="capacity: discarded seconds per probe")
+    ap.add_argument("--phase-timeout", type=float, default=5.0, help="capacity: per-request timeout in seconds")
+    ap.add_argument("--cooldown", type=float, default=1.0, help="capacity: pause between probes")
+    ap.add_argument("--seconds", type=float, default=10.0, help="latency phase: measured seconds per configuration")
+    ap.add_argument("--warmup", type=float, default=2.0, help="latency phase: discarded seconds per configuration")
+    ap.add_argument("--block", type=float, default=0.5, help="latency phase: seconds per alternating block")
+    ap.add_argument("--idle-requests", type=int, default=200, help="latency phase: sequential requests each first")
+    ap.add_argument("--timeout", type=float, default=15.0, help="latency phase: per-request timeout in seconds")
+    ap.add_argument("--cpu-target-ms", type=float, default=1.0,
+                    help="API CPU per request with the gateway on, one worker (0: not checked)")
     ap.add_argument("--connections", type=int, default=64, help="keep-alive connection pool per server")
-    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
-                    help="load generator's HTTP client (raw: minimal asyncio HTTP/1.1; httpx: AsyncClient)")
-    ap.add_argument("--idle-requests", type=int, default=200,
-                    help="sequential requests per mode first (one at a time: the gateway's cost with no queueing)")
-    ap.add_argument("--timeout", type=float, default=15.0,
-                    help="per-request timeout in seconds, waiting for a pooled connection included")
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw", help="the load generator's HTTP client")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
-    ap.add_argument("--server-arg", action="append", default=[], help="extra `lockgate serve` argument for both "
-                    "servers (repeatable; e.g. --server-arg=--max-num-seqs=512)")
-    ap.add_argument("--only-off", action="store_true", help="measure the gateway-off server alone")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra `lockgate serve` argument for every "
+                    "server (repeatable; e.g. --server-arg=--max-num-seqs=512)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the servers' logs and data dirs")
     args = ap.parse_args()
+    try:
+        configs = [Config.parse(c.strip()) for c in args.configs.split(",") if c.strip()]
+    except ValueError as exc:
+        ap.error(str(exc))
+    if not configs or len({c.name for c in configs}) != len(configs):
+        ap.error("--configs: one or more distinct configurations")
+    if (args.rate is not None and args.rate <= 0) or args.seconds <= 0 or args.warmup < 0 or args.block <= 0 \
+            or args.connections < 1 or args.phase_seconds <= 0 or args.start_rate <= 0 or args.precision <= 0:
+        ap.error("rates, --seconds, --phase-seconds, --block, --precision and --connections must be positive")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on SIGTERM too
-    if args.rate <= 0 or args.seconds <= 0 or args.warmup < 0 or args.block <= 0 or args.connections < 1:
-        ap.error("--rate, --seconds, --block and --connections must be positive, --warmup >= 0")
 
     tmp = Path(tempfile.mkdtemp(prefix="lockgate-gw-bench-"))
     admin_key = "adm-" + secrets.token_urlsafe(24)
     servers: list[Server] = []
-    on_error: str | None = None
+    pg_box: list[Any] = []
+    res: dict[str, Any] = {"capacity": {}, "probes": [], "latency": {}, "clients": {}, "skipped": {},
+                           "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     code = 0
     try:
-        off_srv = Server("off", tmp / "off", [], args.server_arg)
-        servers.append(off_srv)
-        on_srv = None
-        if not args.only_off:
-            on_srv = Server("on", tmp / "on", ["--admin-key", admin_key, "--data-dir", str(tmp / "on" / "data")],
-                            args.server_arg)
-            servers.append(on_srv)
-        print(f"starting servers (fake engine) ... logs under {tmp}", flush=True)
-        off_srv.wait_healthy(args.startup_timeout)
-        targets = [Target("off", off_srv, {}, first_model(off_srv.url, {}))]
-        if on_srv is not None:
-            try:
-                on_srv.wait_healthy(args.startup_timeout)
-                targets.append(setup_gateway(on_srv, admin_key, args.rate, args.connections))
-            except SetupError as exc:
-                on_error = str(exc)
-                print(f"\nGATEWAY-ON SERVER UNAVAILABLE: {on_error}\n\nmeasuring the 'off' half alone.\n", flush=True)
-                on_srv.stop()
-        modes = " and ".join(t.name for t in targets)
-        print(f"running {modes}: {args.rate:g} req/s, {args.warmup:g}+{args.seconds:g} s per mode ...", flush=True)
-        samples, idle, meter = asyncio.run(generate_load(targets, args.rate, args.seconds, args.warmup, args.block,
-                                                         args.connections, args.timeout, args.client,
-                                                         args.idle_requests))
-        res = summarize(samples, idle, targets, meter, args.rate, args.seconds)
-        if len(targets) == 2:
-            res["ledger"] = ledger_rows(targets[1], admin_key)
-            res["on_requests_total"] = int(meter["sent_on"])
-        res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        res["on_unavailable"] = on_error
-        print_report(res, args, os.cpu_count() or 0)
-        if on_error is not None:
-            print("\nRESULT: INCOMPLETE (only the gateway-off half ran; see GATEWAY-ON SERVER UNAVAILABLE above)")
-            code = 3
-        elif args.only_off:
-            code = 0
+        asyncio.run(run(args, configs, tmp, admin_key, res, servers, pg_box))
+        judge(res, args)
+        print_report(res, args)
+        if not res["pass"] and not res["inconclusive"]:
+            code, verdict = 1, "FAIL"
         elif res["inconclusive"]:
-            code = 4
+            code, verdict = 4, "INCONCLUSIVE (the load generator could not offer the rates, or gateway off saturated)"
+        elif res["skipped"]:
+            code, verdict = 3, "INCOMPLETE (the configurations run passed; see skipped above)"
         else:
-            code = 0 if res["pass"] else 1
+            code, verdict = 0, "PASS"
+        print(f"\nRESULT: {verdict}")
         if args.json:
             args.json.write_text(json.dumps(res, indent=2, default=str))
             print(f"wrote {args.json}")
@@ -552,6 +669,8 @@ def main() -> int:
     finally:
         for s in servers:
             s.stop()
+        for pg in pg_box:
+            pg.close()
         if args.keep or code == 2:
             print(f"server logs kept under {tmp}")
         else:

@@ -14,6 +14,7 @@ reach loopback-only tests), and keeps PostgreSQL's durability defaults
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import shutil
@@ -62,11 +63,18 @@ class PgServer:
         self.log = self.root / "server.log"
         self.as_root = os.geteuid() == 0
         self.proc: subprocess.Popen[bytes] | None = None
-        if self.as_root:
-            shutil.chown(self.root, SUPERUSER, SUPERUSER)
-            os.chmod(self.root, 0o700)
-        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", SUPERUSER, "-E", "UTF8",
-                   "--no-sync"], timeout=120)
+        try:
+            if self.as_root:
+                shutil.chown(self.root, SUPERUSER, SUPERUSER)
+                os.chmod(self.root, 0o700)
+            self._run([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", SUPERUSER, "-E", "UTF8",
+                       "--no-sync"], timeout=120)
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
+        # The server runs in its own session (a Ctrl-C to ours does not reach it): stopped and removed
+        # at our exit too, should the owner not close() it.
+        atexit.register(self.close)
 
     def _cmd(self, argv: list[str]) -> list[str]:
         return ["runuser", "-u", SUPERUSER, "--", *argv] if self.as_root else argv
@@ -96,10 +104,12 @@ class PgServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.proc = None
                 raise RuntimeError(f"postgres exited: {self.log.read_text(errors='replace')[-2000:]}")
             if self.ready():
                 return self
             time.sleep(0.05)
+        self.stop(immediate=True)  # not left running behind the error
         raise TimeoutError(f"postgres did not accept connections in {timeout} s")
 
     def ready(self) -> bool:
@@ -138,6 +148,7 @@ class PgServer:
         self.proc = None
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         self.stop(immediate=True)  # its files are deleted next: no checkpoint worth waiting for
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -93,21 +93,41 @@ def check_tenant(tenant: object, tenant_weight: object) -> None:
 # ---- API process -> engine core ---------------------------------------------------
 
 
-class AddRequests(msgspec.Struct, tag="add"):
+class AddRequests(msgspec.Struct, tag="add", omit_defaults=True):
     """New requests; n > 1 arrives here already fanned out into child requests."""
 
     requests: list[EngineCoreRequest]
+    # Who sent them (their outputs go back there): 0, the core's starter on its own socket pair; an
+    # attached frontend's id on the attach socket (`--api-workers`: core/frontends.py).
+    frontend: int = 0
 
 
-class AbortRequests(msgspec.Struct, tag="abort"):
+class AbortRequests(msgspec.Struct, tag="abort", omit_defaults=True):
     request_ids: list[str]
+    frontend: int = 0
 
 
 class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-ClientMessage = AddRequests | AbortRequests | Shutdown
+class Attach(msgspec.Struct, tag="attach"):
+    """Another API process attaches to a running core (on its attach socket): the core connects a
+    PUSH socket to `output` for this frontend's outputs, answers `Ready` there, and watches `pid`
+    (the frontend's process: its requests are aborted when it dies)."""
+
+    frontend: int
+    output: str
+    pid: int
+
+
+class Detach(msgspec.Struct, tag="detach"):
+    """An attached frontend leaves: its unfinished requests are aborted, its socket closed."""
+
+    frontend: int
+
+
+ClientMessage = AddRequests | AbortRequests | Shutdown | Attach | Detach
 
 # ---- engine core -> API process ----------------------------------------------------
 
@@ -129,7 +149,19 @@ class Ready(msgspec.Struct, tag="ready"):
     load_s: float = 0.0
 
 
-class StepOutputs(msgspec.Struct, tag="outputs"):
+class PeerLoad(msgspec.Struct, array_like=True):
+    """A shared core's load from its other frontends (`--api-workers`), in every `StepOutputs` it sends
+    while several API processes are attached: what they have queued, in flight, and cumulative counts
+    of their requests' arrivals and first outputs since the core started (a receiver takes deltas)."""
+
+    frontends: int  # attached frontends besides the receiver (the core's starter waits for them to leave)
+    in_flight: int  # their requests in the core, not finished
+    queued: dict[int, tuple[int, int]]  # priority -> (requests, prompt tokens) with no output yet
+    departed: tuple[int, int]  # cumulative (requests, prompt tokens) that got their first output
+    arrived: dict[int, tuple[int, int]]  # cumulative per priority (requests, prompt tokens)
+
+
+class StepOutputs(msgspec.Struct, tag="outputs", omit_defaults=True):
     """Token deltas of one step (possibly none) plus the engine state after it.
 
     The core also sends an empty one after handling inputs and as a heartbeat
@@ -143,6 +175,7 @@ class StepOutputs(msgspec.Struct, tag="outputs"):
     # When the step that produced `outputs` sampled them (the core's monotonic clock): one stamp
     # per message, from which the frontend takes each request's first and last token times.
     timestamp: float = 0.0
+    peers: PeerLoad | None = None  # a shared core: the other frontends' load (None: one frontend)
 
 
 class RequestFailed(msgspec.Struct, tag="failed"):

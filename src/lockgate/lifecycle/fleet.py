@@ -15,6 +15,14 @@ With an autoscaler (`autoscale`, driven by `autoscale_loop.py`) the count follow
 load between its bounds, down to zero: a fleet at zero is still healthy (it can
 serve), and a request that finds no replica up waits in `activate` (the activator)
 while one starts, up to the version's activation timeout.
+
+Several API workers on one machine (`--api-workers N`, server/workers.py): the primary
+worker's fleet starts, supervises and scales the cores as above, `share`d (each core also
+takes the other workers' requests; a replica drains only once every worker's requests on it
+have ended). Every other worker's fleet is `attached`: it starts nothing; the server's
+topology follower (server/topology.py) `attach`es a replica for each of the primary's and
+`release`s it when the primary drops it, and requests held at zero replicas are counted by
+the primary's autoscaler through `remote_held`.
 """
 from __future__ import annotations
 
@@ -60,7 +68,8 @@ class Fleet:
         self.autoscale: AutoscaleConfig | None = None  # set: the count follows the load (autoscale_loop.py)
         self.last_evaluation: Decision | None = None  # the autoscaler's latest evaluation
         self.last_decision: Decision | None = None  # its latest applied change (scale event)
-        self.held = 0  # requests waiting in `activate` for a replica to come up
+        self._held = 0  # requests waiting in `activate` for a replica to come up (this process's)
+        self.remote_held = 0  # the other API workers' (the primary worker's autoscaler counts them)
         self.wake_autoscaler: Callable[[], None] | None = None  # a held request wants a decision now
         self.cold_starts: list[float] = []  # decision-to-ready seconds of the latest replicas (bounded)
         self._max_model_len = 0  # kept while no replica is up (scaled to zero)
@@ -69,6 +78,25 @@ class Fleet:
         self._on_restart: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        # Several API workers: the primary shares its cores (how long a core's stop waits for the
+        # other workers to detach); the others attach to the primary's.
+        self.share_wait_s: float | None = None
+        self.attached = False
+        self._listed = asyncio.Event()  # attached: the primary's version is ready
+        self._checkpoint: asyncio.Future[Any] | None = None
+
+    @property
+    def held(self) -> int:
+        """Requests waiting in `activate` for a replica, in every API worker."""
+        return self._held + self.remote_held
+
+    @held.setter
+    def held(self, n: int) -> None:
+        self._held = n - self.remote_held
+
+    @property
+    def local_held(self) -> int:
+        return self._held
 
     # ---- the engine as one ------------------------------------------------------------------
     @property
@@ -105,7 +133,8 @@ class Fleet:
 
     @property
     def num_in_flight(self) -> int:
-        return sum(r.client.num_pending for r in self.replicas.values())
+        """Requests in the replicas' cores: this process's, and the other API workers' on shared cores."""
+        return sum(r.client.num_pending + r.client.peer_in_flight for r in self.replicas.values())
 
     @property
     def kv_usage(self) -> float:
@@ -150,6 +179,9 @@ class Fleet:
             cfg = self.config  # one tokenizer load for every replica, beside their cores' start
             checkpoint = asyncio.ensure_future(asyncio.to_thread(
                 load_checkpoint, cfg.model, checkpoint_load_format(cfg.load_format)))
+        if self.attached:
+            await self._start_attached(checkpoint)
+            return
         starting = [self._add(checkpoint) for _ in range(self.configured)]
         if not starting:
             return
@@ -167,10 +199,52 @@ class Fleet:
                 self.tokenizer, self.model_config = ckpt.tokenizer, ckpt.config
         log.info("%s: replica ready (%d of %d)", self.ref, self.num_ready, self.configured)
 
-    def _add(self, checkpoint: asyncio.Future[Any] | None = None) -> Replica:
+    async def _start_attached(self, checkpoint: asyncio.Future[Any] | None) -> None:
+        """Attached: the tokenizer here, the replicas as the follower attaches them; ready once the
+        primary's version is (`listed`) and one replica is up here (or at once, autoscaled: healthy
+        at zero, a request wakes the primary's autoscaler)."""
+        self._checkpoint = checkpoint
+        try:
+            if checkpoint is not None:
+                ckpt = await asyncio.shield(checkpoint)
+                self.tokenizer, self.model_config = ckpt.tokenizer, ckpt.config
+            await self._listed.wait()
+            if self.autoscale is None:
+                await self._up.wait()
+        finally:
+            self._checkpoint = None
+        log.info("%s: attached to the primary worker's replicas (%d up)", self.ref, self.num_ready)
+
+    def attach(self, index: int, client: AsyncEngineClient) -> Replica:
+        """Attached: serve through replica `index` of the primary worker's fleet (`client` attaches to
+        its core: `AttachedTransport`), started in the background."""
+        if index in self.replicas:
+            raise ValueError(f"{self.ref}: replica {index} is already here")
+        return self._add(self._checkpoint, index=index, client=client)
+
+    def listed(self, max_model_len: int) -> None:
+        """Attached: the primary worker's version is ready (its gate passed, its replicas listed), with
+        its context length (what requests are checked against while no replica is here)."""
+        if max_model_len:
+            self._max_model_len = max_model_len
+        self._listed.set()
+
+    def release(self, index: int) -> None:
+        """Attached: the primary dropped (or is draining) replica `index`: no new requests; it goes
+        once this process's requests on it have ended."""
+        replica = self.replicas.get(index)
+        if replica is not None and replica.state not in (ReplicaState.DRAINING, ReplicaState.STOPPED):
+            self._spawn(self._drain(replica, math.inf))
+
+    def _add(self, checkpoint: asyncio.Future[Any] | None = None, *, index: int | None = None,
+             client: AsyncEngineClient | None = None) -> Replica:
         """A new replica (the lowest free index), started in the background."""
-        index = next(i for i in range(len(self.replicas) + 1) if i not in self.replicas)
-        client = self._make_client(self.queue)
+        if index is None:
+            index = next(i for i in range(len(self.replicas) + 1) if i not in self.replicas)
+        if client is None:
+            client = self._make_client(self.queue)
+            if self.share_wait_s is not None:
+                client.share(self.share_wait_s)
         client.tokenizer, client.model_config = self.tokenizer, self.model_config
         client.on_restart = self._on_restart
         replica = Replica(f"{self.ref}/{index}", index, client, self.router)
@@ -205,6 +279,9 @@ class Fleet:
         """Scale to `n` replicas: failed ones are replaced, new ones load in the background; extra ones
         stop taking requests at once and stop once their requests have ended (still-loading ones first,
         then those with the fewest requests in flight). `drain_timeout_s` inf: never cut one short."""
+        if self.attached:  # the primary worker owns the count (and its autoscaler)
+            log.warning("%s: the replica count is the primary API worker's to change; ignored here", self.ref)
+            return
         self.configured = n
         for r in [r for r in self.replicas.values() if r.state is ReplicaState.FAILED]:
             self._forget(r)
@@ -221,10 +298,15 @@ class Fleet:
         replica.refresh()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while replica.client.num_pending > 0 and loop.time() < deadline:
+        c = replica.client
+
+        def left() -> int:  # the primary's shared core: the other workers' requests on it too
+            return c.num_pending + (0 if self.attached else c.peer_in_flight)
+
+        while left() > 0 and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if replica.client.num_pending:
-            log.warning("%s: drain timeout, cutting %d request(s) short", replica.name, replica.client.num_pending)
+        if left():
+            log.warning("%s: drain timeout, cutting %d request(s) short", replica.name, left())
         await replica.stop()
         self._forget(replica)
         if not any(r.up for r in self.replicas.values()):

@@ -6,6 +6,10 @@ router's index of the replica's cached blocks exact. Its life: starting ->
 ready -> draining -> stopped, or failed (a start that keeps failing is retried
 with backoff, as the supervisor retries a restart).
 
+An attached replica (`--api-workers N`: a core the primary API worker started, its client's
+transport `AttachedTransport`) is not warmed up here (the primary did), and tells the router
+what the other workers have on its core too.
+
 Routable means ready, its core up (not restarting after a crash) and not silent:
 a core always talks (a heartbeat every second when idle, every half second
 between steps when busy), so one that has said nothing for STALE_S while it has
@@ -61,6 +65,7 @@ class Replica:
         self.task: asyncio.Task[None] | None = None  # its start (and retries)
         self.subscriber: KVEventSubscriber | None = None
         self._was_up = False  # for clearing the router's index when the core goes down
+        self._peer_fed = False  # the router holds other API workers' load on this core
         self._follow: asyncio.Task[None] | None = None  # the subscriber moving to a restarted remote core
 
     # ---- routing ---------------------------------------------------------------------------
@@ -85,6 +90,15 @@ class Replica:
             self._follow_core()
         self.router.set_routable(self.index, up)
         self.router.set_kv_usage(self.index, self.client.core_stats.kv_cache_usage if up else 0.0)
+        peers = self.client.peers
+        if peers is not None:  # shared cores: the other API workers' requests there
+            queued_req = sum(r for r, _t in peers.queued.values())
+            queued_tok = sum(t for _r, t in peers.queued.values())
+            self.router.set_peer_load(self.index, queued_tok, queued_req, max(0, peers.in_flight - queued_req))
+            self._peer_fed = True
+        elif self._peer_fed:  # the core died: its load went with it
+            self.router.set_peer_load(self.index, 0, 0, 0)
+            self._peer_fed = False
 
     def _follow_core(self) -> None:
         """A restarted remote core binds new ports: move the subscriber there (a local core's
@@ -107,7 +121,8 @@ class Replica:
             self.subscriber = KVEventSubscriber(pub, replay, self._on_events, lambda: self.router.cleared(self.index),
                                                 curve=self.client.kv_event_curve)
             await self.subscriber.start()
-        await self._warm_up(ref)
+        if not self.client.attached:  # an attached core was warmed by the worker that started it
+            await self._warm_up(ref)
         if self.state is ReplicaState.STARTING:
             self.warm_up_s = time.monotonic() - self._decided - self.core_ready_s
             self.state = ReplicaState.READY

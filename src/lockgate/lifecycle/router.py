@@ -38,6 +38,11 @@ min(q_U, q_T + prefill). A flooding tenant then sees its own backlog on every
 replica and spreads over them, while a light tenant still routes by its cached
 prefixes instead of fleeing the flood's queues.
 
+Several API workers on shared cores (`--api-workers N`): each worker's router counts its own
+tickets, and the fleet feeds it the other workers' load on each replica as the core reports it
+(`set_peer_load`): their queued prefill counts like one more tenant's, their running requests
+like its own.
+
 `route` counts the request in flight on its replica before it returns (its `Ticket`),
 so a burst of simultaneous requests spreads. Not thread-safe: one event loop owns it.
 The cost of a route is O(prompt blocks x replicas + tenants queued), never O(index).
@@ -109,7 +114,7 @@ class NoReplicaError(Exception):
 
 class _Replica:
     __slots__ = ("index", "routable", "kv_usage", "blocks", "sent", "queued", "queued_by_tenant",
-                 "queued_requests", "running", "routed")
+                 "queued_requests", "running", "routed", "peer_queued", "peer_queued_requests", "peer_running")
 
     def __init__(self, index: int, routable: bool) -> None:
         self.index = index
@@ -122,6 +127,8 @@ class _Replica:
         self.queued_requests = 0
         self.running = 0
         self.routed = dict.fromkeys(REASONS, 0)
+        # Other API workers' requests on this replica's core (shared cores; their tenants unknown).
+        self.peer_queued = self.peer_queued_requests = self.peer_running = 0
 
     def unqueue(self, tenant: str, tokens: int) -> None:
         self.queued -= tokens
@@ -208,6 +215,13 @@ class Router:
         if rep is not None:
             rep.kv_usage = min(1.0, max(0.0, float(usage))) if math.isfinite(usage) else 1.0
 
+    def set_peer_load(self, index: int, queued_tokens: int, queued_requests: int, running: int) -> None:
+        """Other API workers' requests on the replica's core (shared cores): prefill tokens queued, and
+        requests queued and running."""
+        rep = self._reps.get(index)
+        if rep is not None:
+            rep.peer_queued, rep.peer_queued_requests, rep.peer_running = queued_tokens, queued_requests, running
+
     def blocks_stored(self, index: int, hashes: Iterable[bytes]) -> None:
         rep = self._reps.get(index)
         if rep is None:
@@ -272,15 +286,17 @@ class Router:
             any_match = any_match or deciding
             cached = min((m if deciding else common) * bs, max_cached)
             prefill = num_prompt_tokens - cached
-            if fair and rep.queued_by_tenant:
+            if fair and (rep.queued_by_tenant or rep.peer_queued):
                 qt = rep.queued_by_tenant
                 bound = qt.get(tenant, 0) + prefill
                 queued = 0
                 for q in qt.values():
                     queued += q if q < bound else bound
+                q = rep.peer_queued  # the other workers' queue: tenants unknown, as one more tenant
+                queued += q if q < bound else bound
             else:
-                queued = rep.queued
-            cost = prefill + queued + rep.running * cfg.decode_tokens
+                queued = rep.queued + rep.peer_queued
+            cost = prefill + queued + (rep.running + rep.peer_running) * cfg.decode_tokens
             if rep.kv_usage > cfg.kv_pressure_start:
                 cost += (rep.kv_usage - cfg.kv_pressure_start) * self._pressure_slope
             costs.append((cost, rep, cached, deciding))
@@ -307,7 +323,8 @@ class Router:
             self._turn += 1
             return costs[self._turn % len(costs)]
         a, b = (self._rng.sample(costs, 2) if len(costs) > 1 else (costs[0], costs[0]))
-        load_a, load_b = (c[1].queued_requests + c[1].running for c in (a, b))
+        load_a, load_b = (c[1].queued_requests + c[1].running + c[1].peer_queued_requests + c[1].peer_running
+                          for c in (a, b))
         return a if load_a <= load_b else b
 
     def _count_in(self, rep: _Replica, tenant: str, prefill: int, reason: str) -> None:

@@ -5,15 +5,21 @@ state at scrape time (the core aggregates them; nothing is observed in its
 loop); SLO gauges from the SLO tracker; per-request counters and histograms are
 fed by `RequestTracker`. Request-level metrics carry `tenant` (bounded: see
 `observability/labels.py`) and `class` labels besides `model_name`.
+
+Several API workers (`--api-workers N`): `workers` is set, and the page merges every worker's
+metrics (worker_metrics.py); the registry keeps the scrape-time collectors apart for that.
 """
 from __future__ import annotations
 
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -22,6 +28,7 @@ from lockgate.engine.outputs import RequestOutput, RequestTimes
 from lockgate.engine.step_stats import ITERATION_TOKENS_BUCKETS, STEP_SECONDS_BUCKETS, HistogramCounts
 from lockgate.observability.record import RequestRecord
 from lockgate.observability.slo import WINDOWS, SloTracker
+from lockgate.observability.worker_metrics import WorkerMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -29,6 +36,7 @@ _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
                 1.0, 2.5, 5.0, 10.0)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 REQUEST_LABELS = ["model_name", "tenant", "class"]
+_Child = Any  # a labelled metric's child (prometheus_client types them as the metric itself)
 
 
 def _histogram(name: str, doc: str, model: str, h: HistogramCounts | None,
@@ -122,10 +130,29 @@ class _SloCollector(Collector):
         yield from (burn, attain, budget, objective, events)
 
 
+class _Registry(CollectorRegistry):
+    """Keeps the collectors computed at scrape time apart from the metrics requests feed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scrape_time: list[Collector] = []
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        if not isinstance(collector, MetricWrapperBase):
+            self.scrape_time.append(collector)
+
+    def unregister(self, collector: Collector) -> None:
+        super().unregister(collector)
+        if collector in self.scrape_time:
+            self.scrape_time.remove(collector)
+
+
 class ServerMetrics:
     def __init__(self, model_name: str, state: Callable[[], EngineState]) -> None:
         self.model_name = model_name
-        self.registry = CollectorRegistry()
+        self.registry = _Registry()
+        self.workers: WorkerMetrics | None = None  # several API workers: the page merges them all
         r, lbl, req = self.registry, ["model_name"], REQUEST_LABELS
 
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -169,39 +196,99 @@ class ServerMetrics:
                                    ["status", "code"], registry=r)
         self.max_queued = Gauge("lockgate:max_queued_requests", "The waiting queue's bound "
                                 "(--max-queued-requests): num_requests_queued over it is saturation.",
-                                lbl, registry=r)
+                                lbl, registry=r, multiprocess_mode="max")  # the same in every worker
         r.register(_EngineCollector(state, model_name))
         # Smoothed time to first token: the Retry-After hint for a full queue.
         self.ttft_ema_s = 1.0
+        # Labelled children by their label values, each looked up once: prometheus_client's labels()
+        # validates and locks on every call, and a request makes about twenty (bounded: the same
+        # label sets the metrics hold anyway).
+        self._children: dict[tuple[object, ...], _Child] = {}
+        self._responses: dict[tuple[str, int], _Child] = {}
+        self._request_children: dict[tuple[str, str, str], RequestChildren] = {}
+
+    def child(self, metric: MetricWrapperBase, *values: str) -> _Child:
+        """`metric.labels(*values)`, cached."""
+        key = (metric, *values)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*values)
+        return c
+
+    def request_children(self, labels: tuple[str, str, str]) -> RequestChildren:
+        """The request metrics' children of one (model, tenant, class)."""
+        rc = self._request_children.get(labels)
+        if rc is None:
+            rc = self._request_children[labels] = RequestChildren(labels)
+        return rc
 
     def register_slo(self, slo: SloTracker) -> None:
         self.registry.register(_SloCollector(slo))
 
     def reject(self, reason: str, cls: str = "none") -> None:
         # Class names come from the server's config, never from client input: bounded cardinality.
-        self.requests_rejected.labels(self.model_name, reason, cls).inc()
+        self.child(self.requests_rejected, self.model_name, reason, cls).inc()
 
     def http_response(self, route: str, status: int) -> None:
-        self.http_responses.labels(route, str(status)).inc()
+        c = self._responses.get((route, status))  # every response: keyed without building strings
+        if c is None:
+            c = self._responses[(route, status)] = self.http_responses.labels(route, str(status))
+        c.inc()
 
     def error(self, status: int, code: str | None) -> None:
         # Codes come from our own raise sites, never from client input: bounded cardinality.
-        self.http_errors.labels(str(status), code or "none").inc()
+        self.child(self.http_errors, str(status), code or "none").inc()
 
     def fail(self, reason: str, tenant: str = "none", cls: str = "none") -> None:
-        self.request_failure.labels(self.model_name, tenant, cls, reason).inc()
+        self.child(self.request_failure, self.model_name, tenant, cls, reason).inc()
 
     def charge(self, record: RequestRecord) -> None:
         """The settled cost of a keyed request (after its usage row was computed)."""
         cost = record.cost_usd
         if cost is not None:
-            self.cost.labels(self.model_name, record.tenant, record.class_name).inc(cost)
+            self.request_children((self.model_name, record.tenant, record.class_name)).get(self.cost).inc(cost)
 
     def render(self) -> bytes:
+        if self.workers is not None:
+            return self.workers.render(self.scrape_time_families())
         return generate_latest(self.registry)
+
+    def scrape_time_families(self) -> list[Metric]:
+        """What the scrape-time collectors say now (several API workers merge these themselves)."""
+        return [fam for c in self.registry.scrape_time for fam in c.collect()]
 
     def tracker(self, num_prompt_tokens: int, record: RequestRecord | None = None) -> RequestTracker:
         return RequestTracker(self, num_prompt_tokens, record)
+
+
+def observe(child: _Child, value: float) -> None:
+    """`Histogram.observe` on a labelled child, minus its per-call checks: the sum, then the first bucket
+    whose bound holds the value, found by bisection (prometheus_client scans the bounds one by one).
+    The same two counts; a NaN, or a prometheus_client laid out otherwise, takes the library's path."""
+    bounds = getattr(child, "_upper_bounds", None)
+    if bounds is None or math.isnan(value):
+        child.observe(value)
+        return
+    child._sum.inc(value)
+    child._buckets[bisect_left(bounds, value)].inc(1)
+
+
+class RequestChildren:
+    """The children of the request metrics for one (model, tenant, class), each made on first use
+    (as `labels()` would make it: a series appears with its first sample)."""
+
+    __slots__ = ("labels", "_c")
+
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        self.labels = labels
+        self._c: dict[object, _Child] = {}
+
+    def get(self, metric: MetricWrapperBase, *extra: str) -> _Child:
+        key = (metric, *extra) if extra else metric
+        c = self._c.get(key)
+        if c is None:
+            c = self._c[key] = metric.labels(*self.labels, *extra)
+        return c
 
 
 class RequestTracker:
@@ -209,7 +296,7 @@ class RequestTracker:
     taken once, by its `RequestRecord`."""
 
     __slots__ = ("m", "record", "labels", "arrival", "num_prompt_tokens", "done", "on_tokens", "on_finish",
-                 "_times", "_cached", "_itl", "_inter")
+                 "_times", "_cached", "_itl", "_inter", "_c")
 
     def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int, record: RequestRecord | None = None) -> None:
         self.m = metrics
@@ -224,8 +311,9 @@ class RequestTracker:
         self.on_finish: Callable[[list[str | None] | None, str | None], None] | None = None
         self._times: dict[str, list[RequestTimes]] = {}  # per engine stream: its children's timelines
         self._cached: dict[str, int] = {}  # per engine stream: prompt tokens from the prefix cache
-        self._itl = metrics.itl.labels(*self.labels)  # bound once: observed per output
-        self._inter = metrics.inter_token.labels(*self.labels)
+        self._c = c = metrics.request_children(self.labels)
+        self._itl = c.get(metrics.itl)  # bound once: observed per output
+        self._inter = c.get(metrics.inter_token)
 
     @property
     def num_generated(self) -> int:
@@ -246,12 +334,12 @@ class RequestTracker:
             return
         if previous is None:
             ttft = now - self.arrival
-            self.m.ttft.labels(*self.labels).observe(ttft)
+            observe(self._c.get(self.m.ttft), ttft)
             self.m.ttft_ema_s = 0.9 * self.m.ttft_ema_s + 0.1 * ttft
         else:
             gap = (now - previous) / new
-            self._itl.observe(gap)
-            self._inter.observe(gap)
+            observe(self._itl, gap)
+            observe(self._inter, gap)
 
     def finish(self, finish_reasons: list[str | None] | None, error: str | None = None) -> None:
         """Record once: `error` set -> a failure; otherwise success by finish reason."""
@@ -265,21 +353,21 @@ class RequestTracker:
         r.cached_tokens = sum(self._cached.values())
         if self.on_finish is not None:
             self.on_finish(finish_reasons, error)
-        m, lbl = self.m, self.labels
-        m.prompt_tokens.labels(*lbl).inc(self.num_prompt_tokens)
-        m.generation_tokens.labels(*lbl).inc(self.num_generated)
+        m, c = self.m, self._c
+        c.get(m.prompt_tokens).inc(self.num_prompt_tokens)
+        c.get(m.generation_tokens).inc(self.num_generated)
         for t in r.engine_times:  # every engine request that started, however it ended
-            m.queue_time.labels(*lbl).observe(t.queue_s)
-            m.prefill_time.labels(*lbl).observe(t.prefill_s)
+            observe(c.get(m.queue_time), t.queue_s)
+            observe(c.get(m.prefill_time), t.prefill_s)
         if error is not None:
             m.fail(error, r.tenant, r.class_name)
             return
-        m.e2e.labels(*lbl).observe(time.monotonic() - self.arrival)
-        m.prompt_hist.labels(*lbl).observe(self.num_prompt_tokens)
-        m.generation_hist.labels(*lbl).observe(self.num_generated)
-        m.max_generation_hist.labels(*lbl).observe(r.max_choice_tokens)
+        observe(c.get(m.e2e), time.monotonic() - self.arrival)
+        observe(c.get(m.prompt_hist), self.num_prompt_tokens)
+        observe(c.get(m.generation_hist), self.num_generated)
+        observe(c.get(m.max_generation_hist), r.max_choice_tokens)
         for t in r.engine_times:
-            m.decode_time.labels(*lbl).observe(t.decode_s)
-            m.inference_time.labels(*lbl).observe(t.inference_s)
+            observe(c.get(m.decode_time), t.decode_s)
+            observe(c.get(m.inference_time), t.inference_s)
         for reason in finish_reasons or ["stop"]:
-            m.request_success.labels(*lbl, reason or "stop").inc()
+            c.get(m.request_success, reason or "stop").inc()

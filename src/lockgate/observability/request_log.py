@@ -4,6 +4,11 @@
 `off` writes nothing. The line never holds prompt text unless the server runs
 with `--log-prompts`. It does not propagate to the root logger, so the server's
 own log format never wraps it: every line parses as JSON.
+
+It runs for every request, so it is cheap: msgspec encodes the line, and while
+the logger is as set up here (its one handler, no filters) the line goes
+straight to that handler's stream, as logging would write it, without building
+a LogRecord; anything else attached to the logger gets it the usual way.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+import msgspec
 
 from lockgate.observability.record import RequestRecord
 
@@ -23,8 +30,17 @@ def _round(v: float | None, digits: int = 6) -> float | None:
     return None if v is None else round(v, digits)
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def _timestamp(now: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    sec = int(now)
+    if _second[0] != sec:  # strftime once a second, not once a line
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+    return f"{_second[1]}.{int(now * 1000) % 1000:03d}Z"
+
+
+_encode = msgspec.json.Encoder(enc_hook=str).encode  # `default=str`, as the stdlib line had
 
 
 def request_fields(r: RequestRecord, log_prompts: bool) -> dict[str, Any]:
@@ -57,6 +73,9 @@ def request_fields(r: RequestRecord, log_prompts: bool) -> dict[str, Any]:
     return out
 
 
+_PLAIN = (logging.StreamHandler, logging.FileHandler)  # exactly these: a subclass may do more in emit
+
+
 class RequestLogger:
     """Writes `request_fields` as one JSON line per request."""
 
@@ -67,14 +86,16 @@ class RequestLogger:
         self.log_prompts = log_prompts
         self.logger = logging.getLogger(LOGGER_NAME)
         self.logger.propagate = False  # the root logger's format would wrap the JSON
-        self._handler: logging.Handler | None = None
+        self._handler: logging.StreamHandler[Any] | None = None
+        self._formatter: logging.Formatter | None = None
         if self.enabled:
             try:
-                handler: logging.Handler = (logging.FileHandler(path, encoding="utf-8") if path
-                                            else logging.StreamHandler(sys.stderr))
+                handler: logging.StreamHandler[Any] = (logging.FileHandler(path, encoding="utf-8") if path
+                                                       else logging.StreamHandler(sys.stderr))
             except OSError as exc:
                 raise ValueError(f"cannot open the request log file {path}: {exc.strerror}") from None
-            handler.setFormatter(logging.Formatter("%(message)s"))
+            self._formatter = logging.Formatter("%(message)s")
+            handler.setFormatter(self._formatter)
             self.logger.addHandler(handler)
             self.logger.setLevel(logging.INFO)
             self._handler = handler
@@ -82,9 +103,31 @@ class RequestLogger:
     def log(self, record: RequestRecord) -> None:
         if not self.enabled:
             return
-        line = json.dumps(request_fields(record, self.log_prompts), ensure_ascii=False, default=str,
-                          separators=(",", ":"))
-        self.logger.info(line)
+        fields = request_fields(record, self.log_prompts)
+        try:
+            line = _encode(fields).decode()
+        except (msgspec.EncodeError, UnicodeError, TypeError, ValueError):  # e.g. a lone surrogate in a prompt
+            line = json.dumps(fields, default=str, separators=(",", ":"))
+        if not self._write_direct(line):
+            self.logger.info(line)
+
+    def _write_direct(self, line: str) -> bool:
+        """The line on our handler's stream, as `StreamHandler.emit` would write it with our format;
+        False (nothing written) when the logger is set up otherwise."""
+        handler, logger = self._handler, self.logger
+        if (handler is None or type(handler) not in _PLAIN or handler.formatter is not self._formatter
+                or handler.stream is None or logger.handlers != [handler] or logger.filters or handler.filters
+                or handler.level > logging.INFO or not logger.isEnabledFor(logging.INFO)):
+            return False
+        handler.acquire()
+        try:
+            handler.stream.write(line + handler.terminator)
+            handler.stream.flush()
+        except Exception:  # noqa: BLE001 - reported as logging reports a failed emit
+            handler.handleError(logging.LogRecord(logger.name, logging.INFO, __file__, 0, line, None, None))
+        finally:
+            handler.release()
+        return True
 
     def close(self) -> None:
         if self._handler is not None:

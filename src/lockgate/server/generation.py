@@ -7,7 +7,6 @@ watcher on the ASGI receive channel).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -98,31 +97,40 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def collect(request: Request, streams: list[FleetStream], on_output: Any) -> list[RequestOutput]:
     """The final output of every stream (with the prompt's logprobs, whichever output brought
-    them); raises ClientGone (after aborting) if the client leaves."""
-    finals: list[RequestOutput | None] = [None] * len(streams)
+    them); raises ClientGone (after aborting) if the client leaves.
 
-    async def consume() -> None:
-        async for i, out in merged(streams):
+    Read here, in the request's own task; a watcher task waits for the client to hang up and then
+    aborts the streams, which ends the loop below (one task per request, not two and a wait)."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    gone = False
+
+    def client_left(watcher: asyncio.Future[None]) -> None:
+        nonlocal gone
+        if watcher.cancelled():
+            return
+        watcher.exception()  # retrieved: a failed receive counts as the client gone, as a hang-up does
+        gone = True
+        abort_all(streams)  # wakes the reader: its streams end
+
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher.add_done_callback(client_left)
+    outputs = merged(streams)
+    try:
+        async for i, out in outputs:
+            if gone:
+                break
             on_output(out)
             prev = finals[i]
             if prev is not None and out.prompt_logprobs is None:  # sent once, with an early output
                 out.prompt_logprobs = prev.prompt_logprobs
             finals[i] = out
-
-    work = asyncio.ensure_future(consume())
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():
-            raise ClientGone()
-        work.result()  # re-raises engine errors
     finally:
+        watcher.remove_done_callback(client_left)
         watcher.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
+        await outputs.aclose()  # several streams: stops their pumps
         abort_all(streams)  # no-op for finished streams
+    if gone:
+        raise ClientGone()
     missing = [i for i, f in enumerate(finals) if f is None]
     if missing:  # a stream that ended without output: aborted under us (drain timeout)
         raise unavailable("the request was cancelled because the server is shutting down", "server_draining")

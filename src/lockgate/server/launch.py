@@ -6,18 +6,18 @@ With `--ray` the Ray cluster is started or joined before the models are built, a
 
 SIGTERM drains (new requests 503 at once, in-flight ones finish up to the drain
 timeout, then both processes exit with status 0); SIGINT (Ctrl-C) stops the
-way uvicorn does, and a second Ctrl-C forces the exit.
+way uvicorn does, and a second Ctrl-C forces the exit (server/draining.py).
+
+`--api-workers N` (N > 1): this process binds the port and forks N API workers that share it,
+the engine cores and the store (server/workers.py); it only supervises them. 1, the default,
+is the single process as always.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import signal
-import socket
 import sqlite3
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -30,47 +30,18 @@ from lockgate.lifecycle.build import plan_from_args
 from lockgate.lifecycle.ray_cluster import check_address, require_ray
 from lockgate.lifecycle.ray_cluster import join as join_ray
 from lockgate.lifecycle.spec import check_replicas
-from lockgate.server.app import build_app, drain
+from lockgate.server.app import build_app
 from lockgate.server.config import ServerConfig
-from lockgate.server.state import AppState
+from lockgate.server.draining import DrainingServer
 from lockgate.server.http_protocol import protocol_class
 from lockgate.server.origins import is_loopback_name
+from lockgate.server.worker import STARTUP_FAILURE, WorkerContext, run_worker
+from lockgate.server.workers import WorkerPool, check_api_workers, listen
 from lockgate.store.files import UnsafeDataDir, check_private_dir
 
 log = logging.getLogger("lockgate.server")
 
-STARTUP_FAILURE = 3  # uvicorn's exit status when the application cannot start
-
-
-class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: AppState, drain_timeout_s: float) -> None:
-        super().__init__(config)
-        self.state = state
-        self.drain_timeout_s = drain_timeout_s
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_task: asyncio.Task[None] | None = None
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self.started and self._loop is not None and self._drain_task is None:
-            # Not recorded in _captured_signals: uvicorn would re-raise it at exit and
-            # turn a clean drain into death by SIGTERM.
-            self._loop.call_soon_threadsafe(self._begin_drain)
-            return
-        if sig == signal.SIGTERM and self._drain_task is not None:
-            return  # already draining; SIGINT still forces the way out
-        super().handle_exit(sig, frame)
-
-    def _begin_drain(self) -> None:
-        if self._drain_task is None:
-            self._drain_task = asyncio.ensure_future(self._drain())
-
-    async def _drain(self) -> None:
-        await drain(self.state, self.drain_timeout_s)
-        self.should_exit = True
+__all__ = ["DrainingServer", "STARTUP_FAILURE", "ServeCommand", "serve", "serve_command"]
 
 
 def check_store_url(url: str) -> None:
@@ -106,7 +77,7 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
           max_queued_tokens: int = 262_144, drain_timeout_s: float = 30.0, max_n: int = 16,
           log_level: str = "info", access_log: bool = True, engine_stall_timeout_s: float = 60.0,
           class_config: str | None = None, server_options: dict[str, Any] | None = None,
-          replicas: int = 1, ray: str | None = None, **engine_options: Any) -> int:
+          replicas: int = 1, ray: str | None = None, api_workers: int = 1, **engine_options: Any) -> int:
     """Serve `model` (None: the embedded SmolLM2) until stopped; returns the exit status.
 
     `model` may also be a list of `NAME=PATH` / `NAME@VERSION=PATH` values, and `config` a models
@@ -117,7 +88,12 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
     priority-class file (YAML or JSON, gateway/classes.py); `server_options` more `ServerConfig`
     fields (allowed_origins, header_timeout_s, slo_admission, ...). `ray`: replicas as Ray actors
     ("local" starts a cluster here, "auto" or HOST:PORT joins one; lifecycle/ray_cluster.py).
+    `api_workers`: API processes on the one port, sharing the engine cores (server/workers.py).
     """
+    check_api_workers(api_workers)
+    if api_workers > 1 and ray is not None:
+        raise ValueError("--api-workers above 1 does not work with --ray yet: the workers attach to engine cores "
+                         "on this machine")
     if ray is not None:  # at once, before anything loads: Ray missing or a bad address
         check_address(ray)
         require_ray()
@@ -136,7 +112,8 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
         insecure_no_auth=insecure_no_auth,
         max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
         max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout_s, max_n=max_n, log_level=log_level,
-        engine_stall_timeout_s=engine_stall_timeout_s, replicas=replicas, ray=ray, **(server_options or {}))
+        engine_stall_timeout_s=engine_stall_timeout_s, replicas=replicas, ray=ray, api_workers=api_workers,
+        **(server_options or {}))
     level = log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lockgate").setLevel(level)
@@ -151,16 +128,13 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
                              "tenants and keys), or pass --insecure-no-auth to serve anyone who can reach it")
         log.warning("listening on %s without authentication (--insecure-no-auth): anyone who can reach it "
                     "can use it", host)
+    if api_workers > 1:
+        return _serve_workers(engine_config, server_config, plan, access_log)
     # Before the models are built: their replicas become Ray actors of this cluster.
     cluster = join_ray(ray) if ray is not None else None
     try:
         app = build_app(engine_config, server_config, plan)
-        sc = server_config
-        # httptools (llhttp) rejects ambiguous framing; the subclass adds head deadlines and size bounds.
-        http = protocol_class(sc.header_timeout_s, sc.max_header_bytes)
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log,
-                                http=http, timeout_graceful_shutdown=5, limit_concurrency=sc.max_connections,
-                                timeout_keep_alive=max(1, round(sc.keep_alive_timeout_s)))
+        config = _uvicorn_config(app, server_config, access_log)
         server = DrainingServer(config, app.state.lockgate, drain_timeout_s)
         try:
             server.run()
@@ -170,6 +144,30 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
         if cluster is not None:
             cluster.shutdown()  # after the replicas' actors are gone (the app's shutdown)
     return 0 if server.started else STARTUP_FAILURE
+
+
+def _uvicorn_config(app: Any, sc: ServerConfig, access_log: bool) -> uvicorn.Config:
+    # httptools (llhttp) rejects ambiguous framing; the subclass adds head deadlines and size bounds.
+    http = protocol_class(sc.header_timeout_s, sc.max_header_bytes)
+    return uvicorn.Config(app, host=sc.host, port=sc.port, log_level=sc.log_level.lower(), access_log=access_log,
+                          http=http, timeout_graceful_shutdown=5, limit_concurrency=sc.max_connections,
+                          timeout_keep_alive=max(1, round(sc.keep_alive_timeout_s)))
+
+
+def _serve_workers(engine_config: EngineConfig, server_config: ServerConfig, plan: Any, access_log: bool) -> int:
+    """N API workers on one port (server/workers.py); this process binds it and supervises them."""
+    sc = server_config
+    try:
+        sock = listen(sc.host, sc.port)
+    except OSError as exc:  # as uvicorn: the port is taken, or the address is not this machine's
+        log.error("cannot listen on %s:%d: %s", sc.host, sc.port, exc)
+        return 1
+
+    def main(ctx: WorkerContext) -> int:
+        return run_worker(ctx, lambda: build_app(engine_config, server_config, plan),
+                          lambda app: _uvicorn_config(app, server_config, access_log), sc.drain_timeout_s)
+
+    return WorkerPool(sc.api_workers, sock, main, sc.drain_timeout_s).run()
 
 
 def _default(name: str) -> Any:
@@ -200,6 +198,7 @@ def serve_command(
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="PATH (an HF checkpoint directory or GGUF file), or NAME=PATH / NAME@VERSION=PATH, repeatable (each version its own engine); default: the embedded SmolLM2-135M-Instruct")] = None,  # noqa: E501
     config: Annotated[str | None, typer.Option("--config", help="Models file (YAML or JSON): models, versions, per-version engine options, traffic weights, shadow, rollback rules")] = None,  # noqa: E501
     replicas: Annotated[int, typer.Option(help="Engine processes per model version (each with its own KV cache; requests routed by cached prefix and load); the --config file may set it per version")] = 1,  # noqa: E501
+    api_workers: Annotated[int, typer.Option(help="API processes on the one port (1-64), sharing the engine cores and the store; worker 0 runs the cores and autoscaling (docs/WORKERS.md)")] = 1,  # noqa: E501
     ray: Annotated[str | None, typer.Option("--ray", metavar="[local|auto|ADDRESS]", help="Replicas as Ray actors, placed by each version's `placement` (docs/RAY.md): local (also a bare --ray) starts a cluster here, auto joins the one `ray start` runs here, HOST:PORT joins that one; needs pip install 'lockgate[ray]'")] = None,  # noqa: E501
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
@@ -263,7 +262,8 @@ def serve_command(
             "(a metrics-scope or global admin key); --metrics-public opens it")
     try:
         code = serve(
-            model, host, port, config=config, replicas=replicas, ray=ray, served_model_name=served_model_name,
+            model, host, port, config=config, replicas=replicas, ray=ray, api_workers=api_workers,
+            served_model_name=served_model_name,
             admin_key=admin_key,
             data_dir=data_dir,
             insecure_no_auth=insecure_no_auth,

@@ -11,13 +11,15 @@ handled is logged once and answered as an OpenAI-shaped 500. Every response is
 counted by route and status.
 
 A pure ASGI middleware (not Starlette's BaseHTTPMiddleware) so streaming
-responses and disconnect notifications pass through untouched.
+responses and disconnect notifications pass through untouched. Every answer's
+status line passes one `Exchange` (exchange.py: the route's, rate-limit, CORS
+and timing headers); the hot inference routes are called straight from here
+(direct.py), the rest through FastAPI's stack.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,9 +30,11 @@ from lockgate.server.state import LEASE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, AppState
 from lockgate.server.errors import APIError, internal_error, unavailable
 from lockgate.server.pipeline import charge_call
 from lockgate.server.origins import OriginPolicy, cors_headers
+from lockgate.server.exchange import Exchange
 
 if TYPE_CHECKING:
     from lockgate.observability.observer import Observer
+    from lockgate.server.direct import DirectRoutes
     from lockgate.observability.tracing import RequestTracer
 
 log = logging.getLogger("lockgate.server")
@@ -49,9 +53,10 @@ DRAIN_FACTOR = 4  # a refused body up to this many times the limit is read and d
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, state: AppState) -> None:
+    def __init__(self, app: ASGIApp, state: AppState, direct: DirectRoutes | None = None) -> None:
         self.app = app
         self.state = state
+        self.direct = direct  # the hot routes, called straight from here (direct.py)
         cfg = state.config
         self.policy = OriginPolicy.build(cfg.host, cfg.allowed_origins, cfg.allowed_hosts)
 
@@ -63,29 +68,14 @@ class GuardMiddleware:
         origin = headers.get(b"origin")
         origin_s = origin.decode("latin-1") if origin is not None else None
         cors = origin_s is not None and self.policy.cors_allowed(origin_s)
-        status = 0
-        t0 = time.perf_counter()
-
-        async def send_counted(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers_out = list(message.get("headers", []))
-                if cors and not any(k == b"access-control-allow-origin" for k, _ in headers_out):
-                    headers_out += cors_headers(origin_s or "", preflight=False)
-                # The server's own time to the status line (a 429 is decided here, not by the engine).
-                dur_ms = (time.perf_counter() - t0) * 1000
-                headers_out.append((b"server-timing", f"app;dur={dur_ms:.1f}".encode()))
-                message = {**message, "headers": headers_out}
-            await send(message)
-
+        ex = Exchange(send, origin_s if cors else None)
         try:
-            await self._guarded(scope, receive, send_counted, headers, origin_s, cors)
+            await self._guarded(scope, receive, ex.send, headers, origin_s, cors, ex)
         finally:
-            self.state.metrics.http_response(self._route(scope), status)
+            self.state.metrics.http_response(self._route(scope), ex.status)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes],
-                       origin: str | None, cors: bool) -> None:
+                       origin: str | None, cors: bool, ex: Exchange) -> None:
         state = self.state
         err = self._screen(scope, headers, origin)
         if err is not None:
@@ -106,12 +96,14 @@ class GuardMiddleware:
             if err is not None:
                 await self._reply(send, err)
             else:
-                await self._run(scope, receive, send, None)
+                await self._run(scope, receive, ex, None)
             return
         if path in OPEN_PATHS:
-            await self._run(scope, receive, send, None)
+            await self._run(scope, receive, ex, None)
             return
         err = self._authorize(scope, headers, path)
+        if err is not None and err.status == 401 and await state.gateway.refresh_on_miss():
+            err = self._authorize(scope, headers, path)  # a key made through another instance just now
         if err is None:  # every call on an inference route costs its caller one request of rpm
             err = await charge_call(state.gateway, scope, path)
         if err is not None:
@@ -131,7 +123,7 @@ class GuardMiddleware:
         body = await self._read_body(headers, receive, send)
         if body is None:
             return
-        await self._run(scope, _replay(body, receive), send, headers)
+        await self._run(scope, receive, ex, headers, body)
 
     def _authorize(self, scope: Scope, headers: dict[bytes, bytes], path: str) -> APIError | None:
         """Keyed mode: who is calling, and may that key use this route? Open mode: no admin API."""
@@ -197,29 +189,34 @@ class GuardMiddleware:
         chunks: list[bytes] = []
         size = 0
         more = True
-        while more:
-            try:
-                msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                err = APIError(408, f"the request body did not arrive within {self.state.config.body_timeout_s:g} s",
-                               code="request_timeout", headers={"Connection": "close"})
-                await self._reply(send, err)
-                return None
-            if msg["type"] == "http.disconnect":
-                return None
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                if more:
-                    await _discard(receive, DRAIN_FACTOR * limit - size, deadline)
-                await self._reply(send, _too_large(limit))
-                return None
-            chunks.append(chunk)
-            more = msg.get("more_body", False)
+        try:
+            async with asyncio.timeout_at(deadline):  # one timer for the whole body (wait_for: a task per chunk)
+                while more:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return None
+                    chunk = msg.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        break
+                    chunks.append(chunk)
+                    more = msg.get("more_body", False)
+        except TimeoutError:
+            err = APIError(408, f"the request body did not arrive within {self.state.config.body_timeout_s:g} s",
+                           code="request_timeout", headers={"Connection": "close"})
+            await self._reply(send, err)
+            return None
+        if size > limit:
+            if more:
+                await _discard(receive, DRAIN_FACTOR * limit - size, deadline)
+            await self._reply(send, _too_large(limit))
+            return None
         return b"".join(chunks)
 
-    async def _run(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes] | None) -> None:
-        """Run the route with a lease; release it whatever happens; a stray exception is one 500."""
+    async def _run(self, scope: Scope, receive: Receive, ex: Exchange, headers: dict[bytes, bytes] | None,
+                   body: bytes | None = None) -> None:
+        """Run the route with a lease; release it whatever happens; a stray exception is one 500.
+        `body`: the request's body, read already (the route gets it again from `receive`)."""
         state = self.state
         fault = None
         if state.config.enable_fault_injection and headers is not None:
@@ -227,32 +224,19 @@ class GuardMiddleware:
             fault = name if name in FAULT_POINTS else None
         lease = Lease(fault)
         scope[LEASE_SCOPE_KEY] = lease
-        started = False
         observer: Observer | None = getattr(state, "observer", None)
         # Tracing: only when configured, and not for probes and scrapes (the open paths).
         tracer = observer.tracer if observer is not None and headers is not None else None
         span = tracer.start_http(scope["method"], scope["path"], headers) if tracer is not None else None
-
-        async def send_tracked(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                lease.status = message["status"]
-                if message["status"] >= 400:
-                    lease.outcome = "rejected"
-                principal = scope.get(PRINCIPAL_SCOPE_KEY)
-                if principal is not None and principal.tenant is not None:
-                    message = _with_rate_headers(message, state.gateway.rate_headers(principal))
-            elif span is not None and lease.record is not None:  # the answer's first and last byte
-                now = time.monotonic()
-                if lease.record.response_started is None:
-                    lease.record.response_started = now
-                lease.record.response_ended = now
-            await send(message)
+        ex.route(scope, lease, state.gateway, span is not None)
+        direct = self.direct.match(scope) if self.direct is not None else None
 
         state.inflight += 1
         try:
-            await self.app(scope, receive, send_tracked)
+            if direct is not None:
+                await self.direct(direct, scope, receive, ex, body)
+            else:
+                await self.app(scope, _replay(body, receive) if body is not None else receive, ex.send)
         except Exception as exc:  # noqa: BLE001 - the one place an unhandled error is logged and answered
             lease.outcome = "internal"
             if not lease.accounted:  # a request with a metrics record is counted by it on release
@@ -262,11 +246,12 @@ class GuardMiddleware:
                 else:
                     state.metrics.fail("internal")
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
-            if not started:
+            if not ex.started:
                 err = internal_error(exc)
                 err.headers["Connection"] = "close"
                 lease.status = err.status
-                await self._reply(send, err)
+                ex.lease = None  # the 500 is the guard's own answer: no route headers on it
+                await self._reply(ex.send, err)
             # Started: the connection is closed by the server (the response cannot complete).
         finally:
             state.inflight -= 1
@@ -296,16 +281,6 @@ class GuardMiddleware:
         route = scope.get("route")
         path = getattr(route, "path", None)
         return path if isinstance(path, str) else "other"
-
-
-def _with_rate_headers(message: Message, rate: dict[str, str]) -> Message:
-    """OpenAI's x-ratelimit-* on every response to a tenant (a 429 may carry them already)."""
-    if not rate:
-        return message
-    headers = list(message.get("headers", []))
-    have = {k for k, _ in headers}
-    headers += [(k.encode(), v.encode()) for k, v in rate.items() if k.encode() not in have]
-    return {**message, "headers": headers}
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:

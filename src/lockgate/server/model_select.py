@@ -4,7 +4,7 @@ pipeline.py), `x-lockgate-ignored-fields` (the body's unknown fields, protocol.p
 """
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from lockgate.server.state import IGNORED_FIELDS_SCOPE_KEY, REPLICA_SCOPE_KEY, VERSION_SCOPE_KEY, AppState
 
@@ -13,36 +13,25 @@ REPLICA_HEADER = "x-lockgate-replica"
 IGNORED_FIELDS_HEADER = "x-lockgate-ignored-fields"
 
 
-class ModelVersionHeader:
-    """Adds `x-lockgate-model-version` (and `x-lockgate-replica`, once submitted) to the answer of a
-    request the pipeline routed, and `x-lockgate-ignored-fields` to one whose body had unknown fields."""
+_VERSION_KEY = MODEL_VERSION_HEADER.encode()
+_REPLICA_KEY = REPLICA_HEADER.encode()
+_IGNORED_KEY = IGNORED_FIELDS_HEADER.encode()
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_version(message: Message) -> None:
-            if message["type"] != "http.response.start":
-                await send(message)
-                return
-            headers = list(message.get("headers", []))
-            version = scope.get(VERSION_SCOPE_KEY)
-            if version is not None:
-                headers.append((MODEL_VERSION_HEADER.encode(), version.encode("ascii")))
-                replica = scope.get(REPLICA_SCOPE_KEY)
-                name = replica() if replica is not None else None
-                if name:
-                    headers.append((REPLICA_HEADER.encode(), name.encode("ascii")))
-            ignored = scope.get(IGNORED_FIELDS_SCOPE_KEY)
-            if ignored:  # sanitized ASCII (protocol.ignored_header)
-                headers.append((IGNORED_FIELDS_HEADER.encode(), ignored.encode("ascii")))
-            await send({**message, "headers": headers})
-
-        await self.app(scope, receive, send_with_version)
+def add_route_headers(scope: Scope, headers: list[tuple[bytes, bytes]]) -> None:
+    """Appends `x-lockgate-model-version` (and `x-lockgate-replica`, once submitted) to the answer of a
+    request the pipeline routed, and `x-lockgate-ignored-fields` to one whose body had unknown fields
+    (called by the guard middleware's `Exchange` on the status line)."""
+    version = scope.get(VERSION_SCOPE_KEY)
+    if version is not None:
+        headers.append((_VERSION_KEY, version.encode("ascii")))
+        replica = scope.get(REPLICA_SCOPE_KEY)
+        name = replica() if replica is not None else None
+        if name:
+            headers.append((_REPLICA_KEY, name.encode("ascii")))
+    ignored = scope.get(IGNORED_FIELDS_SCOPE_KEY)
+    if ignored:  # sanitized ASCII (protocol.ignored_header)
+        headers.append((_IGNORED_KEY, ignored.encode("ascii")))
 
 
 def model_cards(app: AppState) -> list[dict[str, object]]:

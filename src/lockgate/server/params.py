@@ -52,6 +52,12 @@ def _unsupported(model: type[BaseModel]) -> dict[str, Unsupported]:
     return marked(model, Unsupported)
 
 
+@cache
+def _null_by_default(model: type[BaseModel]) -> bool:
+    fields = model.model_fields
+    return all(fields[name].default is None and fields[name].default_factory is None for name in _unsupported(model))
+
+
 def _same(value: object, accepted: object) -> bool:
     return isinstance(value, bool) == isinstance(accepted, bool) and value == accepted
 
@@ -59,7 +65,10 @@ def _same(value: object, accepted: object) -> bool:
 def refuse_unsupported(req: BaseModel) -> None:
     """400 `unsupported_parameter` for a known field lockgate does not implement, set to anything
     but null or a value that asks for nothing more than what lockgate does."""
-    for name, mark in _unsupported(type(req)).items():
+    marks = _unsupported(type(req))
+    if _null_by_default(type(req)) and marks.keys().isdisjoint(req.model_fields_set):
+        return  # such fields default to null: only one the body sets can be refused
+    for name, mark in marks.items():
         value = getattr(req, name)
         if value is not None and not any(_same(value, ok) for ok in mark.harmless):
             shown = " or ".join(json.dumps(v) for v in mark.harmless)

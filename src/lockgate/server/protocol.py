@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -247,6 +248,25 @@ def _safe_name(name: str) -> str:
     return _UNSAFE_NAME_CHARS.sub("?", name[:_MAX_NAME_CHARS]) or "?"
 
 
+@cache
+def _field_order(model: type[BaseModel]) -> tuple[dict[str, int], frozenset[str]]:
+    """The fields' declaration order, and those whose default could hold a model (a default factory or
+    a container): only those and the fields a body sets can hold a model, so only they are walked."""
+    order = {name: i for i, name in enumerate(model.model_fields)}
+    always = frozenset(n for n, f in model.model_fields.items()
+                       if f.default_factory is not None or isinstance(f.default, (BaseModel, list, tuple, dict)))
+    return order, always
+
+
+def _walked_fields(model: BaseModel) -> list[str]:
+    """The declared fields that may hold a model, in declaration order (a body sets a few of dozens)."""
+    order, always = _field_order(type(model))
+    names = [n for n in model.model_fields_set if n in order]
+    names.extend(n for n in always if n not in model.model_fields_set)
+    names.sort(key=order.__getitem__)
+    return names
+
+
 def ignored_fields(body: BaseModel) -> list[str]:
     """The unknown fields of a validated body and of the models inside it, as dotted paths
     (`messages.0.reasoning_content`: the first message that has it), sanitized; at most 33 (one
@@ -260,7 +280,7 @@ def ignored_fields(body: BaseModel) -> list[str]:
             if key not in seen and len(out) <= _MAX_IGNORED_NAMES:
                 seen.add(key)
                 out.append(f"{path}{_safe_name(name)}")
-        for name in type(model).model_fields:
+        for name in _walked_fields(model):
             value = getattr(model, name)
             if isinstance(value, BaseModel):
                 walk(value, f"{path}{name}.", f"{shape}{name}.")

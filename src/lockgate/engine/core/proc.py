@@ -23,6 +23,11 @@ its starter put in `$LOCKGATE_CURVE_SERVER` (`engine/curve.py`: only the API pro
 through, every refused attempt is logged), writes where they listen to `--addresses-fd` as one
 JSON line, and the API process connects. Its parent is then the starter (a Ray actor): the core
 still exits with it.
+
+Shared mode (`--attach ADDR`, `lockgate serve --api-workers N`): the other API workers of the
+server attach to this core on a third socket (`frontends.py`): each gets its own requests'
+outputs and the core's stats, with the other frontends' load (`PeerLoad`) so every worker's
+admission and router see the whole server's queue. Only the starter may stop the core.
 """
 from __future__ import annotations
 
@@ -38,14 +43,18 @@ import msgspec
 import zmq
 
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.core.frontends import PRIMARY, FrontendHub
 from lockgate.engine.curve import ENV_VAR, CurveGuard, CurveServer
 from lockgate.engine.kv_events import AllBlocksCleared, KVEvent, KVEventPublisher
 from lockgate.engine.messages import (
     AbortRequests,
     AddRequests,
+    Attach,
     ClientMessage,
+    Detach,
     EngineCoreOutput,
     EngineFailed,
+    EngineStats,
     Ready,
     RequestFailed,
     Shutdown,
@@ -61,14 +70,18 @@ IDLE_POLL_MS = 1000
 # Busy: send at least this often (between steps), so the client's stall watchdog sees
 # progress even through steps that produce no output (chunked prefill).
 BUSY_HEARTBEAT_S = 0.5
+# Shared core: a frontend with no outputs in a step hears the load (stats, the other frontends')
+# this often, not after every step (each message wakes its event loop).
+SHARED_REFRESH_S = 0.02
 
 
 class CoreLoop:
     def __init__(self, config: EngineConfig, input_addr: str, output_addr: str, generation: int = 1,
                  kv_events_addr: str | None = None, kv_replay_addr: str | None = None, *,
-                 curve: CurveServer | None = None) -> None:
+                 curve: CurveServer | None = None, attach_addr: str | None = None) -> None:
         """`curve`: bind mode. The four addresses are `tcp://HOST:*` endpoints this core binds as
-        CURVE servers (the API process connects); `addresses` then says where they were bound."""
+        CURVE servers (the API process connects); `addresses` then says where they were bound.
+        `attach_addr`: shared mode, where other API processes attach (frontends.py)."""
         self.config = config
         self.generation = generation  # 1 for the first core, +1 per restart
         self.num_steps = 0
@@ -90,6 +103,11 @@ class CoreLoop:
         self.decoder = msgspec.msgpack.Decoder(ClientMessage)
         self.parent_pid = os.getppid()
         self.core = None  # set by start(); loading the model can take a while
+        self.ready: Ready | None = None  # what start() told the starter (an attaching frontend gets it too)
+        # Shared mode: bound now, so frontends can attach as soon as the starter says the core is up.
+        self.hub = FrontendHub(self.ctx, attach_addr, self.encoder) if attach_addr else None
+        self._handled_from: set[int] = set()  # shared: the frontends whose messages this iteration handled
+        self._sent_at: dict[int, float] = {}  # shared: when each frontend last got a message
         # KV-cache events: bound now, so subscribers (re)connect while the model loads.
         self.kv_pub: KVEventPublisher | None = None
         self.poller: zmq.Poller | None = None
@@ -99,10 +117,13 @@ class CoreLoop:
                                                ctx=self.ctx, guard=self.guard)
             except zmq.ZMQError as exc:  # serving matters more than events: go on without them
                 log.error("engine core: cannot bind the KV event sockets (%s); no KV events", exc)
-        if self.kv_pub is not None:
+        if self.kv_pub is not None or self.hub is not None:
             self.poller = zmq.Poller()
             self.poller.register(self.inp, zmq.POLLIN)
-            self.poller.register(self.kv_pub.replay_socket, zmq.POLLIN)
+            if self.kv_pub is not None:
+                self.poller.register(self.kv_pub.replay_socket, zmq.POLLIN)
+            if self.hub is not None:
+                self.poller.register(self.hub.inp, zmq.POLLIN)
         if self.guard is not None:
             self.guard.start()
 
@@ -116,6 +137,21 @@ class CoreLoop:
     def send(self, msg: object) -> None:
         self.out.send(self.encoder.encode(msg), copy=False)
 
+    def send_to(self, owner: int, msg: object) -> None:
+        """To the frontend that sent a request: the starter, or an attached one."""
+        if owner == PRIMARY or self.hub is None:
+            self.send(msg)
+        else:
+            self.hub.send(owner, msg)
+
+    def fail(self, message: str) -> None:
+        """EngineFailed to every frontend: the core is exiting."""
+        msg = EngineFailed(message=message)
+        self.send(msg)
+        if self.hub is not None:
+            for fid in list(self.hub.frontends):
+                self.hub.send(fid, msg)
+
     def start(self) -> bool:
         from lockgate.engine.core.engine_core import EngineCore  # heavy for a real model (torch): in the child only
 
@@ -124,17 +160,18 @@ class CoreLoop:
             self.core = EngineCore(self.config, record_kv_events=self.kv_pub is not None)
         except Exception as exc:  # noqa: BLE001 - any start-up failure is reported, then we exit
             log.exception("engine core failed to start")
-            self.send(EngineFailed(message=f"engine failed to start: {exc}"))
+            self.fail(f"engine failed to start: {exc}")
             return False
         core = self.core
         if self.kv_pub is not None:
             self.kv_pub.publish([AllBlocksCleared()])  # seq 0: this cache starts empty
-        self.send(Ready(
+        self.ready = Ready(
             pid=os.getpid(), max_model_len=core.max_model_len, model_config=core.model_config,
             num_total_blocks=core.stats().num_total_blocks, block_size=self.config.block_size,
             stats=core.stats(), clock_offset=time.time() - time.monotonic(),
             load_s=time.monotonic() - loading, started_s=loading - _EXEC_AT,
-        ))
+        )
+        self.send(self.ready)
         return True
 
     def run(self) -> int:
@@ -146,14 +183,21 @@ class CoreLoop:
             # Drain all pending inputs; block (with a heartbeat timeout) only when idle.
             handled = False
             timeout = 0 if busy else IDLE_POLL_MS
-            while self._wait_input(timeout):
+            while (sock := self._wait_input(timeout)) is not None:
                 timeout = 0
-                msg = self.decoder.decode(self.inp.recv(copy=False))
+                msg = self.decoder.decode(sock.recv(copy=False))
+                own = sock is self.inp
                 if isinstance(msg, Shutdown):
-                    log.info("engine core: shutdown requested")
-                    return 0
-                self.handle(msg)
+                    if own:
+                        log.info("engine core: shutdown requested")
+                        return 0
+                    log.warning("engine core: Shutdown from an attached API process ignored (only its starter "
+                                "stops it)")
+                    continue
+                self.handle(msg, own)
                 handled = True
+                if self.hub is not None:
+                    self._handled_from.add(PRIMARY if own else getattr(msg, "frontend", PRIMARY))
             if os.getppid() != self.parent_pid:
                 log.error("engine core: parent process is gone, exiting")
                 return 1
@@ -169,26 +213,57 @@ class CoreLoop:
             # While busy, a heartbeat every BUSY_HEARTBEAT_S tells the watchdog steps still finish.
             now = time.monotonic()
             if outputs or handled or not busy or now - last_sent >= BUSY_HEARTBEAT_S:
-                self.send(StepOutputs(outputs=outputs, stats=core.stats(), timestamp=core.last_step_end))
+                if self.hub is None:
+                    self.send(StepOutputs(outputs=outputs, stats=core.stats(), timestamp=core.last_step_end))
+                else:
+                    self._send_shared(outputs, core.stats(), core.last_step_end, now, busy)
                 last_sent = now
 
-    def _wait_input(self, timeout_ms: int) -> bool:
-        """Whether an input message is ready within `timeout_ms`; replay requests that come
-        meanwhile are answered at once (after publishing what the cache has pending)."""
+    def _send_shared(self, outputs: list[EngineCoreOutput], stats: EngineStats, timestamp: float, now: float,
+                     busy: bool) -> None:
+        """Each frontend its own requests' outputs, the stats, and the other frontends' load: at once
+        when it has outputs or sent something, else at most every SHARED_REFRESH_S while busy."""
+        hub = self.hub
+        assert hub is not None
+        per = hub.route(outputs) if outputs else {}
+        attached = len(hub.frontends)
+        book, handled, sent_at = hub.book, self._handled_from, self._sent_at
+        for fid in (PRIMARY, *hub.frontends):
+            mine = per.get(fid)
+            if not (mine or fid in handled or not busy or now - sent_at.get(fid, 0.0) >= SHARED_REFRESH_S):
+                continue
+            msg = StepOutputs(outputs=mine or [], stats=stats, timestamp=timestamp,
+                              peers=book.peers(fid, attached - (fid != PRIMARY)))
+            if fid == PRIMARY:
+                self.send(msg)
+            else:
+                hub.send(fid, msg)
+            sent_at[fid] = now
+        handled.clear()
+
+    def _wait_input(self, timeout_ms: int) -> zmq.Socket | None:
+        """The socket with an input message within `timeout_ms` (the starter's first), or None; replay
+        requests that come meanwhile are answered at once (after publishing what the cache has
+        pending), and an attached frontend whose process ended is dropped."""
         if self.poller is None:
-            return bool(self.inp.poll(timeout_ms))
-        assert self.kv_pub is not None
+            return self.inp if self.inp.poll(timeout_ms) else None
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
             ready = dict(self.poller.poll(timeout_ms))
-            if self.kv_pub.replay_socket in ready:
+            if self.kv_pub is not None and self.kv_pub.replay_socket in ready:
                 self._publish_kv()
                 self.kv_pub.serve_replay()
             if self.inp in ready:
-                return True
+                return self.inp
+            hub = self.hub
+            if hub is not None:
+                if hub.inp in ready:
+                    return hub.inp
+                for fd in [fd for fd in ready if isinstance(fd, int) and fd in hub.by_pidfd]:
+                    self._frontend_gone(hub.by_pidfd[fd])
             timeout_ms = int((deadline - time.monotonic()) * 1000)
             if timeout_ms <= 0:
-                return False
+                return None
 
     def _publish_kv(self) -> None:
         assert self.kv_pub is not None and self.core is not None
@@ -207,18 +282,53 @@ class CoreLoop:
             while True:
                 time.sleep(1)
 
-    def handle(self, msg: AddRequests | AbortRequests) -> None:
+    def handle(self, msg: AddRequests | AbortRequests | Attach | Detach, own: bool = True) -> None:
+        """One input message; `own`: from the starter's socket (else from an attached frontend)."""
         core = self.core
+        hub = self.hub
+        if isinstance(msg, (Attach, Detach)):
+            if hub is None or own:
+                log.warning("engine core: %s on the wrong socket ignored", type(msg).__name__)
+            elif isinstance(msg, Attach):
+                assert self.ready is not None and self.poller is not None
+                stale = hub.attach(msg, msgspec.structs.replace(self.ready, stats=core.stats()), self.poller)
+                if stale:
+                    core.abort_requests(stale)
+            else:
+                self._frontend_gone(msg.frontend)
+            return
+        owner = PRIMARY if own else msg.frontend
+        if hub is not None and owner != PRIMARY and owner not in hub.frontends:
+            log.warning("engine core: a message from frontend %d, which is not attached, dropped", owner)
+            return
         if isinstance(msg, AbortRequests):
-            core.abort_requests(msg.request_ids)
+            ids = msg.request_ids
+            if hub is not None:  # a frontend aborts only its own requests
+                ids = [rid for rid in ids if hub.book.owner(rid) == owner]
+                for rid in ids:
+                    hub.book.removed(rid)
+            core.abort_requests(ids)
             return
         for req in msg.requests:
             try:
                 core.add_request(req)
             except ValueError as exc:
-                self.send(RequestFailed(request_id=req.request_id, message=str(exc)))
+                self.send_to(owner, RequestFailed(request_id=req.request_id, message=str(exc)))
+                continue
+            if hub is not None:
+                hub.book.added(owner, req)
+
+    def _frontend_gone(self, frontend: int) -> None:
+        """An attached frontend detached or exited: abort what it left running."""
+        assert self.hub is not None and self.poller is not None
+        ids = self.hub.detach(frontend, self.poller)
+        self._sent_at.pop(frontend, None)
+        if ids and self.core is not None:
+            self.core.abort_requests(ids)
 
     def close(self) -> None:
+        if self.hub is not None:
+            self.hub.close()
         if self.kv_pub is not None:
             self.kv_pub.close()
         if self.guard is not None:
@@ -259,13 +369,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="ZMQ address to publish KV-cache events on (vLLM's schema; with --kv-replay)")
     parser.add_argument("--kv-replay", default=None, metavar="ADDR",
                         help="ZMQ address to answer KV-event replay requests on (with --kv-events)")
+    parser.add_argument("--attach", default=None, metavar="ADDR",
+                        help="ZMQ address to bind for other API processes of the same server to attach on "
+                             "(lockgate serve --api-workers N; not with --bind)")
     args = parser.parse_args(argv)
     if (args.kv_events is None) != (args.kv_replay is None):
         parser.error("--kv-events and --kv-replay go together")
     curve = None
     if args.bind is not None:
-        if args.input or args.output or args.kv_events or args.addresses_fd is None:
-            parser.error("--bind takes --addresses-fd and no --input, --output, --kv-events or --kv-replay")
+        if args.input or args.output or args.kv_events or args.attach or args.addresses_fd is None:
+            parser.error("--bind takes --addresses-fd and no --input, --output, --kv-events, --kv-replay or --attach")
         try:
             curve = CurveServer.pop_env()
         except ValueError as exc:
@@ -286,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s [engine] %(message)s")
 
     loop = CoreLoop(decode_config(args.config), args.input, args.output, args.generation,
-                    kv_events_addr=args.kv_events, kv_replay_addr=args.kv_replay, curve=curve)
+                    kv_events_addr=args.kv_events, kv_replay_addr=args.kv_replay, curve=curve,
+                    attach_addr=args.attach)
     if args.addresses_fd is not None:
         _report_addresses(args.addresses_fd, loop.addresses)
     rc = 1
@@ -298,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - report, then exit non-zero so the supervisor restarts us
         log.exception("engine core crashed")
         try:
-            loop.send(EngineFailed(message=f"engine core crashed: {type(exc).__name__}: {exc}"))
+            loop.fail(f"engine core crashed: {type(exc).__name__}: {exc}")
         except zmq.ZMQError:
             traceback.print_exc()
     finally:

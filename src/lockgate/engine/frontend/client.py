@@ -10,6 +10,12 @@ The sockets and the core process are `CoreTransport`'s (`transport.py`), or a gi
 transport's (`remote_transport.py`: a core on another machine); a core that dies or
 stalls (`watchdog.py`) is restarted by the `Supervisor` (`supervisor.py`), after this
 client has failed every in-flight request.
+
+Several API workers on one core (`--api-workers N`): the primary worker's client `share`s its
+cores (they bind an attach socket; its watchdog also counts the other workers' requests, and
+it stops a core only once they have detached); the others' clients attach to them
+(`attached_transport.py`). Each core's messages then carry the other workers' load
+(`PeerLoad`): into the shared `QueueView` (admission) and `peers` (the router, the autoscaler).
 """
 from __future__ import annotations
 
@@ -33,7 +39,15 @@ from lockgate.engine.frontend.stream import RequestStream
 from lockgate.engine.frontend.supervisor import CoreCounters, EngineState, Supervisor
 from lockgate.engine.frontend.transport import CoreLink, CoreTransport
 from lockgate.engine.frontend.watchdog import StallWatchdog
-from lockgate.engine.messages import AbortRequests, AddRequests, EngineFailed, EngineStats, RequestFailed, StepOutputs
+from lockgate.engine.messages import (
+    AbortRequests,
+    AddRequests,
+    EngineFailed,
+    EngineStats,
+    PeerLoad,
+    RequestFailed,
+    StepOutputs,
+)
 from lockgate.engine.outputs import RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
@@ -70,16 +84,20 @@ class AsyncEngineClient:
         self._ckpt_task: asyncio.Future[Any] | None = None
         self._healthy = False
         self._closing = False
+        self._stopping = False  # shutdown called (it may first wait for other API workers to detach)
         self._counters = CoreCounters()  # cumulative counters survive restarts
         self._input: InputProcessor | None = None
         self._output: OutputProcessor | None = None
         self._streams: dict[str, RequestStream] = {}
+        # Shared cores (--api-workers): the other workers' load in the current core, as it last said.
+        self.peers: PeerLoad | None = None
+        self._detach_wait_s = 0.0  # sharing: how long shutdown waits for the other workers to detach
         # Accepted requests with no output yet, per priority, and their drain rate; the replicas of one
         # model version share one (admission control sees the version's queue).
         self.queue = queue if queue is not None else QueueView()
         # Stall watchdog (0 or None: off). Inactive while no core is up; never fires on an idle core.
         self._watchdog = StallWatchdog(
-            stall_timeout_s, is_active=lambda: self.healthy, has_pending=lambda: bool(self._streams),
+            stall_timeout_s, is_active=lambda: self.healthy, has_pending=self._has_pending,
             on_stall=self._on_stall)
         self._watchdog_task: asyncio.Task[None] | None = None
         self._last_message_at = time.monotonic()
@@ -109,6 +127,50 @@ class AsyncEngineClient:
     @on_restart.setter
     def on_restart(self, hook: Callable[[], None] | None) -> None:
         self._supervisor.on_restart = hook
+
+    # ---- several API workers on one core -------------------------------------------------
+    def share(self, detach_wait_s: float) -> None:
+        """Let the server's other API workers attach to this client's cores (before `start`); on
+        shutdown, wait up to `detach_wait_s` for them to detach before stopping a core."""
+        if not isinstance(self._core, CoreTransport):
+            raise ValueError("only local engine cores can be shared by several API workers")
+        self._core.attachable = True
+        self._detach_wait_s = detach_wait_s
+
+    @property
+    def attached(self) -> bool:
+        """This client serves through a core another API worker started (attached_transport.py)."""
+        return self._core.frontend_id != 0
+
+    @property
+    def attach_address(self) -> str | None:
+        """Where the other API workers attach to the current core (None: not shared, or none yet)."""
+        return self._core.attach_address
+
+    @property
+    def core_generation(self) -> int:
+        """1 for the first core, +1 per restart (attached: per core attached to)."""
+        return self._core.generation
+
+    @property
+    def peer_in_flight(self) -> int:
+        """The other workers' requests in the current core (0 without shared cores)."""
+        p = self.peers
+        return p.in_flight if p is not None else 0
+
+    def _has_pending(self) -> bool:
+        """Work in the core, for the stall watchdog: ours, or another worker's."""
+        return bool(self._streams) or self.peer_in_flight > 0
+
+    async def _wait_detached(self) -> None:
+        """Sharing: the other workers drain too; stop the core under them only once they have left."""
+        deadline = time.monotonic() + self._detach_wait_s
+        while (self.healthy and self.peers is not None and self.peers.frontends > 0
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+        if self.healthy and self.peers is not None and self.peers.frontends > 0:
+            log.warning("engine core %s: %d API worker(s) still attached after %.0f s; stopping it anyway",
+                        self.engine_pid, self.peers.frontends, self._detach_wait_s)
 
     # ---- life cycle ------------------------------------------------------------------
     async def start(self, checkpoint: asyncio.Future[Any] | None = None) -> None:
@@ -166,14 +228,18 @@ class AsyncEngineClient:
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the core (Shutdown message, then SIGKILL after `timeout_s`) and clean up."""
-        if self._closing:
+        if self._closing or self._stopping:
             return
+        self._stopping = True
+        if self._detach_wait_s > 0:
+            await self._wait_detached()
         self._closing = True
         self._healthy = False
         for task in (self._supervisor_task, self._reader, self._watchdog_task):
             if task is not None:
                 task.cancel()
         self.fail_all(EngineUnavailableError("the server is shutting down"))
+        self.queue.drop_peers(self)
         await self._core.close(timeout_s)
 
     # ---- requests --------------------------------------------------------------------
@@ -205,7 +271,7 @@ class AsyncEngineClient:
         # Encode before anything is registered: a value the wire cannot carry (an
         # integer past 64 bits) is a bad request, not a leaked queue slot.
         try:
-            payload = self._core.encode(AddRequests(reqs))
+            payload = self._core.encode(AddRequests(reqs, self._core.frontend_id))
         except (OverflowError, TypeError, msgspec.EncodeError) as exc:
             raise ValueError(f"request cannot be encoded for the engine: {exc}") from None
         first = reqs[0]
@@ -253,7 +319,7 @@ class AsyncEngineClient:
         child_ids = self._output.abort(stream.request_id)
         if child_ids and self.healthy:
             with contextlib.suppress(zmq.ZMQError):
-                self._core.send(AbortRequests(child_ids))
+                self._core.send(AbortRequests(child_ids, self._core.frontend_id))
 
     # ---- state -----------------------------------------------------------------------
     def state(self) -> EngineState:
@@ -306,6 +372,8 @@ class AsyncEngineClient:
         """The core died or stalled: fail every in-flight request with `error`, drop the core's state."""
         self._healthy = False  # first: released streams must not send aborts to a dead or stuck core
         self._counters.core_died()
+        self.peers = None
+        self.queue.drop_peers(self)
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
@@ -336,6 +404,9 @@ class AsyncEngineClient:
                 continue
             if isinstance(msg, StepOutputs):
                 self._counters.stats = msg.stats
+                if msg.peers is not None:
+                    self.peers = msg.peers
+                    self.queue.set_peers(self, msg.peers)
                 if msg.outputs:
                     self._dispatch(msg)
             elif isinstance(msg, RequestFailed):
@@ -360,7 +431,7 @@ class AsyncEngineClient:
             return
         if to_abort:
             with contextlib.suppress(zmq.ZMQError):
-                self._core.send(AbortRequests(to_abort))
+                self._core.send(AbortRequests(to_abort, self._core.frontend_id))
         for out in results:
             stream = self._streams.get(out.request_id)
             if stream is None:

@@ -88,6 +88,8 @@ class IncrementalDetokenizer:
         return emitted
 
     def _decode_step(self, final: bool) -> str:
+        if self._read_offset == len(self._ids):
+            return ""  # nothing past the prefix: both windows are the same ids, so they decode alike
         decode = self.tokenizer.decode
         prefix_text = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=self._skip_special)
         new_text = decode(self._ids[self._prefix_offset:], skip_special_tokens=self._skip_special)

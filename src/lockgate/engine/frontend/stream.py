@@ -30,7 +30,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
 
 
 class RequestStream:
-    """Outputs of one (parent) request as an async iterator.
+    """Outputs of one (parent) request as an async iterator (for one reader).
 
     When the consumer falls behind (a slow HTTP client), pending outputs are
     merged into one, so a reader always gets everything since its last read
@@ -38,7 +38,7 @@ class RequestStream:
     """
 
     __slots__ = ("request_id", "num_children", "queued_tokens", "queued", "finished_normally",
-                 "_pending", "_event", "_done", "_error", "_on_end")
+                 "_pending", "_waiter", "_done", "_error", "_on_end")
 
     def __init__(self, request_id: str, num_children: int, queued_tokens: int,
                  on_end: Callable[[RequestStream], None]) -> None:
@@ -48,7 +48,8 @@ class RequestStream:
         self.queued = True  # no output yet (admission control counts it as waiting)
         self.finished_normally = False
         self._pending: deque[RequestOutput] = deque()
-        self._event = asyncio.Event()
+        # The reader's wake-up while it waits (a bare future: an asyncio.Event costs more per output).
+        self._waiter: asyncio.Future[None] | None = None
         self._done = False
         self._error: BaseException | None = None
         self._on_end = on_end
@@ -67,7 +68,7 @@ class RequestStream:
         if out.finished:
             self.finished_normally = True
             self._end()
-        self._event.set()
+        self._wake()
 
     def fail(self, exc: BaseException) -> None:
         """End the stream with an error the consumer sees after any pending outputs."""
@@ -75,13 +76,18 @@ class RequestStream:
             return
         self._error = exc
         self._end()
-        self._event.set()
+        self._wake()
 
     def abort(self) -> None:
         """The consumer gives up (client gone): stop the request in the engine at once."""
         if not self._done:
             self._end()
-            self._event.set()
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _end(self) -> None:
         self._done = True
@@ -98,5 +104,11 @@ class RequestStream:
                 raise self._error
             if self._done:
                 raise StopAsyncIteration
-            self._event.clear()
-            await self._event.wait()
+            waiter = self._waiter
+            if waiter is None:
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None

@@ -4,7 +4,9 @@ When the core process dies, every in-flight request fails at once with
 `EngineDeadError`, the client turns unhealthy, and `Supervisor` starts a new
 core (with backoff) so later requests work again. A core on another machine
 (`remote_transport.py`) dies the same way: its host reports the exit, or is
-gone itself. A core that is alive but makes no progress while requests are in
+gone itself; one another API worker started (`attached_transport.py`) dies
+when its process ends, and its "restart" is attaching to the one that replaces it.
+A core that is alive but makes no progress while requests are in
 flight (`watchdog.py`) is treated the same way: its requests fail with
 `EngineStalledError` and the supervisor kills it, then restarts it like a dead
 one.
@@ -148,7 +150,8 @@ class Supervisor:
             rc = await proc.wait()
             if self._is_closing():
                 return
-            how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+            how = getattr(proc, "exit_description", None) or (
+                f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}")
             where = "" if self._transport.node is None else f" on {self._transport.node}"  # a remote core
             if self._stalled_pid == proc.pid:
                 log.warning("stalled engine core process %s%s killed; restarting it", proc.pid, where)

@@ -12,8 +12,12 @@ for every generation: a restarted core binds them again (replacing the socket fi
 killed one left), and subscribers (`kv_events_sub.py`) reconnect by themselves.
 
 What every way of starting a core shares is `CoreLink` (the two sockets, the messages,
-waiting for `Ready`, stopping); a core on another machine is `remote_transport.py`'s. The
-supervisor sees either core as a `CoreProcess` (pid, returncode, wait, kill).
+waiting for `Ready`, stopping); a core on another machine is `remote_transport.py`'s, one that
+another API worker of the same server started is `attached_transport.py`'s. The supervisor
+sees any core as a `CoreProcess` (pid, returncode, wait, kill).
+
+`attachable` (`--api-workers N`, set before the first spawn): each core also binds an attach
+socket (`attach-GEN` in the same directory) where the server's other API workers attach.
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ class CoreLink:
         self._out: zmq.asyncio.Socket | None = None  # PULL
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(CoreMessage)
+        self.frontend_id = 0  # this process's id in the core's messages (0: the core's starter)
 
     # ---- messages ----------------------------------------------------------------------
     def encode(self, msg: object) -> bytes:
@@ -99,6 +104,11 @@ class CoreLink:
     @property
     def kv_event_curve(self) -> CurveClient | None:
         """The CURVE keys a subscriber to those addresses needs (None: local IPC, none)."""
+        return None
+
+    @property
+    def attach_address(self) -> str | None:
+        """Where the server's other API workers attach to the current core (None: not shared)."""
         return None
 
     # ---- the process -------------------------------------------------------------------
@@ -172,11 +182,18 @@ class CoreTransport(CoreLink):
         self._tmpdir = tempfile.mkdtemp(prefix="lockgate-engine-")  # 0700: private IPC sockets
         self._kv_events_addr = f"ipc://{self._tmpdir}/kv-events"
         self._kv_replay_addr = f"ipc://{self._tmpdir}/kv-replay"
+        self.attachable = False  # shared by several API workers (--api-workers): cores bind an attach socket
 
     @property
     def kv_event_addresses(self) -> tuple[str, str]:
         """(PUB, replay ROUTER) addresses of every core's KV-cache events, fixed for this transport."""
         return self._kv_events_addr, self._kv_replay_addr
+
+    @property
+    def attach_address(self) -> str | None:
+        if not self.attachable or self.generation == 0:
+            return None
+        return f"ipc://{self._tmpdir}/attach-{self.generation}"
 
     async def spawn(self, config: EngineConfig) -> asyncio.subprocess.Process:
         """Bind fresh sockets and start a core on them (it is not ready yet: `await_ready`)."""
@@ -192,12 +209,13 @@ class CoreTransport(CoreLink):
         self._out.setsockopt(zmq.RCVHWM, 0)
         self._out.setsockopt(zmq.LINGER, 0)
         self._out.bind(out_addr)
+        attach = ["--attach", self.attach_address] if self.attachable else []
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "lockgate.engine.core",
                 "--input", in_addr, "--output", out_addr, "--config", encode_config(config).decode(),
                 "--generation", str(self.generation),
-                "--kv-events", self._kv_events_addr, "--kv-replay", self._kv_replay_addr,
+                "--kv-events", self._kv_events_addr, "--kv-replay", self._kv_replay_addr, *attach,
             )
         except OSError:
             self.close_sockets()
