@@ -326,7 +326,7 @@ class Gateway:
             price = tenant.price_for(meter.model)
             meter.prompt_tokens, meter.price = prompt_tokens, price
             meter.reserved_usd = price.cost(prompt_tokens, worst_completion_tokens)
-            self.shared_state.start_admit(meter, tenant, prompt_tokens, meter.reserved_usd, now)
+            self.shared_state.start_admit(meter, tenant, now)
             return
         states = self.limit_states(meter.principal, now)
         self.limiter.check(states, prompt_tokens, now)

@@ -120,8 +120,9 @@ class SharedState:
             self.count_refusal(principal, err.status, err.code, now)
             raise err
 
-    def start_admit(self, meter: Meter, tenant: Tenant, prompt_tokens: int, cost: float, now: float) -> None:
-        """Admission in the store; `meter.reservation` resolves when admitted (APIError when not)."""
+    def start_admit(self, meter: Meter, tenant: Tenant, now: float) -> None:
+        """Admission in the store of the meter's reservation row (prompt tokens and worst-case cost
+        set); `meter.reservation` resolves when admitted (APIError when not)."""
         principal = meter.principal
         key = principal.key
         tpm = [(f"t:{tenant.id}", tenant.limits.tpm)] if tenant.limits.tpm is not None else []

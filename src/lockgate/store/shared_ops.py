@@ -74,9 +74,7 @@ def _refill(capacity: float, level: float, updated: float, wanted: float, now: f
 
 
 class SharedOps:
-    """Mixed into `SqlStore`: needs `_write`, `_q`, `_settle_rows`' helpers and the SQL class attributes."""
-
-    FOR_UPDATE = ""  # unused by the statements above; kept for ad-hoc locking reads in subclasses
+    """Mixed into `SqlStore`: needs its `_write`, `_q`, `RES_COLS_SQL`, `USAGE_INSERT_SQL` and `usage_values`."""
 
     # ---- buckets ------------------------------------------------------------------------------
     @staticmethod

@@ -3,8 +3,7 @@
 The subclasses (sqlite.py, postgres.py) own connections, transactions and
 migrations; this class owns every statement. Statements use `?` placeholders
 (the PostgreSQL connection adapter rewrites them) and only SQL both dialects
-share; the few differences are class attributes (`DAY_SQL`, `RES_SELECT`,
-`FOR_UPDATE`). A subclass provides:
+share; the few differences are class attributes (`DAY_SQL`, `RES_SELECT`). A subclass provides:
 - `_write(admin=False)`: one write transaction; `admin=True` for changes that
   append to the audit chain (PostgreSQL takes a cross-instance advisory lock
   there, so the chain stays linear and tenant names unique across instances);

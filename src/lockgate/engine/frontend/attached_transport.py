@@ -132,12 +132,7 @@ class AttachedTransport(CoreLink):
         self.generation += 1
         self.address = address
         out_addr = f"ipc://{self._tmpdir}/out-{self.generation}"
-        self._in = self._ctx.socket(zmq.PUSH, socket_class=zmq.Socket)  # plain (sync) socket
-        self._in.setsockopt(zmq.SNDHWM, 0)
-        self._in.setsockopt(zmq.LINGER, 0)
-        self._out = self._ctx.socket(zmq.PULL)
-        self._out.setsockopt(zmq.RCVHWM, 0)
-        self._out.setsockopt(zmq.LINGER, 0)
+        self.open_sockets()
         try:
             self._out.bind(out_addr)
             self._in.connect(address.attach)

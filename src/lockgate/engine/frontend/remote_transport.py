@@ -129,12 +129,7 @@ class RemoteTransport(CoreLink):
         curve = self.host.curve
         # The core binds, this side connects: messages sent before the handshake wait in the PUSH
         # socket's pipe, as they would on a local core's bound one.
-        self._in = self._ctx.socket(zmq.PUSH, socket_class=zmq.Socket)  # plain (sync) socket
-        self._in.setsockopt(zmq.SNDHWM, 0)
-        self._in.setsockopt(zmq.LINGER, 0)
-        self._out = self._ctx.socket(zmq.PULL)
-        self._out.setsockopt(zmq.RCVHWM, 0)
-        self._out.setsockopt(zmq.LINGER, 0)
+        self.open_sockets()
         for sock, addr in ((self._in, info.input), (self._out, info.output)):
             if addr.startswith("tcp://["):
                 sock.setsockopt(zmq.IPV6, 1)

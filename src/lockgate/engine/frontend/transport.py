@@ -151,6 +151,16 @@ class CoreLink:
             await proc.wait()
         self.close_sockets()
 
+    def open_sockets(self) -> None:
+        """The pair every transport uses: PUSH requests in (a plain sync socket: sends never wait on
+        the loop), PULL outputs out; no high-water mark (the queue bounds live above), no linger."""
+        self._in = self._ctx.socket(zmq.PUSH, socket_class=zmq.Socket)
+        self._in.setsockopt(zmq.SNDHWM, 0)
+        self._in.setsockopt(zmq.LINGER, 0)
+        self._out = self._ctx.socket(zmq.PULL)
+        self._out.setsockopt(zmq.RCVHWM, 0)
+        self._out.setsockopt(zmq.LINGER, 0)
+
     def close_sockets(self) -> None:
         for sock in (self._in, self._out):
             if sock is not None:
@@ -201,13 +211,8 @@ class CoreTransport(CoreLink):
         self.generation += 1
         in_addr = f"ipc://{self._tmpdir}/in-{self.generation}"
         out_addr = f"ipc://{self._tmpdir}/out-{self.generation}"
-        self._in = self._ctx.socket(zmq.PUSH, socket_class=zmq.Socket)  # plain (sync) socket
-        self._in.setsockopt(zmq.SNDHWM, 0)
-        self._in.setsockopt(zmq.LINGER, 0)
+        self.open_sockets()
         self._in.bind(in_addr)
-        self._out = self._ctx.socket(zmq.PULL)
-        self._out.setsockopt(zmq.RCVHWM, 0)
-        self._out.setsockopt(zmq.LINGER, 0)
         self._out.bind(out_addr)
         attach = ["--attach", self.attach_address] if self.attachable else []
         try:
