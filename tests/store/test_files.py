@@ -130,3 +130,36 @@ def test_lockgate_serve_refuses_an_open_data_dir_before_starting(tmp_path: Path)
     assert f"chmod 700 {d}" in r.stderr and "0755" in r.stderr, r.stderr
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exception  # no traceback
     assert list(d.iterdir()) == [] and _mode(d) == 0o755
+
+
+def _open_at_barrier(path: str, barrier: object, errors: object) -> None:
+    barrier.wait()  # type: ignore[attr-defined]
+    try:
+        SQLiteStore(path).close()
+    except Exception as e:  # reported to the parent; a child's traceback would be lost
+        errors.put(f"{type(e).__name__}: {e}")  # type: ignore[attr-defined]
+
+
+def test_processes_creating_one_database_together_all_open_it(tmp_path: Path) -> None:
+    """API workers start together on a fresh data dir: switching a brand-new file to WAL can be
+    refused with 'database is locked' without the busy timeout applying; every opener must get in."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    for round_ in range(8):
+        d = private_dir(tmp_path / f"round{round_}")
+        barrier = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_at_barrier, args=(str(d / DB_FILENAME), barrier, errors))
+                 for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+        found = []
+        while not errors.empty():
+            found.append(errors.get())
+        assert found == []
+        store = SQLiteStore(d / DB_FILENAME)
+        assert store.journal_mode() == "wal"
+        store.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,7 +94,7 @@ class SQLiteStore(SqlStore):
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    timeout=self.busy_timeout_ms / 1000)
             conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._set_wal(conn)
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL journal mode (got {mode!r})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
@@ -105,6 +106,18 @@ class SQLiteStore(SqlStore):
         with self._conns_lock:
             self._conns.append(conn)
         return conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> str:
+        """Switch to WAL. Two processes creating the file at once (API workers starting together)
+        can get SQLITE_BUSY here without the busy handler being asked, so retry until busy_timeout."""
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as e:
+                if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     @contextmanager
     def _write(self, admin: bool = False, lazy: bool = False) -> Iterator[sqlite3.Connection]:
