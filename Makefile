@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test processes: most tests wait on servers, timeouts and sockets, so two workers fill a
+# 2-core machine (whole files per worker: a module's server and database stay in one process).
+TEST_WORKERS ?= 2
 
 .PHONY: serve test install bench clean
 
@@ -23,7 +26,7 @@ serve: $(STAMP)
 	$(BIN)/lockgate serve
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_engine.py

