@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from lockgate.gateway.auth import Principal
 from lockgate.gateway.limits import LimitState
 from lockgate.store.models import Price, Reservation, UsageRecord
+from lockgate.store.money import usd
 
 
 def finish_reason_of(reasons: list[str | None] | None, error: str | None) -> str:
@@ -63,6 +64,8 @@ class Meter:
     skip: bool = False  # an idempotent replay: already billed by the original request
     queue_time_s: float | None = None  # the engine's queue wait (entry in the core to first scheduled)
     cost_usd: float | None = None  # set when settled
+    user: str | None = None  # the request's OpenAI `user` (the tenant's end user), for spend by user
+    priority_class: str | None = None  # the class it runs in
 
     @property
     def tenant_id(self) -> str:
@@ -94,7 +97,7 @@ class Meter:
         tenant = self.principal.tenant
         assert tenant is not None
         price = self.price if self.price is not None else tenant.price_for(self.model)
-        cost = price.cost(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        cost = usd(price.cost_nano(self.prompt_tokens, self.completion_tokens, self.cached_tokens))
         self.cost_usd = cost
         end = time.monotonic()
         return UsageRecord(
@@ -104,4 +107,5 @@ class Meter:
             cached_tokens=self.cached_tokens, queue_time_s=self.queue_time_s,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
             e2e_s=end - self.arrival, finish_reason=reason, status=status, cost_usd=cost,
-            created_at=self.created_at, model_version=self.model_version, replica=self.replica)
+            created_at=self.created_at, model_version=self.model_version, replica=self.replica, user=self.user,
+            priority_class=self.priority_class)

@@ -151,6 +151,7 @@ class Pipeline:
         self.request.scope[REPLICA_SCOPE_KEY] = lambda: target.replica
         if self.meter is not None:
             self.meter.model_version = target.version.version
+            self.meter.user = user
         self.target = target
         return target
 
@@ -205,6 +206,8 @@ class Pipeline:
         one (header `x-lockgate-priority` or body `priority`, a class name or an integer); higher is 403."""
         cls, value = self._priority(body_priority)
         self.record.cls = cls  # from here on the request counts for its class's SLO
+        if self.meter is not None:
+            self.meter.priority_class = cls.name
         return cls, value
 
     def _priority(self, body_priority: int | str | None) -> tuple[PriorityClass, int]:

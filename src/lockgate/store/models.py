@@ -1,12 +1,15 @@
 """Plain records the store keeps: tenants, API keys, usage rows, reservations, audit records.
 
-Times are Unix seconds (float). Money is USD (float; prices are USD per 1M tokens).
+Times are Unix seconds (float). Money is USD numbers at the edges (prices are USD per 1M tokens);
+the ledger stores and sums integer nano-USD (money.py), so totals are exact.
 `None` in a limit means unlimited.
 """
 from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass, field
+
+from lockgate.store.money import cost_nano, usd
 
 BUDGET_PERIODS = ("day", "month", "total")
 SCOPES = ("inference", "admin", "metrics")
@@ -26,9 +29,14 @@ class Price:
     cached_prompt: float | None = None  # USD per 1M prompt tokens served from the prefix cache; None: = prompt
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        """USD, from the exact nano-USD amount (store/money.py)."""
+        return usd(self.cost_nano(prompt_tokens, completion_tokens, cached_tokens))
+
+    def cost_nano(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
         cached_rate = self.prompt if self.cached_prompt is None else self.cached_prompt
-        fresh = max(0, prompt_tokens - cached_tokens)
-        return (fresh * self.prompt + cached_tokens * cached_rate + completion_tokens * self.completion) / 1e6
+        cached = min(max(0, cached_tokens), max(0, prompt_tokens))
+        return cost_nano(self.prompt, self.completion, cached_rate, max(0, prompt_tokens) - cached, cached,
+                         max(0, completion_tokens))
 
 
 @dataclass(slots=True)
@@ -54,6 +62,8 @@ class Tenant:
     prices: dict[str, Price] = field(default_factory=dict)  # model name or "*" -> price
     created_at: float = 0.0
     updated_at: float = 0.0
+    alert_thresholds: list[float] = field(default_factory=list)  # % of budget, each alerted once per period
+    alert_webhook: str | None = None  # the tenant's own alert receiver (besides the server's --alert-webhook)
 
     def price_for(self, model: str) -> Price:
         return self.prices.get(model) or self.prices.get("*") or Price()
@@ -74,6 +84,9 @@ class ApiKey:
     expires_at: float | None = None
     revoked_at: float | None = None
     created_at: float = 0.0
+    budget_usd: float | None = None  # the key's own budget; its tenant's holds too (the stricter wins)
+    budget_period: str = "month"  # one of BUDGET_PERIODS
+    alert_thresholds: list[float] = field(default_factory=list)  # % of the key's budget
 
 
 @dataclass(slots=True)
@@ -114,6 +127,8 @@ class UsageRecord:
     created_at: float = 0.0
     model_version: str | None = None  # the version of `model` that served it (None: before versions)
     replica: str | None = None  # the replica(s) that served it, NAME@VERSION/INDEX (None: never submitted)
+    user: str | None = None  # the request's OpenAI `user` field: the tenant's own end user
+    priority_class: str | None = None  # the priority class it ran in (gateway/classes.py)
 
 
 @dataclass(slots=True)

@@ -15,6 +15,40 @@ from lockgate.store.schema import GENESIS_HASH, SCHEMA_VERSION, SHARED_STATE_MIG
 MIGRATE_LOCK = 0x6C6F636B67617465  # "lockgate": pg_advisory_lock key for migrations
 ADMIN_LOCK = MIGRATE_LOCK + 1  # admin changes and the audit chain (pg_advisory_xact_lock)
 
+# 8: as schema.py's SPEND_MIGRATION, in PostgreSQL's types.
+SPEND_MIGRATION: tuple[str, ...] = (
+    "ALTER TABLE usage ADD COLUMN user_id TEXT",
+    "ALTER TABLE usage ADD COLUMN priority_class TEXT",
+    "ALTER TABLE usage ADD COLUMN cost_nusd BIGINT NOT NULL DEFAULT 0",
+    "UPDATE usage SET cost_nusd = CAST(round(cost_usd * 1000000000) AS BIGINT)",
+    "CREATE INDEX usage_key_time ON usage(key_id, created_at)",
+    "ALTER TABLE api_keys ADD COLUMN budget_usd DOUBLE PRECISION",
+    "ALTER TABLE api_keys ADD COLUMN budget_period TEXT NOT NULL DEFAULT 'month'",
+    "ALTER TABLE api_keys ADD COLUMN alert_thresholds TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE tenants ADD COLUMN alert_thresholds TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE tenants ADD COLUMN alert_webhook TEXT",
+    """CREATE TABLE alerts (
+        id TEXT PRIMARY KEY,               -- the dedup key: one row however many instances raise it
+        kind TEXT NOT NULL,                -- 'budget' | 'anomaly'
+        tenant_id TEXT,
+        key_id TEXT,
+        payload TEXT NOT NULL,             -- the JSON body sent (canonical)
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX alerts_time ON alerts(created_at)",
+    """CREATE TABLE alert_deliveries (
+        alert_id TEXT NOT NULL REFERENCES alerts(id),
+        url TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL,
+        claimed_until DOUBLE PRECISION,              -- a sender holds it until then; another takes it over after
+        delivered_at DOUBLE PRECISION,
+        last_error TEXT,
+        PRIMARY KEY (alert_id, url)
+    )""",
+    "CREATE INDEX alert_deliveries_due ON alert_deliveries(delivered_at, next_attempt_at)",
+)
+
 MIGRATIONS: list[tuple[str, ...]] = [
     # 1: tenants, keys, reservations, the usage ledger, idempotency, the audit chain.
     (
@@ -84,6 +118,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # 7: instances sharing the store: reservation holders, budget books, rate buckets, leases; and
     # the per-request decisions as server-side functions (pg_functions.py).
     SHARED_STATE_MIGRATION + FUNCTIONS,
+    SPEND_MIGRATION,
 ]
 
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a migration added to schema.py needs its PostgreSQL form here"

@@ -39,6 +39,42 @@ SHARED_STATE_MIGRATION: tuple[str, ...] = (
     )""",
 )
 
+# 8: spend: exact money (integer nano-USD, store/money.py) per usage row with its end user and class,
+# budgets and alert thresholds per key, alert thresholds and receiver per tenant, the alert outbox
+# (one row per alert however many instances raise it; one delivery row per receiver).
+SPEND_MIGRATION: tuple[str, ...] = (
+    "ALTER TABLE usage ADD COLUMN user_id TEXT",
+    "ALTER TABLE usage ADD COLUMN priority_class TEXT",
+    "ALTER TABLE usage ADD COLUMN cost_nusd INTEGER NOT NULL DEFAULT 0",
+    "UPDATE usage SET cost_nusd = CAST(round(cost_usd * 1000000000) AS INTEGER)",
+    "CREATE INDEX usage_key_time ON usage(key_id, created_at)",
+    "ALTER TABLE api_keys ADD COLUMN budget_usd REAL",
+    "ALTER TABLE api_keys ADD COLUMN budget_period TEXT NOT NULL DEFAULT 'month'",
+    "ALTER TABLE api_keys ADD COLUMN alert_thresholds TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE tenants ADD COLUMN alert_thresholds TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE tenants ADD COLUMN alert_webhook TEXT",
+    """CREATE TABLE alerts (
+        id TEXT PRIMARY KEY,               -- the dedup key: one row however many instances raise it
+        kind TEXT NOT NULL,                -- 'budget' | 'anomaly'
+        tenant_id TEXT,
+        key_id TEXT,
+        payload TEXT NOT NULL,             -- the JSON body sent (canonical)
+        created_at REAL NOT NULL
+    )""",
+    "CREATE INDEX alerts_time ON alerts(created_at)",
+    """CREATE TABLE alert_deliveries (
+        alert_id TEXT NOT NULL REFERENCES alerts(id),
+        url TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        claimed_until REAL,              -- a sender holds it until then; another takes it over after
+        delivered_at REAL,
+        last_error TEXT,
+        PRIMARY KEY (alert_id, url)
+    )""",
+    "CREATE INDEX alert_deliveries_due ON alert_deliveries(delivered_at, next_attempt_at)",
+)
+
 MIGRATIONS: list[tuple[str, ...]] = [
     # 1: tenants, keys, reservations, the usage ledger, idempotency, the audit chain.
     (
@@ -176,6 +212,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # reservation (a dead one's are swept), each tenant's spend in its budget period, the rpm/tpm
     # token buckets of tenants and keys, and the instances' leases.
     SHARED_STATE_MIGRATION,
+    SPEND_MIGRATION,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict
 from typing import Any
 
+from lockgate.store.alert_ops import AlertOps
 from lockgate.store.audit import (
     ChainHead,
     VerifyResult,
@@ -43,6 +44,7 @@ from lockgate.store.models import (
     UsageRecord,
     name_key,
 )
+from lockgate.store.money import nano
 from lockgate.store.schema import GENESIS_HASH
 from lockgate.store.shared_ops import SharedOps
 
@@ -50,14 +52,14 @@ GROUP_BY = ("request", "day", "model")
 MAX_QUERY_LIMIT = 100_000
 
 TENANT_COLS = ("id, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd, "
-                "budget_period, prices, created_at, updated_at, weight")
+                "budget_period, prices, created_at, updated_at, weight, alert_thresholds, alert_webhook")
 KEY_COLS = ("id, tenant_id, name, prefix, key_hash, scopes, rpm, tpm, max_concurrency, max_tokens, "
-             "expires_at, revoked_at, created_at")
+             "expires_at, revoked_at, created_at, budget_usd, budget_period, alert_thresholds")
 RES_COLS = ("request_id, tenant_id, key_id, model, reserved_usd, prompt_tokens, completion_tokens, "
              "cached_tokens, created_at, updated_at, model_version, instance_id")
 USAGE_COLS = ("request_id", "tenant_id", "key_id", "model", "prompt_tokens", "completion_tokens",
                "cached_tokens", "queue_time_s", "ttft_s", "e2e_s", "finish_reason", "status", "cost_usd",
-               "created_at", "model_version", "replica")
+               "created_at", "model_version", "replica", "user_id", "priority_class", "cost_nusd")
 AUDIT_COLS = "id, ts, actor, action, target, details, prev_hash, hash"
 
 
@@ -70,14 +72,16 @@ def _tenant(row: tuple) -> Tenant:
     return Tenant(id=row[0], name=row[1], models=json.loads(row[2]),
                   limits=Limits(rpm=row[3], tpm=row[4], max_concurrency=row[5], max_tokens=row[6]),
                   priority=row[7], budget_usd=row[8], budget_period=row[9], prices=prices,
-                  created_at=row[11], updated_at=row[12], weight=row[13])
+                  created_at=row[11], updated_at=row[12], weight=row[13],
+                  alert_thresholds=json.loads(row[14] or "[]"), alert_webhook=row[15])
 
 
 def _key(row: tuple) -> ApiKey:
     return ApiKey(id=row[0], tenant_id=row[1], name=row[2], prefix=row[3], key_hash=row[4],
                   scopes=json.loads(row[5]),
                   limits=Limits(rpm=row[6], tpm=row[7], max_concurrency=row[8], max_tokens=row[9]),
-                  expires_at=row[10], revoked_at=row[11], created_at=row[12])
+                  expires_at=row[10], revoked_at=row[11], created_at=row[12], budget_usd=row[13],
+                  budget_period=row[14] or "month", alert_thresholds=json.loads(row[15] or "[]"))
 
 
 def _reservation(row: tuple) -> Reservation:
@@ -90,7 +94,7 @@ def _audit(row: tuple) -> AuditRecord:
 
 
 
-class SqlStore(SharedOps):
+class SqlStore(SharedOps, AlertOps):
     DAY_SQL = "date(created_at, 'unixepoch')"  # a usage row's UTC day, YYYY-MM-DD
     # The values of a reservation row in `INSERT ... SELECT`: PostgreSQL needs their types spelled.
     RES_SELECT = "SELECT ?,?,?,?,?,?,?,?,?,?,?,?"
@@ -187,7 +191,7 @@ class SqlStore(SharedOps):
         tenant.updated_at = tenant.updated_at or tenant.created_at
         with self._write(admin=True) as conn:
             self._check_name_free(conn, tenant.name, tenant.id)
-            conn.execute(f"INSERT INTO tenants({TENANT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            conn.execute(f"INSERT INTO tenants({TENANT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          self._tenant_values(tenant))
             self._append_audit(conn, actor, "tenant.create", tenant.id, _tenant_details(tenant))
         return tenant
@@ -197,7 +201,7 @@ class SqlStore(SharedOps):
         lim = t.limits
         return (t.id, t.name, canonical_json(list(t.models)), lim.rpm, lim.tpm, lim.max_concurrency,
                 lim.max_tokens, t.priority, t.budget_usd, t.budget_period, _prices_json(t.prices),
-                t.created_at, t.updated_at, t.weight)
+                t.created_at, t.updated_at, t.weight, canonical_json(list(t.alert_thresholds)), t.alert_webhook)
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
         row = self._q(
@@ -220,9 +224,10 @@ class SqlStore(SharedOps):
                 self._check_name_free(conn, tenant.name, tenant.id)
             cur = conn.execute(
                 "UPDATE tenants SET name=?, models=?, rpm=?, tpm=?, max_concurrency=?, max_tokens=?, "
-                "priority=?, budget_usd=?, budget_period=?, prices=?, updated_at=?, weight=? "
-                "WHERE id=? AND deleted_at IS NULL",
-                self._tenant_values(tenant)[1:11] + (tenant.updated_at, tenant.weight, tenant.id))
+                "priority=?, budget_usd=?, budget_period=?, prices=?, updated_at=?, weight=?, "
+                "alert_thresholds=?, alert_webhook=? WHERE id=? AND deleted_at IS NULL",
+                self._tenant_values(tenant)[1:11] + (tenant.updated_at, tenant.weight,
+                                                     *self._tenant_values(tenant)[14:], tenant.id))
             if cur.rowcount != 1:
                 raise KeyError(tenant.id)
             self._append_audit(conn, actor, "tenant.update", tenant.id, changes)
@@ -251,13 +256,17 @@ class SqlStore(SharedOps):
             if key.tenant_id is not None and conn.execute(
                     "SELECT 1 FROM tenants WHERE id = ? AND deleted_at IS NULL", (key.tenant_id,)).fetchone() is None:
                 raise KeyError(key.tenant_id)
-            conn.execute(f"INSERT INTO api_keys({KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            conn.execute(f"INSERT INTO api_keys({KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          (key.id, key.tenant_id, key.name, key.prefix, key.key_hash,
                           canonical_json(list(key.scopes)), lim.rpm, lim.tpm, lim.max_concurrency,
-                          lim.max_tokens, key.expires_at, key.revoked_at, key.created_at))
-            self._append_audit(conn, actor, "key.create", key.id, {
-                "tenant_id": key.tenant_id, "name": key.name, "prefix": key.prefix, "scopes": list(key.scopes),
-                "limits": asdict(lim), "expires_at": key.expires_at})  # never the key nor its hash
+                          lim.max_tokens, key.expires_at, key.revoked_at, key.created_at, key.budget_usd,
+                          key.budget_period, canonical_json(list(key.alert_thresholds))))
+            details = {"tenant_id": key.tenant_id, "name": key.name, "prefix": key.prefix,
+                       "scopes": list(key.scopes), "limits": asdict(lim), "expires_at": key.expires_at}
+            if key.budget_usd is not None or key.alert_thresholds:
+                details.update(budget_usd=key.budget_usd, budget_period=key.budget_period,
+                               alert_thresholds=list(key.alert_thresholds))
+            self._append_audit(conn, actor, "key.create", key.id, details)  # never the key nor its hash
         return key
 
     def list_keys(self, tenant_id: str | None = None) -> list[ApiKey]:
@@ -322,7 +331,8 @@ class SqlStore(SharedOps):
     def usage_values(r: UsageRecord, now: float) -> tuple:
         return (r.request_id, r.tenant_id, r.key_id, r.model, int(r.prompt_tokens), int(r.completion_tokens),
                 int(r.cached_tokens), r.queue_time_s, r.ttft_s, r.e2e_s, r.finish_reason, int(r.status),
-                float(r.cost_usd), r.created_at or now, r.model_version, r.replica)
+                float(r.cost_usd), r.created_at or now, r.model_version, r.replica, r.user, r.priority_class,
+                nano(r.cost_usd))
 
     def add_reservations(self, reservations: list[Reservation]) -> None:
         if reservations:
@@ -458,4 +468,6 @@ class SqlStore(SharedOps):
 def _tenant_details(t: Tenant) -> dict[str, Any]:
     return {"name": t.name, "models": list(t.models), "limits": asdict(t.limits), "priority": t.priority,
             "weight": t.weight, "budget_usd": t.budget_usd, "budget_period": t.budget_period,
-            "prices": {m: asdict(p) for m, p in t.prices.items()}}
+            "prices": {m: asdict(p) for m, p in t.prices.items()},
+            **({"alert_thresholds": list(t.alert_thresholds), "alert_webhook": t.alert_webhook}
+               if t.alert_thresholds or t.alert_webhook else {})}
