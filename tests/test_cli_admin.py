@@ -120,7 +120,7 @@ def test_usage_json_and_csv(tmp_path: Path) -> None:
     assert [(r["model"], r["requests"], r["cost_usd"]) for r in got] == [("m2", "1", "1.5"), ("m1", "1", "0.5")]
     day = out(tmp_path, "usage", "--group-by", "day")["data"]
     assert day == [{"day": "2023-11-14", "requests": 2, "prompt_tokens": 30, "completion_tokens": 10,
-                    "cached_tokens": 3, "cost_usd": 2.0}]
+                    "cached_tokens": 3, "cost_usd": 2.0, "cost_nusd": 2_000_000_000, "errors": 0}]
 
 
 def test_audit_verify_detects_a_tampered_file(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ LAYERS: dict[str, int] = {
     "bench": 8,
     "cli_admin": 9,
     "cli_autoscale": 9,
-    "cli": 10,
+    "cli_alerts": 10,  # opens the store as cli_admin does (open_cli_store)
+    "cli": 11,
 }
 
 

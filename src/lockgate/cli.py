@@ -113,6 +113,9 @@ app.command("serve", cls=ServeCommand)(serve_command)  # ServeCommand: a bare --
 from lockgate.cli_admin import register as _register_admin  # noqa: E402
 
 _register_admin(app)  # tenants | keys | usage | audit
+from lockgate.cli_alerts import register as _register_alerts  # noqa: E402
+
+_register_alerts(app)  # alerts secret | list
 from lockgate.bench.cli import register as _register_bench  # noqa: E402
 
 _register_bench(app)  # bench

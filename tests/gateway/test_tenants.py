@@ -226,11 +226,12 @@ def test_usage_json_csv_filters_and_errors(svc: AdminService) -> None:
     assert [r["request_id"] for r in svc.usage(model="m1", limit="1")["data"]] == ["r3"]
     by_model = svc.usage(group_by="model")["data"]
     assert by_model[0] == {"model": "m1", "requests": 2, "prompt_tokens": 20, "completion_tokens": 40,
-                           "cached_tokens": 10, "cost_usd": 5.0}
+                           "cached_tokens": 10, "cost_usd": 5.0, "cost_nusd": 5_000_000_000, "errors": 0}
     text = svc.usage(group_by="day", format="csv")
     assert isinstance(text, str)
     rows = list(csv.reader(io.StringIO(text)))
-    assert rows[0] == ["day", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd"]
+    assert rows[0] == ["day", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
+                       "cost_nusd", "errors"]
     assert len(rows) == 4 and rows[1][0] == "2023-11-17"
     req_csv = list(csv.DictReader(io.StringIO(svc.usage(format="csv", tenant_id="ten_b"))))
     assert len(req_csv) == 1 and req_csv[0]["request_id"] == "r3" and req_csv[0]["cost_usd"] == "4.0"

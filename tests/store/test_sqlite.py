@@ -240,9 +240,9 @@ def test_query_usage_filters_and_grouping(store: SQLiteStore) -> None:
     by_day = store.query_usage(UsageQuery(tenant_id="ten_a", group_by="day"))
     assert by_day == [
         {"day": "2024-10-05", "requests": 1, "prompt_tokens": 10, "completion_tokens": 5, "cached_tokens": 2,
-         "cost_usd": 4.0},
+         "cost_usd": 4.0, "cost_nusd": 4_000_000_000, "errors": 0},
         {"day": "2024-10-04", "requests": 2, "prompt_tokens": 20, "completion_tokens": 10, "cached_tokens": 4,
-         "cost_usd": 3.0},
+         "cost_usd": 3.0, "cost_nusd": 3_000_000_000, "errors": 0},
     ]
     by_model = store.query_usage(UsageQuery(group_by="model"))
     assert [(r["model"], r["requests"], r["cost_usd"]) for r in by_model] == [("m1", 3, 13.0), ("m2", 1, 2.0)]

@@ -23,13 +23,13 @@ from pathlib import Path
 from lockgate.errors import APIError
 from lockgate.gateway.accounting import Meter
 from lockgate.gateway.auth import KeyRing, Principal
-from lockgate.gateway.budget import BudgetBook, period_start
+from lockgate.gateway.budget import BudgetBook, key_book, period_start
 from lockgate.gateway.lease import Lease
 from lockgate.gateway.ledger import CHECKPOINT_INTERVAL_S, Ledger
 from lockgate.gateway.limits import LimitState, RateLimiter
 from lockgate.gateway.shared import SharedState
 from lockgate.gateway.tenants import hash_key
-from lockgate.store.models import RefusalCount, Tenant
+from lockgate.store.models import ApiKey, RefusalCount, Tenant
 
 log = logging.getLogger("lockgate.gateway")
 
@@ -66,6 +66,7 @@ class Gateway:
         self.shared_state = SharedState(self.limiter, self.count_refusal) if config.shared else None
         self._reload_lock = asyncio.Lock()
         self._tenants: dict[str, Tenant] = {}  # the latest of each tenant (budget, prices, limits), by id
+        self._keys: dict[str, ApiKey] = {}  # the latest of each key (budget, limits), by id
         # Refusals counted since the last flush: (tenant, key, status, code, hour) -> count.
         self._refusals: dict[tuple[str, str, int, str, float], int] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -171,12 +172,23 @@ class Gateway:
             # Settlements made so far reach the ledger before it is read; later ones are added by `mark`.
             mark = self.budgets.mark(t.id)
             await self.ledger.drain()
-            loads.append((t, start, await self.astore.call(store.spent_usd, t.id, start), mark))
+            loads.append((t.id, t.budget_period, start, await self.astore.call(store.spent_usd, t.id, start), mark))
+        for k in keys:
+            # A key's own budget: its book read from the ledger (keys without one only hold: `roll`).
+            if (self.shared_state is not None or k.budget_usd is None or k.tenant_id is None or k.revoked_at
+                    or self.budgets.covers(key_book(k.id), k.budget_period, now)):
+                continue
+            start = period_start(k.budget_period, now)
+            mark = self.budgets.mark(key_book(k.id))
+            await self.ledger.drain()
+            spent = await self.astore.call(store.key_spent_usd, k.id, start)
+            loads.append((key_book(k.id), k.budget_period, start, spent, mark))
         # Books, tenants and keys change together (no await): admission never sees a new budget with
         # an old period's spend, or the reverse.
-        for t, start, spent, mark in loads:
-            self.budgets.load(t.id, t.budget_period, start, spent, mark)
+        for book_id, period, start, spent, mark in loads:
+            self.budgets.load(book_id, period, start, spent, mark)
         self._tenants = {t.id: t for t in tenants}
+        self._keys = {k.id: k for k in keys}
         self.ring.load(tenants, keys)
         self._admin_version = await self.astore.call(store.admin_version)
 
@@ -260,6 +272,10 @@ class Gateway:
         the budget, prices and limits in force when it is admitted."""
         return self._tenants.get(tenant.id, tenant)
 
+    def latest_key(self, key: ApiKey | None) -> ApiKey | None:
+        """The key as last reloaded (its budget and limits in force when a request is admitted)."""
+        return None if key is None else self._keys.get(key.id, key)
+
     def charge_request(self, principal: Principal | None) -> None:
         """One request unit of the tenant's and key's rpm for a call on an inference route, refused or
         not (the guard middleware charges it once the key is known), or 429 rate_limit_exceeded."""
@@ -326,11 +342,12 @@ class Gateway:
             price = tenant.price_for(meter.model)
             meter.prompt_tokens, meter.price = prompt_tokens, price
             meter.reserved_usd = price.cost(prompt_tokens, worst_completion_tokens)
-            self.shared_state.start_admit(meter, tenant, now)
+            self.shared_state.start_admit(meter, tenant, now, self.latest_key(meter.principal.key))
             return
         states = self.limit_states(meter.principal, now)
         self.limiter.check(states, prompt_tokens, now)
-        self.ledger.reserve(meter, tenant, prompt_tokens, worst_completion_tokens, now)  # raises: nothing taken
+        self.ledger.reserve(meter, tenant, prompt_tokens, worst_completion_tokens, now,
+                            self.latest_key(meter.principal.key))  # raises: nothing taken
         self.limiter.take(states, prompt_tokens)
         meter.limit_states = states
         lease.hold(lambda _outcome: self.limiter.release(states))

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 from lockgate.errors import APIError
 from lockgate.gateway.accounting import Meter
 from lockgate.gateway.auth import Principal
-from lockgate.gateway.budget import BudgetBook
+from lockgate.gateway.budget import BudgetBook, key_book
 from lockgate.gateway.shared import interrupted_rows
-from lockgate.store.models import Tenant, UsageRecord
+from lockgate.store.models import ApiKey, Tenant, UsageRecord
 from lockgate.store.store_error import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -69,13 +69,15 @@ class Ledger:
         self._meters[meter.request_id] = meter
 
     def reserve(self, meter: Meter, tenant: Tenant, prompt_tokens: int, worst_completion_tokens: int,
-                now: float) -> None:
-        """Hold the worst-case cost in the tenant's budget (`APIError` 429 when it does not fit, nothing
-        taken) at the prices in force now, and write the reservation row."""
+                now: float, key: ApiKey | None = None) -> None:
+        """Hold the worst-case cost in the tenant's budget and the key's (`APIError` 429 when it does not
+        fit either, nothing taken) at the prices in force now, and write the reservation row."""
         price = tenant.price_for(meter.model)
         cost = price.cost(prompt_tokens, worst_completion_tokens)
         self.budgets.roll(tenant.id, tenant.budget_period, now)
-        self.budgets.reserve(tenant, cost)  # raises when it does not fit: nothing taken yet
+        if key is not None:
+            self.budgets.roll(key_book(key.id), key.budget_period, now)
+        self.budgets.reserve(tenant, cost, key)  # raises when it does not fit: nothing taken yet
         meter.prompt_tokens = prompt_tokens
         meter.reserved_usd = cost
         meter.price = price  # settled at the prices it was reserved at
@@ -97,7 +99,9 @@ class Ledger:
             return
         row = meter.usage_row(status, outcome)
         if meter.principal.tenant is not None:
-            self.budgets.settle(meter.principal.tenant.id, meter.reserved_usd, row.cost_usd, time.time())
+            key = meter.principal.key
+            self.budgets.settle(meter.principal.tenant.id, meter.reserved_usd, row.cost_usd, time.time(),
+                                key.id if key is not None else None)
         if self.astore is None:
             return
         fut = asyncio.ensure_future(self._write_settle(meter, row))

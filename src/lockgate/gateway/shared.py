@@ -5,9 +5,10 @@ tenant's rpm, tpm, concurrency and budget bound the sum over every process, so
 each decision is one transaction in the store (store/shared_ops.py) instead of
 this process's memory:
 - on arrival, one request unit of the tenant's and key's rpm (`charge`);
-- at admission, concurrency, tpm and the worst-case cost, with the reservation
-  row, all or nothing (`admit`); completion tokens reach the tpm buckets with
-  each checkpoint and settlement;
+- at admission, concurrency, tpm and the worst-case cost against the tenant's
+  budget and the key's (the key's read from the store in the same transaction),
+  with the reservation row, all or nothing (`admit`); completion tokens reach
+  the tpm buckets with each checkpoint and settlement;
 - a lease per process (`instances`), renewed every `LEASE_RENEW_S`; any live
   process settles, as `interrupted`, the reservations of one whose lease is
   older than `lease_timeout_s` (60 s at most: `$LOCKGATE_LEASE_TIMEOUT_S`).
@@ -32,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from lockgate.errors import APIError, unavailable
 from lockgate.gateway.auth import Principal
-from lockgate.gateway.budget import period_start
+from lockgate.gateway.budget import budget_exceeded, period_start
 from lockgate.gateway.limits import LimitState, RateLimiter, TokenBucket
-from lockgate.store.models import Reservation, Tenant, UsageRecord
+from lockgate.store.models import ApiKey, Reservation, Tenant, UsageRecord
 from lockgate.store.shared_ops import AdmitRequest, Charge, Refusal
 from lockgate.store.store_error import StoreUnavailable
 
@@ -120,11 +121,12 @@ class SharedState:
             self.count_refusal(principal, err.status, err.code, now)
             raise err
 
-    def start_admit(self, meter: Meter, tenant: Tenant, now: float) -> None:
+    def start_admit(self, meter: Meter, tenant: Tenant, now: float, key: ApiKey | None = None) -> None:
         """Admission in the store of the meter's reservation row (prompt tokens and worst-case cost
-        set); `meter.reservation` resolves when admitted (APIError when not)."""
+        set); `meter.reservation` resolves when admitted (APIError when not). `key`: the latest of the
+        request's key (its budget is the store's, read at admission; this one words the 429)."""
         principal = meter.principal
-        key = principal.key
+        key = key if key is not None else principal.key
         tpm = [(f"t:{tenant.id}", tenant.limits.tpm)] if tenant.limits.tpm is not None else []
         if key is not None and key.limits.tpm is not None:
             tpm.append((f"k:{key.id}", key.limits.tpm))
@@ -132,9 +134,10 @@ class SharedState:
         row.instance_id = self.instance_id
         req = AdmitRequest(row, tenant.budget_usd, tenant.budget_period, period_start(tenant.budget_period, now),
                            tenant.limits.max_concurrency, key.limits.max_concurrency if key is not None else None, tpm)
-        meter.reservation = asyncio.ensure_future(self._admit(req, principal, tenant, now))
+        meter.reservation = asyncio.ensure_future(self._admit(req, principal, tenant, now, key))
 
-    async def _admit(self, req: AdmitRequest, principal: Principal, tenant: Tenant, now: float) -> None:
+    async def _admit(self, req: AdmitRequest, principal: Principal, tenant: Tenant, now: float,
+                     key: ApiKey | None = None) -> None:
         assert self.astore is not None
         try:
             refusal = await self.astore.hot(self.store.admit, req, now)
@@ -142,7 +145,7 @@ class SharedState:
             raise store_unavailable(e) from None
         if refusal is not None:
             states = self.limiter_states(principal, tenant, now)
-            raise self._refused(refusal, principal, tenant, states, now, req.reservation.reserved_usd)
+            raise self._refused(refusal, principal, tenant, states, now, req.reservation.reserved_usd, key)
 
     def limiter_states(self, principal: Principal, tenant: Tenant, now: float) -> list[LimitState]:
         states = [self.limiter.state(f"t:{tenant.id}", tenant.limits, "tenant", now)]
@@ -165,15 +168,18 @@ class SharedState:
 
     @staticmethod
     def _refused(r: Refusal, principal: Principal, tenant: Tenant, states: list[LimitState], now: float,
-                 amount: float = 0.0) -> APIError:
+                 amount: float = 0.0, key: ApiKey | None = None) -> APIError:
         """The same 429s, in the same words, as the in-memory limits and budget give."""
         label = "tenant" if r.scope.startswith("t:") else "key"
-        lim = tenant.limits if label == "tenant" else (principal.key.limits if principal.key else tenant.limits)
+        key = key or principal.key
+        lim = tenant.limits if label == "tenant" else (key.limits if key else tenant.limits)
+        if r.kind == "budget" and label == "key":
+            kid = r.scope[2:]
+            period = r.period or (key.budget_period if key is not None else "month")
+            budget = r.budget_usd if r.budget_usd is not None else (key.budget_usd if key is not None else 0.0)
+            return budget_exceeded(amount, r.left_usd, period, budget or 0.0, kid)
         if r.kind == "budget":
-            return APIError(
-                429, f"budget exceeded: this request may cost up to ${amount:.6f} but ${r.left_usd:.6f} of the "
-                     f"{tenant.budget_period} budget of ${tenant.budget_usd:g} is left (reduce max_tokens, "
-                     "or wait for requests in flight to finish)", code="budget_exceeded", type_="insufficient_quota")
+            return budget_exceeded(amount, r.left_usd, tenant.budget_period, tenant.budget_usd or 0.0)
         if r.kind == "rpm":
             msg = f"{label} rate limit reached: {lim.rpm} requests per minute"
         elif r.kind == "concurrency":

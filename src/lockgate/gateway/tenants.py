@@ -13,9 +13,7 @@ Methods are synchronous and touch disk: the server calls them through
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -23,6 +21,7 @@ import secrets
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -30,8 +29,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 
 from lockgate.bodies import parse_body
 from lockgate.errors import APIError, bad_request, field_error
-from lockgate.gateway.admin_scope import AdminReach
+from lockgate.gateway import usage_compare, usage_view
+from lockgate.gateway.admin_scope import AdminReach, forbidden
 from lockgate.gateway.classes import DEFAULT_CLASS_NAMES
+from lockgate.gateway.key_bodies import AlertThresholds, Webhook, check_key_budget
+from lockgate.gateway.spend import keys_spend, tenants_spend
 from lockgate.store.base import DuplicateName, Store
 from lockgate.store.models import ApiKey, Limits, Price, Tenant, UsageQuery
 
@@ -158,6 +160,8 @@ class _TenantFields(BaseModel):
     budget_usd: Usd | None = None
     budget_period: Period | None = None  # None: "month"
     prices: Annotated[dict[ModelName, PriceBody], Field(max_length=256)] | None = None
+    alert_thresholds: AlertThresholds | None = None  # % of the budget, alerted once per period; None: []
+    alert_webhook: Webhook | None = None  # the tenant's own alert receiver (http/https)
 
 
 class TenantCreate(_TenantFields):
@@ -186,6 +190,9 @@ class KeyCreate(BaseModel):
     tpm: LimitInt | None = None
     max_concurrency: LimitInt | None = None
     max_tokens: LimitInt | None = None
+    budget_usd: Usd | None = None  # the key's own budget (its tenant's holds too: the stricter wins)
+    budget_period: Period | None = None  # None: "month"
+    alert_thresholds: AlertThresholds | None = None
 
     @field_validator("scopes")
     @classmethod
@@ -193,6 +200,33 @@ class KeyCreate(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError("scopes must not repeat")
         return v
+
+
+class KeyPatch(BaseModel):
+    """`PATCH /admin/keys/{id}`: only the fields given change; null sets a limit to unlimited, the budget
+    to none, the period to month, the thresholds to none, the expiry to never."""
+
+    model_config = _STRICT
+    name: Name | None = None
+    rpm: LimitInt | None = None
+    tpm: LimitInt | None = None
+    max_concurrency: LimitInt | None = None
+    max_tokens: LimitInt | None = None
+    budget_usd: Usd | None = None
+    budget_period: Period | None = None
+    alert_thresholds: AlertThresholds | None = None
+    expires_at: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_null(cls, v: str | None) -> str:
+        if v is None:
+            raise ValueError("name cannot be null")
+        return v
+
+
+# What a key with no tenant (global admin or metrics) may have patched: no tenant, nothing to bill or limit.
+_GLOBAL_KEY_PATCHABLE = frozenset({"name", "expires_at"})
 
 
 class GlobalKeyCreate(BaseModel):
@@ -214,7 +248,8 @@ class GlobalKeyCreate(BaseModel):
 
 
 _LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "max_tokens")
-_DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": "standard", "weight": 1.0, "budget_period": "month", "prices": {}}
+_DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": "standard", "weight": 1.0, "budget_period": "month", "prices": {},
+                             "alert_thresholds": []}
 
 # ---------------------------------------------------------------- JSON views
 
@@ -223,27 +258,27 @@ def _price_json(p: Price) -> dict[str, Any]:
     return {"prompt": p.prompt, "completion": p.completion, "cached_prompt": p.cached_prompt}
 
 
-def tenant_json(t: Tenant) -> dict[str, Any]:
+def tenant_json(t: Tenant, spend: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`spend`: its spend this period (gateway/spend.py), shown when given."""
     return {"object": "tenant", "id": t.id, "name": t.name, "models": list(t.models),
             "rpm": t.limits.rpm, "tpm": t.limits.tpm, "max_concurrency": t.limits.max_concurrency,
             "max_tokens": t.limits.max_tokens, "priority": t.priority, "weight": t.weight,
             "budget_usd": t.budget_usd,
             "budget_period": t.budget_period, "prices": {m: _price_json(p) for m, p in t.prices.items()},
-            "created_at": iso(t.created_at), "updated_at": iso(t.updated_at)}
+            "alert_thresholds": list(t.alert_thresholds), "alert_webhook": t.alert_webhook,
+            "created_at": iso(t.created_at), "updated_at": iso(t.updated_at), **({"spend": spend} if spend else {})}
 
 
-def key_json(k: ApiKey) -> dict[str, Any]:
-    """Never the key nor its hash."""
+def key_json(k: ApiKey, spend: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Never the key nor its hash. `spend`: its spend this period (gateway/spend.py), shown when given."""
     return {"object": "api_key", "id": k.id, "tenant_id": k.tenant_id, "name": k.name, "prefix": k.prefix,
             "scopes": list(k.scopes), "rpm": k.limits.rpm, "tpm": k.limits.tpm,
             "max_concurrency": k.limits.max_concurrency, "max_tokens": k.limits.max_tokens,
-            "expires_at": iso(k.expires_at), "revoked_at": iso(k.revoked_at), "created_at": iso(k.created_at)}
+            "budget_usd": k.budget_usd, "budget_period": k.budget_period, "alert_thresholds": list(k.alert_thresholds),
+            "expires_at": iso(k.expires_at), "revoked_at": iso(k.revoked_at), "created_at": iso(k.created_at),
+            **({"spend": spend} if spend else {})}
 
 
-USAGE_REQUEST_COLUMNS = ("request_id", "created_at", "tenant_id", "key_id", "model", "model_version", "replica",
-                         "prompt_tokens", "completion_tokens", "cached_tokens", "queue_time_s", "ttft_s", "e2e_s",
-                         "finish_reason", "status", "cost_usd")
-USAGE_GROUP_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
 
 
 def _not_found(kind: str, id_: str, param: str) -> APIError:
@@ -297,13 +332,22 @@ class AdminService:
                    limits=Limits(req.rpm, req.tpm, req.max_concurrency, req.max_tokens),
                    priority=req.priority or "standard", weight=req.weight or 1.0, budget_usd=req.budget_usd,
                    budget_period=req.budget_period or "month",
-                   prices={m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in (req.prices or {}).items()})
+                   prices={m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in (req.prices or {}).items()},
+                   alert_thresholds=list(req.alert_thresholds or []), alert_webhook=req.alert_webhook)
         try:
             self.store.create_tenant(t, actor)
         except DuplicateName:
             raise _duplicate(t.name) from None
         self._changed("tenant.create", t.id)
-        return tenant_json(t)
+        return self._tenant_json(t)
+
+    def _tenant_json(self, t: Tenant) -> dict[str, Any]:
+        return tenant_json(t, tenants_spend(self.store, [t], time.time())[t.id])
+
+    def tenant_spend(self, tenant_id: str) -> dict[str, Any]:
+        """The tenant's `spend` object alone (`GET /v1/usage` shows a tenant its own)."""
+        t = self._tenant(tenant_id)
+        return tenants_spend(self.store, [t], time.time())[t.id]
 
     def _tenant(self, tenant_id: str) -> Tenant:
         """The tenant, or the same 404 whether it does not exist or belongs to another tenant's admin."""
@@ -313,11 +357,12 @@ class AdminService:
         return t
 
     def get_tenant(self, tenant_id: str) -> dict[str, Any]:
-        return tenant_json(self._tenant(tenant_id))
+        return self._tenant_json(self._tenant(tenant_id))
 
     def list_tenants(self) -> dict[str, Any]:
         tenants = [t for t in self.store.list_tenants() if self.reach.sees_tenant(t.id)]
-        return {"object": "list", "data": [tenant_json(t) for t in tenants]}
+        spend = tenants_spend(self.store, tenants, time.time())  # one query for the list
+        return {"object": "list", "data": [tenant_json(t, spend[t.id]) for t in tenants]}
 
     def update_tenant(self, tenant_id: str, body: Mapping[str, Any] | bytes | str, *, actor: str) -> dict[str, Any]:
         req = parse_body(TenantPatch, body, errors=field_error)
@@ -343,7 +388,7 @@ class AdminService:
                 setattr(t, f, list(value) if isinstance(value, list) else value)
                 changes[f] = value
         if not changes:
-            return tenant_json(t)
+            return self._tenant_json(t)
         try:
             self.store.update_tenant(t, changes, actor)
         except KeyError:  # deleted meanwhile
@@ -351,7 +396,7 @@ class AdminService:
         except DuplicateName:
             raise _duplicate(t.name) from None
         self._changed("tenant.update", t.id)
-        return tenant_json(t)
+        return self._tenant_json(t)
 
     def delete_tenant(self, tenant_id: str, *, actor: str) -> dict[str, Any]:
         if not self.reach.sees_tenant(tenant_id):
@@ -371,7 +416,11 @@ class AdminService:
         t = self._tenant(tenant_id)
         limits = Limits(req.rpm, req.tpm, req.max_concurrency, req.max_tokens)
         self.reach.check_new_key(t, req.scopes, limits)
-        return self._new_key(tenant_id, req.name, list(req.scopes), limits, expires, actor)
+        period = req.budget_period or "month"
+        check_key_budget(req.budget_usd, period, t)
+        return self._new_key(tenant_id, req.name, list(req.scopes), limits, expires, actor,
+                             budget_usd=req.budget_usd, budget_period=period,
+                             alert_thresholds=list(req.alert_thresholds or []))
 
     def create_global_key(self, body: Mapping[str, Any] | bytes | str | None, *, actor: str) -> dict[str, Any]:
         """A key bound to no tenant (admin and/or metrics scope); shown once, like any key."""
@@ -380,10 +429,12 @@ class AdminService:
         return self._new_key(None, req.name, list(req.scopes), Limits(), _future_time(req.expires_at), actor)
 
     def _new_key(self, tenant_id: str | None, name: str, scopes: list[str], limits: Limits,
-                 expires: float | None, actor: str) -> dict[str, Any]:
+                 expires: float | None, actor: str, *, budget_usd: float | None = None,
+                 budget_period: str = "month", alert_thresholds: list[float] | None = None) -> dict[str, Any]:
         key, prefix, digest = new_key()
         k = ApiKey(id=new_id("key_"), tenant_id=tenant_id, name=name, prefix=prefix, key_hash=digest,
-                   scopes=scopes, limits=limits, expires_at=expires)
+                   scopes=scopes, limits=limits, expires_at=expires, budget_usd=budget_usd,
+                   budget_period=budget_period, alert_thresholds=list(alert_thresholds or []))
         try:
             self.store.create_key(k, actor)
         except KeyError:
@@ -395,10 +446,74 @@ class AdminService:
         """One tenant's keys; without a tenant, every key a global admin sees (its own tenant's for a
         tenant admin)."""
         if tenant_id is not None:
-            self._tenant(tenant_id)
-        elif not self.reach.is_global:
-            tenant_id = self.reach.tenant_id
-        return {"object": "list", "data": [key_json(k) for k in self.store.list_keys(tenant_id)]}
+            tenants = {tenant_id: self._tenant(tenant_id)}
+        else:
+            if not self.reach.is_global:
+                tenant_id = self.reach.tenant_id
+            tenants = {t.id: t for t in self.store.list_tenants() if self.reach.sees_tenant(t.id)}
+        keys = self.store.list_keys(tenant_id)
+        spend = keys_spend(self.store, keys, tenants, time.time())  # one query for the list
+        return {"object": "list", "data": [key_json(k, spend[k.id]) for k in keys]}
+
+    def update_key(self, key_id: str, body: Mapping[str, Any] | bytes | str | None, *,
+                   actor: str) -> dict[str, Any]:
+        """Change only the given fields of a key (audited as `key.update` with the changes)."""
+        req = parse_body(KeyPatch, body, errors=field_error)
+        k = self.store.get_key(key_id)
+        if k is None or not self.reach.sees_key(k):
+            raise _not_found("API key", key_id, "key_id")
+        if k.revoked_at is not None:
+            raise APIError(409, f"API key {key_id!r} is revoked: it cannot be changed", param="key_id",
+                           code="conflict")
+        fields = set(req.model_fields_set)
+        if k.tenant_id is None and fields - _GLOBAL_KEY_PATCHABLE:
+            bad = sorted(fields - _GLOBAL_KEY_PATCHABLE)[0]
+            raise bad_request(f"{bad}: a key with no tenant has no limits, budget or alerts (it bills nothing); "
+                              "only name and expires_at can change", param=bad)
+        t = self._tenant(k.tenant_id) if k.tenant_id is not None else None
+        changes: dict[str, Any] = {}
+        for f in sorted(fields):
+            value = getattr(req, f)
+            if f == "expires_at":
+                value = _future_time(value)
+                if value != k.expires_at:
+                    k.expires_at = value
+                    changes[f] = iso(value)
+            elif f in _LIMIT_FIELDS:
+                if getattr(k.limits, f) != value:
+                    setattr(k.limits, f, value)
+                    changes[f] = value
+            else:
+                value = {"budget_period": "month", "alert_thresholds": []}.get(f) if value is None else value
+                if getattr(k, f) != value:
+                    setattr(k, f, list(value) if isinstance(value, list) else value)
+                    changes[f] = value
+        if t is not None:
+            self._check_key_patch(t, k, fields)
+            if {"budget_usd", "budget_period"} & fields:
+                check_key_budget(k.budget_usd, k.budget_period, t)
+        if changes:
+            try:
+                self.store.update_key(k, changes, actor)
+            except KeyError:
+                raise _not_found("API key", key_id, "key_id") from None
+            self._changed("key.update", k.id)
+        tenants = {t.id: t} if t is not None else {}
+        return key_json(k, keys_spend(self.store, [k], tenants, time.time())[k.id])
+
+    def _check_key_patch(self, t: Tenant, k: ApiKey, fields: set[str]) -> None:
+        """A tenant admin changes its tenant's inference keys only, never above the tenant's limits."""
+        if self.reach.is_global:
+            return
+        if not set(k.scopes) <= {"inference"}:
+            raise forbidden("a tenant admin key can only change its tenant's inference keys; changing an "
+                            "admin or metrics key needs a global admin key", param="key_id")
+        for f in _LIMIT_FIELDS:
+            cap, wanted = getattr(t.limits, f), getattr(k.limits, f)
+            if f in fields and cap is not None and (wanted is None or wanted > cap):
+                raise forbidden(f"{f}: {'unlimited' if wanted is None else wanted} is above the tenant's own "
+                                f"limit ({cap}); a tenant admin key cannot set a key above its tenant's limits",
+                                param=f)
 
     def revoke_key(self, key_id: str, *, actor: str) -> dict[str, Any]:
         """Revokes at once; revoking a revoked key is a no-op (same answer, no new audit record)."""
@@ -415,45 +530,81 @@ class AdminService:
     # -------------------------------------------------------------- usage
     def usage(self, *, tenant_id: str | None = None, model: str | None = None, since: Any = None,
               until: Any = None, group_by: str | None = "request", format: str | None = "json",
-              limit: Any = 1000) -> dict[str, Any] | str:
-        """Usage rows (newest first) or per-day / per-model totals: a JSON list object, or CSV text."""
-        group_by = group_by or "request"
+              limit: Any = 1000, key_id: str | None = None, version: str | None = None,
+              user: str | None = None, outcome: str | None = None) -> dict[str, Any] | str:
+        """Usage rows (newest first), or totals per group (`group_by` "tenant,model", any of
+        store/usage_query.GROUP_FIELDS), with the grand total: a JSON list object, or CSV text."""
+        fields = usage_view.group_fields(group_by)
         format = format or "json"
-        if group_by not in ("request", "day", "model", "refusals"):
-            raise bad_request("group_by: must be one of request, day, model, refusals", param="group_by")
         if format not in ("json", "csv"):
             raise bad_request("format: must be json or csv", param="format")
-        try:
-            n = int(limit)
-            if isinstance(limit, bool) or (isinstance(limit, float) and limit != n):
-                raise ValueError
-        except (TypeError, ValueError, OverflowError):
-            raise bad_request("limit: expected an integer", param="limit") from None
-        if not 1 <= n <= MAX_USAGE_LIMIT:
-            raise bad_request(f"limit: must be between 1 and {MAX_USAGE_LIMIT}", param="limit")
-        for name, value in (("tenant_id", tenant_id), ("model", model)):
-            if value is not None and len(value) > 256:
-                raise bad_request(f"{name}: too long", param=name)
-        tenant_id = self.reach.usage_tenant(tenant_id)
-        q = UsageQuery(tenant_id=tenant_id or None, model=model or None, since=parse_time(since, "since"),
-                       until=parse_time(until, "until"), group_by=group_by, limit=n)
-        rows = self.store.query_refusals(q) if group_by == "refusals" else self.store.query_usage(q)
-        if group_by == "refusals":  # requests refused before admission: counts per key, status, code, hour
-            columns = ("hour", "tenant_id", "key_id", "status", "code", "requests")
-            rows = [{**r, "hour": iso(r["hour"])} for r in rows]
-        elif group_by == "request":
-            columns = USAGE_REQUEST_COLUMNS
-            rows = [{c: (iso(r[c]) if c == "created_at" else r[c]) for c in columns} for r in rows]
+        n = usage_view.limit(limit)
+        q = UsageQuery(tenant_id=self.reach.usage_tenant(usage_view.text("tenant_id", tenant_id)),
+                       model=usage_view.text("model", model), key_id=usage_view.text("key_id", key_id),
+                       version=usage_view.text("version", version), user=usage_view.text("user", user),
+                       outcome=usage_view.outcome(outcome), since=parse_time(since, "since"),
+                       until=parse_time(until, "until"), group_by=",".join(fields or ()) or "request", limit=n)
+        usage_view.time_range(q.since, q.until)
+        total: dict[str, Any] | None = None
+        if fields is None:  # requests refused before admission: counts per key, status, code, hour
+            columns = usage_view.REFUSAL_COLUMNS
+            rows = [{**r, "hour": iso(r["hour"])} for r in self.store.query_refusals(q)]
+        elif not fields:
+            columns = usage_view.REQUEST_COLUMNS
+            rows = [{c: (iso(r["created_at"]) if c == "created_at" else r["user_id"] if c == "user" else r[c])
+                     for c in columns} for r in self.store.query_usage(q)]
+            total = self.store.usage_totals(q)
         else:
-            columns = (group_by, *USAGE_GROUP_COLUMNS)
+            columns = usage_view.group_columns(fields)
+            rows = self.store.query_usage(q)
+            total = self.store.usage_totals(q)
         if format == "csv":
-            out = io.StringIO()
-            w = csv.writer(out, lineterminator="\n")
-            w.writerow(columns)
-            for r in rows:
-                w.writerow(["" if r[c] is None else r[c] for c in columns])
-            return out.getvalue()
-        return {"object": "list", "group_by": group_by, "data": rows}
+            return usage_view.to_csv(columns, rows)
+        out: dict[str, Any] = {"object": "list", "group_by": "refusals" if fields is None else q.group_by,
+                               "data": rows}
+        if total is not None:
+            out["total"] = total
+        return out
+
+    def usage_compare(self, *, tenant_id: str | None = None, model: str | None = None,
+                      key_id: str | None = None, since: Any = None, until: Any = None, a_since: Any = None,
+                      a_until: Any = None, b_since: Any = None, b_until: Any = None,
+                      a_version: str | None = None, b_version: str | None = None) -> dict[str, Any]:
+        """Two slices of the ledger side by side (gateway/usage_compare.py): two time windows
+        (a_since/a_until vs b_since/b_until), or two versions (a_version vs b_version, NAME@VERSION)
+        within the shared since/until; tenant_id, model and key_id narrow both sides."""
+        base = UsageQuery(tenant_id=self.reach.usage_tenant(usage_view.text("tenant_id", tenant_id)),
+                          model=usage_view.text("model", model), key_id=usage_view.text("key_id", key_id),
+                          since=parse_time(since, "since"), until=parse_time(until, "until"))
+        usage_view.time_range(base.since, base.until)
+        sides = []
+        for p, s_since, s_until, s_version in (("a_", a_since, a_until, a_version),
+                                               ("b_", b_since, b_until, b_version)):
+            q = replace(base, version=usage_view.text(f"{p}version", s_version))
+            own_since, own_until = parse_time(s_since, f"{p}since"), parse_time(s_until, f"{p}until")
+            if q.version is None and own_since is None and own_until is None:
+                raise bad_request(f"{p}version: give two model versions (a_version and b_version, NAME@VERSION) "
+                                  "or two time windows (a_since/a_until and b_since/b_until)", param=f"{p}version")
+            q.since = base.since if own_since is None else own_since
+            q.until = base.until if own_until is None else own_until
+            usage_view.time_range(q.since, q.until, p)
+            sides.append(self._compare_side(q))
+        return usage_compare.compare(sides[0], sides[1])
+
+    def _compare_side(self, q: UsageQuery) -> usage_compare.Side:
+        filters = {k: v for k, v in (("tenant_id", q.tenant_id), ("model", q.model), ("key_id", q.key_id),
+                                     ("version", q.version), ("since", iso(q.since)), ("until", iso(q.until)))
+                   if v is not None}
+        window = f"{iso(q.since) or '-'} .. {iso(q.until) or '-'}"
+        label = q.version if q.version is not None and q.since is None and q.until is None else \
+            f"{q.version} {window}" if q.version is not None else window
+        t = self.store.usage_totals(q)
+        timings = self.store.usage_timings(q, usage_compare.MAX_SAMPLES + 1)
+        return usage_compare.Side(label=label, filters=filters, requests=t["requests"],
+                                  prompt_tokens=t["prompt_tokens"], completion_tokens=t["completion_tokens"],
+                                  cost_nusd=t["cost_nusd"], errors=t["errors"],
+                                  timings=timings[:usage_compare.MAX_SAMPLES],
+                                  capped=len(timings) > usage_compare.MAX_SAMPLES)
 
     # -------------------------------------------------------------- audit
     def audit_list(self, since_id: int = 0, limit: int = 1000) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from lockgate.gateway.admin_scope import AdminReach
 from lockgate.gateway.auth import Principal
-from lockgate.gateway.tenants import AdminService, GlobalKeyCreate, KeyCreate, TenantCreate, TenantPatch
+from lockgate.gateway.tenants import AdminService, GlobalKeyCreate, KeyCreate, KeyPatch, TenantCreate, TenantPatch
 from lockgate.server.state import PRINCIPAL_SCOPE_KEY, AppState
 from lockgate.server.errors import APIError, bad_request, json_response
 from lockgate.server.openapi import BODY_ERRORS, GUARDED, SloReport, operation
@@ -125,6 +125,12 @@ async def list_all_keys(request: Request) -> Response:
     return json_response(await _call(request, lambda s: s.list_keys(tenant_id)))
 
 
+@admin_router.patch("/admin/keys/{key_id}", **operation(body=KeyPatch, errors=(*BODY_ERRORS, 409)))
+async def update_key(key_id: str, request: Request) -> Response:
+    body, actor = await request.body(), _principal(request).actor
+    return json_response(await _call(request, lambda s: s.update_key(key_id, body, actor=actor), changes=True))
+
+
 @admin_router.delete("/admin/keys/{key_id}", **operation(errors=ADMIN_ERRORS))
 async def revoke_key(key_id: str, request: Request) -> Response:
     actor = _principal(request).actor
@@ -137,17 +143,30 @@ def _usage_response(result: dict[str, Any] | str) -> Response:
     return json_response(result)
 
 
+USAGE_PARAMS = ("tenant_id", "key_id", "model", "version", "user", "outcome", "since", "until", "group_by",
+                "format")
+COMPARE_PARAMS = ("tenant_id", "key_id", "model", "since", "until", "a_since", "a_until", "b_since", "b_until",
+                  "a_version", "b_version")
+
+
 def _usage_args(request: Request) -> dict[str, Any]:
+    """The query's usage parameters as given (AdminService checks them: 400 naming the bad one)."""
     q = request.query_params
-    return {"tenant_id": q.get("tenant_id"), "model": q.get("model"), "since": q.get("since"),
-            "until": q.get("until"), "group_by": q.get("group_by"), "format": q.get("format"),
-            "limit": q.get("limit", 1000)}
+    return {**{name: q.get(name) for name in USAGE_PARAMS}, "limit": q.get("limit", 1000)}
 
 
 @admin_router.get("/admin/usage", **operation(errors=ADMIN_ERRORS))  # 404: another tenant, to its admin
 async def admin_usage(request: Request) -> Response:
     args = _usage_args(request)
     return _usage_response(await _call(request, lambda s: s.usage(**args)))
+
+
+@admin_router.get("/admin/usage/compare", **operation(errors=ADMIN_ERRORS))
+async def admin_usage_compare(request: Request) -> Response:
+    """Two time windows or two model versions side by side: tokens, cost per 1k tokens, TTFT/TPOT
+    percentiles, error rate, and the change B vs A."""
+    args = {name: request.query_params.get(name) for name in COMPARE_PARAMS}
+    return json_response(await _call(request, lambda s: s.usage_compare(**args)))
 
 
 @admin_router.get("/v1/usage", **operation(errors=(*GUARDED, 400, 404)))
@@ -160,7 +179,14 @@ async def own_usage(request: Request) -> Response:
     if args["tenant_id"] not in (None, "", own):
         raise APIError(404, f"tenant {args['tenant_id']!r} not found", param="tenant_id", code="not_found")
     args["tenant_id"] = own
-    return _usage_response(await _call(request, lambda s: s.usage(**args), reach=AdminReach(own)))
+
+    def usage_and_spend(s: AdminService) -> dict[str, Any] | str:
+        result = s.usage(**args)
+        if isinstance(result, dict):  # JSON: the tenant's spend this period too (CSV stays rows only)
+            result["spend"] = s.tenant_spend(own)
+        return result
+
+    return _usage_response(await _call(request, usage_and_spend, reach=AdminReach(own)))
 
 
 @admin_router.get("/admin/audit", **operation(errors=(*GUARDED, 400)))

@@ -24,6 +24,9 @@ from lockgate.server.direct import DirectRoutes
 from lockgate.server.middleware import GuardMiddleware
 from lockgate.server.openapi import install_openapi
 from lockgate.server.admin_routes import admin_router
+from lockgate.server.alert_routes import alert_router
+from lockgate.server.alerting import build_alerts
+from lockgate.server.anomaly_routes import anomaly_router
 from lockgate.server.model_routes import model_router
 from lockgate.server.routes import router
 from lockgate.server.state import AppState
@@ -50,10 +53,13 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: Mo
                             cfg.engine_startup_timeout_s, cfg.engine_stall_timeout_s, cfg.router_policy)
     models, model_admin = build_registry(plan, engine_config, options, metrics, gateway)
     state = AppState(cfg, metrics, gateway, observer, models)
+    alerts = build_alerts(cfg, gateway, metrics)  # budget alerts and webhooks (None: another worker's job)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gateway.start()  # opens the store; settles what a killed process left
+        if alerts is not None:
+            alerts.start()
         try:
             await models.start()  # an EngineStartError here makes uvicorn exit: nothing to serve
             mode = "keyed" if gateway.keyed else "open (no keys)"
@@ -69,6 +75,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: Mo
                 gc.unfreeze()  # collectable again (in-process test servers come and go)
                 await models.shutdown()
         finally:
+            if alerts is not None:
+                await alerts.stop()  # before the store closes
             await gateway.stop()  # after the engine: in-flight requests have settled
             observer.close()  # flush the request log and batched traces
 
@@ -81,6 +89,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: Mo
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(alert_router)
+    app.include_router(anomaly_router)
     app.include_router(model_router)
     install_openapi(app)
     # The hot inference routes run straight from the guard (direct.py); the rest through FastAPI's stack.

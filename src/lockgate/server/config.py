@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lockgate.engine.sampling_params import MAX_STOP_STRINGS
+from lockgate.gateway.alerts import DEFAULT_ANOMALY_INTERVAL_S, DEFAULT_INTERVAL_S
 from lockgate.gateway.classes import ClassTable
+from lockgate.gateway.webhooks import check_url
 from lockgate.lifecycle.ray_cluster import check_address
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # served name of the embedded default model
@@ -67,6 +69,14 @@ class ServerConfig:
     otel_endpoint: str | None = None  # OTLP/HTTP collector; None: the OTEL_EXPORTER_OTLP_* variables, else off
     slo_period_s: float = 30 * 86400.0  # the SLO period: attainment and error budget are over it
     metrics_max_tenants: int = 100  # distinct tenant label values; more share "other"
+    # Budget and anomaly alerts (gateway/alerts.py, webhooks.py): receivers of every alert (a tenant's own
+    # alert_webhook gets its tenant's too), private/loopback receivers allowed, how often budgets and
+    # anomalies are checked; `alert_scan` False: this process does not scan or send (API workers but 0).
+    alert_webhooks: list[str] = field(default_factory=list)
+    alert_allow_private: bool = False
+    alert_interval_s: float = DEFAULT_INTERVAL_S
+    anomaly_interval_s: float = DEFAULT_ANOMALY_INTERVAL_S
+    alert_scan: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_request_body_bytes", "max_queued_requests", "max_queued_tokens", "max_n",
@@ -90,6 +100,14 @@ class ServerConfig:
             raise ValueError(f"slo_period_s must be >= 60, got {self.slo_period_s}")
         if self.metrics_max_tenants < 0:
             raise ValueError(f"metrics_max_tenants must be >= 0, got {self.metrics_max_tenants}")
+        for url in self.alert_webhooks:
+            try:
+                check_url(url)
+            except ValueError as e:
+                raise ValueError(f"--alert-webhook: {e}") from None
+        for name in ("alert_interval_s", "anomaly_interval_s"):
+            if not 0 < getattr(self, name) <= 86400:
+                raise ValueError(f"{name} must be in (0, 86400] seconds, got {getattr(self, name)}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not 0 < self.port < 65536:

@@ -15,6 +15,7 @@ is the single process as always.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 from pathlib import Path
@@ -164,7 +165,9 @@ def _serve_workers(engine_config: EngineConfig, server_config: ServerConfig, pla
         return 1
 
     def main(ctx: WorkerContext) -> int:
-        return run_worker(ctx, lambda: build_app(engine_config, server_config, plan),
+        # Worker 0 alone scans budgets and sends alert webhooks (the store dedups alerts anyway).
+        config = dataclasses.replace(server_config, alert_scan=ctx.primary)
+        return run_worker(ctx, lambda: build_app(engine_config, config, plan),
                           lambda app: _uvicorn_config(app, server_config, access_log), sc.drain_timeout_s)
 
     return WorkerPool(sc.api_workers, sock, main, sc.drain_timeout_s).run()
@@ -254,6 +257,9 @@ def serve_command(
     otel_endpoint: Annotated[str | None, typer.Option(help="OTLP/HTTP collector for traces, e.g. http://localhost:4318 (default: OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)")] = None,  # noqa: E501
     slo_period_days: Annotated[float, typer.Option(help="SLO period: attainment and error budget are over it")] = 30.0,  # noqa: E501
     metrics_max_tenants: Annotated[int, typer.Option(help="Distinct tenant label values in /metrics; more share 'other'")] = 100,  # noqa: E501
+    alert_webhook: Annotated[list[str] | None, typer.Option(help="http(s) URL that receives every budget and anomaly alert as a signed POST (repeatable; a tenant's own alert_webhook gets its alerts too; `lockgate alerts secret` prints the signing secret)")] = None,  # noqa: E501
+    alert_allow_private: Annotated[bool, typer.Option(help="Allow alert webhooks on private, loopback and link-local addresses (refused by default)")] = False,  # noqa: E501
+    alert_interval: Annotated[float, typer.Option(help="Seconds between budget-threshold checks for alerts")] = 5.0,  # noqa: E501
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, ...)."""
     if metrics_auth:
@@ -278,7 +284,8 @@ def serve_command(
                             "request_log": request_log, "request_log_file": request_log_file,
                             "log_prompts": log_prompts, "otel_endpoint": otel_endpoint,
                             "slo_period_s": slo_period_days * 86400.0, "metrics_max_tenants": metrics_max_tenants,
-                            "store_url": store or None},
+                            "store_url": store or None, "alert_webhooks": list(alert_webhook or []),
+                            "alert_allow_private": alert_allow_private, "alert_interval_s": alert_interval},
             class_config=class_config,
             debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

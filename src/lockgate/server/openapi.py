@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from lockgate.gateway.tenants import GlobalKeyCreate, KeyCreate, TenantCreate, TenantPatch
+from lockgate.gateway.tenants import GlobalKeyCreate, KeyCreate, KeyPatch, TenantCreate, TenantPatch
 from lockgate.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -196,7 +196,7 @@ class SloReport(_Doc):
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
-    TenantCreate, TenantPatch, KeyCreate, GlobalKeyCreate)
+    TenantCreate, TenantPatch, KeyCreate, KeyPatch, GlobalKeyCreate)
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ErrorResponse, CompletionResponse, ChatCompletionResponse, ModelList, ModelCard, TokenizeResponse,
     DetokenizeResponse, HealthResponse, VersionResponse, SloReport)

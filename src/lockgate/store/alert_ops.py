@@ -74,7 +74,7 @@ class AlertOps:
             rows = conn.execute(
                 "SELECT d.alert_id, d.url, d.attempts, d.last_error, a.kind, a.tenant_id, a.key_id, a.payload, "
                 "a.created_at FROM alert_deliveries d JOIN alerts a ON a.id = d.alert_id "
-                "WHERE d.delivered_at IS NULL AND d.next_attempt_at <= ? "
+                "WHERE d.delivered_at IS NULL AND d.failed_at IS NULL AND d.next_attempt_at <= ? "
                 "AND (d.claimed_until IS NULL OR d.claimed_until <= ?) "
                 "ORDER BY d.next_attempt_at LIMIT ?", (now, now, int(limit))).fetchall()
             conn.executemany("UPDATE alert_deliveries SET claimed_until = ? WHERE alert_id = ? AND url = ?",
@@ -94,6 +94,12 @@ class AlertOps:
                          "claimed_until = NULL, last_error = ? WHERE alert_id = ? AND url = ?",
                          (retry_at, error[:500], alert_id, url))
 
+    def delivery_abandoned(self, alert_id: str, url: str, error: str, at: float) -> None:
+        """Give a delivery up for good (a refused address, too many attempts, too old): never claimed again."""
+        with self._write() as conn:
+            conn.execute("UPDATE alert_deliveries SET attempts = attempts + 1, failed_at = ?, claimed_until = NULL, "
+                         "last_error = ? WHERE alert_id = ? AND url = ?", (at, error[:500], alert_id, url))
+
     def list_alerts(self, kind: str | None = None, tenant_id: str | None = None, since: float | None = None,
                     limit: int = 1000) -> list[dict[str, Any]]:
         """Alerts newest first, each with its deliveries' state."""
@@ -110,10 +116,15 @@ class AlertOps:
                        "ORDER BY a.created_at DESC, a.id LIMIT ?", (*args, max(1, min(int(limit), 10_000)))).fetchall()
         out = []
         for r in rows:
-            deliveries = self._q("SELECT url, attempts, delivered_at, last_error, next_attempt_at FROM "
+            deliveries = self._q("SELECT url, attempts, delivered_at, last_error, next_attempt_at, failed_at FROM "
                                  "alert_deliveries WHERE alert_id = ? ORDER BY url", (r[0],)).fetchall()
             out.append({"id": r[0], "kind": r[1], "tenant_id": r[2], "key_id": r[3], "payload": json.loads(r[4]),
                         "created_at": r[5],
                         "deliveries": [{"url": d[0], "attempts": d[1], "delivered_at": d[2], "last_error": d[3],
-                                        "next_attempt_at": d[4]} for d in deliveries]})
+                                        "next_attempt_at": d[4], "failed_at": d[5],
+                                        "state": _state(d[2], d[5])} for d in deliveries]})
         return out
+
+
+def _state(delivered_at: float | None, failed_at: float | None) -> str:
+    return "delivered" if delivered_at is not None else "failed" if failed_at is not None else "pending"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from lockgate.store.object_spend import SpendSums
 from lockgate.store.models import (
     ApiKey,
     AuditRecord,
@@ -36,6 +37,7 @@ class Store(Protocol):
     def get_key(self, key_id: str) -> ApiKey | None: ...
     def get_key_by_hash(self, key_hash: str) -> ApiKey | None: ...
     def revoke_key(self, key_id: str, actor: str) -> bool: ...
+    def update_key(self, key: ApiKey, changes: dict[str, Any], actor: str) -> ApiKey: ...  # KeyError; audits key.update
     def count_tenants(self) -> int: ...
 
     # ---- budget reservations and the ledger
@@ -44,7 +46,12 @@ class Store(Protocol):
     def settle(self, records: list[UsageRecord]) -> None: ...  # insert usage rows (exactly once) + drop reservations
     def list_reservations(self) -> list[Reservation]: ...
     def spent_usd(self, tenant_id: str, since: float | None) -> float: ...  # settled cost since (None: all time)
+    def key_spent_usd(self, key_id: str, since: float | None) -> float: ...  # the same, of one key
+    # Per tenant or key (owner 'tenant_id' | 'key_id'): settled nano-USD this day/month/all time, and held now.
+    def spend_sums(self, owner: str, ids: list[str] | None, now: float) -> dict[str, SpendSums]: ...
     def query_usage(self, q: UsageQuery) -> list[dict[str, Any]]: ...
+    def usage_totals(self, q: UsageQuery) -> dict[str, Any]: ...  # the filtered rows' grand total
+    def usage_timings(self, q: UsageQuery, limit: int) -> list[tuple[float, float | None, int]]: ...  # compare
     def add_refusals(self, counts: list[RefusalCount]) -> None: ...  # summed into (tenant, key, status, code, hour)
     def query_refusals(self, q: UsageQuery) -> list[dict[str, Any]]: ...  # per hour, newest first
 

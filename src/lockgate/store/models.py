@@ -156,12 +156,18 @@ class IdempotencyRecord:
 
 @dataclass(slots=True)
 class UsageQuery:
+    """Which usage rows to read (every filter ANDed; None: any) and how to total them."""
+
     tenant_id: str | None = None
     model: str | None = None
-    since: float | None = None
-    until: float | None = None
-    group_by: str = "request"  # request | day | model
+    since: float | None = None  # inclusive
+    until: float | None = None  # exclusive
+    group_by: str = "request"  # "request" (the rows), or fields of store/usage_query.py, comma-separated
     limit: int = 1000
+    key_id: str | None = None
+    version: str | None = None  # NAME@VERSION, or VERSION of any model
+    user: str | None = None  # the request's OpenAI `user` field
+    outcome: str | None = None  # a finish reason (FINISH_REASONS), "ok" or "error"
 
 
 @dataclass(slots=True)

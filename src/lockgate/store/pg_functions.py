@@ -111,4 +111,97 @@ BEGIN
 END $$
 """
 
+# Schema 8: the same decisions, and the key's own budget too (store/shared_ops.py `admit`). Migration 7
+# created ADMIT (shipped: never edited); migration 8 replaces it with this one (same signature).
+ADMIT_V8 = """
+CREATE OR REPLACE FUNCTION lockgate_admit(p_request_id text, p_tenant text, p_key text, p_model text,
+    p_cost float8, p_prompt bigint, p_created float8, p_version text, p_instance text,
+    p_budget float8, p_period text, p_start float8, p_tconc bigint, p_kconc bigint,
+    p_scopes text[], p_caps float8[], p_now float8,
+    OUT o_kind text, OUT o_scope text, OUT o_wait float8, OUT o_inflight bigint, OUT o_left float8)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_period text;
+    v_start float8;
+    v_spent float8;
+    v_n bigint;
+    v_held float8;
+    v_take record;
+    v_kbudget float8;
+    v_kperiod text;
+    v_kstart float8;
+    v_kbook text;
+    v_kp text;
+    v_ks float8;
+    v_kspent float8;
+    v_kheld float8;
+BEGIN
+    INSERT INTO budget_books AS bb (tenant_id, period, period_start, spent) VALUES (p_tenant, '', NULL, 0)
+        ON CONFLICT (tenant_id) DO UPDATE SET tenant_id = excluded.tenant_id
+        RETURNING bb.period, bb.period_start, bb.spent INTO v_period, v_start, v_spent;
+    IF v_period IS DISTINCT FROM p_period OR v_start IS DISTINCT FROM p_start THEN
+        SELECT coalesce(sum(u.cost_usd), 0) INTO v_spent FROM usage u
+            WHERE u.tenant_id = p_tenant AND (p_start IS NULL OR u.created_at >= p_start);
+        UPDATE budget_books SET period = p_period, period_start = p_start, spent = v_spent
+            WHERE tenant_id = p_tenant;
+    END IF;
+    -- The key's own budget, as the store has it now; its book (row 'k:<key id>') locked after the tenant's.
+    IF p_key IS NOT NULL THEN
+        SELECT k.budget_usd, coalesce(k.budget_period, 'month') INTO v_kbudget, v_kperiod FROM api_keys k
+            WHERE k.id = p_key;
+    END IF;
+    IF v_kbudget IS NOT NULL THEN
+        v_kstart := CASE v_kperiod WHEN 'total' THEN NULL
+            WHEN 'day' THEN floor(p_now / 86400.0) * 86400.0
+            ELSE extract(epoch FROM date_trunc('month', to_timestamp(p_now) AT TIME ZONE 'UTC'))::float8 END;
+        v_kbook := 'k:' || p_key;
+        INSERT INTO budget_books AS bb (tenant_id, period, period_start, spent) VALUES (v_kbook, '', NULL, 0)
+            ON CONFLICT (tenant_id) DO UPDATE SET tenant_id = excluded.tenant_id
+            RETURNING bb.period, bb.period_start, bb.spent INTO v_kp, v_ks, v_kspent;
+        IF v_kp IS DISTINCT FROM v_kperiod OR v_ks IS DISTINCT FROM v_kstart THEN
+            SELECT coalesce(sum(u.cost_usd), 0) INTO v_kspent FROM usage u
+                WHERE u.key_id = p_key AND (v_kstart IS NULL OR u.created_at >= v_kstart);
+            UPDATE budget_books SET period = v_kperiod, period_start = v_kstart, spent = v_kspent
+                WHERE tenant_id = v_kbook;
+        END IF;
+    END IF;
+    SELECT count(*), coalesce(sum(r.reserved_usd), 0) INTO v_n, v_held FROM reservations r
+        WHERE r.tenant_id = p_tenant;
+    IF p_tconc IS NOT NULL AND v_n >= p_tconc THEN
+        o_kind := 'concurrency'; o_scope := 't:' || p_tenant; o_inflight := v_n; RETURN;
+    END IF;
+    IF p_kconc IS NOT NULL AND p_key IS NOT NULL THEN
+        SELECT count(*) INTO v_n FROM reservations r WHERE r.key_id = p_key;
+        IF v_n >= p_kconc THEN
+            o_kind := 'concurrency'; o_scope := 'k:' || p_key; o_inflight := v_n; RETURN;
+        END IF;
+    END IF;
+    SELECT * INTO v_take FROM lockgate_take('tok', p_scopes, p_caps, p_prompt, p_now, false);
+    IF v_take.o_scope IS NOT NULL THEN
+        o_kind := CASE WHEN v_take.o_wait < 0 THEN 'tpm_too_large' ELSE 'tpm' END;
+        o_scope := v_take.o_scope;
+        o_wait := CASE WHEN v_take.o_wait < 0 THEN 60.0 ELSE v_take.o_wait END;
+        RETURN;
+    END IF;
+    IF p_budget IS NOT NULL AND v_spent + v_held + p_cost > p_budget + 1e-12 THEN
+        o_kind := 'budget'; o_scope := 't:' || p_tenant; o_left := greatest(0, p_budget - v_spent - v_held);
+    END IF;
+    IF v_kbudget IS NOT NULL THEN
+        SELECT coalesce(sum(r.reserved_usd), 0) INTO v_kheld FROM reservations r WHERE r.key_id = p_key;
+        IF v_kspent + v_kheld + p_cost > v_kbudget + 1e-12
+                AND (o_kind IS NULL OR greatest(0, v_kbudget - v_kspent - v_kheld) < o_left) THEN
+            o_kind := 'budget'; o_scope := 'k:' || p_key; o_left := greatest(0, v_kbudget - v_kspent - v_kheld);
+        END IF;
+    END IF;
+    IF o_kind IS NOT NULL THEN  -- the stricter budget: the one with less left
+        RETURN;
+    END IF;
+    INSERT INTO reservations(request_id, tenant_id, key_id, model, reserved_usd, prompt_tokens,
+                             completion_tokens, cached_tokens, created_at, updated_at, model_version, instance_id)
+        VALUES (p_request_id, p_tenant, p_key, p_model, p_cost, p_prompt, 0, 0, p_created, p_now, p_version,
+                p_instance);
+    PERFORM lockgate_take('tok', p_scopes, p_caps, p_prompt, p_now, true);
+END $$
+"""
+
 FUNCTIONS: tuple[str, ...] = (TAKE, ADMIT)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lockgate.store.pg_functions import FUNCTIONS
+from lockgate.store.pg_functions import ADMIT_V8, FUNCTIONS
 from lockgate.store.schema import GENESIS_HASH, SCHEMA_VERSION, SHARED_STATE_MIGRATION, SchemaError
 
 MIGRATE_LOCK = 0x6C6F636B67617465  # "lockgate": pg_advisory_lock key for migrations
@@ -43,10 +43,12 @@ SPEND_MIGRATION: tuple[str, ...] = (
         next_attempt_at DOUBLE PRECISION NOT NULL,
         claimed_until DOUBLE PRECISION,              -- a sender holds it until then; another takes it over after
         delivered_at DOUBLE PRECISION,
+        failed_at DOUBLE PRECISION,                 -- given up (refused address, too many attempts, too old)
         last_error TEXT,
         PRIMARY KEY (alert_id, url)
     )""",
     "CREATE INDEX alert_deliveries_due ON alert_deliveries(delivered_at, next_attempt_at)",
+    ADMIT_V8,  # lockgate_admit with the key's own budget (pg_functions.py), replacing migration 7's
 )
 
 MIGRATIONS: list[tuple[str, ...]] = [

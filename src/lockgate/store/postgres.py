@@ -106,6 +106,8 @@ class _Conn:
 
 class PostgresStore(SqlStore):
     DAY_SQL = "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    HOUR_TEXT_SQL = "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00:00\"Z\"')"
+    HOUR_SQL = "CAST(floor(created_at / 3600) AS BIGINT)"  # hourly_ops.py (SQLite's CAST rounds on PG)
     RES_SELECT = ("SELECT ?::text, ?::text, ?::text, ?::text, ?::float8, ?::bigint, ?::bigint, ?::bigint, "
                   "?::float8, ?::float8, ?::text, ?::text")
     shared = True  # always several possible writers: limits and budgets are decided here

@@ -69,6 +69,7 @@ SPEND_MIGRATION: tuple[str, ...] = (
         next_attempt_at REAL NOT NULL,
         claimed_until REAL,              -- a sender holds it until then; another takes it over after
         delivered_at REAL,
+        failed_at REAL,                 -- given up (refused address, too many attempts, too old)
         last_error TEXT,
         PRIMARY KEY (alert_id, url)
     )""",

@@ -8,17 +8,18 @@ or the database write lock (SQLite), so no read-modify-write spans processes:
 - `charge_requests`: one request unit from the tenant's and key's rpm buckets,
   both or neither;
 - `admit`: concurrency (the tenant's and key's open reservations, counted),
-  tokens per minute, and the budget (the period's settled spend in
-  `budget_books` plus the open reservations' worst cases), then the
-  reservation row, all or nothing;
+  tokens per minute, and the budgets (the period's settled spend in
+  `budget_books` plus the open reservations' worst cases): the tenant's, and
+  the key's own (read from `api_keys` in the same transaction, its book the
+  row `k:<key id>`; both must hold), then the reservation row, all or nothing;
 - settle and checkpoint (`SqlStore._settle`/`_checkpoint` call here when
-  `shared`): the usage row (unique by request id), the book's spend only when
-  that row was new, completion tokens off the tpm buckets;
+  `shared`): the usage row (unique by request id), the tenant's and key's
+  books' spend only when that row was new, completion tokens off the tpm buckets;
 - instance leases: each instance renews its row; reservations whose instance's
   lease is stale are settled as `interrupted` by any live one (`dead_reservations`).
 
-Locks are always taken in one order (the tenant's book, then buckets sorted by
-scope) so two transactions cannot deadlock. Clocks: `now` is the calling
+Locks are always taken in one order (tenants' books, then keys' books, then
+buckets sorted by scope) so two transactions cannot deadlock. Clocks: `now` is the calling
 instance's time (keep instances on NTP; a bucket refills by elapsed time).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lockgate.store.models import Reservation, UsageRecord
+from lockgate.store.periods import period_start
 
 # A row locked and read in one statement: the no-op update takes the row lock (PostgreSQL) and
 # RETURNING reads it (both dialects; SQLite holds the database write lock anyway).
@@ -47,6 +49,8 @@ class Refusal:
     wait_s: float = 0.0  # until a bucket holds enough (rpm, tpm)
     inflight: int = 0  # concurrency: requests open now
     left_usd: float = 0.0  # budget: what is left for new holds
+    budget_usd: float | None = None  # budget: the budget that refused (a key's, as read in the store)
+    period: str | None = None  # budget: its period
 
 
 @dataclass(slots=True)
@@ -112,21 +116,33 @@ class SharedOps:
         return Charge(None, {s: (c, lv) for s, (c, lv) in buckets.items()})
 
     # ---- admission ----------------------------------------------------------------------------
-    def _book(self, conn: Any, tenant_id: str, period: str, start: float | None) -> float:
-        """Lock the tenant's book and return the spend of the period starting at `start` (recounted
-        from the ledger when the book was for another period: the lock makes settlements wait)."""
-        have, have_start, spent = conn.execute(_LOCK_BOOK, (tenant_id,)).fetchone()
+    def _book(self, conn: Any, tenant_id: str, period: str, start: float | None, key_id: str | None = None) -> float:
+        """Lock the tenant's book (or with `key_id` the key's, row `k:<key id>`) and return the spend of
+        the period starting at `start` (recounted from the ledger when the book was for another
+        period: the lock makes settlements wait)."""
+        book_id, col, owner = (tenant_id, "tenant_id", tenant_id) if key_id is None else (f"k:{key_id}", "key_id", key_id)
+        have, have_start, spent = conn.execute(_LOCK_BOOK, (book_id,)).fetchone()
         if have == period and have_start == start:
             return float(spent)
         if start is None:
-            row = conn.execute("SELECT coalesce(sum(cost_usd), 0) FROM usage WHERE tenant_id = ?", (tenant_id,))
+            row = conn.execute(f"SELECT coalesce(sum(cost_usd), 0) FROM usage WHERE {col} = ?", (owner,))
         else:
-            row = conn.execute("SELECT coalesce(sum(cost_usd), 0) FROM usage WHERE tenant_id = ? AND created_at >= ?",
-                               (tenant_id, start))
+            row = conn.execute(f"SELECT coalesce(sum(cost_usd), 0) FROM usage WHERE {col} = ? AND created_at >= ?",
+                               (owner, start))
         spent = float(row.fetchone()[0])
         conn.execute("UPDATE budget_books SET period = ?, period_start = ?, spent = ? WHERE tenant_id = ?",
-                     (period, start, spent, tenant_id))
+                     (period, start, spent, book_id))
         return spent
+
+    def _key_budget(self, conn: Any, key_id: str | None, now: float) -> tuple[float, str, float | None] | None:
+        """The key's own budget as the store has it now: (budget, period, period start), or None."""
+        if key_id is None:
+            return None
+        row = conn.execute("SELECT budget_usd, budget_period FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        period = row[1] or "month"
+        return float(row[0]), period, period_start(period, now)
 
     def admit(self, req: AdmitRequest, now: float | None = None) -> Refusal | None:
         """Concurrency, tokens per minute and the budget for `req.reservation`, and its row: all or none."""
@@ -134,6 +150,8 @@ class SharedOps:
         r = req.reservation
         with self._write(lazy=True) as conn:  # type: ignore[attr-defined]
             spent = self._book(conn, r.tenant_id, req.period, req.period_start)
+            kbudget = self._key_budget(conn, r.key_id, now)
+            kspent = self._book(conn, r.tenant_id, kbudget[1], kbudget[2], r.key_id) if kbudget else 0.0
             open_n, held = conn.execute("SELECT count(*), coalesce(sum(reserved_usd), 0) FROM reservations "
                                         "WHERE tenant_id = ?", (r.tenant_id,)).fetchone()
             if req.tenant_concurrency is not None and open_n >= req.tenant_concurrency:
@@ -149,8 +167,19 @@ class SharedOps:
                 if level < r.prompt_tokens:
                     return Refusal("tpm", scope, wait_s=(r.prompt_tokens - level) / (cap / 60.0))
             held = float(held)
+            refusals = []
             if req.budget_usd is not None and spent + held + r.reserved_usd > req.budget_usd + 1e-12:
-                return Refusal("budget", f"t:{r.tenant_id}", left_usd=max(0.0, req.budget_usd - spent - held))
+                refusals.append(Refusal("budget", f"t:{r.tenant_id}", left_usd=max(0.0, req.budget_usd - spent - held),
+                                        budget_usd=req.budget_usd, period=req.period))
+            if kbudget is not None:
+                (kheld,) = conn.execute("SELECT coalesce(sum(reserved_usd), 0) FROM reservations WHERE key_id = ?",
+                                        (r.key_id,)).fetchone()
+                kheld = float(kheld)
+                if kspent + kheld + r.reserved_usd > kbudget[0] + 1e-12:
+                    refusals.append(Refusal("budget", f"k:{r.key_id}", left_usd=max(0.0, kbudget[0] - kspent - kheld),
+                                            budget_usd=kbudget[0], period=kbudget[1]))
+            if refusals:  # the stricter wins: the one with less left
+                return min(refusals, key=lambda x: x.left_usd)
             conn.execute(f"INSERT INTO reservations({self.RES_COLS_SQL}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # type: ignore[attr-defined]
                          (r.request_id, r.tenant_id, r.key_id, r.model, float(r.reserved_usd), int(r.prompt_tokens),
                           0, 0, r.created_at or now, now, r.model_version, r.instance_id))
@@ -185,9 +214,12 @@ class SharedOps:
                                self.usage_values(rec, now)).fetchone()  # type: ignore[attr-defined]
             if new is not None and rec.tenant_id is not None:
                 spent.append((rec.tenant_id, float(rec.cost_usd), rec.created_at or now))
+                if rec.key_id:  # the key's book too (a row only where the key has had a budget)
+                    spent.append((f"k:{rec.key_id}", float(rec.cost_usd), rec.created_at or now))
             if held is not None:
                 _add_delta(deltas, held[0], held[1], int(rec.completion_tokens) - int(held[2]))
-        for tenant_id, cost, at in sorted(spent):
+        # Tenants' books before keys' (`k:...`), each sorted: the lock order `admit` takes them in.
+        for tenant_id, cost, at in sorted(spent, key=lambda s: (s[0].startswith("k:"), s)):
             conn.execute("UPDATE budget_books SET spent = spent + ? WHERE tenant_id = ? "
                          "AND (period_start IS NULL OR period_start <= ?)", (cost, tenant_id, at))
         self._consume_tokens(conn, deltas)

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from lockgate.store.alert_ops import AlertOps
+from lockgate.store.hourly_ops import HourlyOps
 from lockgate.store.audit import (
     ChainHead,
     VerifyResult,
@@ -44,11 +45,14 @@ from lockgate.store.models import (
     UsageRecord,
     name_key,
 )
+from lockgate.store import usage_query
 from lockgate.store.money import nano
 from lockgate.store.schema import GENESIS_HASH
 from lockgate.store.shared_ops import SharedOps
+from lockgate.store.spend_ops import SpendOps
+from lockgate.store.object_spend import ObjectSpendOps
 
-GROUP_BY = ("request", "day", "model")
+GROUP_BY = usage_query.GROUP_BY
 MAX_QUERY_LIMIT = 100_000
 
 TENANT_COLS = ("id, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd, "
@@ -94,8 +98,9 @@ def _audit(row: tuple) -> AuditRecord:
 
 
 
-class SqlStore(SharedOps, AlertOps):
+class SqlStore(SharedOps, AlertOps, SpendOps, HourlyOps, ObjectSpendOps):
     DAY_SQL = "date(created_at, 'unixepoch')"  # a usage row's UTC day, YYYY-MM-DD
+    HOUR_TEXT_SQL = "strftime('%Y-%m-%dT%H:00:00Z', created_at, 'unixepoch')"  # its UTC hour, as text
     # The values of a reservation row in `INSERT ... SELECT`: PostgreSQL needs their types spelled.
     RES_SELECT = "SELECT ?,?,?,?,?,?,?,?,?,?,?,?"
     shared = False  # several processes share limits and budgets (shared_ops.py)
@@ -287,6 +292,22 @@ class SqlStore(SharedOps, AlertOps):
                                    (key_hash,)).fetchone()
         return _key(row) if row else None
 
+    def update_key(self, key: ApiKey, changes: dict[str, Any], actor: str) -> ApiKey:
+        """Write `key`'s changeable fields (name, limits, budget, alert thresholds, expiry); `changes`
+        (field -> new value) is what the audit record `key.update` shows (never the key nor its hash).
+        KeyError: no such key."""
+        lim = key.limits
+        with self._write(admin=True) as conn:
+            cur = conn.execute(
+                "UPDATE api_keys SET name=?, rpm=?, tpm=?, max_concurrency=?, max_tokens=?, budget_usd=?, "
+                "budget_period=?, alert_thresholds=?, expires_at=? WHERE id=?",
+                (key.name, lim.rpm, lim.tpm, lim.max_concurrency, lim.max_tokens, key.budget_usd, key.budget_period,
+                 canonical_json(list(key.alert_thresholds)), key.expires_at, key.id))
+            if cur.rowcount != 1:
+                raise KeyError(key.id)
+            self._append_audit(conn, actor, "key.update", key.id, {"tenant_id": key.tenant_id, "changes": changes})
+        return key
+
     def revoke_key(self, key_id: str, actor: str) -> bool:
         """True: revoked now. False: no such key, or already revoked (nothing changes, nothing audited)."""
         with self._write(admin=True) as conn:
@@ -376,29 +397,27 @@ class SqlStore(SharedOps, AlertOps):
         return float(row[0])
 
     def query_usage(self, q: UsageQuery) -> list[dict[str, Any]]:
-        """Rows newest first (group_by=request), or per UTC day (newest first) or per model (by cost)."""
-        if q.group_by not in GROUP_BY:
-            raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
-        where, args = [], []
-        for col, op, val in (("tenant_id", "=", q.tenant_id), ("model", "=", q.model),
-                             ("created_at", ">=", q.since), ("created_at", "<", q.until)):
-            if val is not None:
-                where.append(f"{col} {op} ?")
-                args.append(val)
-        cond = f"WHERE {' AND '.join(where)}" if where else ""
-        limit = max(1, min(int(q.limit), MAX_QUERY_LIMIT))
-        if q.group_by == "request":
+        """Rows newest first (group_by "request"), or totals per group (store/usage_query.py): time
+        groups newest first, the others by cost (highest first). ValueError: an unknown group field."""
+        fields = usage_query.parse_group_by(q.group_by)
+        if not fields:
+            cond, args = usage_query.where(q)
             rows = self._q(f"SELECT {','.join(USAGE_COLS)} FROM usage {cond} "
-                                "ORDER BY created_at DESC, request_id DESC LIMIT ?", (*args, limit))
+                           "ORDER BY created_at DESC, request_id DESC LIMIT ?",
+                           (*args, usage_query.clamp_limit(q.limit)))
             return [dict(zip(USAGE_COLS, r)) for r in rows]
-        key = self.DAY_SQL if q.group_by == "day" else "model"
-        order = "1 DESC" if q.group_by == "day" else "6 DESC, 1"
-        rows = self._q(
-            f"SELECT {key}, count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), "
-            "coalesce(sum(cached_tokens), 0), "
-            f"coalesce(sum(cost_usd), 0) FROM usage {cond} GROUP BY 1 ORDER BY {order} LIMIT ?", (*args, limit))
-        return [{q.group_by: r[0], "requests": r[1], "prompt_tokens": int(r[2]), "completion_tokens": int(r[3]),
-                 "cached_tokens": int(r[4]), "cost_usd": r[5]} for r in rows]
+        sql, args = usage_query.grouped_sql(q, fields, usage_query.Dialect(self.DAY_SQL, self.HOUR_TEXT_SQL))
+        return usage_query.grouped_rows(fields, list(self._q(sql, args)))
+
+    def usage_totals(self, q: UsageQuery) -> dict[str, Any]:
+        """The totals (requests, tokens, exact cost, errors) of every row `q`'s filters select."""
+        sql, args = usage_query.totals_sql(q)
+        return usage_query.totals(self._q(sql, args).fetchone())
+
+    def usage_timings(self, q: UsageQuery, limit: int) -> list[tuple[float, float | None, int]]:
+        """(ttft_s, e2e_s, completion_tokens) of the newest `limit` timed rows `q` selects."""
+        sql, args = usage_query.timings_sql(q, limit)
+        return [(float(r[0]), None if r[1] is None else float(r[1]), int(r[2])) for r in self._q(sql, args)]
 
     # ------------------------------------------------------------------ refused requests
     def add_refusals(self, counts: list[RefusalCount]) -> None:
