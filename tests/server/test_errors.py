@@ -72,7 +72,7 @@ CHAT_CASES = [
     ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": CHAT, "max_completion_tokens": -1}, "max_completion_tokens"),
     ({"messages": CHAT, "n": 17}, "n"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
     ({"messages": CHAT * 1100}, "messages"),
 ]
 

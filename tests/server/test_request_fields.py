@@ -66,6 +66,8 @@ SAMPLING = {
     "stop_token_ids": [5], "include_stop_str_in_output": True, "skip_special_tokens": False,
     "spaces_between_special_tokens": False, "logit_bias": {"5": 10.0}, "allowed_token_ids": [5, 6],
     "bad_words": ["xyz"], "prompt_logprobs": 2, "n": 2, "max_tokens": 3,
+    "response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["a"]},
+    "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a"], "guided_grammar": 'root ::= "a"',
 }
 SAMPLING_COMPLETIONS = {**SAMPLING, "logprobs": 1}
 SAMPLING_CHAT = {**SAMPLING, "logprobs": True, "max_completion_tokens": 3}
@@ -73,6 +75,8 @@ SAMPLING_CHAT = {**SAMPLING, "logprobs": True, "max_completion_tokens": 3}
 
 Check = Callable[[dict[str, Any], dict[str, Any]], bool]  # (answer, the reference's answer) -> changed?
 TOOLS = [{"type": "function", "function": {"name": "f"}}]
+# Fields that change SamplingParams only beside others: name -> (value, the fields it needs).
+SAMPLING_BESIDE = {"parallel_tool_calls": (False, {"tools": TOOLS, "tool_choice": "required"})}
 PARTIAL = [{"role": "user", "content": "Say hello"}, {"role": "assistant", "content": "Hello, I am"}]
 
 
@@ -95,8 +99,8 @@ LIVE_COMPLETIONS: dict[str, tuple[dict[str, Any], dict[str, Any], Check]] = {
     "priority": ({"priority": "no-such-class"}, {}, _status(400)),  # its effect: tests/server/test_slo.py
     "best_of": ({"best_of": 3}, {"best_of": 1}, _status(400)),  # only best_of == n is accepted
     "suffix": ({"suffix": "tail"}, {"suffix": ""}, _status(400)),
-    "response_format": ({"response_format": {"type": "json_object"}}, {"response_format": {"type": "text"}},
-                        _status(400)),
+    "guided_whitespace_pattern": ({"guided_whitespace_pattern": "[a-z]*", "guided_json": {}},
+                                  {"guided_whitespace_pattern": "[ ]*", "guided_json": {}}, _status(400)),
 }
 LIVE_CHAT: dict[str, tuple[dict[str, Any], dict[str, Any], Check]] = {
     "messages": ({"messages": [{"role": "user", "content": "a much longer question than before"}]}, {},
@@ -109,15 +113,17 @@ LIVE_CHAT: dict[str, tuple[dict[str, Any], dict[str, Any], Check]] = {
                                {"messages": PARTIAL, "add_generation_prompt": False}, _prompt_tokens_differ),
     "chat_template_kwargs": ({"chat_template_kwargs": {"bos_token": "x"}}, {"chat_template_kwargs": {"y": 1}},
                              _status(400)),  # reserved names refused; others reach the template
-    "tools": ({"tools": TOOLS}, {"tools": TOOLS, "tool_choice": "none"}, _status(400)),
-    "tool_choice": ({"tools": TOOLS, "tool_choice": "auto"}, {"tools": TOOLS, "tool_choice": "none"}, _status(400)),
+    "tools": ({"tools": TOOLS}, {}, _prompt_tokens_differ),  # in the prompt (the fallback system message)
+    "tool_choice": ({"tools": TOOLS, "tool_choice": "required"}, {"tools": TOOLS, "tool_choice": "none"},
+                    lambda r, ref: r["choices"][0]["message"]["content"].startswith("[{")  # the calls' grammar
+                    and not ref["choices"][0]["message"]["content"].startswith("[")),
+    "guided_whitespace_pattern": ({"guided_whitespace_pattern": "[a-z]*", "guided_json": {}},
+                                  {"guided_whitespace_pattern": "[ ]*", "guided_json": {}}, _status(400)),
     "stream": ({"stream": True}, {}, lambda r, ref: r["_sse"]),
     "stream_options": ({"stream": True, "stream_options": {"include_usage": True}}, {"stream": True},
                        lambda r, ref: r["_sse_usage"] and not ref["_sse_usage"]),
     "model": ({"model": "no-such-model"}, {}, _status(404)),
     "priority": ({"priority": "no-such-class"}, {}, _status(400)),  # its effect: tests/server/test_slo.py
-    "response_format": ({"response_format": {"type": "json_object"}}, {"response_format": {"type": "text"}},
-                        _status(400)),
 }
 
 
@@ -158,7 +164,8 @@ def test_every_field_has_an_effect_or_a_400(http: httpx.Client, route: str) -> N
     live = LIVE_COMPLETIONS if route == "/v1/completions" else LIVE_CHAT
     unsupported = marked(model, Unsupported)
     informational = marked(model, Informational)
-    groups = [set(sampling), set(live), set(unsupported), set(informational)]
+    beside = SAMPLING_BESIDE if route == "/v1/chat/completions" else {}
+    groups = [set(sampling) | set(beside), set(live), set(unsupported), set(informational)]
     for i, a in enumerate(groups):
         for b in groups[i + 1:]:
             assert not a & b, f"fields in two categories: {a & b}"
@@ -174,6 +181,10 @@ def test_every_field_has_an_effect_or_a_400(http: httpx.Client, route: str) -> N
     for name, value in sampling.items():
         params = params_of(model.model_validate({**base_body, name: value}), cfg, engine)
         assert params != baseline, f"{name} changed nothing"
+    for name, (value, needs) in beside.items():
+        without = params_of(model.model_validate({**base_body, **needs}), cfg, engine)
+        params = params_of(model.model_validate({**base_body, **needs, name: value}), cfg, engine)
+        assert params != without, f"{name} changed nothing"
 
     # Answer fields: each changes the answer against its reference (or is refused where it
     # asks for what lockgate cannot do, while its harmless values are served).

@@ -5,6 +5,7 @@ import itertools
 from collections.abc import Sequence
 
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.errors import RequestRejectedError
 from lockgate.engine.llm_engine import LLMEngine
 from lockgate.engine.outputs import RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
@@ -54,6 +55,12 @@ class LLM:
             for out in self.engine.step():
                 if out.finished:
                     done[out.request_id] = out
+            failed = self.engine.take_failed()
+            if failed:  # the core dropped one (its grammar did not compile): the batch fails as a whole
+                for rid in ids:
+                    if rid not in done:
+                        self.engine.abort_request(rid)
+                raise RequestRejectedError(failed[0][1])
         return [done[rid] for rid in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]],

@@ -24,6 +24,7 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.max_model_len,
                                               config.max_logprobs)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._failed: list[tuple[str, str]] = []  # (request id, message): dropped by the core
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                     priority: int = 0, cache_salt: str | None = None) -> None:
@@ -45,7 +46,19 @@ class LLMEngine:
         outputs, to_abort = self.output_processor.process(core_outputs, self.core.last_step_end)
         if to_abort:
             self.core.abort_requests(to_abort)
+        for child_id, message in self.core.take_failed():
+            entry = self.output_processor.child_to_parent.get(child_id)
+            if entry is not None:  # a failed child fails its request (its siblings are aborted)
+                parent = entry[0].request_id
+                self.core.abort_requests(self.output_processor.abort(parent))
+                self._failed.append((parent, message))
         return outputs
+
+    def take_failed(self) -> list[tuple[str, str]]:
+        """(request id, message) of requests the core dropped since the last call (a grammar that
+        did not compile): they produce no further output."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished()

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from lockgate.engine.structured_params import StructuredOutputs
+
 MAX_LOGPROBS = 20
 MAX_N = 128
 MAX_STOP_STRINGS = 16
@@ -106,6 +108,8 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # The output must match a JSON schema, regex, choice or grammar (engine/structured/).
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         self.n = _check_int("n", self.n)

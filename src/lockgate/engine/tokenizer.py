@@ -23,6 +23,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -148,6 +149,15 @@ class Tokenizer:
         return self.vocab_size
 
     # ---- chat ---------------------------------------------------------------
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders `tools` (a `tool_use` template, or one that reads the
+        `tools` variable); a template that does not would silently drop them."""
+        if "tool_use" in self.chat_templates:
+            return True
+        source = self.chat_template
+        return source is not None and _reads_tools(source)
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
@@ -372,6 +382,15 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # Like transformers: no ASCII escaping and no HTML-safe escaping (jinja's default tojson does that).
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=32)
+def _reads_tools(source: str) -> bool:
+    env = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
+    except jinja2.TemplateError:
+        return False
 
 
 @lru_cache(maxsize=32)

@@ -77,6 +77,9 @@ class ServerConfig:
     alert_interval_s: float = DEFAULT_INTERVAL_S
     anomaly_interval_s: float = DEFAULT_ANOMALY_INTERVAL_S
     alert_scan: bool = True
+    # `tool_choice: auto`: the parser of the model's tool-call format (server/tool_parsers/): a name,
+    # "auto" (None: chosen from each model's chat template) or "none" (never parse: answers stay content).
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_request_body_bytes", "max_queued_requests", "max_queued_tokens", "max_n",
@@ -110,5 +113,9 @@ class ServerConfig:
                 raise ValueError(f"{name} must be in (0, 86400] seconds, got {getattr(self, name)}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.tool_call_parser is not None and self.tool_call_parser != "none":
+            from lockgate.server.tool_parsers import AUTO, get_tool_parser  # the parsers' own names
+            if self.tool_call_parser != AUTO:
+                get_tool_parser(self.tool_call_parser)  # UnknownToolParser (a ValueError) names the choices
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")

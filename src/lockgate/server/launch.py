@@ -260,6 +260,7 @@ def serve_command(
     alert_webhook: Annotated[list[str] | None, typer.Option(help="http(s) URL that receives every budget and anomaly alert as a signed POST (repeatable; a tenant's own alert_webhook gets its alerts too; `lockgate alerts secret` prints the signing secret)")] = None,  # noqa: E501
     alert_allow_private: Annotated[bool, typer.Option(help="Allow alert webhooks on private, loopback and link-local addresses (refused by default)")] = False,  # noqa: E501
     alert_interval: Annotated[float, typer.Option(help="Seconds between budget-threshold checks for alerts")] = 5.0,  # noqa: E501
+    tool_call_parser: Annotated[str, typer.Option(help="How `tool_choice: auto` reads the model's tool calls: hermes | llama3_json | json_array | auto (from each model's chat template) | none (never: answers stay content)")] = "auto",  # noqa: E501
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, ...)."""
     if metrics_auth:
@@ -285,7 +286,8 @@ def serve_command(
                             "log_prompts": log_prompts, "otel_endpoint": otel_endpoint,
                             "slo_period_s": slo_period_days * 86400.0, "metrics_max_tenants": metrics_max_tenants,
                             "store_url": store or None, "alert_webhooks": list(alert_webhook or []),
-                            "alert_allow_private": alert_allow_private, "alert_interval_s": alert_interval},
+                            "alert_allow_private": alert_allow_private, "alert_interval_s": alert_interval,
+                            "tool_call_parser": tool_call_parser},
             class_config=class_config,
             debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

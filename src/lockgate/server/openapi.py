@@ -100,17 +100,31 @@ class CompletionResponse(_Doc):
     system_fingerprint: str | None = None
 
 
+class ToolCallFunction(_Doc):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text")
+
+
+class ToolCall(_Doc):
+    id: str = Field(description="`call_...`")
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatCompletionMessage(_Doc):
     role: Literal["assistant"]
-    content: str | None
+    content: str | None = Field(description="null when the answer is tool calls only")
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, description="With `tools`: the calls the answer made (streamed as `delta.tool_calls`: "
+                                  "a call's index, id, type and name first, then its arguments in fragments)")
 
 
 class ChatCompletionChoice(_Doc):
     index: int
     message: ChatCompletionMessage
     logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletionResponse(_Doc):

@@ -26,6 +26,8 @@ from lockgate.server.protocol import (
     _SamplingFields,
     marked,
 )
+from lockgate.server.structured import Constraint, request_constraint
+from lockgate.server.tools import ToolSetup, tool_setup
 
 _FIELD_RE = re.compile(r"^([a-z_]+)\b")
 _EXTRA_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
@@ -114,8 +116,7 @@ def _check_logprobs(value: int | None, name: str, engine: EngineConfig) -> None:
 
 
 def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_tokens: int | None,
-            logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
-    refuse_unsupported(req)
+            logprobs: int | None, prompt_logprobs: int | None, constraint: Constraint | None) -> SamplingParams:
     if isinstance(req.priority, int) and req.priority and engine.scheduling_policy != "priority":
         # Accepting it silently would promise an ordering the scheduler does not give.
         raise bad_request("an integer priority is only accepted when the server runs with --scheduling-policy "
@@ -143,6 +144,7 @@ def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_t
         "logprobs": logprobs,
         "prompt_logprobs": prompt_logprobs,
         "logit_bias": logit_bias(req.logit_bias),
+        "structured": constraint.spec if constraint is not None else None,
     }
     for name in _EXTRA_FIELDS:
         value = getattr(req, name)
@@ -154,13 +156,12 @@ def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_t
         raise sampling_error(exc) from None
 
 
-def _text_only(fmt: Any) -> None:
-    if fmt is not None and fmt.type != "text":
-        raise bad_request(f"response_format type {_shown(fmt.type)} is not supported (text only)",
-                          param="response_format", code="unsupported_parameter")
-
-
 def completion_params(req: CompletionRequest, cfg: ServerConfig, engine: EngineConfig) -> SamplingParams:
+    return completion_inputs(req, cfg, engine)[0]
+
+
+def completion_inputs(req: CompletionRequest, cfg: ServerConfig, engine: EngineConfig
+                      ) -> tuple[SamplingParams, Constraint | None]:
     """`echo` with `logprobs: N` asks the engine for the prompt's logprobs with N alternatives (and
     `prompt_logprobs` for its own count: the engine computes the larger, each answer keeps its own)."""
     if req.suffix:
@@ -168,22 +169,37 @@ def completion_params(req: CompletionRequest, cfg: ServerConfig, engine: EngineC
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of must equal n (server-side best-of is not supported)", param="best_of",
                           code="unsupported_parameter")
-    _text_only(req.response_format)
+    refuse_unsupported(req)
+    constraint = request_constraint(req, req.response_format)
     _check_logprobs(req.logprobs, "logprobs", engine)
     wanted = [v for v in (req.prompt_logprobs, req.logprobs if req.echo else None) if v is not None]
-    return _common(req, cfg, engine, req.max_tokens, req.logprobs, max(wanted) if wanted else None)
+    return _common(req, cfg, engine, req.max_tokens, req.logprobs, max(wanted) if wanted else None,
+                   constraint), constraint
 
 
 def chat_params(req: ChatCompletionRequest, cfg: ServerConfig, engine: EngineConfig) -> SamplingParams:
+    return chat_inputs(req, cfg, engine)[0]
+
+
+def chat_inputs(req: ChatCompletionRequest, cfg: ServerConfig, engine: EngineConfig
+                ) -> tuple[SamplingParams, ToolSetup | None, Constraint | None]:
+    """The engine's parameters, the request's tools and its output constraint (with the field it
+    came from): `required` and a named tool_choice constrain the answer, so they count as one."""
+    refuse_unsupported(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
-    _text_only(req.response_format)
-    if req.tools and req.tool_choice != "none":
-        raise bad_request("tool calling is not supported", param="tools", code="unsupported_parameter")
+    tools = tool_setup(req)
+    constraint = request_constraint(req, req.response_format)
+    if tools is not None and tools.constraint is not None:
+        if constraint is not None:
+            raise bad_request(f"tool_choice {tools.choice} constrains the answer to tool calls: it cannot be "
+                              f"combined with {constraint.param}", param="tool_choice", code="invalid_value")
+        constraint = tools.constraint
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     _check_logprobs(logprobs if req.top_logprobs is not None else None, "top_logprobs", engine)
-    return _common(req, cfg, engine, max_tokens, logprobs, req.prompt_logprobs)
+    params = _common(req, cfg, engine, max_tokens, logprobs, req.prompt_logprobs, constraint)
+    return params, tools, constraint
 
 
 def completion_prompts(req: CompletionRequest, cfg: ServerConfig) -> list[str | list[int]]:
@@ -214,6 +230,12 @@ def chat_messages(messages: list[ChatMessage], cfg: ServerConfig) -> list[dict[s
                           param="messages")
     out = []
     for i, m in enumerate(messages):
+        if m.role == "tool" and not m.tool_call_id:
+            raise bad_request(f"messages.{i}.tool_call_id is required for role 'tool'",
+                              param=f"messages.{i}.tool_call_id")
+        if m.tool_calls is not None and m.role != "assistant":
+            raise bad_request(f"messages.{i}.tool_calls is only allowed for role 'assistant'",
+                              param=f"messages.{i}.tool_calls")
         content = m.content
         if isinstance(content, list):
             texts = []
@@ -233,5 +255,9 @@ def chat_messages(messages: list[ChatMessage], cfg: ServerConfig) -> list[dict[s
             msg["name"] = m.name
         if m.tool_call_id is not None:
             msg["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:  # OpenAI's shape, arguments as the client's JSON text (tools.template_messages)
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in m.tool_calls]
         out.append(msg)
     return out

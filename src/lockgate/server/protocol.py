@@ -91,8 +91,77 @@ class StreamOptions(_Body):
     include_usage: bool | None = False
 
 
+# Names OpenAI accepts for a response format's schema and for a function.
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+MAX_TOOLS = 128
+
+
+class JsonSchemaFormat(_Body):
+    name: Name
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="The JSON schema the answer must match (an object)")
+    strict: bool | None = Field(
+        default=None, description="Accepted either way: the answer is constrained to the schema whether or not "
+                                  "`strict` is true")
+
+
 class ResponseFormat(_Body):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Body):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json",
+                                               description="A JSON schema (an object, or its JSON text)")
+    json_object: bool | None = Field(default=None, description="Any JSON object")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(default=None, description="A Lark grammar, or GBNF/EBNF (`root ::= ...`)")
+    disable_any_whitespace: bool | None = Field(
+        default=None, description="Default true: JSON with no optional whitespace (false allows it)")
+    disable_fallback: bool | None = Field(default=None, description="Accepted: there is no fallback backend")
+    whitespace_pattern: str | None = Field(
+        default=None, description="Only a pattern of whitespace characters (`[\\n\\t ]*`, `\\s*`) is "
+                                  "accepted: it allows optional whitespace")
+    structural_tag: Annotated[str | None, Unsupported()] = _refused("structural tags")
+
+
+class FunctionDefinition(_Body):
+    name: Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="A JSON schema object; absent: a function without parameters")
+    strict: bool | None = Field(default=None, description="Accepted either way: the arguments of a `required` or "
+                                                          "named call are constrained to the schema")
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(_Body):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text, as the answer gave them")
+
+
+class MessageToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class _SamplingFields(_Body):
@@ -138,13 +207,18 @@ class _SamplingFields(_Body):
     use_beam_search: Annotated[bool | None, Unsupported((False,))] = _refused("beam search", "false")
     length_penalty: Annotated[float | None, Unsupported((1.0,))] = _refused("beam search", "1")
     truncate_prompt_tokens: Annotated[int | None, Unsupported()] = _refused("prompts are never truncated")
-    guided_json: Annotated[str | dict[str, Any] | None, Unsupported()] = _refused("guided decoding")
-    guided_regex: Annotated[str | None, Unsupported()] = _refused("guided decoding")
-    guided_choice: Annotated[list[str] | None, Unsupported()] = _refused("guided decoding")
-    guided_grammar: Annotated[str | None, Unsupported()] = _refused("guided decoding")
-    guided_decoding_backend: Annotated[str | None, Unsupported()] = _refused("guided decoding")
-    guided_whitespace_pattern: Annotated[str | None, Unsupported()] = _refused("guided decoding")
-    structured_outputs: Annotated[dict[str, Any] | None, Unsupported()] = _refused("guided decoding")
+    # Structured outputs (vLLM's fields; `response_format` is OpenAI's): at most one constraint.
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict[str, Any] | None = Field(default=None, description="vLLM's older form of "
+                                                     "`structured_outputs.json`")
+    guided_regex: str | None = Field(default=None, description="vLLM's older `structured_outputs.regex`")
+    guided_choice: list[str] | None = Field(default=None, description="vLLM's older `structured_outputs.choice`")
+    guided_grammar: str | None = Field(default=None, description="vLLM's older `structured_outputs.grammar`")
+    guided_whitespace_pattern: str | None = Field(
+        default=None, description="Only a pattern of whitespace characters is accepted: it allows optional "
+                                  "whitespace in JSON")
+    guided_decoding_backend: Annotated[str | None, Unsupported(("auto", "guidance", "llguidance"))] = _refused(
+        "one grammar engine (llguidance)", '"auto", "guidance" or "llguidance"')
     logits_processors: Annotated[list[Any] | None, Unsupported(([],))] = _refused("custom logits processors", "[]")
     return_tokens_as_token_ids: Annotated[bool | None, Unsupported((False,))] = _refused(
         "logprobs name tokens by their text", "false")
@@ -167,7 +241,7 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = Field(default=None, description="Not supported: any value but null or \"\" is refused")
     best_of: Count | None = Field(default=None, description="Accepted only equal to `n` (no server-side best-of)")
     response_format: ResponseFormat | None = Field(
-        default=None, description="Only `{\"type\": \"text\"}` is accepted")
+        default=None, description="`text`, `json_object` or `json_schema` (the answer constrained to the schema)")
     add_special_tokens: Annotated[bool | None, Unsupported((True,))] = _refused(
         "a text prompt always gets the model's special tokens", "true")
 
@@ -182,7 +256,7 @@ class ChatMessage(_Body):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -193,11 +267,14 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: TopLogprobs | None = None
     response_format: ResponseFormat | None = Field(
-        default=None, description="Only `{\"type\": \"text\"}` is accepted")
-    tools: list[dict[str, Any]] | None = Field(
-        default=None, description="Tool calling is not supported: accepted only with `tool_choice: \"none\"`")
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: Annotated[bool | None, Informational()] = _informational("tools are not called")
+        default=None, description="`text`, `json_object` or `json_schema` (the answer constrained to the schema)")
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = Field(
+        default=None, description=f"Functions the model may call (at most {MAX_TOOLS}, unique names)")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="Default `auto` with tools, `none` without; `required` and a named function are "
+                                  "enforced by grammar")
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="Default true; false: at most one call per answer")
     metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None,
                         Field(max_length=16), Informational()] = _informational("not stored (at most 16 pairs)")
     safety_identifier: Annotated[Annotated[str, Field(max_length=256)] | None, Informational()] = _informational(

@@ -13,14 +13,16 @@ from starlette.responses import Response
 from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
+from lockgate.errors import APIError
 from lockgate.server.errors import json_response
 from lockgate.server.generation import failure_reason, merged, stream_error_event
 from lockgate.server.logprobs import TokenText, completion_logprobs, join_completion_logprobs, prompt_logprobs
-from lockgate.server.params import check_token_ids, completion_params, completion_prompts
+from lockgate.server.params import check_token_ids, completion_inputs, completion_prompts
 from lockgate.server.pipeline import Pipeline
 from lockgate.server.protocol import CompletionRequest, read_body
 from lockgate.server.sse import DONE, SSEResponse, sse_event
 from lockgate.server.state import AppState
+from lockgate.server.structured import check_compiles, renamed
 
 log = logging.getLogger("lockgate.server")
 
@@ -44,7 +46,9 @@ async def create_completion(request: Request, app: AppState) -> Response:
 
 
 async def _create(p: Pipeline, body: CompletionRequest) -> Response:
-    params = p.cap(completion_params(body, p.app.config, p.engine_config), "max_tokens")
+    params, constraint = completion_inputs(body, p.app.config, p.engine_config)
+    params = p.cap(params, "max_tokens")
+    await check_compiles(constraint)
     check_token_ids(params, p.routed.vocab_size)
     cls, priority = p.classify(body.priority)
     prompts = completion_prompts(body, p.app.config)
@@ -68,7 +72,10 @@ async def _create(p: Pipeline, body: CompletionRequest) -> Response:
     room = p.max_model_len
     p.reserve(num_prompt, sum(params.n * worst_tokens(params, room - len(ids)) for ids in ids_list))
     p.shed(params.n * len(ids_list), params.n * num_prompt, cls, priority)
-    streams = await p.submit(ids_list, texts, params, priority)
+    try:
+        streams = await p.submit(ids_list, texts, params, priority)
+    except APIError as exc:  # a schema, regex or grammar the engine cannot compile: the client's field
+        raise renamed(exc, constraint) from None
     meta = _Meta(p.request_id, p.model_name, int(time.time()), params, bool(body.echo), texts, ids_list,
                  body.logprobs if body.echo else None, body.prompt_logprobs, p.token_text)
     if body.stream:

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 from lockgate.engine.config import EngineConfig, checkpoint_load_format
 from lockgate.engine.core.fake_runner import FakeRunner
 from lockgate.engine.core.kv_cache import KVCacheManager
-from lockgate.engine.core.request import Request
+from lockgate.engine.core.request import Request, RequestStatus
 from lockgate.engine.core.scheduler import Scheduler
 from lockgate.engine.loader import LoadedCheckpoint, load_checkpoint
 from lockgate.engine.messages import EngineCoreOutput, EngineCoreRequest, EngineStats, check_tenant
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.step_stats import ITERATION_TOKENS_BUCKETS, STEP_SECONDS_BUCKETS, HistogramCounts
+from lockgate.engine.structured.decoding import StructuredDecoding
 
 if TYPE_CHECKING:  # the real runner (and torch) load only when a model runs: fake cores stay torch-free
     from lockgate.engine.core.runner import ModelRunner
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 # Without an explicit max_model_len, very long-context models are capped so the
 # rope tables and a single request's KV stay reasonable on small machines.
 DEFAULT_MAX_MODEL_LEN_CAP = 32768
+# An idle core whose only requests wait for their grammars sleeps this long at most per step.
+GRAMMAR_IDLE_WAIT_S = 0.005
 
 
 def resolve_max_model_len(config: EngineConfig, model_max: int) -> int:
@@ -93,6 +96,12 @@ class EngineCore:
                                  record_events=record_kv_events)
         self.scheduler = Scheduler(config, self.kv)
         self.eos_token_ids = self.runner.eos_token_ids  # one source for stopping and min_tokens masking
+        # Structured outputs: grammars compile on a worker thread; the llguidance tokenizer is built there
+        # with the first constrained request (logits width = the model's vocabulary).
+        self.structured = StructuredDecoding(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        # Requests the core dropped after accepting them (a grammar that failed to compile, a token the
+        # grammar rejected): (request id, message), for the caller to fail them (`take_failed`).
+        self._failed: list[tuple[str, str]] = []
         # Request timelines (monotonic): entry time until first scheduled, then (entry, scheduled)
         # until the first output carries them out. Both stay empty in steady decoding: no per-step cost.
         self._queued_at: dict[str, float] = {}
@@ -121,13 +130,17 @@ class EngineCore:
         if max_tokens > room:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len ({self.max_model_len})")
-        self.scheduler.add(Request(req, self.eos_token_ids, max_tokens))
+        request = Request(req, self.eos_token_ids, max_tokens)
+        if req.params.structured is not None:
+            self.structured.add(request)  # compiles on the worker; scheduled once ready
+        self.scheduler.add(request)
         self._queued_at[req.request_id] = time.monotonic()
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self._queued_at.pop(rid, None)
             self._started_at.pop(rid, None)
+            self.structured.discard(rid)
             req = self.scheduler.requests.get(rid)
             if req is not None:
                 self.scheduler.finish(req)
@@ -135,11 +148,30 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def take_failed(self) -> list[tuple[str, str]]:
+        """(request id, message) of the requests dropped since the last call: their grammar did not
+        compile, or rejected a sampled token. They produce no output; the caller fails them."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _fail(self, req: Request, message: str) -> None:
+        self._queued_at.pop(req.request_id, None)
+        self._started_at.pop(req.request_id, None)
+        self.structured.discard(req.request_id)
+        self.scheduler.finish(req)
+        self._failed.append((req.request_id, message))
+
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
         t0 = time.monotonic()
+        if self.structured.pending:
+            for req, message in self.structured.take_failed():
+                if req.status != RequestStatus.FINISHED:
+                    self._fail(req, message)
         batch = self.scheduler.schedule()
         if not batch.requests:
+            if self.structured.pending:  # only compiling requests left: no busy loop meanwhile
+                self.structured.wait(GRAMMAR_IDLE_WAIT_S)
             return []
         if self._queued_at:  # requests scheduled for the first time: their queue wait ends now
             for req in batch.requests:
@@ -151,7 +183,11 @@ class EngineCore:
         prompt_tokens = sum(min(start + n, len(req.prompt_token_ids)) - start
                             for req, start, n in zip(batch.requests, batch.start, batch.num_tokens)
                             if start < len(req.prompt_token_ids))
-        sampled = self.runner.execute(batch)
+        # Bitmasks for the constrained requests that sample in this step (None: there are none).
+        masks = self.structured.step_masks([
+            req for req, start, n in zip(batch.requests, batch.start, batch.num_tokens)
+            if req.grammar is not None and start + n == req.num_tokens and req.max_tokens])
+        sampled = self.runner.execute(batch, masks)
         self.scheduler.after_step(batch)
         outputs: list[EngineCoreOutput] = []
         num_sampled = len(sampled)
@@ -168,6 +204,14 @@ class EngineCore:
                 continue
             req.output_token_ids.append(token)
             finish, stop_reason = self._check_stop(req, token)
+            if req.grammar is not None:
+                try:
+                    if req.grammar.accept(token) == "stop" and finish != "stop":
+                        finish, stop_reason = "stop", None  # EOS after a complete grammar (min_tokens yields)
+                except ValueError as exc:
+                    num_sampled -= 1
+                    self._fail(req, str(exc))
+                    continue
             outputs.append(EngineCoreOutput(
                 request_id=req.request_id, new_token_ids=[token],
                 new_logprobs=[lp] if lp is not None else None,

@@ -24,7 +24,11 @@ Each step:
   the position and its seed (deterministic across runs and processes), drawn
   from a pool of plain-text tokens that never holds an EOS or special token, so
   requests run to `max_tokens` unless a stop string or stop token id hits. The
-  `n` children of a request share prompt and seed, so they get the same text;
+  `n` children of a request share prompt and seed, so they get the same text.
+  A constrained request (structured outputs) draws from its grammar's bitmask
+  instead: EOS as soon as the grammar allows it, else an allowed token picked
+  the same deterministic way, so its output is always grammar-valid (complete
+  when the grammar ends soon, as a choice does; else cut at `max_tokens`);
 - gives logprobs when asked: the sampled token is the top-1, with a
   deterministic probability in [0.5, 0.9); alternatives follow with geometric
   shares of the rest (valid, decreasing log-probabilities). Prompt logprobs
@@ -42,6 +46,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lockgate.engine.config import EngineConfig, ModelConfig
 from lockgate.engine.core.request import Request
@@ -49,6 +54,9 @@ from lockgate.engine.core.scheduler import ScheduledBatch
 from lockgate.engine.loader import LoadedCheckpoint
 from lockgate.engine.messages import TokenLogprob
 from lockgate.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from lockgate.engine.structured.decoding import StepMasks
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +158,21 @@ class FakeRunner:
         """Seconds this step sleeps: the fixed part plus the per-token part."""
         return self.step_delay_s + self.token_delay_s * batch.total_tokens
 
-    def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int | None, TokenLogprob | None]]:
+    def constrained_token(self, req: Request, masks: StepMasks) -> tuple[int, int]:
+        """(token id, pool index or 0) for a constrained request: EOS when allowed, else an allowed token."""
+        allowed = masks.allowed(req.request_id, self.vocab_size)
+        eos = [t for t in self.eos_token_ids if t < self.vocab_size and (allowed == t).any()]
+        if eos:
+            return eos[0], 0
+        if not len(allowed):
+            return 0, 0  # nothing allowed (other settings excluded it all): the grammar rejects it
+        last = req.output_token_ids[-1] if req.output_token_ids else req.prompt_token_ids[-1]
+        seed = req.params.seed if req.params.seed is not None else 0
+        token = int(allowed[_mix(last, req.num_tokens, seed) % len(allowed)])
+        return token, 0
+
+    def execute(self, batch: ScheduledBatch, masks: StepMasks | None = None
+                ) -> list[tuple[Request, int | None, TokenLogprob | None]]:
         self.num_steps += 1
         delay = self.step_delay(batch)
         if delay > 0:
@@ -168,7 +190,10 @@ class FakeRunner:
             if not req.max_tokens:
                 out.append((req, None, None))  # max_tokens=0: prompt done, nothing sampled
                 continue
-            token, k = self.next_token(req)
+            if masks is not None and req.request_id in masks.rows:
+                token, k = self.constrained_token(req, masks)
+            else:
+                token, k = self.next_token(req)
             lp = self.logprob(req, k, token) if req.params.logprobs is not None else None
             out.append((req, token, lp))
         return out

@@ -38,6 +38,7 @@ import os
 import signal
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -61,6 +62,9 @@ from lockgate.engine.messages import (
     StepOutputs,
     decode_config,
 )
+
+if TYPE_CHECKING:
+    from lockgate.engine.core.engine_core import EngineCore
 
 log = logging.getLogger("lockgate.engine.core")
 _EXEC_AT = time.monotonic()  # about when this process began: imports done by here are its start-up
@@ -206,6 +210,7 @@ class CoreLoop:
                 self.num_steps += 1
                 self._maybe_hang()
                 outputs = core.step()
+            self._send_failed(core)
             if self.kv_pub is not None:
                 self._publish_kv()
                 self.kv_pub.serve_replay()
@@ -218,6 +223,18 @@ class CoreLoop:
                 else:
                     self._send_shared(outputs, core.stats(), core.last_step_end, now, busy)
                 last_sent = now
+
+    def _send_failed(self, core: EngineCore) -> None:
+        """Requests the core dropped (a grammar that did not compile, or rejected a token): each
+        owner hears at once, as for a request refused on arrival."""
+        for rid, message in core.take_failed():
+            owner = PRIMARY
+            if self.hub is not None:
+                owner = self.hub.book.owner(rid)
+                self.hub.book.removed(rid)
+                if owner is None:
+                    owner = PRIMARY
+            self.send_to(owner, RequestFailed(request_id=rid, message=message))
 
     def _send_shared(self, outputs: list[EngineCoreOutput], stats: EngineStats, timestamp: float, now: float,
                      busy: bool) -> None:

@@ -10,6 +10,8 @@ from lockgate.engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from lockgate.engine.structured.matcher import RequestGrammar
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -30,7 +32,7 @@ class Request:
         "priority", "cache_salt", "share_prefix_with", "status", "num_computed_tokens",
         "block_ids", "block_hashes", "num_cached_tokens", "generator", "eos_token_ids",
         "max_tokens", "stop_token_ids", "num_preemptions", "tenant", "tenant_weight",
-        "enqueue_time", "seq", "prompt_logprobs", "num_prompt_logprobs",
+        "enqueue_time", "seq", "prompt_logprobs", "num_prompt_logprobs", "grammar",
     )
 
     def __init__(self, req: EngineCoreRequest, eos_token_ids: list[int], max_tokens: int) -> None:
@@ -63,6 +65,15 @@ class Request:
         # computes nor sends them twice; the first output carries them out.
         self.prompt_logprobs: list[TokenLogprob] | None = [] if req.params.prompt_logprobs is not None else None
         self.num_prompt_logprobs = 0
+        # Structured outputs: the compile, then this request's own matcher (engine/structured/). It
+        # survives preemption: the matcher has consumed exactly `output_token_ids`, which a recompute
+        # keeps, so decoding resumes from the same grammar state.
+        self.grammar: RequestGrammar | None = None
+
+    @property
+    def grammar_pending(self) -> bool:
+        """A constrained request whose grammar is still compiling: not scheduled yet."""
+        return self.grammar is not None and not self.grammar.ready
 
     def prompt_logprob_span(self, start: int, end: int) -> tuple[int, int]:
         """The positions in [start, end) still owing a prompt logprob (position p scores prompt

@@ -16,6 +16,7 @@ import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,13 +25,16 @@ from lockgate.engine.attention.torch_paged import AttentionMetadata, PrefillSeq,
 from lockgate.engine.config import EngineConfig, ModelConfig
 from lockgate.engine.core.kv_cache import blocks_for
 from lockgate.engine.core.request import Request
-from lockgate.engine.core.sampler import Sampler, SamplingBatch
+from lockgate.engine.core.sampler import GrammarRows, Sampler, SamplingBatch
 from lockgate.engine.core.scheduler import ScheduledBatch
 from lockgate.engine.loader import LoadedCheckpoint
 from lockgate.engine.messages import TokenLogprob
 from lockgate.engine.models.llama import LlamaForCausalLM
 from lockgate.engine.native.decoder import NativeDecoder
 from lockgate.engine.quant.quantize import quantize_model
+
+if TYPE_CHECKING:
+    from lockgate.engine.structured.decoding import StepMasks
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +237,12 @@ class ModelRunner:
         return self.native(ids, pos, slots, tables, pos + 1), head
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[tuple[Request, int | None, TokenLogprob | None]]:
+    def execute(self, batch: ScheduledBatch, masks: StepMasks | None = None
+                ) -> list[tuple[Request, int | None, TokenLogprob | None]]:
         """(request, sampled token, its logprobs) per request that reached the end of its known
         tokens; the token is None for a request whose prompt finished with max_tokens=0 (nothing
-        sampled). Prompt logprobs computed in the step are added to their requests."""
+        sampled). Prompt logprobs computed in the step are added to their requests. `masks`: the
+        structured outputs' bitmasks of the constrained requests that sample in this step."""
         step = self.native_step(batch) if self.native is not None and batch.requests else None
         if step is not None:
             hidden, head = step
@@ -247,13 +253,14 @@ class ModelRunner:
             self.prompt_logprobs(hidden, head.prompt_spans)
         out: list[tuple[Request, int | None, TokenLogprob | None]] = []
         if head.samplers:
-            out = self.sample(batch, hidden, head.samplers, head.rows)
+            out = self.sample(batch, hidden, head.samplers, head.rows, masks)
         if head.no_sample:
             out.extend((req, None, None) for req in head.no_sample)
         return out
 
     def sample(self, batch: ScheduledBatch, hidden: torch.Tensor, samplers: list[int],
-               rows: list[int]) -> list[tuple[Request, int | None, TokenLogprob | None]]:
+               rows: list[int], masks: StepMasks | None = None
+               ) -> list[tuple[Request, int | None, TokenLogprob | None]]:
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         reqs = [batch.requests[i] for i in samplers]
         for r in reqs:
@@ -267,6 +274,7 @@ class ModelRunner:
             vocab_size=self.vocab_size,
             device=self.device,
             eos_token_ids=self.eos_token_ids,
+            grammar=_grammar_rows(reqs, masks),
         )
         out = self.sampler(logits, sbatch)
         tokens = out.token_ids.tolist()  # the step's one device-to-host sync
@@ -315,6 +323,22 @@ class ModelRunner:
                 entries.append(TokenLogprob(logprob=lp[r], top=top, rank=rank[r]))
             req.num_prompt_logprobs = hi
             j += hi - lo
+
+
+def _grammar_rows(reqs: list[Request], masks: StepMasks | None) -> GrammarRows | None:
+    """The step's bitmasks in the sampler's row order (None: no constrained row)."""
+    if masks is None:
+        return None
+    rows, index = [], []
+    for j, r in enumerate(reqs):
+        k = masks.rows.get(r.request_id)
+        if k is not None:
+            rows.append(j)
+            index.append(k)
+    if not rows:
+        return None
+    return GrammarRows(rows=rows, bitmask=np.ascontiguousarray(masks.bitmask[index]),
+                       complete=[masks.complete[k] for k in index])
 
 
 class StepRows:

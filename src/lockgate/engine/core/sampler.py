@@ -3,8 +3,9 @@
 `SamplingBatch.build` turns the step's per-request `SamplingParams` into device
 tensors once (host work is proportional to the batch and the penalised token
 lists, never to the vocabulary; no Python loop touches the vocabulary). `Sampler` then runs, in order
-(vLLM's): allowed_token_ids, bans (bad words, min_tokens), logit_bias, penalties,
-temperature, top-k, top-p, min-p and the draw. Each stage is skipped when no row in
+(vLLM's): grammar bitmasks (structured outputs, constrained rows only), allowed_token_ids,
+bans (bad words, min_tokens), logit_bias, penalties, temperature, top-k, top-p, min-p and
+the draw. Each stage is skipped when no row in
 the batch uses it, so an all-greedy batch is one argmax. Logprobs are the model's own
 (taken before any of these stages), as vLLM reports them.
 """
@@ -18,6 +19,15 @@ import torch
 
 from lockgate.engine.messages import TokenLogprob
 from lockgate.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class GrammarRows:
+    """Structured outputs' token bitmasks for some rows of a step (engine/structured/)."""
+
+    rows: list[int]  # the batch row of each bitmask row
+    bitmask: np.ndarray  # [R, ceil(V'/32)] int32: bit t of word t // 32 set = token t allowed (V' >= V)
+    complete: list[bool]  # that row's grammar allows only EOS (min_tokens must not ban it)
 
 
 @dataclass(slots=True)
@@ -44,6 +54,9 @@ class SamplingBatch:
     bias_value: torch.Tensor | None  # [L] f32: added to those logits
     allowed_rows: torch.Tensor | None  # [R] int64: rows with allowed_token_ids
     allowed_mask: torch.Tensor | None  # [R, V] bool: True where that row may sample
+    grammar_rows: torch.Tensor | None  # [G] int64: constrained rows (structured outputs)
+    grammar_banned: torch.Tensor | None  # [G, V] bool: True where the grammar forbids the token
+    grammar_all_rows: bool  # the constrained rows are the whole batch, in order (no gather/scatter)
     seeded: list[tuple[int, torch.Generator]]  # random rows that draw from their own generator
     max_num_logprobs: int | None  # K = largest `logprobs` in the batch; None: nobody asked
 
@@ -57,6 +70,7 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
         eos_token_ids: list[int],
+        grammar: GrammarRows | None = None,
     ) -> SamplingBatch:
         B, V = len(params), vocab_size
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == B):
@@ -103,8 +117,10 @@ class SamplingBatch:
         # min_tokens: ban every token that would end the request early (as vLLM: the
         # stop_token_ids and, unless ignore_eos, the eos ids).
         banned: list[int] = []
+        # A complete grammar allows only EOS: min_tokens yields to it (or nothing could be sampled).
+        done = {r for r, c in zip(grammar.rows, grammar.complete) if c} if grammar is not None else ()
         for i, p in enumerate(params):
-            if len(output_token_ids[i]) < p.min_tokens:
+            if len(output_token_ids[i]) < p.min_tokens and i not in done:
                 ids = set(p.stop_token_ids or ())
                 if not p.ignore_eos:
                     ids.update(eos_token_ids)
@@ -114,6 +130,10 @@ class SamplingBatch:
             bias_index, bias_value, allowed_rows, allowed_mask = _logit_processors(
                 params, output_token_ids, V, device, banned)
         banned_index = torch.tensor(banned, dtype=torch.int64, device=device) if banned else None
+        grammar_rows = grammar_banned = None
+        if grammar is not None and grammar.rows:
+            grammar_rows = torch.tensor(grammar.rows, dtype=torch.int64, device=device)
+            grammar_banned = _grammar_banned(grammar.bitmask, V, device)
 
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
@@ -135,6 +155,9 @@ class SamplingBatch:
             bias_value=bias_value,
             allowed_rows=allowed_rows,
             allowed_mask=allowed_mask,
+            grammar_rows=grammar_rows,
+            grammar_banned=grammar_banned,
+            grammar_all_rows=grammar is not None and grammar.rows == list(range(B)),
             seeded=[(i, g) for i, g in enumerate(generators) if g is not None and not greedy[i]],
             max_num_logprobs=max(wanted) if wanted else None,
         )
@@ -147,6 +170,7 @@ class SamplingBatch:
             or self.banned_index is not None
             or self.bias_index is not None
             or self.allowed_rows is not None
+            or self.grammar_rows is not None
         )
 
 
@@ -261,9 +285,15 @@ class Sampler:
 
 
 def _apply_penalties(x: torch.Tensor, b: SamplingBatch) -> None:
-    """Every logit edit, in place on contiguous float32 logits `x`, in vLLM's order: allowed
-    tokens, bans, logit_bias, then the repetition/frequency/presence penalties."""
+    """Every logit edit, in place on contiguous float32 logits `x`, in vLLM's order: grammar
+    bitmasks, allowed tokens, bans, logit_bias, then the repetition/frequency/presence penalties."""
     flat = x.view(-1)
+    if b.grammar_rows is not None:
+        assert b.grammar_banned is not None
+        if b.grammar_all_rows:
+            x.masked_fill_(b.grammar_banned, float("-inf"))
+        else:
+            x[b.grammar_rows] = x[b.grammar_rows].masked_fill_(b.grammar_banned, float("-inf"))
     if b.allowed_rows is not None:
         x[b.allowed_rows] = x[b.allowed_rows].masked_fill_(~b.allowed_mask, float("-inf"))
     if b.banned_index is not None:
@@ -278,6 +308,28 @@ def _apply_penalties(x: torch.Tensor, b: SamplingBatch) -> None:
         flat[b.repetition_index] = torch.where(vals > 0, vals / r, vals * r)
     if b.penalty_index is not None:
         flat[b.penalty_index] -= b.penalty_delta  # indices are unique, so no accumulation needed
+
+
+def _grammar_banned(bitmask: np.ndarray, V: int, device: torch.device) -> torch.Tensor:
+    """[R, W] int32 bitmask -> [R, V] bool, True where banned. On CPU numpy unpacks it (far faster
+    than torch's integer ops there); on a GPU the 32x smaller bitmask is copied and unpacked there."""
+    if device.type == "cpu":
+        bits = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1, bitorder="little")
+        banned = bits[:, :V] == 0
+        if banned.shape[1] < V:  # a mask narrower than the logits allows nothing past its end
+            banned = np.pad(banned, ((0, 0), (0, V - banned.shape[1])), constant_values=True)
+        return torch.from_numpy(banned)
+    return ~unpack_bitmask(torch.from_numpy(bitmask).to(device, non_blocking=True), V)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, W] int32 bitmask -> [R, vocab_size] bool (bit t of word t // 32, least significant first),
+    on the bitmask's device; a mask narrower than the vocabulary allows nothing past its end."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # [R, 32 W]
+    if bits.shape[1] >= vocab_size:
+        return bits[:, :vocab_size]
+    return torch.nn.functional.pad(bits, (0, vocab_size - bits.shape[1]), value=False)
 
 
 # On CPU a full vocabulary sort is slow (~10 ms per 150k-token row); the nucleus nearly

@@ -11,7 +11,8 @@ Every step decides `{request: num_tokens}` under a token budget
 2. Prefills: running partial prefills and waiting requests, merged in importance
    order (a waiting request goes first only with a strictly better effective
    priority), each chunk limited by the remaining token budget and the remaining
-   prefill cap, so a long prompt never starves the decodes.
+   prefill cap, so a long prompt never starves the decodes. A waiting request whose
+   grammar is still compiling (structured outputs) is passed over until it is ready.
 
 Policies (`EngineConfig.scheduling_policy`, queues in `waiting.py`):
 - fcfs: arrival order; no fair share, no priority preemption.
@@ -166,8 +167,10 @@ class Scheduler:
                 pending.pop(0)  # preempted meanwhile
             run = pending[0] if pending else None
             wait = self.waiting.peek(now) if admit else None
-            if wait is not None and wait.share_prefix_with is not None and self._sibling_prefilling(wait):
-                # Wait for the sibling's prompt blocks to be cached, then share them.
+            if wait is not None and (wait.grammar_pending or (
+                    wait.share_prefix_with is not None and self._sibling_prefilling(wait))):
+                # Its grammar is still compiling (on the compile worker: this step never waits for it),
+                # or it waits for the sibling's prompt blocks to be cached, then shares them.
                 self.waiting.pop(wait)
                 skipped.append(wait)
                 continue

@@ -1,8 +1,9 @@
 """Frontend input processing: tokenize, validate against the model's limits, fan out n.
 
 Also turns `bad_words` into `bad_words_token_ids` (each word with and without a
-leading space, as vLLM does), and checks every token id a request names
-(logit_bias, allowed_token_ids, stop_token_ids) against the vocabulary.
+leading space, as vLLM does), checks every token id a request names
+(logit_bias, allowed_token_ids, stop_token_ids) against the vocabulary, and
+checks that a structured-outputs grammar compiles (`structured/grammar.py`).
 
 Runs where requests arrive (the API process, or the offline `LLM`), so bad input
 is refused before it reaches the engine core.
@@ -15,6 +16,7 @@ import time
 from lockgate.engine.config import ModelConfig
 from lockgate.engine.messages import EngineCoreRequest, check_tenant
 from lockgate.engine.sampling_params import SamplingParams
+from lockgate.engine.structured.grammar import validate as validate_structured
 from lockgate.engine.tokenizer import Tokenizer
 
 
@@ -79,6 +81,11 @@ class InputProcessor:
             bad = next((t for t in ids or () if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if params.structured is not None:
+            # A schema, regex or grammar that would not compile is refused here (the core compiles it
+            # later, off its step). Cached per grammar; callers on an event loop may run
+            # `validate_structured` on a worker thread first, which makes this call free.
+            validate_structured(params.structured)
         if params.bad_words:
             params = dataclasses.replace(params, bad_words_token_ids=self.bad_words_token_ids(params.bad_words))
         bad = next((t for ids in params.bad_words_token_ids or () for t in ids if not 0 <= t < self.vocab_size), None)
