@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "cli_admin": 9,
     "cli_autoscale": 9,
     "cli_alerts": 10,  # opens the store as cli_admin does (open_cli_store)
+    "cli_schemas": 10,  # opens the store as cli_admin does (open_cli_store)
     "cli": 11,
 }
 

@@ -116,6 +116,9 @@ _register_admin(app)  # tenants | keys | usage | audit
 from lockgate.cli_alerts import register as _register_alerts  # noqa: E402
 
 _register_alerts(app)  # alerts secret | list
+from lockgate.cli_schemas import register as _register_schemas  # noqa: E402
+
+_register_schemas(app)  # schemas register | list | show
 from lockgate.bench.cli import register as _register_bench  # noqa: E402
 
 _register_bench(app)  # bench

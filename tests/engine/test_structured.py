@@ -10,19 +10,25 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import jsonschema
+import msgspec
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry, generate_latest
 
 from lockgate import LLM, SamplingParams
 from lockgate.engine.core.sampler import GrammarRows, Sampler, SamplingBatch, unpack_bitmask
 from lockgate.engine.errors import RequestRejectedError
+from lockgate.engine.frontend.supervisor import CoreCounters
+from lockgate.engine.messages import StepOutputs
 from lockgate.engine.native import build
 from lockgate.engine.structured import grammar as grammar_mod
 from lockgate.engine.structured.cache import GrammarCache
-from lockgate.engine.structured.compiler import compile_grammar
+from lockgate.engine.structured.compiler import GrammarCompiler, compile_grammar
+from lockgate.engine.structured.decoding import StructuredDecoding
 from lockgate.engine.structured.tokenizer import build_ll_tokenizer
 from lockgate.engine.structured_params import StructuredOutputs
 from tests.engine.tiny_models import make_checkpoint
@@ -375,3 +381,181 @@ def test_through_the_core_process(tiny_path):
             await client.shutdown()
 
     asyncio.run(main())
+
+
+# ---- compile time limit, per-tenant compile bound, stats and metrics -------------------------------
+
+
+def _until(cond, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.005)
+
+
+def test_a_compile_over_the_time_limit_fails_its_requests_and_the_queue_moves_on(tiny_path):
+    llm = LLM(str(tiny_path), dtype="float32", num_kv_blocks=128, grammar_compile_timeout_s=1.0)
+    engine = llm.engine
+    compiler = engine.core.structured.compiler
+    gate = threading.Event()
+
+    def stuck(tok, spec):  # llguidance cannot be interrupted: a compile that never ends until released
+        if spec.regex == "s+":
+            assert gate.wait(60)
+        return compile_grammar(tok, spec)
+
+    compiler.compile_fn = stuck
+    engine.add_request("stuck", PROMPTS[0], params(StructuredOutputs(regex="s+"), n=2))
+    engine.add_request("next", PROMPTS[1], params(StructuredOutputs(regex="q{3}")))
+    engine.add_request("plain", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    finished, failed = {}, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        failed += engine.take_failed()
+    message = "structured_outputs.regex: grammar compile exceeded the 1 s limit"
+    assert failed == [("stuck", message)]  # both children, failed once as their parent
+    # The next grammar compiled on a new worker while the stuck one still ran; the plain request ran.
+    assert finished["next"].outputs[0].text == "qqq" and len(finished["plain"].outputs[0].token_ids) == 5
+    s = engine.core.stats()
+    assert s.num_running == s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks
+    # The same grammar again fails at once (remembered as too slow), without another stuck thread.
+    with pytest.raises(RequestRejectedError, match="exceeded the 1 s limit"):
+        llm.generate(PROMPTS[0], params(StructuredOutputs(regex="s+")))
+    st = engine.core.stats().structured
+    assert (st.compiles_timeout, st.compiles_rejected, st.compiles_ok) == (1, 1, 1)
+    # Released, the abandoned thread drops its compile (not cached) and ends; one worker is left.
+    gate.set()
+    _until(lambda: compiler._alive == 1)
+    assert StructuredOutputs(regex="s+").cache_key() not in engine.core.structured.cache
+    assert llm.generate(PROMPTS[1], params(StructuredOutputs(regex="r{2}")))[0].outputs[0].text == "rr"
+
+
+def test_at_most_max_threads_compile_threads_and_the_last_one_takes_the_queue_back(llm):
+    tok = build_ll_tokenizer(llm.tokenizer, 258, [257])
+    compiler = GrammarCompiler(lambda: tok, GrammarCache(), timeout_s=0.05, max_threads=2)
+    gate = threading.Event()
+
+    def stuck(t, spec):
+        if spec.regex.startswith("s"):
+            assert gate.wait(60)
+        return compile_grammar(t, spec)
+
+    compiler.compile_fn = stuck
+    jobs = [compiler.submit(StructuredOutputs(regex=r)) for r in ("s1", "s2", "ok")]
+    # Two over the limit: two abandoned threads, and no third thread (the bound): "ok" waits.
+    _until(lambda: (compiler.expire(), jobs[1].done)[1])
+    assert jobs[0].error and jobs[1].error and "exceeded the 0.05 s limit" in jobs[0].error
+    assert compiler._alive == 2 and not jobs[2].done
+    gate.set()  # the stuck compiles end: one thread takes the queue back and compiles "ok"
+    _until(lambda: jobs[2].done)
+    assert jobs[2].error is None and jobs[2].compiled is not None
+    _until(lambda: compiler._alive == 1)
+    assert compiler.num_timed_out == 2 and compiler.num_compiled == 1
+    compiler.close()
+
+
+def test_a_tenant_queue_is_bounded_and_others_compile_promptly(llm):
+    tok = build_ll_tokenizer(llm.tokenizer, 258, [257])
+    compiler = GrammarCompiler(lambda: tok, GrammarCache(), max_queued_per_tenant=8)
+    permits, order = threading.Semaphore(0), []
+
+    def gated(t, spec):  # each compile waits for a permit: the test decides when compiles happen
+        assert permits.acquire(timeout=60)
+        order.append(spec.regex)
+        return compile_grammar(t, spec)
+
+    compiler.compile_fn = gated
+    flood = [compiler.submit(StructuredOutputs(regex=f"a{{{i}}}"), "A") for i in range(1, 2)]
+    _until(lambda: bool(compiler._running))  # the worker holds A's first job; the rest queue
+    flood += [compiler.submit(StructuredOutputs(regex=f"a{{{i}}}"), "A") for i in range(2, 10)]
+    assert compiler.num_queued == 8 and not any(j.done for j in flood)
+    # Past the cap: failed at once, naming the field; a grammar already queued is shared, not refused.
+    over = compiler.submit(StructuredOutputs(regex="a{99}"), "A")
+    assert over.done and over.error == ("structured_outputs.regex: too many grammar compiles queued for this "
+                                        "tenant (8); retry when earlier ones finish")
+    assert compiler.submit(StructuredOutputs(regex="a{5}"), "A") is flood[4]
+    other = compiler.submit(StructuredOutputs(regex="b{2}"), "B")
+    # Another tenant's compile runs after at most one more of A's, not behind A's eight.
+    for _ in range(3):
+        permits.release()
+    _until(lambda: other.done)
+    assert other.error is None and order.index("b{2}") <= 2, order
+    assert sum(j.done for j in flood) <= 2 and compiler.num_rejected == 1
+    for _ in range(len(flood)):
+        permits.release()
+    _until(lambda: all(j.done for j in flood))
+    assert all(j.error is None for j in flood)
+    compiler.close()
+
+
+def test_engine_config_refuses_bad_compile_knobs():
+    from lockgate.engine.config import EngineConfig
+    for bad in (0, -1, float("nan"), float("inf"), "10", True):
+        with pytest.raises(ValueError, match="grammar_compile_timeout_s"):
+            EngineConfig(grammar_compile_timeout_s=bad)
+    for bad in (0, -5, 2.5, True, 2**70 * 1.0):
+        with pytest.raises(ValueError, match="max_queued_compiles_per_tenant"):
+            EngineConfig(max_queued_compiles_per_tenant=bad)
+
+
+def test_frontend_check_is_bounded_in_time(monkeypatch):
+    so = StructuredOutputs(regex="[0-9]{1,3}-slow")
+    release = threading.Event()
+    real = grammar_mod.LLMatcher.validate_grammar
+
+    def slow(grammar, *args, **kw):  # a check that does not end by itself (the pathological case)
+        assert release.wait(60)
+        return real(grammar, *args, **kw)
+
+    monkeypatch.setattr(grammar_mod.LLMatcher, "validate_grammar", slow)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"^structured_outputs.regex: grammar check exceeded the 0.2 s limit$"):
+        grammar_mod.validate(so, timeout_s=0.2)
+    assert time.monotonic() - t0 < 10
+    # Remembered: refused at once; other grammars are still checked (on the pool's other thread).
+    with pytest.raises(ValueError, match="exceeded"):
+        grammar_mod.validate(so, timeout_s=0.2)
+    release.set()
+    monkeypatch.setattr(grammar_mod.LLMatcher, "validate_grammar", real)
+    grammar_mod.validate(StructuredOutputs(regex="[0-9]{1,3}-fast"), timeout_s=5)
+    with pytest.raises(ValueError, match="structured_outputs.regex is invalid"):
+        grammar_mod.validate(StructuredOutputs(regex="(unclosed"), timeout_s=5)
+
+
+def test_structured_stats_reach_the_metrics(llm):
+    from lockgate.engine.frontend.queue_view import QueueView
+    from lockgate.observability.metrics import _EngineCollector
+
+    so = StructuredOutputs(regex="m{4}")
+    llm.generate(PROMPTS[0], params(so))
+    llm.generate(PROMPTS[1], params(so))  # a cache hit
+    st = llm.engine.core.stats().structured
+    assert st is not None and st.compiles_ok >= 1 and st.cache_hits >= 1 and st.cache_misses >= 1
+    assert st.mask_seconds is not None and st.mask_seconds.count >= 8 and st.mask_seconds.sum > 0
+    # Across the socket (msgspec), and kept across a core restart by the frontend's counters.
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(StepOutputs(outputs=[], stats=llm.engine.core.stats(),
+                                                                     timestamp=0.0)), type=StepOutputs)
+    assert wire.stats.structured == st
+    counters = CoreCounters()
+    counters.stats = wire.stats
+    counters.core_died()
+    counters.stats = wire.stats  # the new core's own counts add to the dead one's
+
+    state = counters.state(healthy=True, queue=QueueView(), num_in_flight=0, num_restarts=1, num_stalls=0)
+    assert state.structured.compiles_ok == 2 * st.compiles_ok
+    registry = CollectorRegistry()
+    registry.register(_EngineCollector(lambda: state, "m"))
+    text = generate_latest(registry).decode()
+    assert f'lockgate:structured_compiles_total{{model_name="m",result="ok"}} {2 * st.compiles_ok:.1f}' in text
+    assert 'lockgate:structured_compiles_total{model_name="m",result="timeout"} 0.0' in text
+    assert f'lockgate:structured_cache_hits_total{{model_name="m"}} {2 * st.cache_hits:.1f}' in text
+    assert f'lockgate:structured_mask_seconds_count{{model_name="m"}} {2 * st.mask_seconds.count:.1f}' in text
+    assert "lockgate:structured_compile_seconds_total" in text
+    # A core that never saw a constrained request ships nothing, and the metrics read zero.
+    assert StructuredDecoding(llm.tokenizer, 258, [257]).stats() is None
+    registry = CollectorRegistry()
+    registry.register(_EngineCollector(lambda: CoreCounters().state(
+        healthy=True, queue=QueueView(), num_in_flight=0, num_restarts=0, num_stalls=0), "m"))
+    assert 'lockgate:structured_cache_hits_total{model_name="m"} 0.0' in generate_latest(registry).decode()

@@ -248,6 +248,8 @@ def test_every_admin_route_is_covered(w: World) -> None:
         ("POST", "/admin/models"), ("GET", "/admin/models"), ("GET", "/admin/models/{name}/compare"),
         ("DELETE", "/admin/models/{name}/versions/{version}"), ("GET", "/admin/models/{name}"),
         ("PATCH", "/admin/models/{name}"),
+        ("POST", "/admin/schemas"), ("GET", "/admin/schemas"), ("GET", "/admin/schemas/{name}"),
+        ("GET", "/admin/schemas/{name}/versions/{version}"),
     }, seen
 
 

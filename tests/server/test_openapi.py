@@ -43,7 +43,8 @@ BODY_ROUTES = {("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("
 ERROR_STATUSES = {"400", "401", "403", "404", "408", "413", "415", "500", "503"}  # on every body route
 
 # Examples per operation and generation mode; routes without inputs need only a few.
-EXAMPLES_WITH_INPUT = 40
+EXAMPLES_WITH_INPUT = 30
+EXAMPLES_ADMIN = 15  # /admin/* routes: many, with simple query and body parameters
 EXAMPLES_WITHOUT_INPUT = 3
 FUZZ_BUDGET_S = float(os.environ.get("LOCKGATE_FUZZ_BUDGET_S", "150"))  # whole run, split between what is left
 REQUEST_TIMEOUT_S = 60.0
@@ -368,8 +369,8 @@ def test_fuzz_the_openapi_document(fuzz_server: ServerProcess, tmp_path: Path) -
         key = (op.method.upper(), op.path)
         runs.append((*key, None, 0))
         if _has_inputs(op):
-            runs += [(*key, GenerationMode.POSITIVE, EXAMPLES_WITH_INPUT),
-                     (*key, GenerationMode.NEGATIVE, EXAMPLES_WITH_INPUT)]
+            n = EXAMPLES_ADMIN if op.path.startswith("/admin/") else EXAMPLES_WITH_INPUT
+            runs += [(*key, GenerationMode.POSITIVE, n), (*key, GenerationMode.NEGATIVE, n)]
         else:
             runs.append((*key, GenerationMode.POSITIVE, EXAMPLES_WITHOUT_INPUT))
     start = time.monotonic()

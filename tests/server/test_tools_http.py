@@ -1,4 +1,6 @@
-"""Tool calling over HTTP with the official openai SDK, on the session's real-model server (the
+"""Tool calling over HTTP with the official openai SDK. The grammar-enforced paths run on the fake
+engine (its runner draws grammar-valid tokens: the grammar, the parsing and the streamed shape are
+what is tested), with one `required` call and `auto` on the session's real-model server (the
 embedded SmolLM2-135M, temperature 0; its template has no tool support, so the tools reach it
 in a system message): `required`, a named function and `parallel_tool_calls: false` enforced by
 grammar (the arguments validate against the function's parameters schema), streamed the way
@@ -8,6 +10,7 @@ input a 400 naming the field, with nothing left in flight.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,13 +18,13 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import ServerProcess, start_server
 
 MODEL = "SmolLM2-135M-Instruct"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"], "additionalProperties": False}
-TIME = {"type": "object", "properties": {"timezone": {"type": "string", "pattern": "^[A-Z][a-z]+/[A-Z][a-z]+$"}},
+TIME = {"type": "object", "properties": {"timezone": {"type": "string", "pattern": "^[A-Z][a-z]{2,12}/[A-Z][a-z]{2,12}$"}},
         "required": ["timezone"], "additionalProperties": False}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
@@ -36,8 +39,29 @@ MAX_TOKENS = 160
 
 
 @pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
+def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = start_server(tmp_path_factory.mktemp("tools-fake"), "--load-format", "fake", "--no-slo-admission")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(fake: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{fake.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def real(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_the_real_model_is_held_to_the_functions_schema(real: openai.OpenAI) -> None:
+    weather = [TOOLS[0]]
+    r = real.chat.completions.create(model=MODEL, messages=ASK, tools=weather, tool_choice="required",
+                                     parallel_tool_calls=False, max_tokens=48, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    assert _check_calls(c.message.tool_calls, {"get_weather"})[0][0] == "get_weather"
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +144,17 @@ def test_a_cut_call_is_length_with_the_partial_text(client: openai.OpenAI) -> No
     assert c.message.content and c.message.content.startswith("[")
 
 
-def test_auto_on_a_model_that_answers_in_text(client: openai.OpenAI) -> None:
+def test_auto_on_a_model_that_answers_in_text(real: openai.OpenAI) -> None:
+    client = real
     chat = [{"role": "user", "content": "Write one short sentence about the sea."}]
-    for tool_choice in ("auto", "none", None):
-        kw = {"tool_choice": tool_choice} if tool_choice else {}
-        r = client.chat.completions.create(model=MODEL, messages=chat, tools=TOOLS, max_tokens=40, temperature=0,
+    for tool_choice in ("auto",):  # the default is auto too (tests/server/test_tool_parsers.py, params)
+        kw = {"tool_choice": tool_choice}
+        r = client.chat.completions.create(model=MODEL, messages=chat, tools=TOOLS, max_tokens=16, temperature=0,
                                            **kw)
         c = r.choices[0]
         assert c.finish_reason in ("stop", "length") and not c.message.tool_calls, c
         assert c.message.content
-        calls, content, reason = _stream(client, model=MODEL, messages=chat, tools=TOOLS, max_tokens=40,
+        calls, content, reason = _stream(client, model=MODEL, messages=chat, tools=TOOLS, max_tokens=16,
                                          temperature=0, **kw)
         assert not calls and content == c.message.content and reason == c.finish_reason
 

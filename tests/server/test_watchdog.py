@@ -128,6 +128,9 @@ class _BusyCore:
         self.last_step_end = time.monotonic()
         return []
 
+    def take_failed(self) -> list:  # no request is ever dropped here
+        return []
+
     def stats(self) -> EngineStats:
         return EngineStats(1, 0, 0, 0, 0, 0.0, 0, 0, 0)
 

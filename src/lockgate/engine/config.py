@@ -139,6 +139,12 @@ class EngineConfig:
     # since it entered the scheduler, so a low class is never starved. 0 disables aging.
     priority_aging_s: float = 10.0
     max_logprobs: int = 20
+    # Structured outputs: a grammar compile over this many seconds fails its requests (a 400); the
+    # core goes on (engine/structured/compiler.py).
+    grammar_compile_timeout_s: float = 10.0
+    # Structured outputs: compiles one tenant may have queued; past that its new constrained requests
+    # fail at once, so one tenant's flood of distinct schemas cannot delay the others' compiles.
+    max_queued_compiles_per_tenant: int = 64
     num_threads: int | None = None  # CPU intra-op threads; None leaves torch's default
     # Test only: the first engine-core process hangs forever in this step (1-based), so the
     # stall watchdog can be tested; a restarted core does not hang again. Never set in production.
@@ -172,6 +178,14 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto', 'dummy' or 'fake', got {self.load_format!r}")
         _check_seconds("fake_step_delay_s", self.fake_step_delay_s)
         _check_seconds("fake_token_delay_s", self.fake_token_delay_s)
+        _check_seconds("grammar_compile_timeout_s", self.grammar_compile_timeout_s)
+        if self.grammar_compile_timeout_s <= 0:
+            raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s!r}")
+        if not (isinstance(self.max_queued_compiles_per_tenant, int)
+                and not isinstance(self.max_queued_compiles_per_tenant, bool)
+                and self.max_queued_compiles_per_tenant >= 1):
+            raise ValueError(f"max_queued_compiles_per_tenant must be an integer >= 1, "
+                             f"got {self.max_queued_compiles_per_tenant!r}")
 
 
 def checkpoint_load_format(load_format: str) -> str:

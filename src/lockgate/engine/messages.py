@@ -16,6 +16,7 @@ import msgspec
 from lockgate.engine.config import EngineConfig, ModelConfig
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.step_stats import HistogramCounts
+from lockgate.engine.structured.stats import StructuredStats
 
 # ---- payloads -----------------------------------------------------------------------
 
@@ -78,6 +79,9 @@ class EngineStats:
     # Cumulative since the core started (step_stats.py buckets): seconds per step, tokens per step.
     step_seconds: HistogramCounts | None = None
     iteration_tokens: HistogramCounts | None = None
+    # Structured outputs (cumulative): compiles, cache lookups, mask time; None before the first
+    # constrained request (and from a core that predates the field).
+    structured: StructuredStats | None = None
 
 
 def check_tenant(tenant: object, tenant_weight: object) -> None:

@@ -26,6 +26,7 @@ from prometheus_client.utils import floatToGoString
 from lockgate.engine.frontend.supervisor import EngineState
 from lockgate.engine.outputs import RequestOutput, RequestTimes
 from lockgate.engine.step_stats import ITERATION_TOKENS_BUCKETS, STEP_SECONDS_BUCKETS, HistogramCounts
+from lockgate.engine.structured.stats import COMPILE_RESULTS, MASK_SECONDS_BUCKETS, StructuredStats
 from lockgate.observability.record import RequestRecord
 from lockgate.observability.slo import WINDOWS, SloTracker
 from lockgate.observability.worker_metrics import WorkerMetrics
@@ -98,6 +99,29 @@ class _EngineCollector(Collector):
         yield _histogram("lockgate:iteration_tokens_total",
                          "Tokens per engine step: prompt tokens computed plus tokens sampled.",
                          m, s.iteration_tokens, ITERATION_TOKENS_BUCKETS)
+        yield from _structured(m, s.structured or StructuredStats())
+
+
+def _structured(m: str, st: StructuredStats) -> Iterable[Metric]:
+    """Structured outputs: grammar compiles by result, compile time, cache lookups, bitmask time."""
+    compiles = CounterMetricFamily("lockgate:structured_compiles", "Grammar compiles by result: ok, error (did "
+                                   "not compile), timeout (over the limit), rejected (tenant's queue full or "
+                                   "known too slow).", labels=["model_name", "result"])
+    for result, n in zip(COMPILE_RESULTS, st.compiles()):
+        compiles.add_metric([m, result], n)
+    yield compiles
+    for name, doc, value in (
+            ("lockgate:structured_compile_seconds", "Seconds the compile workers spent compiling grammars.",
+             st.compile_seconds),
+            ("lockgate:structured_cache_hits", "Constrained requests whose grammar was in the compiled cache.",
+             st.cache_hits),
+            ("lockgate:structured_cache_misses", "Constrained requests whose grammar was not in the cache.",
+             st.cache_misses)):
+        c = CounterMetricFamily(name, doc, labels=["model_name"])
+        c.add_metric([m], value)
+        yield c
+    yield _histogram("lockgate:structured_mask_seconds", "Seconds an engine step spent filling the token bitmasks "
+                     "of its constrained rows (steps with at least one).", m, st.mask_seconds, MASK_SECONDS_BUCKETS)
 
 
 class _SloCollector(Collector):

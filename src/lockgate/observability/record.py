@@ -18,6 +18,7 @@ from lockgate.gateway.classes import PriorityClass
 
 if TYPE_CHECKING:
     from lockgate.gateway.accounting import Meter
+    from lockgate.observability.schema_metrics import OutputCheck
 
 # Failures that are the server's doing (tracker reasons): they burn the error budget.
 SERVER_FAILURES = frozenset({"engine_dead", "engine_unavailable", "internal"})
@@ -50,6 +51,9 @@ class RequestRecord:
     engine_times: list[RequestTimes] = field(default_factory=list)
     prompt: Any = None  # only with --log-prompts
     meter: Meter | None = None  # keyed mode: the usage meter (its settled cost)
+    # A response_format schema (registered NAME@VERSION or inline): its answers checked when the request
+    # ends (observability/schema_metrics.py's OutputCheck, which holds the name and version).
+    output_check: OutputCheck | None = None
     # Set when the request ends (the guard middleware).
     status: int = 0
     code: str | None = None  # the error code sent, if any
@@ -62,6 +66,8 @@ class RequestRecord:
         """One engine output: its new tokens (returned) and their time. The one place a request's
         token times are taken: TTFT, TPOT, the SLO verdict and the versions' stats all read them."""
         new = 0
+        if self.output_check is not None:
+            self.output_check.observe(out)
         for c in out.outputs:
             new += len(c.delta_token_ids)
             if len(c.token_ids) > self.max_choice_tokens:

@@ -29,6 +29,7 @@ from lockgate.server.alerting import build_alerts
 from lockgate.server.anomaly_routes import anomaly_router
 from lockgate.server.model_routes import model_router
 from lockgate.server.routes import router
+from lockgate.server.schema_routes import schema_router
 from lockgate.server.state import AppState
 
 log = logging.getLogger("lockgate.server")
@@ -92,6 +93,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: Mo
     app.include_router(alert_router)
     app.include_router(anomaly_router)
     app.include_router(model_router)
+    app.include_router(schema_router)
     install_openapi(app)
     # The hot inference routes run straight from the guard (direct.py); the rest through FastAPI's stack.
     app.add_middleware(GuardMiddleware, state=state, direct=DirectRoutes(app, router.routes))

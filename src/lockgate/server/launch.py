@@ -229,6 +229,8 @@ def serve_command(
     scheduling_policy: Annotated[str, typer.Option(help="priority (classes first, fair share between tenants, preemption) | fcfs (arrival order)")] = "priority",  # noqa: E501
     max_prefill_tokens: Annotated[int, typer.Option(help="Prefill tokens per engine step (chunked prefill; decodes always run first)")] = _default("max_prefill_tokens"),  # noqa: E501
     priority_aging: Annotated[float, typer.Option(help="Seconds of waiting that raise a request by one priority level (0: no aging)")] = _default("priority_aging_s"),  # noqa: E501
+    grammar_compile_timeout: Annotated[float, typer.Option(help="Structured outputs: seconds a grammar may take to compile before its requests fail with a 400")] = _default("grammar_compile_timeout_s"),  # noqa: E501
+    max_queued_compiles_per_tenant: Annotated[int, typer.Option(help="Structured outputs: grammar compiles one tenant may have queued; more fail at once")] = _default("max_queued_compiles_per_tenant"),  # noqa: E501
     class_config: Annotated[str | None, typer.Option(help="Priority classes file (YAML or JSON): names, TTFT/TPOT targets, queue caps")] = None,  # noqa: E501
     slo_admission: Annotated[bool, typer.Option(help="Refuse at once (429 slo_unattainable) a request whose class's TTFT target cannot be met")] = True,  # noqa: E501
     max_logprobs: Annotated[int, typer.Option(help="Max logprobs / top_logprobs per token")] = _default("max_logprobs"),  # noqa: E501
@@ -294,7 +296,8 @@ def serve_command(
             kv_cache_memory_gb=kv_cache_memory_gb, num_kv_blocks=num_kv_blocks, block_size=block_size,
             dtype=dtype, device=device, load_format=load_format, fake_step_delay_s=fake_step_delay,
             fake_token_delay_s=fake_token_delay, seed=seed, max_prefill_tokens=max_prefill_tokens,
-            priority_aging_s=priority_aging,
+            priority_aging_s=priority_aging, grammar_compile_timeout_s=grammar_compile_timeout,
+            max_queued_compiles_per_tenant=max_queued_compiles_per_tenant,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             scheduling_policy=scheduling_policy, max_logprobs=max_logprobs, num_threads=num_threads,
             quantization=quantization, quantization_kernels=quantization_kernels,

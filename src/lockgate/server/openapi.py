@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from lockgate.gateway.schemas import SchemaCreate
 from lockgate.gateway.tenants import GlobalKeyCreate, KeyCreate, KeyPatch, TenantCreate, TenantPatch
 from lockgate.server.protocol import (
     ChatCompletionRequest,
@@ -210,7 +211,7 @@ class SloReport(_Doc):
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
-    TenantCreate, TenantPatch, KeyCreate, KeyPatch, GlobalKeyCreate)
+    TenantCreate, TenantPatch, KeyCreate, KeyPatch, GlobalKeyCreate, SchemaCreate)
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ErrorResponse, CompletionResponse, ChatCompletionResponse, ModelList, ModelCard, TokenizeResponse,
     DetokenizeResponse, HealthResponse, VersionResponse, SloReport)

@@ -98,7 +98,8 @@ MAX_TOOLS = 128
 
 
 class JsonSchemaFormat(_Body):
-    name: Name
+    # With `schema`: the schema's label. Without: a registered schema, NAME or NAME@VERSION (gateway/schemas.py).
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}(@[0-9]{1,32})?$")]
     description: str | None = None
     schema_: dict[str, Any] | None = Field(
         default=None, alias="schema", description="The JSON schema the answer must match (an object)")

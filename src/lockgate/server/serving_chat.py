@@ -18,7 +18,7 @@ from lockgate.server.params import chat_inputs, chat_messages, check_token_ids
 from lockgate.server.pipeline import Pipeline
 from lockgate.server.protocol import ChatCompletionRequest, read_body
 from lockgate.server.serving_completions import usage, worst_tokens
-from lockgate.server.structured import check_compiles, renamed
+from lockgate.server.structured import check_compiles, renamed, resolve_named_schema
 from lockgate.server.tool_output import ToolAnswers, parser_name
 from lockgate.server.tool_prompt import render_tool_chat
 from lockgate.server.sse import DONE, SSEResponse, sse_event
@@ -34,6 +34,7 @@ async def create_chat_completion(request: Request, app: AppState) -> Response:
 
 async def _create(p: Pipeline, body: ChatCompletionRequest) -> Response:
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    await resolve_named_schema(p, body.response_format)  # a registered schema by name; answers checked
     params, tools, constraint = chat_inputs(body, p.app.config, p.engine_config)
     params = p.cap(params, param)
     await check_compiles(*(tools.checks if tools is not None else ()), constraint)

@@ -22,7 +22,7 @@ from lockgate.server.pipeline import Pipeline
 from lockgate.server.protocol import CompletionRequest, read_body
 from lockgate.server.sse import DONE, SSEResponse, sse_event
 from lockgate.server.state import AppState
-from lockgate.server.structured import check_compiles, renamed
+from lockgate.server.structured import check_compiles, renamed, resolve_named_schema
 
 log = logging.getLogger("lockgate.server")
 
@@ -46,6 +46,7 @@ async def create_completion(request: Request, app: AppState) -> Response:
 
 
 async def _create(p: Pipeline, body: CompletionRequest) -> Response:
+    await resolve_named_schema(p, body.response_format)  # a registered schema by name; answers checked
     params, constraint = completion_inputs(body, p.app.config, p.engine_config)
     params = p.cap(params, "max_tokens")
     await check_compiles(constraint)

@@ -5,6 +5,7 @@ At most one constraint per request: a second one is a 400 naming it. A schema mu
 object of bounded size; whether it (or a regex, a grammar) compiles is decided by the engine's
 grammar engine when the request is submitted, and its error is renamed to the client's field here
 (`renamed`). Whitespace inside JSON is bounded by default (vLLM's `disable_any_whitespace`).
+A `json_schema` may name a registered schema instead of sending it (`resolve_named_schema`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Any
 from lockgate.engine.structured.grammar import validate as validate_structured
 from lockgate.engine.structured_params import MAX_SPEC_CHARS, StructuredOutputs
 from lockgate.errors import APIError, bad_request
+from lockgate.gateway import schemas
+from lockgate.observability.schema_metrics import INLINE, OutputCheck, schema_metrics
 from lockgate.server.protocol import ResponseFormat, StructuredOutputsRequest, _SamplingFields
 
 # A whitespace pattern we can honour: only whitespace characters, repeated (`[\n\t ]*`, `\s*`, `( |\n)*`).
@@ -93,9 +96,46 @@ def _from_response_format(fmt: ResponseFormat | None) -> Constraint | None:
         raise bad_request("response_format.json_schema is required with type json_schema",
                           param="response_format.json_schema")
     param = "response_format.json_schema.schema"
-    if fmt.json_schema.schema_ is None:
-        raise bad_request(f"{param} is required", param=param)
+    if fmt.json_schema.schema_ is None:  # a registered schema by name is filled in by `resolve_named_schema`
+        raise bad_request(f"{param} is required (or the name of a registered schema, with the server in keyed "
+                          "mode)", param=param)
     return _build(param, json=schema_text(fmt.json_schema.schema_, param))
+
+
+NAME_PARAM = "response_format.json_schema.name"
+INLINE_CHECK_CHARS = 64 * 1024  # inline schemas larger than this are not checked for the metrics
+
+
+async def resolve_named_schema(p: Any, fmt: ResponseFormat | None) -> None:  # p: server/pipeline.py's Pipeline
+    """`response_format.json_schema` with a `name` (`invoice`, `invoice@3`) and no `schema`: the
+    registered schema (the tenant's namespace, then global; gateway/schemas.py, cached) is filled
+    into the request. Either way a json_schema request's answers are checked against their schema
+    when it ends (observability/schema_metrics.py, labelled NAME/VERSION or `inline`)."""
+    if fmt is None or fmt.type != "json_schema" or fmt.json_schema is None:
+        return
+    js = fmt.json_schema
+    metrics = schema_metrics(p.app.metrics.registry)
+    if js.schema_ is not None:
+        if not isinstance(js.schema_, dict):
+            return  # refused by the constraint's own checks
+        try:
+            text = json.dumps(js.schema_, separators=(",", ":"), allow_nan=False)
+        except (ValueError, RecursionError):
+            return  # the constraint's checks answer the 400
+        if len(text) > INLINE_CHECK_CHARS:
+            return  # not counted: its compiled validator would crowd the cache out
+        check = OutputCheck(metrics, INLINE, "", text)
+    else:
+        gw = p.app.gateway
+        if p.principal is None or gw.store is None or gw.astore is None:
+            param = "response_format.json_schema.schema"  # no store of schemas to name one from
+            raise bad_request(f"{param} is required: registered schemas (by name) are only available when the "
+                              "server runs with keys (--admin-key)", param=param)
+        found = await schemas.resolve(gw.astore, gw.store, p.principal.tenant_id, js.name, NAME_PARAM)
+        js.schema_ = found.schema
+        check = OutputCheck(metrics, found.name, str(found.version), found.text)
+    p.record.output_check = check
+    p.lease.hold(check.finish)
 
 
 def _from_structured_outputs(so: StructuredOutputsRequest | None) -> Constraint | None:

@@ -10,7 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from lockgate.store.pg_functions import ADMIT_V8, FUNCTIONS
-from lockgate.store.schema import GENESIS_HASH, SCHEMA_VERSION, SHARED_STATE_MIGRATION, SchemaError
+from lockgate.store.schema import (
+    GENESIS_HASH,
+    OUTPUT_SCHEMAS_MIGRATION,
+    SCHEMA_VERSION,
+    SHARED_STATE_MIGRATION,
+    SchemaError,
+)
 
 MIGRATE_LOCK = 0x6C6F636B67617465  # "lockgate": pg_advisory_lock key for migrations
 ADMIN_LOCK = MIGRATE_LOCK + 1  # admin changes and the audit chain (pg_advisory_xact_lock)
@@ -121,6 +127,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # the per-request decisions as server-side functions (pg_functions.py).
     SHARED_STATE_MIGRATION + FUNCTIONS,
     SPEND_MIGRATION,
+    OUTPUT_SCHEMAS_MIGRATION,  # 9: the same SQL on both (DOUBLE PRECISION and INTEGER)
 ]
 
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a migration added to schema.py needs its PostgreSQL form here"

@@ -76,6 +76,21 @@ SPEND_MIGRATION: tuple[str, ...] = (
     "CREATE INDEX alert_deliveries_due ON alert_deliveries(delivered_at, next_attempt_at)",
 )
 
+# 9: versioned output schemas (store/schema_ops.py): one row per (namespace, name, version), never
+# changed once written; namespace '' is the global one, else the tenant id that owns it.
+OUTPUT_SCHEMAS_MIGRATION: tuple[str, ...] = (
+    """CREATE TABLE output_schemas (
+        namespace TEXT NOT NULL,           -- '' (global) or the owning tenant's id
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,          -- 1, 2, ... decided inside the registering transaction
+        schema TEXT NOT NULL,              -- compact JSON text
+        created_at DOUBLE PRECISION NOT NULL,
+        created_by TEXT NOT NULL,          -- the actor (key id or 'admin')
+        forced INTEGER NOT NULL DEFAULT 0, -- 1: registered over breaking differences (force)
+        PRIMARY KEY (namespace, name, version)
+    )""",
+)
+
 MIGRATIONS: list[tuple[str, ...]] = [
     # 1: tenants, keys, reservations, the usage ledger, idempotency, the audit chain.
     (
@@ -214,6 +229,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # token buckets of tenants and keys, and the instances' leases.
     SHARED_STATE_MIGRATION,
     SPEND_MIGRATION,
+    OUTPUT_SCHEMAS_MIGRATION,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -48,6 +48,7 @@ from lockgate.store.models import (
 from lockgate.store import usage_query
 from lockgate.store.money import nano
 from lockgate.store.schema import GENESIS_HASH
+from lockgate.store.schema_ops import SchemaOps
 from lockgate.store.shared_ops import SharedOps
 from lockgate.store.spend_ops import SpendOps
 from lockgate.store.object_spend import ObjectSpendOps
@@ -98,7 +99,7 @@ def _audit(row: tuple) -> AuditRecord:
 
 
 
-class SqlStore(SharedOps, AlertOps, SpendOps, HourlyOps, ObjectSpendOps):
+class SqlStore(SharedOps, AlertOps, SpendOps, HourlyOps, ObjectSpendOps, SchemaOps):
     DAY_SQL = "date(created_at, 'unixepoch')"  # a usage row's UTC day, YYYY-MM-DD
     HOUR_TEXT_SQL = "strftime('%Y-%m-%dT%H:00:00Z', created_at, 'unixepoch')"  # its UTC hour, as text
     # The values of a reservation row in `INSERT ... SELECT`: PostgreSQL needs their types spelled.

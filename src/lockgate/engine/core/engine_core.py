@@ -98,7 +98,10 @@ class EngineCore:
         self.eos_token_ids = self.runner.eos_token_ids  # one source for stopping and min_tokens masking
         # Structured outputs: grammars compile on a worker thread; the llguidance tokenizer is built there
         # with the first constrained request (logits width = the model's vocabulary).
-        self.structured = StructuredDecoding(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.structured = StructuredDecoding(
+            self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+            compile_timeout_s=config.grammar_compile_timeout_s,
+            max_queued_compiles_per_tenant=config.max_queued_compiles_per_tenant)
         # Requests the core dropped after accepting them (a grammar that failed to compile, a token the
         # grammar rejected): (request id, message), for the caller to fail them (`take_failed`).
         self._failed: list[tuple[str, str]] = []
@@ -246,4 +249,4 @@ class EngineCore:
             num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_blocks, kv_cache_usage=kv.usage,
             prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
             num_preemptions=s.num_preemptions, step_seconds=self.step_seconds,
-            iteration_tokens=self.iteration_tokens)
+            iteration_tokens=self.iteration_tokens, structured=self.structured.stats())

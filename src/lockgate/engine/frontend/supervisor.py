@@ -28,6 +28,7 @@ from lockgate.engine.frontend.queue_view import QueueView
 from lockgate.engine.frontend.transport import CoreLink
 from lockgate.engine.messages import EngineStats
 from lockgate.engine.step_stats import HistogramCounts
+from lockgate.engine.structured.stats import StructuredStats
 
 log = logging.getLogger("lockgate.engine.client")
 
@@ -55,6 +56,7 @@ class EngineState:
     # Per-step histograms (step_stats.py buckets), cumulative over every core this client ran.
     step_seconds: HistogramCounts | None = None
     iteration_tokens: HistogramCounts | None = None
+    structured: StructuredStats | None = None  # structured outputs' counters, cumulative likewise
 
 
     @classmethod
@@ -63,8 +65,10 @@ class EngineState:
         total_blocks = sum(s.num_total_blocks for s in states)
         used = sum(s.kv_cache_usage * s.num_total_blocks for s in states)
         step, tokens = HistogramCounts(), HistogramCounts()
+        structured = StructuredStats()
         for s in states:
             step, tokens = step.plus(s.step_seconds), tokens.plus(s.iteration_tokens)
+            structured = structured.plus(s.structured)
 
         def total(name: str) -> int:
             return sum(getattr(s, name) for s in states)
@@ -78,7 +82,7 @@ class EngineState:
             prefix_cache_hits=total("prefix_cache_hits"), num_queued_requests=total("num_queued_requests"),
             num_queued_tokens=total("num_queued_tokens"), num_in_flight=total("num_in_flight"),
             num_restarts=total("num_restarts"), num_stalls=total("num_stalls"), step_seconds=step,
-            iteration_tokens=tokens)
+            iteration_tokens=tokens, structured=structured)
 
 
 def empty_stats() -> EngineStats:
@@ -93,6 +97,7 @@ class CoreCounters:
         self._base_preemptions = self._base_queries = self._base_hits = 0
         self._base_step_seconds = HistogramCounts()
         self._base_iteration_tokens = HistogramCounts()
+        self._base_structured = StructuredStats()
 
     def core_died(self) -> None:
         """Keep the dead core's cumulative counters; its gauges go to zero."""
@@ -102,6 +107,7 @@ class CoreCounters:
         self._base_hits += s.prefix_cache_hits
         self._base_step_seconds = self._base_step_seconds.plus(s.step_seconds)
         self._base_iteration_tokens = self._base_iteration_tokens.plus(s.iteration_tokens)
+        self._base_structured = self._base_structured.plus(s.structured)
         self.stats = empty_stats()
 
     def state(self, *, healthy: bool, queue: QueueView, num_in_flight: int, num_restarts: int,
@@ -118,6 +124,7 @@ class CoreCounters:
             num_in_flight=num_in_flight, num_restarts=num_restarts, num_stalls=num_stalls,
             step_seconds=self._base_step_seconds.plus(s.step_seconds),
             iteration_tokens=self._base_iteration_tokens.plus(s.iteration_tokens),
+            structured=self._base_structured.plus(s.structured),
         )
 
 

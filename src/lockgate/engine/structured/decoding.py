@@ -19,17 +19,19 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 from lockgate.engine.core.request import Request
 from lockgate.engine.step_stats import HistogramCounts
 from lockgate.engine.structured.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, GrammarCache
-from lockgate.engine.structured.compiler import GrammarCompiler
+from lockgate.engine.structured.compiler import (
+    DEFAULT_COMPILE_TIMEOUT_S,
+    DEFAULT_MAX_QUEUED_PER_TENANT,
+    GrammarCompiler,
+)
 from lockgate.engine.structured.matcher import RequestGrammar
+from lockgate.engine.structured.stats import MASK_SECONDS_BUCKETS, StructuredStats
 from lockgate.engine.structured.tokenizer import build_ll_tokenizer
 from lockgate.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 BACKEND = f"llguidance {llguidance.__version__}"
-# Seconds spent filling a step's bitmasks (steps with at least one constrained row).
-MASK_SECONDS_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                                           0.1, 0.25)
 
 
 @dataclass(slots=True)
@@ -50,12 +52,16 @@ class StepMasks:
 
 class StructuredDecoding:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int], *,
-                 max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES,
+                 compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S,
+                 max_queued_compiles_per_tenant: int = DEFAULT_MAX_QUEUED_PER_TENANT) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = set(eos_token_ids)
         self.cache = GrammarCache(max_entries, max_bytes)
         self.compiler = GrammarCompiler(lambda: build_ll_tokenizer(tokenizer, vocab_size, eos_token_ids),
-                                        self.cache)
+                                        self.cache, timeout_s=compile_timeout_s,
+                                        max_queued_per_tenant=max_queued_compiles_per_tenant)
+        self.used = False  # a constrained request came: stats are shipped from then on
         self.pending: dict[str, Request] = {}  # requests whose grammar is compiling
         self.mask_seconds = HistogramCounts.empty(MASK_SECONDS_BUCKETS)
         self._executor: LLExecutor | None = None
@@ -66,6 +72,7 @@ class StructuredDecoding:
         """Start `req`'s grammar (a cache hit is ready at once)."""
         spec = req.params.structured
         assert spec is not None
+        self.used = True
         req.grammar = RequestGrammar(self.compiler.submit(spec, req.tenant), self.eos_token_ids)
         if not req.grammar.ready:
             self.pending[req.request_id] = req
@@ -74,6 +81,7 @@ class StructuredDecoding:
         """Requests whose compile failed since the last call (and forgets the finished compiles)."""
         if not self.pending:
             return []
+        self.compiler.expire()  # compiles over the time limit fail here, with their requests
         failed = []
         for rid, req in list(self.pending.items()):
             g = req.grammar
@@ -90,6 +98,16 @@ class StructuredDecoding:
         """An idle core with only compiling requests: sleep until a compile ends (or the timeout)."""
         if self.pending:
             self.compiler.wait(timeout_s)
+
+    def stats(self) -> StructuredStats | None:
+        """The counters for `EngineStats` (None until the first constrained request: nothing to ship)."""
+        if not self.used:
+            return None
+        c = self.compiler
+        return StructuredStats(
+            compiles_ok=c.num_compiled, compiles_error=c.num_failed, compiles_timeout=c.num_timed_out,
+            compiles_rejected=c.num_rejected, compile_seconds=c.compile_seconds, cache_hits=self.cache.hits,
+            cache_misses=self.cache.misses, mask_seconds=self.mask_seconds)
 
     def step_masks(self, reqs: list[Request]) -> StepMasks | None:
         """Bitmasks for the constrained requests among `reqs` (those that sample this step)."""

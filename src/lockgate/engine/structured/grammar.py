@@ -19,11 +19,19 @@ from collections import OrderedDict
 from llguidance import LLMatcher, LLParserLimits
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
+from lockgate.engine.structured.deadline import DeadlinePool
 from lockgate.engine.structured_params import StructuredOutputs
 
 MAX_ERROR_CHARS = 400
 # Grammars validated recently (their cache keys): a repeated schema is not validated twice.
 _VALID_KEYS = 1024
+# The frontend's check is bounded in time: llguidance's limits (`parser_limits`) bound a grammar's
+# size and lexer work, not every compile (a 200 KB schema of 8000 optional properties with
+# additionalProperties false passes them and takes ~2.6 s to check, ~14 s to compile with the
+# tokenizer, measured on the 2-core CI machine). Over the limit the request gets a 400 at once;
+# the check goes on on one of `_CHECK_THREADS` threads and its grammar is remembered as too slow.
+VALIDATE_TIMEOUT_S = 10.0
+_CHECK_THREADS = 2
 
 COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 FLEXIBLE_JSON = {"whitespace_flexible": True}
@@ -97,17 +105,34 @@ class _Validated:
 
 
 _validated = _Validated(_VALID_KEYS)
+_too_slow = _Validated(_VALID_KEYS)  # grammars whose check ran over the limit: refused at once
+_checks = DeadlinePool(_CHECK_THREADS, "grammar-check")
 
 
-def validate(so: StructuredOutputs) -> None:
-    """Raise ValueError (naming the field) when `so` would not compile. Cheap: a grammar check
-    without the tokenizer (under a millisecond for small schemas, ~0.1 s for a 256 KiB one), and
-    free for a grammar validated recently; releases the GIL, so it can run on a worker thread."""
+def validate(so: StructuredOutputs, timeout_s: float = VALIDATE_TIMEOUT_S) -> None:
+    """Raise ValueError (naming the field) when `so` would not compile, or when checking it takes
+    over `timeout_s`. A grammar check without the tokenizer (under a millisecond for small
+    schemas, ~0.1 s for most 256 KiB ones), free for a grammar validated recently; it releases
+    the GIL and runs on its own bounded threads, so the caller (a worker thread) never hangs."""
     key = so.cache_key()
     if key in _validated:
         return
+    if key in _too_slow:
+        raise ValueError(_slow_message(so, timeout_s))
+    try:
+        _checks.call(lambda: _check(so), timeout_s)
+    except TimeoutError:
+        _too_slow.add(key)
+        raise ValueError(_slow_message(so, timeout_s)) from None
+    _validated.add(key)
+
+
+def _check(so: StructuredOutputs) -> None:
     grammar = to_grammar(so)
     error = LLMatcher.validate_grammar(grammar, None, limits=parser_limits())
     if error:
         raise ValueError(f"{_field(so)} is invalid: {_short(error)}")
-    _validated.add(key)
+
+
+def _slow_message(so: StructuredOutputs, timeout_s: float) -> str:
+    return f"{_field(so)}: grammar check exceeded the {timeout_s:g} s limit"
