@@ -20,7 +20,11 @@ from lockgate.engine.structured_params import MAX_SPEC_CHARS, StructuredOutputs
 from lockgate.errors import APIError, bad_request
 from lockgate.gateway import schemas
 from lockgate.observability.schema_metrics import INLINE, OutputCheck, schema_metrics
-from lockgate.server.protocol import ResponseFormat, StructuredOutputsRequest, _SamplingFields
+from lockgate.server.protocol import (
+    ResponseFormat,
+    StructuredOutputsRequest,
+    _SamplingFields,
+)
 
 # A whitespace pattern we can honour: only whitespace characters, repeated (`[\n\t ]*`, `\s*`, `( |\n)*`).
 _WHITESPACE_ONLY = re.compile(r"^(?:\\s|\\n|\\t|\\r| |\[|\]|\(|\)|\||\*|\+|\?|\{\d*,?\d*\})+$")
@@ -48,15 +52,7 @@ def schema_text(schema: Any, param: str) -> str:
             schema = json.loads(schema, parse_constant=_reject_constant)
         except ValueError as exc:  # JSONDecodeError is a ValueError
             raise bad_request(f"{param} is not valid JSON: {str(exc)[:120]}", param=param) from None
-    if not isinstance(schema, dict):
-        raise bad_request(f"{param} must be a JSON schema object, got {type(schema).__name__}", param=param)
-    try:
-        text = json.dumps(schema, separators=(",", ":"), allow_nan=False)
-    except (ValueError, RecursionError):
-        raise bad_request(f"{param} must hold only finite numbers", param=param) from None
-    if len(text) > MAX_SPEC_CHARS:
-        raise _too_long(param, len(text))
-    return text
+    return schemas.schema_json(schema, param)  # an object, finite numbers, bounded: the registry's check too
 
 
 def _too_long(param: str, size: int) -> APIError:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from lockgate.server.tool_parsers.json_text import JsonValue
+from lockgate.server.tool_parsers.json_text import WS, JsonValue
 
 ARGUMENT_KEYS = ("arguments", "parameters")
 MAX_NAME_CHARS = 256
-_WS = " \t\n\r"
 
 _START, _FIRST_KEY, _KEY, _KEY_TEXT, _COLON, _VALUE, _AFTER, _END = range(8)
 
@@ -62,7 +61,7 @@ class CallObject:
                 pos = self._read(text, pos)
                 continue
             c = text[pos]
-            if c in _WS:
+            if c in WS:
                 pos += 1
                 continue
             if state == _START:

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from lockgate.server.tool_parsers.call_object import CallObject
+from lockgate.server.tool_parsers.json_text import WS
 from lockgate.server.tool_parsers.stream_base import ParserBase, StreamBase, held_prefix
 
 START = "<tool_call>"
 END = "</tool_call>"
-_WS = " \t\n\r"
 
 _OUTSIDE, _BODY, _CLOSE, _SKIP, _TRAIL = range(5)
 
@@ -62,7 +62,7 @@ class HermesStream(StreamBase):
                     self._raw = []
                     self._state = _CLOSE
             elif state == _CLOSE:
-                rest = buf.lstrip(_WS)
+                rest = buf.lstrip(WS)
                 if not rest:
                     self._buf = ""
                 elif rest.startswith(END):

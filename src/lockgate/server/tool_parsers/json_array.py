@@ -16,9 +16,8 @@ from collections.abc import Collection
 
 from lockgate.server.tool_parsers.base import ParsedOutput, collect
 from lockgate.server.tool_parsers.call_object import CallObject
+from lockgate.server.tool_parsers.json_text import WS
 from lockgate.server.tool_parsers.stream_base import ParserBase, StreamBase
-
-_WS = " \t\n\r"
 
 _LEAD, _FIRST, _ELEMENT, _AFTER, _NEXT, _TAIL, _PLAIN = range(7)
 
@@ -34,7 +33,7 @@ class JsonArrayStream(StreamBase):
         self.clean = False  # the text so far is an array of valid calls, closed
 
     def _skip_ws(self) -> bool:
-        rest = self._buf.lstrip(_WS)
+        rest = self._buf.lstrip(WS)
         if len(rest) != len(self._buf):
             self._raw.append(self._buf[:len(self._buf) - len(rest)])
             self._buf = rest

@@ -15,7 +15,7 @@ import math
 import re
 
 MAX_DEPTH = 256
-_WS = " \t\n\r"
+WS = " \t\n\r"  # JSON's whitespace (RFC 8259), shared by every parser here
 _PLAIN = re.compile(r'[^"\\\x00-\x1f]+')
 _NUMBER_CHARS = re.compile(r"[0-9+\-.eE]+")
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
@@ -128,7 +128,7 @@ class JsonValue:
                     self._value_done()
                 continue
             c = text[pos]
-            if c in _WS:
+            if c in WS:
                 pos += 1
                 continue
             if state in (_VALUE, _ARR_FIRST):

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from lockgate.server.tool_parsers.call_object import CallObject
+from lockgate.server.tool_parsers.json_text import WS
 from lockgate.server.tool_parsers.stream_base import ParserBase, StreamBase
 
 PYTHON_TAG = "<|python_tag|>"
-_WS = " \t\n\r"
 
 _LEAD, _OPEN, _OBJECT, _SEPARATOR, _NEXT, _PLAIN = range(6)
 
@@ -30,7 +30,7 @@ class Llama3JsonStream(StreamBase):
 
     def _skip_ws(self) -> bool:
         """Moves leading whitespace from the buffer to the raw text; True if something else follows."""
-        rest = self._buf.lstrip(_WS)
+        rest = self._buf.lstrip(WS)
         if len(rest) != len(self._buf):
             self._raw.append(self._buf[:len(self._buf) - len(rest)])
             self._buf = rest
