@@ -56,22 +56,27 @@ def _rows(srv: ServerProcess, tid: str) -> list[tuple]:
 
 
 def test_a_budget_for_four_admits_exactly_four_through_one_port(srv: ServerProcess) -> None:
-    tid, key = _tenant(srv, budget_usd=0.046, budget_period="total",
-                       prices={"*": {"prompt": 1000, "completion": 1000}})
-    barrier = threading.Barrier(20)
+    # The kernel picks the worker of each connection: a burst it happens to give to one worker
+    # proves nothing across workers, so a fresh tenant's burst is tried again (each one exact).
+    for _ in range(4):
+        tid, key = _tenant(srv, budget_usd=0.046, budget_period="total",
+                           prices={"*": {"prompt": 1000, "completion": 1000}})
+        barrier = threading.Barrier(20)
 
-    def one(_: int) -> httpx.Response:
-        barrier.wait()
-        return _complete(srv, key, max_tokens=10, ignore_eos=True)
+        def one(_: int) -> httpx.Response:
+            barrier.wait()
+            return _complete(srv, key, max_tokens=10, ignore_eos=True)
 
-    with ThreadPoolExecutor(20) as pool:
-        rs = list(pool.map(one, range(20)))
-    statuses = [r.status_code for r in rs]
-    assert statuses.count(200) == 4 and statuses.count(429) == 16, statuses
-    assert {r.json()["error"]["code"] for r in rs if r.status_code == 429} == {"budget_exceeded"}
+        with ThreadPoolExecutor(20) as pool:
+            rs = list(pool.map(one, range(20)))
+        statuses = [r.status_code for r in rs]
+        assert statuses.count(200) == 4 and statuses.count(429) == 16, statuses
+        assert {r.json()["error"]["code"] for r in rs if r.status_code == 429} == {"budget_exceeded"}
+        assert wait_for(lambda: len(_rows(srv, tid)) == 4, 10)
+        assert sum(cost for _, cost in _rows(srv, tid)) == pytest.approx(4 * 0.011)
+        if len({r.headers[WORKER] for r in rs}) == 2:
+            break
     assert len({r.headers[WORKER] for r in rs}) == 2  # both workers answered
-    assert wait_for(lambda: len(_rows(srv, tid)) == 4, 10)
-    assert sum(cost for _, cost in _rows(srv, tid)) == pytest.approx(4 * 0.011)
 
 
 def test_rpm_holds_for_the_server_not_per_worker(srv: ServerProcess) -> None:
