@@ -39,7 +39,7 @@ def test_tenant_lifecycle(tmp_path: Path) -> None:
             "--budget-period", "day", "--price", "*=1,2", "--price", "m1=0.5,1,0.1")
     assert (d / DB_FILENAME).exists()
     assert t["models"] == ["m1", "m2"] and t["rpm"] == 60 and t["priority"] == "batch" and t["budget_usd"] == 9.5
-    assert t["prices"]["m1"] == {"prompt": 0.5, "completion": 1.0, "cached_prompt": 0.1}
+    assert t["prices"]["m1"] == {"prompt": 0.5, "completion": 1.0, "cached_prompt": 0.1, "cache_hit": 0.0}
     assert out(d, "tenants", "get", t["id"]) == t
     u = out(d, "tenants", "update", t["id"], "--rpm", "5", "--unset", "budget_usd")
     assert u["rpm"] == 5 and u["budget_usd"] is None and u["tpm"] == 1000

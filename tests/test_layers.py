@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "cli_autoscale": 9,
     "cli_alerts": 10,  # opens the store as cli_admin does (open_cli_store)
     "cli_schemas": 10,  # opens the store as cli_admin does (open_cli_store)
+    "cli_eval_router": 10,  # reads the models config (lifecycle) and measures with eval
     "cli": 11,
 }
 

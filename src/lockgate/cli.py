@@ -125,6 +125,9 @@ _register_bench(app)  # bench
 from lockgate.eval.cli import register as _register_eval  # noqa: E402
 
 _register_eval(app)  # eval
+from lockgate.cli_eval_router import register as _register_eval_router  # noqa: E402
+
+_register_eval_router(app)  # eval-router
 from lockgate.cli_autoscale import register as _register_autoscale  # noqa: E402
 
 _register_autoscale(app)  # autoscale simulate | plan

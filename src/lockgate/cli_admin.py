@@ -149,6 +149,9 @@ ThresholdOpt = Annotated[Optional[list[float]], typer.Option(
     "--alert-threshold", help="alert at this % of the budget, once per period, in (0, 100]; repeatable")]
 WebhookOpt = Annotated[Optional[str], typer.Option(
     "--alert-webhook", help="the tenant's own alert receiver: an http(s) URL (no credentials in it)")]
+HedgeOpt = Annotated[Optional[bool], typer.Option(
+    "--hedge/--no-hedge", help="hedge the tenant's greedy or seeded non-streaming requests (a second copy "
+    "when the first is slow; within the server's --hedge-budget)")]
 JsonOpt = Annotated[Optional[str], typer.Option(
     "--json", help="the body exactly as the REST API takes it; other options override its fields")]
 
@@ -157,12 +160,12 @@ def _tenant_body(json_text: str | None, name: str | None, models: list[str] | No
                  tpm: int | None, max_concurrency: int | None, max_tokens: int | None, priority: str | None,
                  budget_usd: float | None, budget_period: str | None, price: list[str] | None,
                  weight: float | None = None, alert_threshold: list[float] | None = None,
-                 alert_webhook: str | None = None) -> dict[str, Any]:
+                 alert_webhook: str | None = None, hedge: bool | None = None) -> dict[str, Any]:
     body = _json_opt(json_text)
     given = {"name": name, "models": _models(models), "rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency,
              "max_tokens": max_tokens, "priority": priority, "weight": weight, "budget_usd": budget_usd,
              "budget_period": budget_period, "prices": _prices(price), "alert_thresholds": alert_threshold or None,
-             "alert_webhook": alert_webhook}
+             "alert_webhook": alert_webhook, "hedge": hedge}
     body.update({k: v for k, v in given.items() if v is not None})
     return body
 
@@ -173,11 +176,12 @@ def tenants_create(
     max_concurrency: ConcOpt = None, max_tokens: MaxTokOpt = None, priority: PrioOpt = None,
     weight: WeightOpt = None, budget_usd: BudgetOpt = None, budget_period: PeriodOpt = None,
     price: PriceOpt = None, alert_threshold: ThresholdOpt = None, alert_webhook: WebhookOpt = None,
+    hedge: HedgeOpt = None,
     json_body: JsonOpt = None, data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """Create a tenant (limits left out are unlimited); prints it with its id."""
     body = _tenant_body(json_body, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd,
-                        budget_period, price, weight, alert_threshold, alert_webhook)
+                        budget_period, price, weight, alert_threshold, alert_webhook, hedge)
     with _service(data_dir, store) as svc:
         _print(svc.create_tenant(body, actor=ACTOR))
 
@@ -203,13 +207,14 @@ def tenants_update(
     max_concurrency: ConcOpt = None, max_tokens: MaxTokOpt = None, priority: PrioOpt = None,
     weight: WeightOpt = None, budget_usd: BudgetOpt = None, budget_period: PeriodOpt = None,
     price: PriceOpt = None, alert_threshold: ThresholdOpt = None, alert_webhook: WebhookOpt = None,
+    hedge: HedgeOpt = None,
     unset: Annotated[Optional[list[str]], typer.Option(
         "--unset", help="a field to set to null (unlimited / default), e.g. --unset rpm; repeatable")] = None,
     json_body: JsonOpt = None, data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """Change only the given fields of a tenant."""
     body = _tenant_body(json_body, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd,
-                        budget_period, price, weight, alert_threshold, alert_webhook)
+                        budget_period, price, weight, alert_threshold, alert_webhook, hedge)
     for f in unset or []:
         body[f] = None  # an unknown name is rejected by the body model, like any typo
     with _service(data_dir, store) as svc:

@@ -36,8 +36,8 @@ def test_create_get_list_with_every_field(svc: AdminService) -> None:
     for f in ("name", "models", "rpm", "tpm", "max_concurrency", "max_tokens", "priority", "budget_usd",
               "budget_period"):
         assert t[f] == FULL[f], f
-    assert t["prices"] == {"*": {"prompt": 1.0, "completion": 2.5, "cached_prompt": None},
-                           "m1": {"prompt": 0.5, "completion": 1.0, "cached_prompt": 0.1}}
+    assert t["prices"] == {"*": {"prompt": 1.0, "completion": 2.5, "cached_prompt": None, "cache_hit": 0.0},
+                           "m1": {"prompt": 0.5, "completion": 1.0, "cached_prompt": 0.1, "cache_hit": 0.0}}
     assert svc.get_tenant(t["id"]) == t
     assert [x["id"] for x in svc.list_tenants()["data"]] == [t["id"]]
     assert svc.changes == [("tenant.create", t["id"])]  # type: ignore[attr-defined]
@@ -70,7 +70,8 @@ def test_patch_changes_only_the_given_fields(svc: AdminService) -> None:
     svc.update_tenant(t["id"], {}, actor="cli")
     assert len(svc.store.list_audit()) == n + 1
     u = svc.update_tenant(t["id"], {"prices": {"*": {"prompt": 3}}, "name": "  renamed  "}, actor="cli")
-    assert u["prices"] == {"*": {"prompt": 3.0, "completion": 0.0, "cached_prompt": None}} and u["name"] == "renamed"
+    assert u["prices"] == {"*": {"prompt": 3.0, "completion": 0.0, "cached_prompt": None, "cache_hit": 0.0}}
+    assert u["name"] == "renamed"
 
 
 def test_unknown_ids_are_404(svc: AdminService) -> None:

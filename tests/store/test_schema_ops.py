@@ -4,27 +4,12 @@ same one; a conflict writes nothing; each version and its audit record commit to
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from lockgate.store.schema_ops import SchemaConflict
-from lockgate.store.sqlite import open_store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def two(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple]:
-    if request.param == "sqlite":
-        a, b = open_store(tmp_path), open_store(tmp_path)
-    else:
-        from lockgate.store.postgres import PostgresStore
-
-        url = request.getfixturevalue("pg_url")
-        a, b = PostgresStore(url), PostgresStore(url)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def _no_breaks(_prev: str) -> list[dict]:

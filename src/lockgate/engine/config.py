@@ -112,6 +112,10 @@ class EngineConfig:
     # load_format="fake" only: seconds per token computed in a step (prefill or decode), added to
     # fake_step_delay_s: step time = fake_step_delay_s + fake_token_delay_s * tokens in the step.
     fake_token_delay_s: float = 0.0
+    # load_format="fake" only: this fraction of requests (chosen by a hash of the request id) reach
+    # their reader fake_stall_s late: a replica with stalls, for hedging's tail-latency benchmark.
+    fake_stall_fraction: float = 0.0
+    fake_stall_s: float = 0.0
     quantization: str | None = None  # None | int4 | int8 (weight-only, CPU: decode on quantized weights)
     # With quantization: keep a float copy of each quantized matrix and multiply by it in steps of
     # more than this many rows (CPUs whose bf16 GEMM outruns the int kernels at large batches, e.g.
@@ -178,6 +182,9 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto', 'dummy' or 'fake', got {self.load_format!r}")
         _check_seconds("fake_step_delay_s", self.fake_step_delay_s)
         _check_seconds("fake_token_delay_s", self.fake_token_delay_s)
+        _check_seconds("fake_stall_s", self.fake_stall_s)
+        if not 0.0 <= self.fake_stall_fraction <= 1.0:
+            raise ValueError(f"fake_stall_fraction must be in [0, 1], got {self.fake_stall_fraction!r}")
         _check_seconds("grammar_compile_timeout_s", self.grammar_compile_timeout_s)
         if self.grammar_compile_timeout_s <= 0:
             raise ValueError(f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s!r}")

@@ -1,4 +1,4 @@
-"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))`, `LLM(model).embed(prompts)`."""
 from __future__ import annotations
 
 import itertools
@@ -46,6 +46,15 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return self._run(ids)
+
+    def embed(self, prompts: Prompt | Sequence[Prompt]) -> list[list[float]]:
+        """One embedding per prompt, in prompt order (as vLLM's `LLM.embed`): the mean of the
+        prompt's final-normed hidden states, L2-normalized (the model's hidden size, float32 values).
+        Batched in the engine like prefills; prompts as `generate` takes them."""
+        outs = self.generate(prompts, SamplingParams(max_tokens=0, embed=True))
+        vectors = [o.embedding for o in outs]
+        assert all(v is not None for v in vectors), "a pooling request finished without its embedding"
+        return vectors  # type: ignore[return-value]
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

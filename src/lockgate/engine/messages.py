@@ -63,6 +63,9 @@ class EngineCoreOutput:
     # First output only, for requests with `prompt_logprobs`: one entry per prompt position
     # 1..n-1 (prompt token i's logprob given the tokens before it, its rank, the top alternatives).
     prompt_logprobs: list[TokenLogprob] | None = None
+    # The finishing output of a pooling request (`SamplingParams.embed`): the mean of the prompt's
+    # final-normed hidden states, L2-normalized, as little-endian float32 bytes.
+    embedding: bytes | None = None
 
 
 @dataclass(slots=True)

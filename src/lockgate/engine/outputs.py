@@ -81,3 +81,5 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # Engine timelines of the children that have started (shared, updated in place as tokens come).
     engine_times: list[RequestTimes] = field(default_factory=list)
+    # A pooling request (`SamplingParams.embed`), once finished: its unit-norm embedding (float32 values).
+    embedding: list[float] | None = None

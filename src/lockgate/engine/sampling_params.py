@@ -110,6 +110,10 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     # The output must match a JSON schema, regex, choice or grammar (engine/structured/).
     structured: StructuredOutputs | None = None
+    # A pooling request (embeddings): the prompt runs through the model like a prefill and the
+    # request returns the mean of its final-normed hidden states, L2-normalized; nothing is sampled
+    # (max_tokens must be 0).
+    embed: bool = False
 
     def __post_init__(self) -> None:
         self.n = _check_int("n", self.n)
@@ -180,6 +184,16 @@ class SamplingParams:
             if not self.allowed_token_ids:
                 raise ValueError("allowed_token_ids must not be empty")
         self._normalize_bad_words()
+        if _check_bool("embed", self.embed):
+            self._check_embed()
+
+    def _check_embed(self) -> None:
+        if self.max_tokens != 0:
+            raise ValueError(f"embed needs max_tokens=0 (a pooling request samples nothing), got {self.max_tokens}")
+        if self.n != 1:
+            raise ValueError(f"embed needs n=1, got {self.n}")
+        if self.prompt_logprobs is not None or self.structured is not None:
+            raise ValueError("embed cannot be combined with prompt_logprobs or structured outputs")
 
     def _normalize_stop(self) -> None:
         stop = self.stop

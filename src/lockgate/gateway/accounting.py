@@ -12,13 +12,14 @@ gateway counts it per tenant, key, status, code and hour (`Gateway.count_refusal
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 
 from lockgate.gateway.auth import Principal
 from lockgate.gateway.limits import LimitState
 from lockgate.store.models import Price, Reservation, UsageRecord
-from lockgate.store.money import usd
+from lockgate.store.money import nano, usd
 
 
 def finish_reason_of(reasons: list[str | None] | None, error: str | None) -> str:
@@ -66,6 +67,10 @@ class Meter:
     cost_usd: float | None = None  # set when settled
     user: str | None = None  # the request's OpenAI `user` (the tenant's end user), for spend by user
     priority_class: str | None = None  # the class it runs in
+    router: str | None = None  # ROUTER/RULE: the router model that chose `model` (gateway/model_router.py)
+    attempts: list[dict] | None = None  # models a fallback left before the one that served (lifecycle/fallback.py)
+    hedged: bool = False  # a hedge copy was sent (lifecycle/hedge.py); only the winner is billed
+    cache: str | None = None  # 'hit': answered from the response cache, billed at its price's `cache_hit`
 
     @property
     def tenant_id(self) -> str:
@@ -97,7 +102,10 @@ class Meter:
         tenant = self.principal.tenant
         assert tenant is not None
         price = self.price if self.price is not None else tenant.price_for(self.model)
-        cost = usd(price.cost_nano(self.prompt_tokens, self.completion_tokens, self.cached_tokens))
+        if self.cache == "hit":  # nothing ran: the tenant's per-request cache price, whatever the tokens
+            cost = usd(nano(price.cache_hit))
+        else:
+            cost = usd(price.cost_nano(self.prompt_tokens, self.completion_tokens, self.cached_tokens))
         self.cost_usd = cost
         end = time.monotonic()
         return UsageRecord(
@@ -108,4 +116,6 @@ class Meter:
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
             e2e_s=end - self.arrival, finish_reason=reason, status=status, cost_usd=cost,
             created_at=self.created_at, model_version=self.model_version, replica=self.replica, user=self.user,
-            priority_class=self.priority_class)
+            priority_class=self.priority_class, cache=self.cache,
+            attempts=json.dumps(self.attempts, separators=(",", ":")) if self.attempts else None, hedged=self.hedged,
+            router=self.router)

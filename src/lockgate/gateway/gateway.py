@@ -29,7 +29,7 @@ from lockgate.gateway.ledger import CHECKPOINT_INTERVAL_S, Ledger
 from lockgate.gateway.limits import LimitState, RateLimiter
 from lockgate.gateway.shared import SharedState
 from lockgate.gateway.tenants import hash_key
-from lockgate.store.models import ApiKey, RefusalCount, Tenant
+from lockgate.store.models import ApiKey, Price, RefusalCount, Tenant
 
 log = logging.getLogger("lockgate.gateway")
 
@@ -330,16 +330,18 @@ class Gateway:
             return
         await self.shared_state.charge(principal, self.latest(principal.tenant))
 
-    def reserve(self, lease: Lease, meter: Meter, prompt_tokens: int, worst_completion_tokens: int) -> None:
+    def reserve(self, lease: Lease, meter: Meter, prompt_tokens: int, worst_completion_tokens: int,
+                price: Price | None = None) -> None:
         """Reserve a request's limits and budget: tokens per minute, concurrency and the worst-case
         cost (in the ledger), all taken or none (429); each given back on release. (The request unit
         of rpm was charged on arrival: `charge_request`.) On a shared store the store decides, and
-        `meter.reservation` fails with the 429 (or 503) when it refuses."""
+        `meter.reservation` fails with the 429 (or 503) when it refuses. `price`: reserve at these
+        prices instead of the model's (a request with fallbacks holds its dearest model's)."""
         assert meter.principal.tenant is not None
         tenant = self.latest(meter.principal.tenant)
         now = time.time()
         if self.shared_state is not None:
-            price = tenant.price_for(meter.model)
+            price = price or tenant.price_for(meter.model)
             meter.prompt_tokens, meter.price = prompt_tokens, price
             meter.reserved_usd = price.cost(prompt_tokens, worst_completion_tokens)
             self.shared_state.start_admit(meter, tenant, now, self.latest_key(meter.principal.key))
@@ -347,7 +349,7 @@ class Gateway:
         states = self.limit_states(meter.principal, now)
         self.limiter.check(states, prompt_tokens, now)
         self.ledger.reserve(meter, tenant, prompt_tokens, worst_completion_tokens, now,
-                            self.latest_key(meter.principal.key))  # raises: nothing taken
+                            self.latest_key(meter.principal.key), price)  # raises: nothing taken
         self.limiter.take(states, prompt_tokens)
         meter.limit_states = states
         lease.hold(lambda _outcome: self.limiter.release(states))

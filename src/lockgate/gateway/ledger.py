@@ -29,7 +29,7 @@ from lockgate.gateway.accounting import Meter
 from lockgate.gateway.auth import Principal
 from lockgate.gateway.budget import BudgetBook, key_book
 from lockgate.gateway.shared import interrupted_rows
-from lockgate.store.models import ApiKey, Tenant, UsageRecord
+from lockgate.store.models import ApiKey, Price, Tenant, UsageRecord
 from lockgate.store.store_error import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -69,10 +69,10 @@ class Ledger:
         self._meters[meter.request_id] = meter
 
     def reserve(self, meter: Meter, tenant: Tenant, prompt_tokens: int, worst_completion_tokens: int,
-                now: float, key: ApiKey | None = None) -> None:
+                now: float, key: ApiKey | None = None, price: Price | None = None) -> None:
         """Hold the worst-case cost in the tenant's budget and the key's (`APIError` 429 when it does not
         fit either, nothing taken) at the prices in force now, and write the reservation row."""
-        price = tenant.price_for(meter.model)
+        price = price or tenant.price_for(meter.model)
         cost = price.cost(prompt_tokens, worst_completion_tokens)
         self.budgets.roll(tenant.id, tenant.budget_period, now)
         if key is not None:

@@ -132,6 +132,7 @@ ModelName = Annotated[str, _text(256)]
 LimitInt = Annotated[int, Field(ge=1, le=INT32_MAX)]
 Usd = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
 Rate = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]  # USD per 1M tokens
+PerRequest = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]  # USD per request
 Priority = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]  # a configured class name
 MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0  # fair-share weights: at most 10^4 between two tenants of a class
 Weight = Annotated[float, Field(ge=MIN_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)]
@@ -146,6 +147,7 @@ class PriceBody(BaseModel):
     prompt: Rate = 0.0
     completion: Rate = 0.0
     cached_prompt: Rate | None = None  # None: the prompt price
+    cache_hit: PerRequest = 0.0  # a request answered from the response cache costs this, whatever its tokens
 
 
 class _TenantFields(BaseModel):
@@ -162,6 +164,7 @@ class _TenantFields(BaseModel):
     prices: Annotated[dict[ModelName, PriceBody], Field(max_length=256)] | None = None
     alert_thresholds: AlertThresholds | None = None  # % of the budget, alerted once per period; None: []
     alert_webhook: Webhook | None = None  # the tenant's own alert receiver (http/https)
+    hedge: bool | None = None  # its safe non-streaming requests may be hedged (lifecycle/hedge.py); None: false
 
 
 class TenantCreate(_TenantFields):
@@ -249,13 +252,13 @@ class GlobalKeyCreate(BaseModel):
 
 _LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "max_tokens")
 _DEFAULTS: dict[str, Any] = {"models": ["*"], "priority": "standard", "weight": 1.0, "budget_period": "month", "prices": {},
-                             "alert_thresholds": []}
+                             "alert_thresholds": [], "hedge": False}
 
 # ---------------------------------------------------------------- JSON views
 
 
 def _price_json(p: Price) -> dict[str, Any]:
-    return {"prompt": p.prompt, "completion": p.completion, "cached_prompt": p.cached_prompt}
+    return {"prompt": p.prompt, "completion": p.completion, "cached_prompt": p.cached_prompt, "cache_hit": p.cache_hit}
 
 
 def tenant_json(t: Tenant, spend: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -265,7 +268,7 @@ def tenant_json(t: Tenant, spend: dict[str, Any] | None = None) -> dict[str, Any
             "max_tokens": t.limits.max_tokens, "priority": t.priority, "weight": t.weight,
             "budget_usd": t.budget_usd,
             "budget_period": t.budget_period, "prices": {m: _price_json(p) for m, p in t.prices.items()},
-            "alert_thresholds": list(t.alert_thresholds), "alert_webhook": t.alert_webhook,
+            "alert_thresholds": list(t.alert_thresholds), "alert_webhook": t.alert_webhook, "hedge": t.hedge,
             "created_at": iso(t.created_at), "updated_at": iso(t.updated_at), **({"spend": spend} if spend else {})}
 
 
@@ -332,8 +335,10 @@ class AdminService:
                    limits=Limits(req.rpm, req.tpm, req.max_concurrency, req.max_tokens),
                    priority=req.priority or "standard", weight=req.weight or 1.0, budget_usd=req.budget_usd,
                    budget_period=req.budget_period or "month",
-                   prices={m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in (req.prices or {}).items()},
-                   alert_thresholds=list(req.alert_thresholds or []), alert_webhook=req.alert_webhook)
+                   prices={m: Price(p.prompt, p.completion, p.cached_prompt, p.cache_hit)
+                           for m, p in (req.prices or {}).items()},
+                   alert_thresholds=list(req.alert_thresholds or []), alert_webhook=req.alert_webhook,
+                   hedge=bool(req.hedge))
         try:
             self.store.create_tenant(t, actor)
         except DuplicateName:
@@ -379,7 +384,7 @@ class AdminService:
                     setattr(t.limits, f, value)
                     changes[f] = value
             elif f == "prices":
-                prices = {m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in value.items()} \
+                prices = {m: Price(p.prompt, p.completion, p.cached_prompt, p.cache_hit) for m, p in value.items()} \
                     if value else {}
                 if prices != t.prices:
                     t.prices = prices

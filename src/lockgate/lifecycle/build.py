@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from lockgate.engine.config import EngineConfig
+from lockgate.lifecycle.policy_metrics import PolicyCollector
 from lockgate.lifecycle.admin import ModelAdmin
-from lockgate.lifecycle.metrics import VersionCollector
+from lockgate.lifecycle.metrics import RouterCollector, VersionCollector
+from lockgate.gateway.model_router import RouterSet
+from lockgate.gateway.prompt_features import warm_language_detector
 from lockgate.lifecycle.autoscale_metrics import AutoscaleCollector
 from lockgate.lifecycle.replica_metrics import ReplicaCollector
 from lockgate.lifecycle.models_config import ModelSettings
@@ -31,6 +35,7 @@ class ModelPlan:
 
     specs: list[VersionSpec] = field(default_factory=list)
     settings: dict[str, ModelSettings] = field(default_factory=dict)
+    routers: RouterSet = field(default_factory=RouterSet)  # router models (the config's `routers:`)
 
     def first_engine_config(self, base: EngineConfig) -> EngineConfig:
         """The first version's engine config (test hooks of the server's engine kept)."""
@@ -75,6 +80,8 @@ def plan_from_args(models: list[str], config: str | None, served_names: list[str
     if served_names:
         raise ValueError("--served-model-name names the one unnamed model; with NAME=PATH or --config, "
                          "the NAME (or the config's aliases) is the served name")
+    if config is not None:  # once every version is known: a rule may name a --model too
+        plan.routers = models_config.load_routers(config, plan.specs)
     return plan
 
 
@@ -101,11 +108,19 @@ def build_registry(plan: ModelPlan, base: EngineConfig, options: EngineOptions, 
     for name, s in plan.settings.items():
         model = registry.models[name]
         model.shadow, model.rules = s.shadow, s.rules
+        model.fallbacks, model.first_token_timeout_s = list(s.fallbacks), s.first_token_timeout_s
+        model.breaker = s.breaker
         for v in model.versions.values():
             v.stats.window = s.rules.window
+            registry.apply_breaker(model, v)
+    registry.routers = plan.routers
+    if "language" in plan.routers.needs:  # its models load in ~1.5 s: not on a request's path
+        threading.Thread(target=warm_language_detector, name="language-detector", daemon=True).start()
     metrics.registry.register(VersionCollector(registry))
+    metrics.registry.register(RouterCollector(registry.routers))
     metrics.registry.register(ReplicaCollector(registry))
     metrics.registry.register(AutoscaleCollector(registry))
+    metrics.registry.register(PolicyCollector(registry))
     return registry, ModelAdmin(registry, base)
 
 

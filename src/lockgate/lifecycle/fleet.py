@@ -42,6 +42,7 @@ from lockgate.engine.frontend.supervisor import EngineState
 from lockgate.engine.prefix_hash import prompt_block_hashes
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.tokenizer import Tokenizer
+from lockgate.lifecycle.breaker import BreakerConfig, CircuitBreaker, OnChange
 from lockgate.lifecycle.autoscale_types import AutoscaleConfig, Decision
 from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.lifecycle.replica import Replica, ReplicaState
@@ -62,6 +63,8 @@ class Fleet:
         self.queue = QueueView()
         self.router = Router(router_config or RouterConfig(block_size=config.block_size))
         self.replicas: dict[int, Replica] = {}
+        self.breaker_config = BreakerConfig()  # each replica's circuit breaker (the model's config)
+        self.on_breaker: OnChange | None = None  # transitions into metrics
         self.tokenizer: Tokenizer | None = None  # set before start when another version shares its checkpoint
         self.model_config: ModelConfig | None = None
         self.num_reroutes = 0
@@ -248,6 +251,7 @@ class Fleet:
         client.tokenizer, client.model_config = self.tokenizer, self.model_config
         client.on_restart = self._on_restart
         replica = Replica(f"{self.ref}/{index}", index, client, self.router)
+        replica.breaker = CircuitBreaker(replica.name, self.breaker_config, self.on_breaker)
         replica.on_up = self._note_up
         self.replicas[index] = replica
         self.router.add_replica(index)
@@ -376,7 +380,7 @@ class Fleet:
         stale = set()
         for r in self.replicas.values():
             r.refresh()
-            if r.up and r.stale:
+            if r.up and (r.stale or not r.breaker.allows()):  # an open breaker: skipped unless alone
                 stale.add(r.index)
         try:
             decision, ticket = self.router.route(hashes, num_tokens, tenant=tenant, exclude=tried | stale)

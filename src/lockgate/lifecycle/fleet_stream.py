@@ -9,6 +9,7 @@ ends the stream with its `engine_dead` error, as with one engine.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 from lockgate.engine.errors import EngineDeadError, EngineUnavailableError
@@ -34,7 +35,7 @@ class Routes(Protocol):
 
 class FleetStream:
     __slots__ = ("request_id", "replica", "num_reroutes", "_fleet", "_prompt", "_params", "_kwargs",
-                 "_hashes", "_tenant", "_inner", "_ticket", "_tried", "_started")
+                 "_hashes", "_tenant", "_inner", "_ticket", "_tried", "_started", "_breaker", "_probe", "_peeked")
 
     def __init__(self, fleet: Routes, request_id: str, prompt: str | list[int], params: SamplingParams,
                  kwargs: dict[str, Any], hashes: list[bytes], tenant: str) -> None:
@@ -51,6 +52,9 @@ class FleetStream:
         self._ticket: Ticket | None = None
         self._tried: set[int] = set()
         self._started = False
+        self._breaker: Any = None  # the serving replica's circuit breaker (breaker.py)
+        self._probe = False  # this request is its half-open probe
+        self._peeked: RequestOutput | BaseException | None = None  # read by `peek`, returned next
 
     def submit(self) -> None:
         """Route to the best replica not tried yet and submit there (raises EngineUnavailableError
@@ -70,12 +74,35 @@ class FleetStream:
             raise
         self._ticket = ticket
         self.replica = replica.name
+        self._breaker, self._probe = replica.breaker, replica.breaker.acquire()
+
+    def _judge(self, ok: bool | None) -> None:
+        """The replica's breaker hears how this request went there (None: it says nothing)."""
+        b, self._breaker = self._breaker, None
+        if b is None:
+            return
+        if ok is None:
+            if self._probe:
+                b.release()
+        else:
+            b.record(ok, self._probe)
+
+    def copy(self, request_id: str, fleet: Routes | None = None) -> FleetStream:
+        """The same request again (a hedge), submitted on another replica of this fleet, or on
+        `fleet` (another version's); EngineUnavailableError when none can take it."""
+        other = FleetStream(fleet or self._fleet, request_id, self._prompt, self._params, self._kwargs,
+                            self._hashes, self._tenant)
+        if fleet is None:
+            other._tried = set(self._tried)  # never the replica that is slow now
+        other.submit()
+        return other
 
     @property
     def done(self) -> bool:
         return self._inner is None or self._inner.done
 
     def abort(self) -> None:
+        self._judge(None)
         if self._inner is not None:
             self._inner.abort()
         if self._ticket is not None:
@@ -84,27 +111,57 @@ class FleetStream:
     def __aiter__(self) -> FleetStream:
         return self
 
+    async def peek(self, timeout_s: float | None) -> bool:
+        """Wait up to `timeout_s` (None: for ever) for the first output, kept for the next read:
+        True once it (or the stream's end or error) came, False at the timeout. Fallbacks and
+        hedges decide with it before anything reaches the client."""
+        if self._peeked is not None or self._started:
+            return True
+        task = asyncio.ensure_future(self._read())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        finally:
+            if not task.done():
+                task.cancel()
+        if not done:
+            return False
+        exc = task.exception()
+        self._peeked = exc if exc is not None else task.result()
+        return True
+
     async def __anext__(self) -> RequestOutput:
+        peeked, self._peeked = self._peeked, None
+        if isinstance(peeked, BaseException):
+            raise peeked
+        if peeked is not None:
+            return peeked
+        return await self._read()
+
+    async def _read(self) -> RequestOutput:
         while True:
             assert self._inner is not None and self._ticket is not None
             try:
                 out = await self._inner.__anext__()
             except StopAsyncIteration:
                 self._ticket.end()
+                self._judge(None)
                 raise
             except EngineDeadError:
                 self._ticket.end()
+                self._judge(False)
                 if self._started or not self._reroute():
                     raise
                 continue
-            except BaseException:
+            except BaseException as exc:
                 self._ticket.end()
+                self._judge(False if isinstance(exc, EngineUnavailableError) else None)
                 raise
             if not self._started:
                 self._started = True
                 self._ticket.started()
             if out.finished:
                 self._ticket.end()
+                self._judge(True)
             return out
 
     def _reroute(self) -> bool:

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from lockgate.engine.frontend.supervisor import EngineState
+from lockgate.gateway.model_router import RouterSet
 from lockgate.lifecycle.registry import ModelRegistry
 from lockgate.lifecycle.stats import LATENCY_BUCKETS
 from lockgate.lifecycle.version import State
@@ -87,3 +88,19 @@ class VersionCollector(Collector):
                 continue
             rolls.add_metric([m, v, rule], n)
         yield from (state, share, healthy, load, inflight, requests, ttft, sh_req, sh_agree, sh_first, rolls)
+
+
+class RouterCollector(Collector):
+    """`lockgate:router_requests_total{router, rule, model}`: requests each router model's rules sent
+    to each model (labels from the config, never from a client: bounded)."""
+
+    def __init__(self, routers: RouterSet) -> None:
+        self.routers = routers
+
+    def collect(self) -> Iterable[Metric]:
+        hits = CounterMetricFamily("lockgate:router_requests", "Requests a router model routed, by rule "
+                                   "('default' for its default) and chosen model.", labels=["router", "rule", "model"])
+        for router in self.routers.routers.values():
+            for (rule, model), n in list(router.hits.items()):
+                hits.add_metric([router.name, rule, model], n)
+        yield hits

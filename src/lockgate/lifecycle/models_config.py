@@ -14,6 +14,9 @@ A version may ask for `placement: {num_cpus, num_gpus, resources: {NAME: AMOUNT}
 its replicas are Ray actors, `serve --ray`) and `autoscale: {min_replicas, max_replicas,
 policy, ...}` (lifecycle/autoscaler.py; min 0 scales to zero).
 
+A top-level `routers:` list declares router models (gateway/model_router.py, docs/POLICIES.md):
+served names whose rules choose one of these models per request.
+
 A model's weights must sum to 100 when any is given; without weights its first version
 takes all the traffic. `replicas` (engine processes of a version) defaults to serve's
 `--replicas`. The same checks as `POST`/`PATCH /admin/models` apply.
@@ -21,13 +24,15 @@ takes all the traffic. `replicas` (engine processes of a version) defaults to se
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lockgate.gateway.model_router import MAX_ROUTERS, RouterSet, parse_routers
 from lockgate.lifecycle.admin import GateBody
+from lockgate.lifecycle.breaker import BreakerBody, BreakerConfig
 from lockgate.lifecycle.placement import Placement, PlacementBody
 from lockgate.lifecycle.settings import (
     MAX_MODELS,
@@ -66,21 +71,23 @@ class _Model(BaseModel):
     versions: Annotated[list[_Version], Field(min_length=1, max_length=MAX_VERSIONS)]
     shadow: ShadowBody | None = None
     rollback: RollbackBody | None = None
+    # Gateway policies (fallback.py, breaker.py): other models tried, in order, when this one cannot
+    # serve; a first token later than this counts as cannot; the circuit breaker's thresholds.
+    fallbacks: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=8)] = \
+        Field(default_factory=list)
+    first_token_timeout_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] | None = None
+    breaker: BreakerBody | None = None
 
 
 class _File(BaseModel):
     model_config = _STRICT
     models: Annotated[list[_Model], Field(min_length=1, max_length=MAX_MODELS)]
+    # Router models (gateway/model_router.py): checked against the models by `load_routers`.
+    routers: Annotated[list[dict[str, Any]], Field(max_length=MAX_ROUTERS)] | None = None
 
 
-@dataclass(slots=True)
-class ModelSettings:
-    shadow: ShadowConfig | None
-    rules: RollbackRules
-
-
-def load(path: str) -> tuple[list[VersionSpec], dict[str, ModelSettings]]:
-    """The versions to start, in order, and each model's settings; ValueError naming what is wrong."""
+def _read(path: str) -> _File:
+    """The file, parsed and checked field by field; ValueError naming what is wrong."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -102,6 +109,21 @@ def load(path: str) -> tuple[list[VersionSpec], dict[str, ModelSettings]]:
         err = e.errors(include_url=False)[0]
         where = ".".join(str(x) for x in err.get("loc", ())) or "(top level)"
         raise ValueError(f"--config {path}: {where}: {err.get('msg', 'invalid value')}") from None
+    return parsed
+
+
+@dataclass(slots=True)
+class ModelSettings:
+    shadow: ShadowConfig | None
+    rules: RollbackRules
+    fallbacks: list[str] = field(default_factory=list)
+    first_token_timeout_s: float | None = None
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+def load(path: str) -> tuple[list[VersionSpec], dict[str, ModelSettings]]:
+    """The versions to start, in order, and each model's settings; ValueError naming what is wrong."""
+    parsed = _read(path)
     specs: list[VersionSpec] = []
     settings: dict[str, ModelSettings] = {}
     for m in parsed.models:
@@ -135,5 +157,58 @@ def load(path: str) -> tuple[list[VersionSpec], dict[str, ModelSettings]]:
         shadow = None
         if m.shadow is not None:
             shadow = ShadowConfig(m.shadow.version, m.shadow.fraction, m.shadow.max_concurrency)
-        settings[m.name] = ModelSettings(shadow, m.rollback.rules() if m.rollback else RollbackRules())
+        settings[m.name] = ModelSettings(shadow, m.rollback.rules() if m.rollback else RollbackRules(),
+                                         list(m.fallbacks), m.first_token_timeout_s,
+                                         m.breaker.config() if m.breaker else BreakerConfig())
+    try:
+        check_fallbacks(parsed.models)
+    except ValueError as e:
+        raise ValueError(f"--config {path}: {e}") from None
     return specs, settings
+
+
+def check_fallbacks(models: list[_Model]) -> None:
+    """Every fallback names a model of the file (by name or alias), never itself, and following
+    the chains from any model never comes back to it (a cycle)."""
+    names = {m.name: m.name for m in models}
+    for m in models:
+        for a in m.aliases:
+            names.setdefault(a, m.name)
+    edges: dict[str, list[str]] = {}
+    for m in models:
+        seen: set[str] = set()
+        for f in m.fallbacks:
+            target = names.get(f)
+            if target is None:
+                raise ValueError(f"model {m.name!r}: fallback {f!r} is not a model of this file")
+            if target == m.name:
+                raise ValueError(f"model {m.name!r}: falls back to itself")
+            if target in seen:
+                raise ValueError(f"model {m.name!r}: fallback {f!r} is listed twice")
+            seen.add(target)
+        edges[m.name] = [names[f] for f in m.fallbacks]
+    for start in edges:  # depth-first from each model: a path back to a model on the path is a cycle
+        path: list[str] = []
+
+        def walk(node: str) -> None:
+            if node in path:
+                cycle = " -> ".join([*path[path.index(node):], node])
+                raise ValueError(f"fallbacks form a cycle: {cycle}")
+            path.append(node)
+            for nxt in edges.get(node, []):
+                walk(nxt)
+            path.pop()
+
+        walk(start)
+
+
+def load_routers(path: str, specs: list[VersionSpec]) -> RouterSet:
+    """The file's router models, each rule's model checked against `specs` (the file's versions:
+    a served name or alias, or NAME@VERSION); ValueError naming the router and the rule."""
+    raw = _read(path).routers
+    served = {n for s in specs for n in (s.name, *s.aliases)}
+    refs = served | {f"{n}@{s.version}" for s in specs for n in (s.name, *s.aliases)}
+    try:
+        return parse_routers(raw, refs.__contains__, served)
+    except ValueError as e:
+        raise ValueError(f"--config {path}: {e}") from None

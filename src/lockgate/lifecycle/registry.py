@@ -21,14 +21,18 @@ from lockgate.engine.config import EngineConfig
 from lockgate.engine.frontend.client import AsyncEngineClient
 from lockgate.engine.frontend.queue_view import QueueView
 from lockgate.engine.sampling_params import SamplingParams
+from lockgate.engine.tokenizer import Tokenizer
 from lockgate.gateway.admission import Admission, AdmissionPolicy, QueueBounds
+from lockgate.gateway.model_router import RouterSet
 from lockgate.gateway.routing import pick, split_ref, sticky_point
-from lockgate.lifecycle import ray_cluster, rollback
+from lockgate.lifecycle import fallback, ray_cluster, rollback
 from lockgate.lifecycle.autoscale_loop import AutoscaleLoop
 from lockgate.lifecycle.autoscale_types import Decision
 from lockgate.lifecycle.autoscaler import Autoscaler
+from lockgate.lifecycle.breaker import BreakerConfig
 from lockgate.lifecycle.fleet import Fleet
 from lockgate.lifecycle.gate import run_gate
+from lockgate.lifecycle.hedge import Hedger
 from lockgate.lifecycle.router import RouterConfig
 from lockgate.lifecycle.settings import RollbackRules, ShadowConfig
 from lockgate.lifecycle.shadow import ShadowRunner
@@ -36,7 +40,7 @@ from lockgate.lifecycle.spec import VersionSpec
 from lockgate.lifecycle.stats import OnEnd, Outcome, ShadowStats
 from lockgate.lifecycle.target import Target
 from lockgate.lifecycle.version import ModelVersion, State
-from lockgate.errors import model_not_found, unavailable
+from lockgate.errors import APIError, model_not_found, unavailable
 from lockgate.gateway.classes import ClassTable
 from lockgate.observability.metrics import ServerMetrics
 
@@ -72,6 +76,9 @@ class Model:
     shadow_stats: dict[str, ShadowStats] = field(default_factory=dict)  # per shadow version
     rules: RollbackRules = field(default_factory=RollbackRules)
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)  # models tried in order when this one cannot serve
+    first_token_timeout_s: float | None = None  # no first token by then: the next fallback (if any)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
     def share(self, version: str) -> float:
         total = sum(self.traffic.values())
@@ -85,7 +92,8 @@ class Model:
                 "traffic": {v: w for v, w in self.traffic.items() if w > 0},
                 "shadow": self.shadow.to_json() if self.shadow else None, "rollback": self.rules.to_json(),
                 "versions": [v.to_json(self.share(name)) for name, v in self.versions.items()],
-                "rollbacks": self.rollbacks}
+                "rollbacks": self.rollbacks, "fallbacks": self.fallbacks,
+                "first_token_timeout_s": self.first_token_timeout_s, "breaker": self.breaker.to_json()}
 
 
 class ModelRegistry:
@@ -99,6 +107,9 @@ class ModelRegistry:
         self.lowest_priority = len(options.classes.names) - 1  # shadows and gates: the lowest class
         self.shadows = ShadowRunner(self.lowest_priority)
         self.on_rollback: list[Callable[[str, str, str], None]] = []  # (model, version, rule): metrics
+        self.hedger = Hedger()  # hedged requests' delays and budget (hedge.py)
+        self.fallbacks_taken: dict[tuple[str, str, str], int] = {}  # (from, to, code) -> requests moved
+        self.routers = RouterSet()  # router models: served names that choose a model per request
 
     # ---- building ----------------------------------------------------------------------
     def new_version(self, spec: VersionSpec, engine_config: EngineConfig) -> ModelVersion:
@@ -160,9 +171,18 @@ class ModelRegistry:
             for alias in spec.aliases:
                 self._names.setdefault(alias, spec.name)
         model.versions[spec.version] = version
+        self.apply_breaker(model, version)
         if spec.traffic is not None:
             model.traffic[spec.version] = float(spec.traffic)
         return model
+
+    @staticmethod
+    def apply_breaker(model: Model, version: ModelVersion) -> None:
+        """The model's breaker thresholds on the version and on each of its replicas (new ones too)."""
+        version.breaker.config = model.breaker
+        version.fleet.breaker_config = model.breaker
+        for r in version.fleet.replicas.values():
+            r.breaker.config = model.breaker
 
     async def start(self) -> None:
         """Load every registered version at once (server start-up); a failure stops the start."""
@@ -236,15 +256,32 @@ class ModelRegistry:
                 raise unavailable(f"model version `{model.name}@{pinned}` is {v.state}{detail}",
                                   "model_version_unavailable",
                                   retry_after_s=5 if v.state in (State.LOADING, State.WARMING) else None)
+            if not v.breaker.allows() and model.fallbacks:  # skipped only where there is somewhere else to go
+                raise _circuit_open(f"{model.name}@{pinned}", v)
             return v
         point = sticky_point(model.name, key)
         ready = {n for n, v in model.versions.items() if v.state is State.READY}
-        healthy = {n for n in ready if model.versions[n].fleet.healthy}
-        chosen = pick(model.traffic, point, healthy) or pick(model.traffic, point, ready)
+        closed = {n for n in ready if model.versions[n].breaker.allows()}  # an open breaker: skipped
+        if not closed and not model.fallbacks:
+            closed = ready  # nowhere else to go: failing fast would only add downtime
+        healthy = {n for n in closed if model.versions[n].fleet.healthy}
+        chosen = pick(model.traffic, point, healthy) or pick(model.traffic, point, closed)
         if chosen is None:
+            if ready:  # every ready version's breaker is open: the fallbacks take it, at no cost
+                raise _circuit_open(model.name, model.versions[next(iter(ready))])
             raise unavailable(f"model `{model.name}` has no version ready to serve", "engine_unavailable",
                               retry_after_s=5)
         return model.versions[chosen]
+
+    def tokenizer_of(self, requested: str) -> Tokenizer | None:
+        """The tokenizer of the model a name serves (a router's prompt features), None when the
+        name is unknown or its engine has not loaded yet."""
+        try:
+            model, pinned = self.resolve(requested)
+        except APIError:
+            return None
+        version = model.versions.get(pinned or model.stable() or "") or next(iter(model.versions.values()), None)
+        return version.fleet.tokenizer if version is not None else None
 
     def route(self, requested: str | None, key: str | None, may_use: Callable[[str], None]) -> Target:
         """The target of one request: the model its `model` field names (404 when unknown), the
@@ -253,10 +290,47 @@ class ModelRegistry:
         model, pinned = self.resolve(requested)
         may_use(model.name)
         version = self.pick(model, pinned, key)
-        return Target(version, (model.name, *model.aliases), self._on_outcome, self._mirror)
+        target = Target(version, (model.name, *model.aliases), self._on_outcome, self._mirror)
+        target.probe = version.breaker.acquire()
+        return target
+
+    # ---- fallbacks ----------------------------------------------------------------------
+    def fallback_chain(self, requested: str | None) -> list[str]:
+        """The models a request for `requested` may fall back to, in order (fallback.py)."""
+        try:
+            model, _ = self.resolve(requested)
+        except Exception:  # noqa: BLE001 - an unknown name has no fallbacks (its 404 comes from route)
+            return []
+
+        def of(name: str) -> list[str]:
+            found = self._names.get(name)
+            return list(self.models[found].fallbacks) if found is not None else []
+
+        return [self._names[n] for n in fallback.chain(model.name, of) if n in self._names]
+
+    def other_version(self, target: Target) -> ModelVersion | None:
+        """Another ready, healthy version of the target's model whose breaker allows it (a hedge's)."""
+        model = self.models.get(target.version.name)
+        if model is None:
+            return None
+        for name, v in model.versions.items():
+            if (v is not target.version and v.state is State.READY and v.fleet.healthy and v.breaker.allows()
+                    and model.traffic.get(name, 0) > 0):
+                return v
+        return None
+
+    def first_token_timeout(self, target: Target) -> float | None:
+        model = self.models.get(target.version.name)
+        return model.first_token_timeout_s if model is not None else None
+
+    def count_fallback(self, source: str, dest: str, code: str) -> None:
+        key = (source, dest, code)
+        self.fallbacks_taken[key] = self.fallbacks_taken.get(key, 0) + 1
+        log.info("fallback: %s -> %s (%s)", source, dest, code)
 
     # ---- observing ----------------------------------------------------------------------
-    def _on_outcome(self, version: ModelVersion, outcome: Outcome) -> None:
+    def _on_outcome(self, version: ModelVersion, outcome: Outcome, probe: bool = False) -> None:
+        version.breaker.record(outcome.ok, probe)
         version.stats.record(outcome)
         model = self.models.get(version.name)
         if model is not None and model.versions.get(version.version) is version:
@@ -330,6 +404,13 @@ class ModelRegistry:
 
     def fleets(self) -> list[Fleet]:
         return [v.fleet for v in self.versions()]
+
+
+def _circuit_open(name: str, version: ModelVersion) -> Exception:
+    b = version.breaker
+    retry = max(1, int(b.to_json().get("reopens_in_s", 1) + 0.999))
+    return unavailable(f"`{name}` is failing ({b.last_reason}); its circuit breaker is open, retry in {retry} s",
+                       "circuit_open", retry_after_s=retry)
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

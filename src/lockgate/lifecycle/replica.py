@@ -29,6 +29,7 @@ from lockgate.engine.frontend.client import AsyncEngineClient
 from lockgate.engine.frontend.kv_events_sub import KVEventSubscriber
 from lockgate.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from lockgate.engine.sampling_params import SamplingParams
+from lockgate.lifecycle.breaker import BreakerConfig, CircuitBreaker
 from lockgate.lifecycle.router import Router
 
 log = logging.getLogger("lockgate.lifecycle")
@@ -67,6 +68,7 @@ class Replica:
         self._was_up = False  # for clearing the router's index when the core goes down
         self._peer_fed = False  # the router holds other API workers' load on this core
         self._follow: asyncio.Task[None] | None = None  # the subscriber moving to a restarted remote core
+        self.breaker = CircuitBreaker(name, BreakerConfig())  # the fleet sets the model's config
 
     # ---- routing ---------------------------------------------------------------------------
     @property
@@ -85,6 +87,8 @@ class Replica:
         up = self.up
         if self._was_up and not up:
             self.router.cleared(self.index)  # a dead core's cache died with it
+        if up and not self._was_up:
+            self.breaker.reset("its engine core is up (again)")  # the failures were the dead core's
         self._was_up = up
         if up:
             self._follow_core()
@@ -186,7 +190,7 @@ class Replica:
                 "cached_blocks": view.get("cached_blocks", 0), "queued_tokens": view.get("queued_tokens", 0),
                 "routed": view.get("routed", {}), "traffic_share": view.get("routed_share", 0.0),
                 "kv_events": dict(zip(("publisher", "replay"), self.client.kv_event_addresses)),
-                "created_at": self.created_at, "ready_at": self.ready_at,
+                "created_at": self.created_at, "ready_at": self.ready_at, "breaker": self.breaker.to_json(),
                 "cold_start": {"core_ready_s": _round(self.core_ready_s), "warm_up_s": _round(self.warm_up_s),
                                "total_s": _round(self.cold_start_s)},
                 "core_timings": {k: _round(v) for k, v in self.client.core_timings.items()}}

@@ -41,6 +41,8 @@ class EngineOptions(BaseModel):
     load_format: Literal["auto", "dummy", "fake"] | None = None
     fake_step_delay_s: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] | None = None
     fake_token_delay_s: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] | None = None
+    fake_stall_fraction: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    fake_stall_s: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] | None = None
     quantization: Literal["int4", "int8"] | None = None
     quantization_kernels: Literal["auto", "native", "torch"] | None = None
     quantization_float_above: Annotated[int, Field(ge=0, le=_INT)] | None = None

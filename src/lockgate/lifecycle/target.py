@@ -38,7 +38,7 @@ from lockgate.observability.record import RequestRecord
 # the others (a client that left, a refused request) say nothing about the version.
 VERSION_FAILURES = frozenset({"engine_dead", "engine_unavailable", "internal"})
 
-OnOutcome = Callable[[ModelVersion, Outcome], None]
+OnOutcome = Callable[[ModelVersion, Outcome, bool], None]  # (version, outcome, a half-open probe)
 Mirror = Callable[[ModelVersion, str, list[int], SamplingParams], OnEnd | None]
 
 
@@ -51,6 +51,7 @@ class Target:
     _paired: list[tuple[str, OnEnd]] = field(default_factory=list)  # (engine request id, its shadow pairing)
     _streams: list[FleetStream] = field(default_factory=list)
     _judged: bool = False  # the outcome is already recorded (an injected fault)
+    probe: bool = False  # the version's half-open breaker let this request through to probe it
 
     @property
     def fleet(self) -> Fleet:
@@ -123,7 +124,8 @@ class Target:
         v = self.version
         if v.inject_fault():
             self._judged = True
-            self.on_outcome(v, Outcome(False))
+            self.on_outcome(v, Outcome(False), self.probe)
+            self.probe = False
             raise EngineUnavailableError(f"injected fault (test-only fail_fraction of {v.spec.ref}); "
                                          "the request was not run")
         stream = self.fleet.add_request(request_id, prompt, params, **kwargs)  # type: ignore[arg-type]
@@ -144,10 +146,33 @@ class Target:
             outcome = None
         if outcome is not None and not self._judged:
             self._judged = True
-            self.on_outcome(self.version, outcome)
+            self.on_outcome(self.version, outcome, self.probe)
+            self.probe = False
+        self.release_probe()
         for request_id, paired in self._paired:
             paired(outcome, final_ids.get(request_id, []))
         self._paired.clear()
+
+
+    def use_stream(self, stream: FleetStream) -> None:
+        """A hedge won: the request's replica is the winner's from now on."""
+        self._streams = [stream]
+
+    def fail(self) -> None:
+        """The request left this version for a reason that says it is failing (no first token in
+        time): one failure for its stats and breaker, once."""
+        if not self._judged:
+            self._judged = True
+            self.on_outcome(self.version, Outcome(False), self.probe)
+            self.probe = False
+
+    def release_probe(self) -> None:
+        """The request ends (or moves to a fallback) without judging the version: a half-open probe
+        slot it held is free again (held on the request's lease, so it never leaks)."""
+        if self.probe:
+            self.probe = False
+            if not self._judged:
+                self.version.breaker.release()
 
 
 def _retry_s(fleet: Fleet) -> int:

@@ -20,6 +20,7 @@ from lockgate.engine.config import EngineConfig
 from lockgate.gateway.admission import Admission
 from lockgate.lifecycle import priority
 from lockgate.lifecycle.autoscale_loop import AutoscaleLoop
+from lockgate.lifecycle.breaker import CircuitBreaker
 from lockgate.lifecycle.fleet import Fleet
 from lockgate.lifecycle.spec import VersionSpec
 from lockgate.lifecycle.stats import VersionStats
@@ -56,6 +57,8 @@ class ModelVersion:
         self.load_task: asyncio.Task[None] | None = None  # a load started by the admin API
         self.autoscaler: AutoscaleLoop | None = None  # runs once the version is ready
         self._faults = 0  # TEST ONLY: requests seen by fail_fraction
+        # Routing skips the version while it keeps failing (breaker.py); the model's config replaces it.
+        self.breaker = CircuitBreaker(spec.ref, fleet.breaker_config)
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopped = False
@@ -198,7 +201,8 @@ class ModelVersion:
                 "in_flight": self.users, "engine": dict(s.engine), "fail_fraction": s.fail_fraction or None,
                 "gate": self.gate_report, "rolled_back": self.rolled_back,
                 "max_model_len": self.fleet.max_model_len or None,
-                "replicas": self._replicas_json(), "placement": s.placement.to_json()}
+                "replicas": self._replicas_json(), "placement": s.placement.to_json(),
+                "breaker": self.breaker.to_json()}
 
     def _replicas_json(self) -> dict[str, Any]:
         f = self.fleet

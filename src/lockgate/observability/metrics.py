@@ -221,6 +221,25 @@ class ServerMetrics:
         self.max_queued = Gauge("lockgate:max_queued_requests", "The waiting queue's bound "
                                 "(--max-queued-requests): num_requests_queued over it is saturation.",
                                 lbl, registry=r, multiprocess_mode="max")  # the same in every worker
+        # The response cache (gateway/response_cache.py): lookups by tenant; each worker's own cache summed.
+        self.cache_hits = Counter("lockgate:response_cache_hits", "Requests answered from the response cache.",
+                                  lbl + ["tenant"], registry=r)
+        self.cache_misses = Counter("lockgate:response_cache_misses", "Cacheable requests not found in the "
+                                    "response cache (run, then stored).", lbl + ["tenant"], registry=r)
+        self.cache_bytes = Gauge("lockgate:response_cache_bytes", "Bytes held by the response cache (answers "
+                                 "plus per-entry overhead; every API worker's summed).", lbl, registry=r,
+                                 multiprocess_mode="livesum")
+        self.cache_entries = Gauge("lockgate:response_cache_entries", "Entries in the response cache (every "
+                                   "API worker's summed).", lbl, registry=r, multiprocess_mode="livesum")
+        # The embedding cache (gateway/embedding_cache.py): inputs found and not found, by tenant (hit
+        # rate: hits / (hits + misses)); the vectors' bytes (shared through the store: the table's).
+        self.embedding_cache_hits = Counter("lockgate:embedding_cache_hits", "Embedding inputs answered from the "
+                                            "embedding cache.", lbl + ["tenant"], registry=r)
+        self.embedding_cache_misses = Counter("lockgate:embedding_cache_misses", "Embedding inputs not in the "
+                                              "embedding cache (computed, then stored).", lbl + ["tenant"], registry=r)
+        self.embedding_cache_bytes = Gauge("lockgate:embedding_cache_bytes", "Bytes of vectors in the embedding "
+                                           "cache (the store's, as the latest write saw it, when shared).", lbl,
+                                           registry=r, multiprocess_mode="livemostrecent")
         r.register(_EngineCollector(state, model_name))
         # Smoothed time to first token: the Retry-After hint for a full queue.
         self.ttft_ema_s = 1.0
@@ -265,6 +284,24 @@ class ServerMetrics:
 
     def fail(self, reason: str, tenant: str = "none", cls: str = "none") -> None:
         self.child(self.request_failure, self.model_name, tenant, cls, reason).inc()
+
+    def response_cache(self, hit: bool, tenant: str, entries: int, nbytes: int) -> None:
+        """A response-cache lookup (`tenant`: the bounded label) and the cache's size after it."""
+        self.child(self.cache_hits if hit else self.cache_misses, self.model_name, tenant).inc()
+        self.cache_size(entries, nbytes)
+
+    def cache_size(self, entries: int, nbytes: int) -> None:
+        self.child(self.cache_entries, self.model_name).set(entries)
+        self.child(self.cache_bytes, self.model_name).set(nbytes)
+
+    def embedding_cache(self, hits: int, misses: int, tenant: str, nbytes: int) -> None:
+        """One /v1/embeddings request's inputs found (`hits`) and not found in the embedding cache, and
+        the cache's bytes after it (`tenant`: the bounded label)."""
+        if hits:
+            self.child(self.embedding_cache_hits, self.model_name, tenant).inc(hits)
+        if misses:
+            self.child(self.embedding_cache_misses, self.model_name, tenant).inc(misses)
+        self.child(self.embedding_cache_bytes, self.model_name).set(nbytes)
 
     def charge(self, record: RequestRecord) -> None:
         """The settled cost of a keyed request (after its usage row was computed)."""

@@ -13,6 +13,7 @@ import lockgate
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.errors import EngineUnavailableError
 from lockgate.gateway.gateway import Gateway, GatewayConfig
+from lockgate.gateway.response_cache import ResponseCache
 from lockgate.lifecycle.build import ModelPlan, build_registry, single
 from lockgate.lifecycle.registry import EngineOptions
 from lockgate.lifecycle.metrics import engine_state
@@ -53,7 +54,10 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: Mo
     options = EngineOptions(cfg.classes, cfg.slo_admission, cfg.max_queued_requests, cfg.max_queued_tokens,
                             cfg.engine_startup_timeout_s, cfg.engine_stall_timeout_s, cfg.router_policy)
     models, model_admin = build_registry(plan, engine_config, options, metrics, gateway)
+    models.hedger.budget = cfg.hedge_budget  # hedged requests' share of traffic, at most
     state = AppState(cfg, metrics, gateway, observer, models)
+    if cfg.response_cache_bytes:  # off by default: benchmarks and evaluations never hit it unknowingly
+        state.response_cache = ResponseCache(cfg.response_cache_bytes, cfg.response_cache_ttl_s)
     alerts = build_alerts(cfg, gateway, metrics)  # budget alerts and webhooks (None: another worker's job)
 
     @asynccontextmanager

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from lockgate.engine.sampling_params import MAX_STOP_STRINGS
 from lockgate.gateway.alerts import DEFAULT_ANOMALY_INTERVAL_S, DEFAULT_INTERVAL_S
 from lockgate.gateway.classes import ClassTable
+from lockgate.gateway.embedding_cache import DEFAULT_BYTES as EMBEDDING_CACHE_BYTES
+from lockgate.gateway.embedding_cache import DEFAULT_TTL_S as EMBEDDING_CACHE_TTL_S
+from lockgate.gateway.embedding_cache import check_settings as check_embedding_cache
+from lockgate.gateway.response_cache import DEFAULT_TTL_S, check_ttl, parse_bytes
 from lockgate.gateway.webhooks import check_url
 from lockgate.lifecycle.ray_cluster import check_address
 
@@ -80,6 +84,15 @@ class ServerConfig:
     # `tool_choice: auto`: the parser of the model's tool-call format (server/tool_parsers/): a name,
     # "auto" (None: chosen from each model's chat template) or "none" (never parse: answers stay content).
     tool_call_parser: str | None = None
+    # The response cache (gateway/response_cache.py): bytes per API process (0: off, the default, so that
+    # benchmarks and evaluations never hit it unknowingly) and each entry's time to live.
+    response_cache_bytes: int = 0
+    hedge_budget: float = 0.05  # hedged requests (lifecycle/hedge.py): at most this share of requests
+    response_cache_ttl_s: float = DEFAULT_TTL_S
+    # The embedding cache (gateway/embedding_cache.py): bytes of vectors (0: off), shared by the API
+    # processes through the store when there is one, and each entry's time to live.
+    embedding_cache_bytes: int = EMBEDDING_CACHE_BYTES
+    embedding_cache_ttl_s: float = EMBEDDING_CACHE_TTL_S
 
     def __post_init__(self) -> None:
         for name in ("max_request_body_bytes", "max_queued_requests", "max_queued_tokens", "max_n",
@@ -111,11 +124,16 @@ class ServerConfig:
         for name in ("alert_interval_s", "anomaly_interval_s"):
             if not 0 < getattr(self, name) <= 86400:
                 raise ValueError(f"{name} must be in (0, 86400] seconds, got {getattr(self, name)}")
+        if not 0 <= self.hedge_budget <= 1:
+            raise ValueError(f"hedge_budget must be in [0, 1], got {self.hedge_budget}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.tool_call_parser is not None and self.tool_call_parser != "none":
             from lockgate.server.tool_parsers import AUTO, get_tool_parser  # the parsers' own names
             if self.tool_call_parser != AUTO:
                 get_tool_parser(self.tool_call_parser)  # UnknownToolParser (a ValueError) names the choices
+        parse_bytes(self.response_cache_bytes)
+        check_ttl(self.response_cache_ttl_s)
+        check_embedding_cache(self.embedding_cache_bytes, self.embedding_cache_ttl_s)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")

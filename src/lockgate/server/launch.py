@@ -27,6 +27,8 @@ from typer.core import TyperCommand
 
 from lockgate.engine.config import EngineConfig
 from lockgate.gateway.classes import ClassTable
+from lockgate.gateway.embedding_cache import DEFAULT_TTL_S as EMBEDDING_CACHE_TTL_S
+from lockgate.gateway.response_cache import DEFAULT_TTL_S, parse_bytes
 from lockgate.lifecycle.build import plan_from_args
 from lockgate.lifecycle.ray_cluster import check_address, require_ray
 from lockgate.lifecycle.ray_cluster import join as join_ray
@@ -263,6 +265,11 @@ def serve_command(
     alert_allow_private: Annotated[bool, typer.Option(help="Allow alert webhooks on private, loopback and link-local addresses (refused by default)")] = False,  # noqa: E501
     alert_interval: Annotated[float, typer.Option(help="Seconds between budget-threshold checks for alerts")] = 5.0,  # noqa: E501
     tool_call_parser: Annotated[str, typer.Option(help="How `tool_choice: auto` reads the model's tool calls: hermes | llama3_json | json_array | auto (from each model's chat template) | none (never: answers stay content)")] = "auto",  # noqa: E501
+    response_cache: Annotated[str | None, typer.Option(metavar="BYTES", help="Response cache: exact-match answers of greedy or seeded requests, per tenant, LRU within BYTES (e.g. 64MiB) in each API process; off by default (docs/POLICIES.md)")] = None,  # noqa: E501
+    response_cache_ttl: Annotated[float, typer.Option(help="Seconds a response-cache entry lives")] = DEFAULT_TTL_S,
+    embedding_cache: Annotated[str, typer.Option(metavar="BYTES", help="Embedding cache: vectors of /v1/embeddings inputs, per tenant, LRU within BYTES (e.g. 64MiB; 0: off), shared by the API processes through the store when there is one (docs/API.md)")] = "64MiB",  # noqa: E501
+    embedding_cache_ttl: Annotated[float, typer.Option(help="Seconds an embedding-cache entry lives")] = EMBEDDING_CACHE_TTL_S,  # noqa: E501
+    hedge_budget: Annotated[float, typer.Option(help="Hedged requests (x-lockgate-hedge, or a tenant's hedge): at most this share of requests gets a second copy, 0-1 (docs/POLICIES.md)")] = 0.05,  # noqa: E501
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, ...)."""
     if metrics_auth:
@@ -289,7 +296,11 @@ def serve_command(
                             "slo_period_s": slo_period_days * 86400.0, "metrics_max_tenants": metrics_max_tenants,
                             "store_url": store or None, "alert_webhooks": list(alert_webhook or []),
                             "alert_allow_private": alert_allow_private, "alert_interval_s": alert_interval,
-                            "tool_call_parser": tool_call_parser},
+                            "tool_call_parser": tool_call_parser,
+                            "response_cache_bytes": parse_bytes(response_cache or 0),
+                            "response_cache_ttl_s": response_cache_ttl, "hedge_budget": hedge_budget,
+                            "embedding_cache_bytes": parse_bytes(embedding_cache, "--embedding-cache"),
+                            "embedding_cache_ttl_s": embedding_cache_ttl},
             class_config=class_config,
             debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -1,7 +1,8 @@
 """Model admin REST API (admin scope, as every /admin route: the guard middleware checks it).
 
     POST   /admin/models                              load a version in the background (202)
-    GET    /admin/models[/{name}]                     versions: state, load time, traffic share
+    GET    /admin/models[/{name}]                     versions: state, load time, traffic share; routers
+                                                      (models config `routers:`) with each rule's hits
     PATCH  /admin/models/{name}                       traffic split, shadow, rollback rules, replicas
     GET    /admin/models/{name}/compare               per-version and shadow comparison figures
     DELETE /admin/models/{name}/versions/{version}    drain, then unload (202)
@@ -72,7 +73,8 @@ async def load_model(request: Request) -> Response:
 
 @model_router.get("/admin/models", **_doc(errors=GUARDED))
 async def list_models(request: Request) -> Response:
-    return json_response(_admin(request)[0].list())
+    admin, app = _admin(request)
+    return json_response({**admin.list(), "routers": app.models.routers.to_json()})  # with each rule's hits
 
 
 @model_router.get("/admin/models/{name:path}/compare", **_doc())
@@ -88,7 +90,9 @@ async def unload_version(name: str, version: str, request: Request) -> Response:
 
 @model_router.get("/admin/models/{name:path}", **_doc())
 async def get_model(name: str, request: Request) -> Response:
-    return json_response(_admin(request)[0].get(name))
+    admin, app = _admin(request)
+    router = app.models.routers.get(name)
+    return json_response(router.to_json() if router is not None else admin.get(name))
 
 
 @model_router.patch("/admin/models/{name:path}", **_doc(body="{traffic?: {version: weight} summing to 100, "

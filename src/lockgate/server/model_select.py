@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from starlette.types import Scope
 
-from lockgate.server.state import IGNORED_FIELDS_SCOPE_KEY, REPLICA_SCOPE_KEY, VERSION_SCOPE_KEY, AppState
+from lockgate.server.state import IGNORED_FIELDS_SCOPE_KEY, MODEL_SCOPE_KEY, REPLICA_SCOPE_KEY, VERSION_SCOPE_KEY, AppState
 
+MODEL_HEADER = "x-lockgate-model"  # the served model (a router's choice, or the model a fallback ended on)
 MODEL_VERSION_HEADER = "x-lockgate-model-version"
 REPLICA_HEADER = "x-lockgate-replica"
 IGNORED_FIELDS_HEADER = "x-lockgate-ignored-fields"
 
 
+_MODEL_KEY = MODEL_HEADER.encode()
 _VERSION_KEY = MODEL_VERSION_HEADER.encode()
 _REPLICA_KEY = REPLICA_HEADER.encode()
 _IGNORED_KEY = IGNORED_FIELDS_HEADER.encode()
@@ -24,6 +26,9 @@ def add_route_headers(scope: Scope, headers: list[tuple[bytes, bytes]]) -> None:
     (called by the guard middleware's `Exchange` on the status line)."""
     version = scope.get(VERSION_SCOPE_KEY)
     if version is not None:
+        model = scope.get(MODEL_SCOPE_KEY)
+        if model:  # an operator's served name: ASCII is not guaranteed, so escape what is not
+            headers.append((_MODEL_KEY, model.encode("ascii", "backslashreplace")))
         headers.append((_VERSION_KEY, version.encode("ascii")))
         replica = scope.get(REPLICA_SCOPE_KEY)
         name = replica() if replica is not None else None
@@ -44,4 +49,10 @@ def model_cards(app: AppState) -> list[dict[str, object]]:
             cards.append({"id": name, "object": "model", "created": app.created, "owned_by": "lockgate",
                           "root": (stable.engine_config.model if stable else None) or model.name, "parent": None,
                           "max_model_len": stable.fleet.max_model_len if stable else 0, "versions": ready})
+    longest = {str(c["id"]): int(c["max_model_len"]) for c in cards}  # type: ignore[call-overload]
+    for router in app.models.routers.routers.values():  # router models: a policy that picks a model
+        models = sorted(router.models)
+        cards.append({"id": router.name, "object": "model", "created": app.created, "owned_by": "lockgate",
+                      "root": router.name, "parent": None, "router": True, "models": models,
+                      "max_model_len": max((longest.get(m.partition("@")[0], 0) for m in models), default=0)})
     return cards

@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 
 from lockgate.gateway.schemas import SchemaCreate
 from lockgate.gateway.tenants import GlobalKeyCreate, KeyCreate, KeyPatch, TenantCreate, TenantPatch
+from lockgate.server.embedding_protocol import EmbeddingRequest, EmbeddingResponse
 from lockgate.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -211,10 +212,10 @@ class SloReport(_Doc):
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
-    TenantCreate, TenantPatch, KeyCreate, KeyPatch, GlobalKeyCreate, SchemaCreate)
+    TenantCreate, TenantPatch, KeyCreate, KeyPatch, GlobalKeyCreate, SchemaCreate, EmbeddingRequest)
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ErrorResponse, CompletionResponse, ChatCompletionResponse, ModelList, ModelCard, TokenizeResponse,
-    DetokenizeResponse, HealthResponse, VersionResponse, SloReport)
+    DetokenizeResponse, HealthResponse, VersionResponse, SloReport, EmbeddingResponse)
 
 
 # -- Per-route pieces ----------------------------------------------------------------------------

@@ -20,11 +20,11 @@ from urllib.parse import urlsplit
 CORS_ALLOW_HEADERS = "authorization, content-type, idempotency-key, openai-organization, openai-project, " \
                      "x-lockgate-priority, x-request-id, x-stainless-os, x-stainless-lang, " \
                      "x-stainless-package-version, x-stainless-runtime, x-stainless-runtime-version, " \
-                     "x-stainless-arch, x-stainless-retry-count, x-stainless-timeout"
+                     "x-stainless-arch, x-stainless-retry-count, x-stainless-timeout, cache-control"
 CORS_EXPOSE_HEADERS = "retry-after, x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, " \
                       "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, " \
-                      "x-ratelimit-reset-tokens, x-lockgate-model-version, x-lockgate-replica, " \
-                      "x-lockgate-ignored-fields"
+                      "x-ratelimit-reset-tokens, x-lockgate-model, x-lockgate-model-version, x-lockgate-replica, " \
+                      "x-lockgate-ignored-fields, x-lockgate-cache"
 CORS_ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 
 

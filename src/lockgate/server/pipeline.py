@@ -36,12 +36,18 @@ from lockgate.gateway.auth import Principal
 from lockgate.gateway.classes import PriorityClass
 from lockgate.gateway.gateway import Gateway
 from lockgate.gateway.lease import Lease
+from lockgate.store.models import Price
+from lockgate.gateway.model_router import Choice
+from lockgate.gateway.prompt_features import PromptFeatures, PromptText
+from lockgate.lifecycle import fallback, hedge
+from lockgate.lifecycle.fallback import Attempt
 from lockgate.lifecycle.target import Target
 from lockgate.observability.metrics import RequestTracker
 from lockgate.observability.record import RequestRecord
 from lockgate.server import generation, idempotency, prompts
 from lockgate.server.params import sampling_error
-from lockgate.server.state import LEASE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, REPLICA_SCOPE_KEY, VERSION_SCOPE_KEY, AppState
+from lockgate.server.state import (LEASE_SCOPE_KEY, MODEL_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, REPLICA_SCOPE_KEY,
+                                   VERSION_SCOPE_KEY, AppState)
 
 PRIORITY_HEADER = "x-lockgate-priority"
 
@@ -93,6 +99,11 @@ def route_only(request: Request, app: AppState, requested: str | None) -> Target
     """The target of a request that runs nothing (`/tokenize`, `/detokenize`): its model's
     tokenizer and limits, for a caller that may use the model."""
     principal = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    router = app.models.routers.get(requested)
+    if router is not None:  # a router model: its default's tokenizer (or its first rule's)
+        check_model_access(principal, requested, router.name)
+        chosen = router.default or router.rules[0].model
+        return app.models.route(chosen, None, lambda name: check_model_access(principal, requested, name))
     return app.models.route(requested, None, lambda name: check_model_access(principal, requested, name))
 
 
@@ -108,6 +119,17 @@ class Pipeline:
     target: Target | None = None
     tracker: RequestTracker | None = None
     _final_ids: dict[str, list[int]] = field(default_factory=dict)  # choice 0's tokens per engine request
+    # Fallbacks (lifecycle/fallback.py) and hedges (lifecycle/hedge.py): the models still to try
+    # (None: not computed yet), the routing key, what was reserved, the streams of this attempt.
+    _fallbacks: list[str] | None = None
+    _requested: str | None = None
+    _route_key: str | None = None
+    _leave_target: Callable[[str], None] | None = None  # gives back the current version's hold
+    _worst_tokens: int = -1  # the reservation's worst-case completion tokens (-1: nothing reserved)
+    _submitted: list[FleetStream] = field(default_factory=list)
+    _params: SamplingParams | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    _hedge_version: str | None = None  # the other version a hedge copy went to
 
     # ---- 1 open -----------------------------------------------------------------------------
     @classmethod
@@ -134,25 +156,169 @@ class Pipeline:
         self.lease.checkpoint(point)
 
     # ---- 2 route ----------------------------------------------------------------------------
-    def route(self, requested: str | None, user: str | None) -> Target:
+    def route(self, requested: str | None, user: str | None, *, via: Choice | None = None) -> Target:
         """The version that serves this request (pinned `NAME@VERSION`, or the traffic split sticky
-        on `user`, else the tenant), held until the request ends and named in the ledger."""
+        on `user`, else the tenant), held until the request ends and named in the ledger. `via`: a
+        router model chose `requested` (a model the caller may not use answers 404 for the router)."""
         tenant = self.principal.tenant_id if self.principal is not None else None
 
         def may_use(name: str) -> None:
             self.record.model = name
             if self.meter is not None:
                 self.meter.model = name
-            check_model_access(self.principal, requested, name)
+            check_model_access(self.principal, via.router if via is not None else requested, name)
 
-        target = self.app.models.route(requested, user or tenant, may_use)
-        self.lease.hold(target.version.enter())
+        self._requested, self._route_key = requested, user or tenant
+        if self.meter is not None:
+            self.meter.user = user
+            self.meter.router = via.label if via is not None else None
+        try:
+            target = self.app.models.route(requested, user or tenant, may_use)
+        except APIError as err:
+            if not fallback.should_fall_back(err):
+                raise
+            target = self._fallback_target(err)
+        return self._take(target)
+
+    def _take(self, target: Target) -> Target:
+        """Serve the request from `target` from now on (held until the request ends)."""
+        leave = target.version.enter()
+        self.lease.hold(leave)
+        self.lease.hold(lambda _outcome: target.release_probe())
+        self._leave_target = leave
         self.request.scope[VERSION_SCOPE_KEY] = target.version.version
+        self.request.scope[MODEL_SCOPE_KEY] = target.model_name
         self.request.scope[REPLICA_SCOPE_KEY] = lambda: target.replica
         if self.meter is not None:
             self.meter.model_version = target.version.version
-            self.meter.user = user
         self.target = target
+        return target
+
+    # ---- fallbacks --------------------------------------------------------------------------
+    def _fallback_target(self, err: APIError) -> Target:
+        """The next model of the request's fallback chain that can take it, after `err` from the
+        current one (recorded as an attempt); `err` (or the last fallback's) when none can."""
+        models = self.app.models
+        if self._fallbacks is None:
+            self._fallbacks = models.fallback_chain(self._requested)
+        self._attempt(err)
+        tenant = self.principal.tenant if self.principal is not None else None
+        while self._fallbacks:
+            name = self._fallbacks.pop(0)
+            if tenant is not None and not tenant.allows_model(name):
+                continue  # not the tenant's to use: skipped, never shown
+            if not self._fits_reservation(name):
+                continue
+
+            def serve_as(served: str) -> None:
+                self.record.model = served
+                if self.meter is not None:
+                    self.meter.model = served
+
+            try:
+                target = models.route(name, self._route_key, serve_as)
+            except APIError as e:
+                if not fallback.should_fall_back(e):
+                    raise
+                err = e
+                self._attempt(e)
+                continue
+            models.count_fallback(self.attempts[-1].model, target.model_name, self.attempts[-1].code)
+            if self.meter is not None and self._worst_tokens >= 0 and self.principal is not None:
+                assert self.principal.tenant is not None  # billed at the model that serves
+                self.meter.price = self.app.gateway.latest(self.principal.tenant).price_for(target.model_name)
+            return target
+        raise err
+
+    def _attempt(self, err: APIError) -> None:
+        t = self.target
+        version = t.version.version if t is not None and t.model_name == self.record.model else None
+        a = fallback.Attempt(self.record.model or (self._requested or ""), version, err.status, err.code)
+        self.attempts.append(a)
+        if self.meter is not None:
+            self.meter.attempts = [x.to_json() for x in self.attempts]
+
+    def _fits_reservation(self, model: str) -> bool:
+        """Once reserved, a fallback must fit what was held: its worst case at its prices (the
+        reservation was made at the dearest prices of the chain; a longer context may not fit)."""
+        if self.meter is None or self._worst_tokens < 0 or self.principal is None or self.principal.tenant is None:
+            return True
+        price = self.app.gateway.latest(self.principal.tenant).price_for(model)
+        return price.cost(self.meter.prompt_tokens, self._worst_tokens) <= self.meter.reserved_usd + 1e-12
+
+    def _chain_price(self, prompt_tokens: int, worst: int) -> Price | None:
+        """The dearest prices among the request's model and its fallbacks (None: no fallbacks)."""
+        if self._fallbacks is None:
+            self._fallbacks = self.app.models.fallback_chain(self._requested)
+        if not self._fallbacks or self.principal is None or self.principal.tenant is None:
+            return None
+        tenant = self.app.gateway.latest(self.principal.tenant)
+        prices = [tenant.price_for(m) for m in (self.routed.model_name, *self._fallbacks)]
+        return max(prices, key=lambda p: p.cost(prompt_tokens, worst))
+
+    async def with_fallbacks(self, run: Callable[[], Awaitable[Response]]) -> Response:
+        """Run the route's body; when the model cannot serve the request (fallback.py says which
+        failures count) before any response has started, run it again on the next fallback."""
+        while True:
+            try:
+                return await run()
+            except APIError as err:
+                if not fallback.should_fall_back(err) or self.target is None:
+                    raise
+                old = self.target
+                generation.abort_all(self._submitted)
+                self._submitted.clear()
+                if err.code == "first_token_timeout":
+                    old.fail()  # a stall counts against the version (and its breaker)
+                else:
+                    old.release_probe()
+                if self._leave_target is not None:
+                    self._leave_target("moved")  # a drain of the old version no longer waits for it
+                self._take(self._fallback_target(err))
+
+    async def _first_token_wait(self, streams: list[FleetStream]) -> None:
+        """The model's `first_token_timeout_s` while a fallback remains: no first output by then
+        moves the request on (504 `first_token_timeout` when this runs out of fallbacks)."""
+        timeout = self.app.models.first_token_timeout(self.routed)
+        if timeout is None:
+            return
+        if self._fallbacks is None:
+            self._fallbacks = self.app.models.fallback_chain(self._requested)
+        if not self._fallbacks:
+            return
+        deadline = time.monotonic() + timeout
+        for s in streams:
+            if not await s.peek(max(0.0, deadline - time.monotonic())):
+                raise fallback.first_token_timeout(self.model_name, timeout)
+
+    async def route_prompt(self, requested: str | None, user: str | None, *, messages: list[Any] | None = None,
+                           prompt: str | list[Any] | None = None) -> Target:
+        """`route` for a request with a prompt (chat `messages` or a completion's `prompt`): a router
+        model's name (models config `routers:`) becomes the model its rules choose from the prompt's
+        features, computed on a tokenizing thread when they tokenize or detect a language. The
+        caller must be allowed both the router's name and the chosen model (else 404 for the router)."""
+        router = self.app.models.routers.get(requested)
+        if router is None:
+            return self.route(requested, user)
+        check_model_access(self.principal, requested, router.name)
+        tenant = self.principal.tenant if self.principal is not None else None
+        tok = self.app.models.tokenizer_of(router.default or router.rules[0].model) \
+            if "prompt_tokens" in router.needs else None
+        features = PromptFeatures(
+            lambda: PromptText.of_messages(messages) if messages is not None else PromptText.of_prompt(prompt or ""),
+            tenant_id=tenant.id if tenant is not None else None, tenant_name=tenant.name if tenant is not None else None,
+            headers=self.request.headers, encode=(lambda t: tok.encode(t, add_special_tokens=False)) if tok else None)
+        choice = await prompts.run_blocking(router.choose, features) if router.costly else router.choose(features)
+        if choice is None:
+            raise bad_request(f"router model {router.name!r} has no rule for this request and no default",
+                              param="model", code="no_matching_rule")
+        try:
+            target = self.route(choice.model, user, via=choice)
+        except APIError as err:  # the chosen model was unloaded since: the router's name is what was asked for
+            if err.status == 404:
+                raise model_not_found(router.name) from None
+            raise
+        router.count(choice)
         return target
 
     @property
@@ -266,8 +432,16 @@ class Pipeline:
     def reserve(self, prompt_tokens: int, worst_completion_tokens: int) -> None:
         """The tenant's tokens per minute, concurrency slot and budget for the worst case (429/402
         style refusals from the gateway); each is held on the lease."""
-        if self.meter is not None:
-            self.app.gateway.reserve(self.lease, self.meter, prompt_tokens, worst_completion_tokens)
+        if self.meter is None:
+            return
+        if self._worst_tokens >= 0:  # a fallback runs on what the first model reserved
+            self.meter.prompt_tokens = prompt_tokens
+            return
+        price = self._chain_price(prompt_tokens, worst_completion_tokens)
+        self.app.gateway.reserve(self.lease, self.meter, prompt_tokens, worst_completion_tokens, price)
+        self._worst_tokens = worst_completion_tokens
+        if price is not None and self.principal is not None and self.principal.tenant is not None:
+            self.meter.price = self.app.gateway.latest(self.principal.tenant).price_for(self.model_name)
 
     def shed(self, num_requests: int, num_tokens: int, cls: PriorityClass, priority: int) -> None:
         """SLO admission: queue bounds and the class's predicted wait on the target's queue (429);
@@ -286,12 +460,15 @@ class Pipeline:
         lease = self.lease
         lease.checkpoint("track")
         self.record.admitted = time.monotonic()  # admission ends: the engine takes over
-        tracker = self.app.metrics.tracker(sum(len(ids) for ids in prompts_ids), self.record)
-        tracker.on_tokens = self._on_tokens if self.meter is not None else None
-        tracker.on_finish = self._on_finish
-        self.tracker = tracker
-        lease.hold(lambda outcome: tracker.finish(None, error=outcome))
+        if self.tracker is None:  # a fallback's second submission keeps the request's one record
+            tracker = self.app.metrics.tracker(sum(len(ids) for ids in prompts_ids), self.record)
+            tracker.on_tokens = self._on_tokens if self.meter is not None else None
+            tracker.on_finish = self._on_finish
+            self.tracker = tracker
+            lease.hold(lambda outcome: tracker.finish(None, error=outcome))
         lease.accounted = True
+        self._params = params
+        self.app.models.hedger.note_request()
         lease.checkpoint("submit")
         tenant, weight = self._fair_share()
         salt = self.principal.tenant_id if self.principal is not None else None  # no tenant can time another's
@@ -303,12 +480,15 @@ class Pipeline:
                                         tenant=tenant, tenant_weight=weight)
                 lease.hold(lambda _outcome, s=stream: s.abort())
                 streams.append(stream)
+                self._submitted.append(stream)
         except ValueError as exc:
             generation.abort_all(streams)
             raise sampling_error(exc) from None
         except EngineUnavailableError as exc:
             generation.abort_all(streams)
             raise unavailable(str(exc), "engine_unavailable", retry_after_s=5) from None
+        if not params.embed:  # embeddings never fall back (vectors of two models do not compare)
+            await self._first_token_wait(streams)
         lease.checkpoint("respond")
         return streams
 
@@ -351,6 +531,10 @@ class Pipeline:
         self.app.gateway.on_tokens(self.meter, num_new, num_cached)
 
     def _on_finish(self, reasons: list[str | None] | None, error: str | None) -> None:
+        ttft, cls = self.record.ttft_s, self.record.cls
+        if ttft is not None and cls is not None and not (self._params is not None and self._params.embed):
+            # the class's TTFT p95 of generation, for hedge delays
+            self.app.models.hedger.observe_ttft(cls.name, ttft)
         if self.meter is not None:
             self.meter.queue_time_s = self.record.queue_s
             self.meter.replica = self.target.replica if self.target is not None else None
@@ -361,7 +545,85 @@ class Pipeline:
     # ---- driving the streams ------------------------------------------------------------------
     async def collect(self, streams: list[FleetStream]) -> list[RequestOutput] | Response:
         """Non-streaming routes: every stream's final output, or the response to send instead."""
+        if len(streams) == 1 and self._hedge_wanted():
+            streams = [await self._hedged(streams[0])]
         return await generation.collect_or_respond(self.request, streams, self.observe, self.settle)
+
+    # ---- hedged requests (lifecycle/hedge.py) ---------------------------------------------------
+    def hedge_header(self) -> bool | None:
+        """The request's `x-lockgate-hedge` (None: absent); 400 for anything but a boolean."""
+        raw = self.request.headers.get(hedge.HEDGE_HEADER)
+        if raw is None:
+            return None
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise bad_request(f"{hedge.HEDGE_HEADER} must be true or false", param=hedge.HEDGE_HEADER,
+                          code="invalid_value")
+
+    def check_hedge(self, stream: bool, params: SamplingParams) -> None:
+        """A hedge asked for must be safe: not streamed (output would reach the client from one copy),
+        and repeatable (greedy or seeded), else 400 naming the header."""
+        if not self.hedge_header():
+            return
+        if stream:
+            raise bad_request("a streamed request cannot be hedged (its output starts at once); drop "
+                              f"{hedge.HEDGE_HEADER} or stream=false", param=hedge.HEDGE_HEADER, code="invalid_value")
+        if params.temperature != 0 and params.seed is None:
+            raise bad_request("only a greedy (temperature 0) or seeded request can be hedged: another copy "
+                              "must give the same answer", param=hedge.HEDGE_HEADER, code="invalid_value")
+
+    def _hedge_wanted(self) -> bool:
+        asked = self.hedge_header()
+        if asked is None and self.principal is not None and self.principal.tenant is not None:
+            asked = self.principal.tenant.hedge  # the tenant's opt-in, for requests that are safe
+        p = self._params
+        return bool(asked) and p is not None and (p.temperature == 0 or p.seed is not None) and p.n == 1
+
+    async def _hedged(self, first: FleetStream) -> FleetStream:
+        """Wait the class's TTFT p95 for a first output; then, budget allowing, race a copy on another
+        replica (or version): the first to produce wins, the other is aborted and never billed."""
+        hedger = self.app.models.hedger
+        cls = self.record.cls or self.app.config.classes.default
+        if await first.peek(hedger.delay_s(cls.name, cls.ttft_s)):
+            return first
+        second = self._hedge_copy(first)
+        if second is None:
+            return first
+        if self.meter is not None:
+            self.meter.hedged = True
+        self.lease.hold(lambda _outcome: second.abort())
+        winner, loser = await hedge.first_of(first, second)
+        loser.abort()
+        if winner is second:
+            hedger.won += 1
+            if self.meter is not None and self._hedge_version is not None:
+                self.meter.model_version = self._hedge_version  # the version that answered
+        self.routed.use_stream(winner)
+        return winner
+
+    def _hedge_copy(self, first: FleetStream) -> FleetStream | None:
+        hedger = self.app.models.hedger
+        rid = f"{first.request_id}-hedge"
+        if not hedger.take():
+            return None
+        try:
+            return first.copy(rid)  # another replica of the same version
+        except (EngineUnavailableError, ValueError):
+            pass
+        other = self.app.models.other_version(self.routed)
+        if other is not None:
+            try:
+                self._hedge_version = other.version
+                return first.copy(rid, other.fleet)
+            except (EngineUnavailableError, ValueError):
+                pass
+        hedger.sent -= 1  # nowhere to send it: nothing was spent
+        hedger.credit += 1.0
+        hedger.skipped += 1
+        return None
 
     def closer(self, streams: list[FleetStream]) -> Callable[[], None]:
         """`SSEResponse.on_close` for streaming routes: abort in the engine, record the hang-up."""
@@ -371,3 +633,31 @@ class Pipeline:
                 self.settle(None, error="client_disconnected")  # no-op when the stream completed
 
         return on_close
+
+    # ---- answers that are not a token stream (serving_embeddings.py) --------------------------------
+    def bill_cached(self, num_tokens: int) -> None:
+        """Prompt tokens answered from a cache (the embedding cache): billed at the cached-prompt
+        price, still counted in the request's prompt tokens (as OpenAI counts them)."""
+        if self.meter is not None:
+            self.meter.cached_tokens += num_tokens
+
+    async def serve_without_engine(self) -> None:
+        """A request answered with nothing left to run (every input from a cache): once its reservation
+        is on disk, its metrics record is opened as `submit` opens it, so it settles the same way."""
+        await self._reserved()
+        self.record.admitted = time.monotonic()
+        if self.tracker is None:
+            tracker = self.app.metrics.tracker(0, self.record)  # no prompt token processed
+            tracker.on_finish = self._on_finish
+            self.tracker = tracker
+            self.lease.hold(lambda outcome: tracker.finish(None, error=outcome))
+        self.lease.accounted = True
+
+    def answered(self) -> None:
+        """The whole answer of a request that streams no tokens (embeddings) is ready: it stands for
+        the first token (the record's TTFT for the class's SLO, the ledger's ttft)."""
+        now = time.monotonic()
+        if self.record.first_token is None:
+            self.record.first_token = self.record.last_token = now
+        if self.meter is not None and self.meter.first_token_at is None:
+            self.meter.first_token_at = now

@@ -30,6 +30,7 @@ from lockgate.server.model_select import model_cards
 from lockgate.server.params import chat_messages
 from lockgate.server.pipeline import route_only
 from lockgate.server.prompts import encode, render_chat_async, run_blocking
+from lockgate.server.embedding_protocol import EmbeddingRequest, EmbeddingResponse
 from lockgate.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,6 +40,7 @@ from lockgate.server.protocol import (
 )
 from lockgate.server.serving_chat import create_chat_completion
 from lockgate.server.serving_completions import create_completion
+from lockgate.server.serving_embeddings import create_embedding
 from lockgate.server.state import PRINCIPAL_SCOPE_KEY, AppState
 
 router = APIRouter()
@@ -74,6 +76,11 @@ async def completions(request: Request) -> Response:
                                                   stream=True, errors=GENERATION_ERRORS))
 async def chat_completions(request: Request) -> Response:
     return await create_chat_completion(request, _app(request))
+
+
+@router.post("/v1/embeddings", **operation(body=EmbeddingRequest, ok=EmbeddingResponse, errors=GENERATION_ERRORS))
+async def embeddings(request: Request) -> Response:
+    return await create_embedding(request, _app(request))
 
 
 @_get("/v1/models", **operation(ok=ModelList, errors=GUARDED))

@@ -11,6 +11,7 @@ from starlette.responses import Response
 from lockgate.lifecycle.fleet_stream import FleetStream
 from lockgate.engine.outputs import CompletionOutput, RequestOutput
 from lockgate.errors import APIError
+from lockgate.server.cached_response import lookup, mark
 from lockgate.server.errors import bad_request, json_response
 from lockgate.server.generation import failure_reason, stream_error_event
 from lockgate.server.logprobs import chat_logprobs, prompt_logprobs
@@ -28,8 +29,8 @@ from lockgate.server.state import AppState
 async def create_chat_completion(request: Request, app: AppState) -> Response:
     p = Pipeline.open(request, app, "chatcmpl")
     body = await read_body(request, ChatCompletionRequest)
-    p.route(body.model, body.user)
-    return await p.idempotent(bool(body.stream), lambda: _create(p, body))
+    await p.route_prompt(body.model, body.user, messages=body.messages)
+    return await p.idempotent(bool(body.stream), lambda: p.with_fallbacks(lambda: _create(p, body)))
 
 
 async def _create(p: Pipeline, body: ChatCompletionRequest) -> Response:
@@ -37,6 +38,7 @@ async def _create(p: Pipeline, body: ChatCompletionRequest) -> Response:
     await resolve_named_schema(p, body.response_format)  # a registered schema by name; answers checked
     params, tools, constraint = chat_inputs(body, p.app.config, p.engine_config)
     params = p.cap(params, param)
+    p.check_hedge(bool(body.stream), params)
     await check_compiles(*(tools.checks if tools is not None else ()), constraint)
     check_token_ids(params, p.routed.vocab_size)
     cls, priority = p.classify(body.priority)
@@ -52,25 +54,31 @@ async def _create(p: Pipeline, body: ChatCompletionRequest) -> Response:
         raise bad_request("the rendered chat prompt is empty", param="messages")
     p.check_context(len(ids), params.max_tokens, "messages")
     p.check_ready()
-    p.reserve(len(ids), params.n * worst_tokens(params, p.max_model_len - len(ids)))
-    p.shed(params.n, params.n * len(ids), cls, priority)
-    try:
-        streams = await p.submit([ids], [prompt], params, priority)
-    except APIError as exc:  # a schema, regex or grammar the engine cannot compile: the client's field
-        raise renamed(exc, constraint) from None
+    cached = lookup(p, "chat", [ids], params)  # the response cache (None: off, or not deterministic)
+    if cached is not None and cached.hit:
+        streams = cached.replay()  # nothing reserved, nothing run
+    else:
+        p.reserve(len(ids), params.n * worst_tokens(params, p.max_model_len - len(ids)))
+        p.shed(params.n, params.n * len(ids), cls, priority)
+        try:
+            streams = await p.submit([ids], [prompt], params, priority)
+        except APIError as exc:  # a schema, regex or grammar the engine cannot compile: the client's field
+            raise renamed(exc, constraint) from None
+        if cached is not None:
+            streams = cached.record(streams)  # stored once the engine has finished it
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     meta = {"id": p.request_id, "model": p.model_name, "created": int(time.time())}
     prompt_lps = _PromptLogprobs(ids, body.prompt_logprobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(_stream(meta, streams[0], params.n, len(ids), top_n, prompt_lps, p, include_usage,
-                                   answers), p.closer(streams))
+        return mark(cached, SSEResponse(_stream(meta, streams[0], params.n, len(ids), top_n, prompt_lps, p,
+                                                include_usage, answers), p.closer(streams)))
     finals = await p.collect(streams)
     if isinstance(finals, Response):
         return finals
     final = finals[0]
     p.settle([c.finish_reason for c in final.outputs])
-    return json_response(_response(meta, final, len(ids), top_n, prompt_lps, answers))
+    return mark(cached, json_response(_response(meta, final, len(ids), top_n, prompt_lps, answers)))
 
 
 class _PromptLogprobs:

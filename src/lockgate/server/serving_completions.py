@@ -15,6 +15,7 @@ from lockgate.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.errors import APIError
 from lockgate.server.errors import json_response
+from lockgate.server.cached_response import lookup, mark
 from lockgate.server.generation import failure_reason, merged, stream_error_event
 from lockgate.server.logprobs import TokenText, completion_logprobs, join_completion_logprobs, prompt_logprobs
 from lockgate.server.params import check_token_ids, completion_inputs, completion_prompts
@@ -41,14 +42,15 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[s
 async def create_completion(request: Request, app: AppState) -> Response:
     p = Pipeline.open(request, app, "cmpl")
     body = await read_body(request, CompletionRequest)
-    p.route(body.model, body.user)
-    return await p.idempotent(bool(body.stream), lambda: _create(p, body))
+    await p.route_prompt(body.model, body.user, prompt=body.prompt)
+    return await p.idempotent(bool(body.stream), lambda: p.with_fallbacks(lambda: _create(p, body)))
 
 
 async def _create(p: Pipeline, body: CompletionRequest) -> Response:
     await resolve_named_schema(p, body.response_format)  # a registered schema by name; answers checked
     params, constraint = completion_inputs(body, p.app.config, p.engine_config)
     params = p.cap(params, "max_tokens")
+    p.check_hedge(bool(body.stream), params)
     await check_compiles(constraint)
     check_token_ids(params, p.routed.vocab_size)
     cls, priority = p.classify(body.priority)
@@ -71,22 +73,28 @@ async def _create(p: Pipeline, body: CompletionRequest) -> Response:
     p.check_ready()  # again: tokenizing may have awaited
     num_prompt = sum(len(ids) for ids in ids_list)
     room = p.max_model_len
-    p.reserve(num_prompt, sum(params.n * worst_tokens(params, room - len(ids)) for ids in ids_list))
-    p.shed(params.n * len(ids_list), params.n * num_prompt, cls, priority)
-    try:
-        streams = await p.submit(ids_list, texts, params, priority)
-    except APIError as exc:  # a schema, regex or grammar the engine cannot compile: the client's field
-        raise renamed(exc, constraint) from None
+    cached = lookup(p, "completions", ids_list, params)  # the response cache (None: off, or not deterministic)
+    if cached is not None and cached.hit:
+        streams = cached.replay()  # nothing reserved, nothing run
+    else:
+        p.reserve(num_prompt, sum(params.n * worst_tokens(params, room - len(ids)) for ids in ids_list))
+        p.shed(params.n * len(ids_list), params.n * num_prompt, cls, priority)
+        try:
+            streams = await p.submit(ids_list, texts, params, priority)
+        except APIError as exc:  # a schema, regex or grammar the engine cannot compile: the client's field
+            raise renamed(exc, constraint) from None
+        if cached is not None:
+            streams = cached.record(streams)  # stored once the engine has finished them
     meta = _Meta(p.request_id, p.model_name, int(time.time()), params, bool(body.echo), texts, ids_list,
                  body.logprobs if body.echo else None, body.prompt_logprobs, p.token_text)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(_stream(meta, streams, p, include_usage), p.closer(streams))
+        return mark(cached, SSEResponse(_stream(meta, streams, p, include_usage), p.closer(streams)))
     finals = await p.collect(streams)
     if isinstance(finals, Response):
         return finals
     p.settle([c.finish_reason for f in finals for c in f.outputs])
-    return json_response(_response(meta, finals))
+    return mark(cached, json_response(_response(meta, finals)))
 
 
 def worst_tokens(params: SamplingParams, room: int) -> int:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from lockgate.gateway.gateway import Gateway
+from lockgate.gateway.response_cache import ResponseCache
 from lockgate.lifecycle.registry import ModelRegistry
 from lockgate.observability.metrics import ServerMetrics
 from lockgate.observability.observer import Observer
@@ -18,6 +19,7 @@ from lockgate.server.config import ServerConfig
 LEASE_SCOPE_KEY = "lockgate.lease"  # where the guard middleware puts each request's Lease
 PRINCIPAL_SCOPE_KEY = "lockgate.principal"  # and the authenticated caller (keyed mode)
 VERSION_SCOPE_KEY = "lockgate.model_version"  # the model version serving the request (a response header)
+MODEL_SCOPE_KEY = "lockgate.model"  # the served name of the model serving it (x-lockgate-model)
 REPLICA_SCOPE_KEY = "lockgate.replica"  # () -> the replica(s) serving it, as they stand when the answer starts
 IGNORED_FIELDS_SCOPE_KEY = "lockgate.ignored_fields"  # the body's unknown fields (a response header)
 
@@ -32,3 +34,4 @@ class AppState:
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     inflight: int = 0  # HTTP requests (past the guard middleware) not yet fully answered
+    response_cache: ResponseCache | None = None  # --response-cache (this process's own; None: off)

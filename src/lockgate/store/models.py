@@ -27,6 +27,7 @@ class Price:
     prompt: float = 0.0  # USD per 1M prompt tokens
     completion: float = 0.0  # USD per 1M completion tokens
     cached_prompt: float | None = None  # USD per 1M prompt tokens served from the prefix cache; None: = prompt
+    cache_hit: float = 0.0  # USD per request answered from the response cache (its whole cost)
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """USD, from the exact nano-USD amount (store/money.py)."""
@@ -63,6 +64,7 @@ class Tenant:
     created_at: float = 0.0
     updated_at: float = 0.0
     alert_thresholds: list[float] = field(default_factory=list)  # % of budget, each alerted once per period
+    hedge: bool = False  # its safe non-streaming requests may be hedged (lifecycle/hedge.py)
     alert_webhook: str | None = None  # the tenant's own alert receiver (besides the server's --alert-webhook)
 
     def price_for(self, model: str) -> Price:
@@ -129,6 +131,10 @@ class UsageRecord:
     replica: str | None = None  # the replica(s) that served it, NAME@VERSION/INDEX (None: never submitted)
     user: str | None = None  # the request's OpenAI `user` field: the tenant's own end user
     priority_class: str | None = None  # the priority class it ran in (gateway/classes.py)
+    cache: str | None = None  # 'hit': answered from the response cache (gateway policies)
+    attempts: str | None = None  # JSON list of the fallback attempts before the model that served
+    hedged: bool = False  # a hedge copy was sent (the loser is never billed)
+    router: str | None = None  # NAME/RULE of the router model that chose `model`
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ from lockgate.store.pg_functions import ADMIT_V8, FUNCTIONS
 from lockgate.store.schema import (
     GENESIS_HASH,
     OUTPUT_SCHEMAS_MIGRATION,
+    POLICIES_MIGRATION,
     SCHEMA_VERSION,
     SHARED_STATE_MIGRATION,
     SchemaError,
@@ -128,6 +129,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     SHARED_STATE_MIGRATION + FUNCTIONS,
     SPEND_MIGRATION,
     OUTPUT_SCHEMAS_MIGRATION,  # 9: the same SQL on both (DOUBLE PRECISION and INTEGER)
+    POLICIES_MIGRATION,  # 10: the same SQL on both
 ]
 
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a migration added to schema.py needs its PostgreSQL form here"

@@ -91,6 +91,28 @@ OUTPUT_SCHEMAS_MIGRATION: tuple[str, ...] = (
     )""",
 )
 
+# 10: gateway policies (issue 27): per usage row, a response-cache hit ('hit'), the attempts a
+# fallback made before the model that served (JSON list), whether a hedge copy was sent, and the router
+# (NAME/RULE) that chose the model; the embedding cache shared by every API process of a server.
+POLICIES_MIGRATION: tuple[str, ...] = (
+    "ALTER TABLE usage ADD COLUMN cache TEXT",
+    "ALTER TABLE usage ADD COLUMN attempts TEXT",
+    "ALTER TABLE usage ADD COLUMN hedged INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE usage ADD COLUMN router TEXT",
+    "ALTER TABLE tenants ADD COLUMN hedge INTEGER NOT NULL DEFAULT 0",  # opted in to hedged requests
+    """CREATE TABLE embedding_cache (
+        tenant_id TEXT NOT NULL,           -- '' in open mode; never shared across tenants
+        key TEXT NOT NULL,                 -- SHA-256 of (model version, input, dimensions)
+        vector TEXT NOT NULL,              -- base64 of little-endian float32
+        nbytes INTEGER NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        used_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant_id, key)
+    )""",
+    "CREATE INDEX embedding_cache_used ON embedding_cache(used_at)",
+)
+
 MIGRATIONS: list[tuple[str, ...]] = [
     # 1: tenants, keys, reservations, the usage ledger, idempotency, the audit chain.
     (
@@ -230,6 +252,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     SHARED_STATE_MIGRATION,
     SPEND_MIGRATION,
     OUTPUT_SCHEMAS_MIGRATION,
+    POLICIES_MIGRATION,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

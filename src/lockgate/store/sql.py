@@ -22,6 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from lockgate.store.alert_ops import AlertOps
+from lockgate.store.embedding_ops import EmbeddingOps
 from lockgate.store.hourly_ops import HourlyOps
 from lockgate.store.audit import (
     ChainHead,
@@ -57,14 +58,15 @@ GROUP_BY = usage_query.GROUP_BY
 MAX_QUERY_LIMIT = 100_000
 
 TENANT_COLS = ("id, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd, "
-                "budget_period, prices, created_at, updated_at, weight, alert_thresholds, alert_webhook")
+                "budget_period, prices, created_at, updated_at, weight, alert_thresholds, alert_webhook, hedge")
 KEY_COLS = ("id, tenant_id, name, prefix, key_hash, scopes, rpm, tpm, max_concurrency, max_tokens, "
              "expires_at, revoked_at, created_at, budget_usd, budget_period, alert_thresholds")
 RES_COLS = ("request_id, tenant_id, key_id, model, reserved_usd, prompt_tokens, completion_tokens, "
              "cached_tokens, created_at, updated_at, model_version, instance_id")
 USAGE_COLS = ("request_id", "tenant_id", "key_id", "model", "prompt_tokens", "completion_tokens",
                "cached_tokens", "queue_time_s", "ttft_s", "e2e_s", "finish_reason", "status", "cost_usd",
-               "created_at", "model_version", "replica", "user_id", "priority_class", "cost_nusd")
+               "created_at", "model_version", "replica", "user_id", "priority_class", "cost_nusd", "cache", "attempts",
+               "hedged", "router")
 AUDIT_COLS = "id, ts, actor, action, target, details, prev_hash, hash"
 
 
@@ -78,7 +80,7 @@ def _tenant(row: tuple) -> Tenant:
                   limits=Limits(rpm=row[3], tpm=row[4], max_concurrency=row[5], max_tokens=row[6]),
                   priority=row[7], budget_usd=row[8], budget_period=row[9], prices=prices,
                   created_at=row[11], updated_at=row[12], weight=row[13],
-                  alert_thresholds=json.loads(row[14] or "[]"), alert_webhook=row[15])
+                  alert_thresholds=json.loads(row[14] or "[]"), alert_webhook=row[15], hedge=bool(row[16]))
 
 
 def _key(row: tuple) -> ApiKey:
@@ -99,7 +101,7 @@ def _audit(row: tuple) -> AuditRecord:
 
 
 
-class SqlStore(SharedOps, AlertOps, SpendOps, HourlyOps, ObjectSpendOps, SchemaOps):
+class SqlStore(SharedOps, AlertOps, SpendOps, HourlyOps, ObjectSpendOps, SchemaOps, EmbeddingOps):
     DAY_SQL = "date(created_at, 'unixepoch')"  # a usage row's UTC day, YYYY-MM-DD
     HOUR_TEXT_SQL = "strftime('%Y-%m-%dT%H:00:00Z', created_at, 'unixepoch')"  # its UTC hour, as text
     # The values of a reservation row in `INSERT ... SELECT`: PostgreSQL needs their types spelled.
@@ -197,7 +199,7 @@ class SqlStore(SharedOps, AlertOps, SpendOps, HourlyOps, ObjectSpendOps, SchemaO
         tenant.updated_at = tenant.updated_at or tenant.created_at
         with self._write(admin=True) as conn:
             self._check_name_free(conn, tenant.name, tenant.id)
-            conn.execute(f"INSERT INTO tenants({TENANT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            conn.execute(f"INSERT INTO tenants({TENANT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          self._tenant_values(tenant))
             self._append_audit(conn, actor, "tenant.create", tenant.id, _tenant_details(tenant))
         return tenant
@@ -207,7 +209,8 @@ class SqlStore(SharedOps, AlertOps, SpendOps, HourlyOps, ObjectSpendOps, SchemaO
         lim = t.limits
         return (t.id, t.name, canonical_json(list(t.models)), lim.rpm, lim.tpm, lim.max_concurrency,
                 lim.max_tokens, t.priority, t.budget_usd, t.budget_period, _prices_json(t.prices),
-                t.created_at, t.updated_at, t.weight, canonical_json(list(t.alert_thresholds)), t.alert_webhook)
+                t.created_at, t.updated_at, t.weight, canonical_json(list(t.alert_thresholds)), t.alert_webhook,
+                int(t.hedge))
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
         row = self._q(
@@ -231,7 +234,7 @@ class SqlStore(SharedOps, AlertOps, SpendOps, HourlyOps, ObjectSpendOps, SchemaO
             cur = conn.execute(
                 "UPDATE tenants SET name=?, models=?, rpm=?, tpm=?, max_concurrency=?, max_tokens=?, "
                 "priority=?, budget_usd=?, budget_period=?, prices=?, updated_at=?, weight=?, "
-                "alert_thresholds=?, alert_webhook=? WHERE id=? AND deleted_at IS NULL",
+                "alert_thresholds=?, alert_webhook=?, hedge=? WHERE id=? AND deleted_at IS NULL",
                 self._tenant_values(tenant)[1:11] + (tenant.updated_at, tenant.weight,
                                                      *self._tenant_values(tenant)[14:], tenant.id))
             if cur.rowcount != 1:
@@ -354,7 +357,7 @@ class SqlStore(SharedOps, AlertOps, SpendOps, HourlyOps, ObjectSpendOps, SchemaO
         return (r.request_id, r.tenant_id, r.key_id, r.model, int(r.prompt_tokens), int(r.completion_tokens),
                 int(r.cached_tokens), r.queue_time_s, r.ttft_s, r.e2e_s, r.finish_reason, int(r.status),
                 float(r.cost_usd), r.created_at or now, r.model_version, r.replica, r.user, r.priority_class,
-                nano(r.cost_usd))
+                nano(r.cost_usd), r.cache, r.attempts, int(bool(r.hedged)), r.router)
 
     def add_reservations(self, reservations: list[Reservation]) -> None:
         if reservations:
@@ -490,4 +493,4 @@ def _tenant_details(t: Tenant) -> dict[str, Any]:
             "weight": t.weight, "budget_usd": t.budget_usd, "budget_period": t.budget_period,
             "prices": {m: asdict(p) for m, p in t.prices.items()},
             **({"alert_thresholds": list(t.alert_thresholds), "alert_webhook": t.alert_webhook}
-               if t.alert_thresholds or t.alert_webhook else {})}
+               if t.alert_thresholds or t.alert_webhook else {}), **({"hedge": True} if t.hedge else {})}

@@ -196,13 +196,13 @@ class EngineCore:
         num_sampled = len(sampled)
         for req, token, lp in sampled:
             first = not req.output_token_ids
-            if token is None:  # max_tokens=0: the prompt is computed (prompt logprobs), nothing sampled
+            if token is None:  # max_tokens=0: the prompt is computed (prompt logprobs, pooling), nothing sampled
                 num_sampled -= 1
                 outputs.append(EngineCoreOutput(
                     request_id=req.request_id, new_token_ids=[], finish_reason="length",
                     num_cached_tokens=req.num_cached_tokens,
                     start_times=self._started_at.pop(req.request_id, None),
-                    prompt_logprobs=req.take_prompt_logprobs()))
+                    prompt_logprobs=req.take_prompt_logprobs(), embedding=req.embedding))
                 self.scheduler.finish(req)
                 continue
             req.output_token_ids.append(token)

@@ -34,7 +34,11 @@ Each step:
   shares of the rest (valid, decreasing log-probabilities). Prompt logprobs
   likewise, per prompt position as its chunk runs: the prompt token is ranked
   first, with alternatives from the pool; a request with max_tokens=0 finishes
-  when its prompt is done, with nothing sampled.
+  when its prompt is done, with nothing sampled;
+- gives a pooling request (embeddings) a deterministic pseudo-embedding of the
+  model's hidden size: each token id stands for a fixed pseudo-random vector
+  (a hash of the id and the dimension), the prompt's is their mean, L2-normalized
+  (a bag of tokens: texts sharing tokens are close, the same text always equal).
 
 No KV tensors are allocated; the block count is sized as the real runner sizes
 it (from `num_kv_blocks`, or `kv_cache_memory_gb` at 2 bytes per element for
@@ -47,6 +51,8 @@ import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from lockgate.engine.config import EngineConfig, ModelConfig
 from lockgate.engine.core.request import Request
@@ -92,6 +98,17 @@ def token_pool(tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int]) 
     if not pool:
         raise ValueError("load_format='fake': the tokenizer has no usable non-special tokens")
     return pool
+
+
+def token_vectors(ids: list[int], dim: int) -> np.ndarray:
+    """[len(ids), dim] float64 in [-1, 1): a fixed pseudo-random vector per token id (splitmix64 of
+    the id and the dimension, vectorized)."""
+    x = np.asarray(ids, dtype=np.uint64)[:, None] * np.uint64(0x9E3779B97F4A7C15)
+    x = x ^ np.arange(dim, dtype=np.uint64)[None, :]
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * (2.0 / 2**53) - 1.0
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: str) -> int:
@@ -154,6 +171,17 @@ class FakeRunner:
             entries.append(TokenLogprob(logprob=math.log(p0), top=top[:want], rank=1))
         req.num_prompt_logprobs = hi
 
+    def pool_prompt(self, req: Request, lo: int, hi: int) -> None:
+        """Prompt positions [lo, hi) of a pooling request into its sum; the embedding once complete."""
+        part = token_vectors(req.prompt_token_ids[lo:hi], self.model_config.hidden_size).sum(axis=0)
+        req.pooled = part if req.pooled is None else req.pooled + part
+        req.num_pooled = hi
+        if hi == req.num_prompt_tokens:
+            vec = req.pooled / hi
+            vec /= max(float(np.linalg.norm(vec)), 1e-12)
+            req.embedding = vec.astype("<f4").tobytes()
+            req.pooled = None
+
     def step_delay(self, batch: ScheduledBatch) -> float:
         """Seconds this step sleeps: the fixed part plus the per-token part."""
         return self.step_delay_s + self.token_delay_s * batch.total_tokens
@@ -185,6 +213,10 @@ class FakeRunner:
                 lo, hi = req.prompt_logprob_span(batch.start[i], end)
                 if lo < hi:
                     self.prompt_logprobs(req, lo, hi)
+            if req.params.embed:
+                lo, hi = req.pool_span(batch.start[i], end)
+                if lo < hi:
+                    self.pool_prompt(req, lo, hi)
             if end != req.num_tokens:
                 continue  # a prefill chunk short of the end samples nothing
             if not req.max_tokens:

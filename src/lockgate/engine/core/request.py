@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lockgate.engine.messages import EngineCoreRequest, TokenLogprob
 from lockgate.engine.sampling_params import SamplingParams
@@ -33,6 +33,7 @@ class Request:
         "block_ids", "block_hashes", "num_cached_tokens", "generator", "eos_token_ids",
         "max_tokens", "stop_token_ids", "num_preemptions", "tenant", "tenant_weight",
         "enqueue_time", "seq", "prompt_logprobs", "num_prompt_logprobs", "grammar",
+        "pooled", "num_pooled", "embedding",
     )
 
     def __init__(self, req: EngineCoreRequest, eos_token_ids: list[int], max_tokens: int) -> None:
@@ -69,6 +70,12 @@ class Request:
         # survives preemption: the matcher has consumed exactly `output_token_ids`, which a recompute
         # keeps, so decoding resumes from the same grammar state.
         self.grammar: RequestGrammar | None = None
+        # Pooling (`params.embed`): the float32 sum of the hidden states of prompt positions
+        # [0, num_pooled) (the runner's tensor or array), kept across preemption like prompt logprobs,
+        # so a recompute adds no position twice; then the final vector, as little-endian float32 bytes.
+        self.pooled: Any = None
+        self.num_pooled = 0
+        self.embedding: bytes | None = None
 
     @property
     def grammar_pending(self) -> bool:
@@ -81,6 +88,13 @@ class Request:
         if self.prompt_logprobs is None:
             return 0, 0
         return max(start, self.num_prompt_logprobs), min(end, len(self.prompt_token_ids) - 1)
+
+    def pool_span(self, start: int, end: int) -> tuple[int, int]:
+        """The prompt positions in [start, end) not yet pooled: an empty span (lo >= hi) for
+        requests that do not pool or owe nothing."""
+        if not self.params.embed:
+            return 0, 0
+        return max(start, self.num_pooled), min(end, len(self.prompt_token_ids))
 
     @property
     def prompt_logprobs_done(self) -> bool:

@@ -9,6 +9,10 @@ Prompt logprobs: for the requests that ask, the LM head also runs over the promp
 positions of their chunks in the step (in slices of bounded size), and each
 position's next prompt token is scored (logprob, rank, top alternatives) from
 the float32 log-softmax. Requests that do not ask add no row and no sync.
+
+Pooling (embeddings): a request with `embed` sums the final-normed hidden states of
+its prompt positions as its chunks run (both paths, PyTorch and native, return every
+row's); when its prompt is complete, the mean, L2-normalized, is its embedding.
 """
 from __future__ import annotations
 
@@ -183,6 +187,8 @@ class ModelRunner:
                 prefills.append(PrefillSeq(t, n, end, blocks))
             if req.prompt_logprobs is not None:
                 head.add_prompt_span(req, start, end, t)
+            if req.params.embed:
+                head.add_pool_span(req, start, end, t)
             t += n
             if end == req.num_tokens:  # reached the end of what is known: sample the next token
                 head.add_end(req, i, t - 1)
@@ -231,6 +237,8 @@ class ModelRunner:
             tables[t:t + e - s, : len(table)] = table
             if req.prompt_logprobs is not None:
                 head.add_prompt_span(req, s, e, t)
+            if req.params.embed:
+                head.add_pool_span(req, s, e, t)
             t += e - s
             if e == req.num_tokens:  # reached the end of what is known: sample the next token
                 head.add_end(req, i, t - 1)
@@ -251,6 +259,8 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if head.prompt_spans:
             self.prompt_logprobs(hidden, head.prompt_spans)
+        if head.pool_spans:
+            pool(hidden, head.pool_spans)
         out: list[tuple[Request, int | None, TokenLogprob | None]] = []
         if head.samplers:
             out = self.sample(batch, hidden, head.samplers, head.rows, masks)
@@ -325,6 +335,20 @@ class ModelRunner:
             j += hi - lo
 
 
+def pool(hidden: torch.Tensor, spans: list[_PromptSpan]) -> None:
+    """Pooling requests: add their rows' hidden states (float32) to their sums; a request whose
+    prompt is complete gets its embedding, the mean over the prompt L2-normalized."""
+    for req, lo, hi, r0 in spans:
+        part = hidden[r0:r0 + hi - lo].float().sum(dim=0)
+        req.pooled = part if req.pooled is None else req.pooled + part
+        req.num_pooled = hi
+        if hi == req.num_prompt_tokens:
+            mean = req.pooled / hi
+            vec = mean / mean.norm().clamp_min(1e-12)
+            req.embedding = vec.cpu().numpy().astype("<f4").tobytes()
+            req.pooled = None
+
+
 def _grammar_rows(reqs: list[Request], masks: StepMasks | None) -> GrammarRows | None:
     """The step's bitmasks in the sampler's row order (None: no constrained row)."""
     if masks is None:
@@ -344,15 +368,16 @@ def _grammar_rows(reqs: list[Request], masks: StepMasks | None) -> GrammarRows |
 class StepRows:
     """The rows of a step's hidden states the LM head runs on, gathered while the batch is laid
     out: samplers (batch entries that sample) and their rows; requests whose prompt finished
-    without sampling (max_tokens=0); prompt-logprob spans."""
+    without sampling (max_tokens=0); prompt-logprob spans; pooling spans (embeddings)."""
 
-    __slots__ = ("samplers", "rows", "no_sample", "prompt_spans")
+    __slots__ = ("samplers", "rows", "no_sample", "prompt_spans", "pool_spans")
 
     def __init__(self) -> None:
         self.samplers: list[int] = []
         self.rows: list[int] = []
         self.no_sample: list[Request] = []
         self.prompt_spans: list[_PromptSpan] = []
+        self.pool_spans: list[_PromptSpan] = []
 
     def add_end(self, req: Request, entry: int, row: int) -> None:
         """Entry `entry` computed up to its last known token, at flattened row `row`."""
@@ -367,3 +392,9 @@ class StepRows:
         lo, hi = req.prompt_logprob_span(start, end)
         if lo < hi:
             self.prompt_spans.append((req, lo, hi, row0 + lo - start))
+
+    def add_pool_span(self, req: Request, start: int, end: int, row0: int) -> None:
+        """Positions [start, end) of a pooling request, position `start` at row `row0`."""
+        lo, hi = req.pool_span(start, end)
+        if lo < hi:
+            self.pool_spans.append((req, lo, hi, row0 + lo - start))

@@ -240,6 +240,8 @@ class Scheduler:
                 # serves only positions whose logprobs are already known (after a preemption);
                 # the first time, none. Its blocks are still cached for others as it computes.
                 hits = hits[: req.num_prompt_logprobs // self.kv.block_size]
+            if hits and req.params.embed:  # pooling needs every position's hidden state, as above
+                hits = hits[: req.num_pooled // self.kv.block_size]
             n_full = req.num_tokens - req.num_computed_tokens - len(hits) * bs
             if self.config.enable_chunked_prefill:
                 n = min(n_full, st.budget, st.prefill_left)

@@ -35,7 +35,7 @@ from lockgate.engine.errors import EngineDeadError, EngineUnavailableError, Requ
 from lockgate.engine.frontend.input_processor import InputProcessor
 from lockgate.engine.frontend.output_processor import OutputProcessor
 from lockgate.engine.frontend.queue_view import QueueView
-from lockgate.engine.frontend.stream import RequestStream
+from lockgate.engine.frontend.stream import RequestStream, stalls
 from lockgate.engine.frontend.supervisor import CoreCounters, EngineState, Supervisor
 from lockgate.engine.frontend.transport import CoreLink, CoreTransport
 from lockgate.engine.frontend.watchdog import StallWatchdog
@@ -277,6 +277,9 @@ class AsyncEngineClient:
         first = reqs[0]
         text = prompt if isinstance(prompt, str) else prompt_text
         stream = RequestStream(request_id, len(reqs), len(first.prompt_token_ids) * len(reqs), self._release)
+        cfg = self.config
+        if cfg.load_format == "fake" and cfg.fake_stall_fraction > 0 and stalls(request_id, cfg.fake_stall_fraction):
+            stream.hold_until = time.monotonic() + cfg.fake_stall_s  # a stalled replica, as the reader sees it
         # From here on, any failure releases what was registered (one place: _release).
         self._streams[request_id] = stream
         self.queue.add(request_id, priority, stream.num_children, stream.queued_tokens)

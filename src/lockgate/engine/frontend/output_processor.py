@@ -6,6 +6,7 @@ caller must abort it in the core (the core cannot see text).
 """
 from __future__ import annotations
 
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class ParentState:
     num_cached_tokens: int = 0
     times: list[RequestTimes] = field(default_factory=list)  # children that have started
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # once the core sent them
+    embedding: list[float] | None = None  # a pooling request's, with its finishing output
 
     @property
     def finished(self) -> bool:
@@ -117,6 +119,8 @@ class OutputProcessor:
                 parent.num_cached_tokens = out.num_cached_tokens
             if out.prompt_logprobs is not None and parent.prompt_logprobs is None:
                 parent.prompt_logprobs = self._prompt_logprobs(parent.prompt_token_ids, out.prompt_logprobs)
+            if out.embedding is not None:
+                parent.embedding = list(struct.unpack(f"<{len(out.embedding) // 4}f", out.embedding))
             if child.times is not None:
                 child.times.last_token = now
             elif out.start_times is not None:
@@ -153,7 +157,7 @@ class OutputProcessor:
                 request_id=rid, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
                 outputs=[comps[i] for i in sorted(comps)], finished=finished,
                 num_cached_tokens=parent.num_cached_tokens, engine_times=parent.times,
-                prompt_logprobs=parent.prompt_logprobs))
+                prompt_logprobs=parent.prompt_logprobs, embedding=parent.embedding))
         return results, to_abort
 
     def _prompt_logprobs(self, prompt_ids: list[int],

@@ -7,6 +7,8 @@ behind gets everything since its last read merged into one item.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -38,7 +40,7 @@ class RequestStream:
     """
 
     __slots__ = ("request_id", "num_children", "queued_tokens", "queued", "finished_normally",
-                 "_pending", "_waiter", "_done", "_error", "_on_end")
+                 "_pending", "_waiter", "_done", "_error", "_on_end", "hold_until")
 
     def __init__(self, request_id: str, num_children: int, queued_tokens: int,
                  on_end: Callable[[RequestStream], None]) -> None:
@@ -53,6 +55,7 @@ class RequestStream:
         self._done = False
         self._error: BaseException | None = None
         self._on_end = on_end
+        self.hold_until = 0.0  # load_format="fake" stalls only: nothing reaches the reader before then
 
     @property
     def done(self) -> bool:
@@ -97,6 +100,11 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        if self.hold_until:
+            wait = self.hold_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self.hold_until = 0.0
         while True:
             if self._pending:
                 return self._pending.popleft()
@@ -112,3 +120,9 @@ class RequestStream:
             finally:
                 if self._waiter is waiter:
                     self._waiter = None
+
+
+def stalls(request_id: str, fraction: float) -> bool:
+    """Whether a fake-engine request is one of the `fraction` that stall (a stable hash of its id)."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
