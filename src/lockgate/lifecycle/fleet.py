@@ -377,17 +377,24 @@ class Fleet:
                ) -> tuple[Replica, Ticket]:
         """The router's pick among replicas that are up, not tried yet and not silent (a silent one
         only when nothing else is left); counted in flight there from now on."""
-        stale = set()
+        stale, failing = set(), set()
         for r in self.replicas.values():
             r.refresh()
-            if r.up and (r.stale or not r.breaker.allows()):  # an open breaker: skipped unless alone
+            if r.up and r.stale:
                 stale.add(r.index)
+            elif r.up and not r.breaker.allows():  # an open breaker: skipped while another can serve
+                failing.add(r.index)
         try:
-            decision, ticket = self.router.route(hashes, num_tokens, tenant=tenant, exclude=tried | stale)
+            decision, ticket = self.router.route(hashes, num_tokens, tenant=tenant, exclude=tried | stale | failing)
         except NoReplicaError:
-            if not stale:
+            if not stale and not failing:
                 raise
-            decision, ticket = self.router.route(hashes, num_tokens, tenant=tenant, exclude=tried)
+            try:  # a failing replica before a silent one
+                decision, ticket = self.router.route(hashes, num_tokens, tenant=tenant, exclude=tried | stale)
+            except NoReplicaError:
+                if not stale:
+                    raise
+                decision, ticket = self.router.route(hashes, num_tokens, tenant=tenant, exclude=tried)
         return self.replicas[decision.replica], ticket
 
     def note_reroute(self) -> None:

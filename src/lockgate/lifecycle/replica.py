@@ -66,6 +66,7 @@ class Replica:
         self.task: asyncio.Task[None] | None = None  # its start (and retries)
         self.subscriber: KVEventSubscriber | None = None
         self._was_up = False  # for clearing the router's index when the core goes down
+        self._restarts_seen = 0  # the core's restarts at the last refresh (a restart resets the breaker)
         self._peer_fed = False  # the router holds other API workers' load on this core
         self._follow: asyncio.Task[None] | None = None  # the subscriber moving to a restarted remote core
         self.breaker = CircuitBreaker(name, BreakerConfig())  # the fleet sets the model's config
@@ -87,8 +88,10 @@ class Replica:
         up = self.up
         if self._was_up and not up:
             self.router.cleared(self.index)  # a dead core's cache died with it
-        if up and not self._was_up:
+        restarts = self.client.num_restarts
+        if up and (not self._was_up or restarts != self._restarts_seen):
             self.breaker.reset("its engine core is up (again)")  # the failures were the dead core's
+        self._restarts_seen = restarts
         self._was_up = up
         if up:
             self._follow_core()
