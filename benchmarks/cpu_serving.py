@@ -1,20 +1,31 @@
-"""CPU serving benchmark: lockgate's OpenAI server vs llama-cpp-python's, same GGUF, same machine.
+"""CPU serving benchmark: lockgate's OpenAI server vs llama.cpp's own `llama-server`, same GGUF, same machine.
 
-    python benchmarks/cpu_serving.py [--concurrency 32] [--num-requests 64]
-                                     [--input-len 128] [--output-len 128]
+    python benchmarks/cpu_serving.py [--streams 1,8,32] [--requests-per-stream 2]
+                                     [--input-len 128] [--output-len 128] [--llama-server PATH]
 
-Each server runs alone (never both at once), is warmed up with one request,
-then serves `--num-requests` streaming completions from `--concurrency`
-concurrent clients: distinct prompts of exactly `--input-len` tokens (so no
-prefix-cache hits), exactly `--output-len` output tokens (EOS suppressed). It
-prints aggregate output tokens/s, TTFT p50/p95 and TPOT p50 for each, and the
-ratios lockgate / llama-cpp-python.
+For each number of concurrent streaming clients N (`--streams`), both servers serve
+`N * --requests-per-stream` streaming completions from N clients: distinct prompts of exactly
+`--input-len` tokens (no prefix-cache hits), exactly `--output-len` output tokens (EOS
+suppressed). lockgate runs with its defaults (the GGUF as stored: its int4 blocks on the native
+kernels; threads from the cores it may use); `llama-server` runs with N parallel slots (`-np N`,
+continuous batching, a context of N x (input + output) tokens, `-t` = the cores). Only one
+server runs at a time; lockgate's one server is reused across N, llama-server is started per N
+(its slot count is fixed at start). The order of the two alternates per N (a drift of the machine
+lands on both). Printed per N: aggregate output tokens/s, TTFT p50/p99, TPOT p50, and the ratios
+lockgate / llama-server, with the instruction set and kernels lockgate reported.
 
-llama-cpp-python is not a dependency: install it yourself (it builds llama.cpp
-from source, about 10 minutes on 2 cores), in this venv or another one whose
-Python you pass with --llamacpp-python:
+llama-server is not a dependency. It is built from the llama.cpp source that llama-cpp-python's
+source package vendors (about 10 minutes on 2 cores); when it is not found (`--llama-server`,
+$LLAMA_SERVER, /tmp/llb/build/bin/llama-server) the script prints these commands and measures
+lockgate alone:
 
-    pip install 'llama-cpp-python[server]'
+    mkdir -p /tmp/llb && cd /tmp/llb
+    pip download --no-binary :all: --no-deps llama-cpp-python -d .
+    tar xzf llama_cpp_python-*.tar.gz
+    cmake -S llama_cpp_python-*/vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \\
+          -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \\
+          -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF
+    cmake --build build -j 2 --target llama-server llama-bench llama
 """
 from __future__ import annotations
 
@@ -25,7 +36,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +47,7 @@ import httpx
 from lockgate.bench.procs import ServerProcess, free_port
 from lockgate.stats import percentile
 
-INSTALL_HINT = "pip install 'llama-cpp-python[server]'   # builds llama.cpp from source, ~10 min"
+LLAMA_SERVER_CANDIDATES = ("/tmp/llb/build/bin/llama-server",)
 
 
 @dataclass
@@ -142,85 +152,113 @@ async def run_load(name: str, base_url: str, prompts: list[str], concurrency: in
         return RunResult(name, time.perf_counter() - t0, results)
 
 
-def bench_server(name: str, cmd: list[str], port: int, prompts: list[str], args: argparse.Namespace,
-                 extra: dict, logdir: Path) -> RunResult:
+def start(name: str, cmd: list[str], port: int, logdir: Path, health: str) -> ServerProcess:
     srv = ServerProcess([], logdir / f"{name}.log", command=cmd, port=port, wait=False)
     try:
-        srv.wait_healthy(600, path="/v1/models")  # llama-cpp-python's server has no /health
-        return asyncio.run(run_load(name, srv.base_url, prompts, args.concurrency, args.output_len, extra))
-    finally:
+        srv.wait_healthy(600, path=health)
+    except BaseException:
         srv.stop()
+        raise
+    return srv
 
 
-def find_llamacpp_python(explicit: str | None) -> str | None:
-    candidates = [explicit] if explicit else [sys.executable, "/tmp/llamacpp-venv/bin/python"]
-    for py in candidates:
-        if py and Path(py).exists() and subprocess.run(
-                [py, "-c", "import llama_cpp.server"], capture_output=True).returncode == 0:
-            return py
+def find_llama_server(explicit: str | None) -> str | None:
+    for path in (explicit, os.environ.get("LLAMA_SERVER"), *LLAMA_SERVER_CANDIDATES):
+        if path and Path(path).is_file() and os.access(path, os.X_OK):
+            return path
     return None
 
 
-def report(runs: list[RunResult], args: argparse.Namespace) -> None:
-    print(f"\n{args.num_requests} requests, {args.concurrency} concurrent streaming clients, "
-          f"{args.input_len} prompt / {args.output_len} output tokens, {os.cpu_count()} CPUs")
-    print(f"{'server':<18}{'ok':>6}{'out tok/s':>12}{'TTFT p50':>11}{'TTFT p95':>11}{'TPOT p50':>11}{'wall s':>9}")
-    for r in runs:
-        print(f"{r.name:<18}{len(r.ok):>6}{r.throughput:>12.1f}{r.ttft(0.5):>10.2f}s{r.ttft(0.95):>10.2f}s"
-              f"{r.tpot(0.5) * 1000:>9.1f}ms{r.wall_s:>9.1f}")
-        errors = [x.error for x in r.results if not x.ok]
-        if errors:
-            print(f"  {len(errors)} failed, e.g. {errors[0]}")
-    if len(runs) == 2:
-        a, b = runs
-        print(f"\nratios {a.name} / {b.name}: throughput {a.throughput / b.throughput:.2f}x, "
-              f"TTFT p50 {a.ttft(0.5) / b.ttft(0.5):.2f}x, TTFT p95 {a.ttft(0.95) / b.ttft(0.95):.2f}x, "
-              f"TPOT p50 {a.tpot(0.5) / b.tpot(0.5):.2f}x  (throughput: higher is better; latencies: lower)")
+def lockgate_kernels(log_text: str) -> str:
+    """What lockgate's start-up log says ran: the precision/kernels line(s)."""
+    keep = [ln.split("] ", 1)[-1].strip() for ln in log_text.splitlines()
+            if any(k in ln for k in ("native CPU kernels", "precision", "kernels:", "quantization"))]
+    return "; ".join(dict.fromkeys(keep))[:600] or "(not reported)"
+
+
+def report(rows: list[tuple[int, RunResult, RunResult | None]], args: argparse.Namespace, kernels: str) -> None:
+    print(f"\n{args.input_len} prompt / {args.output_len} output tokens per request, "
+          f"{args.requests_per_stream} requests per stream, {os.cpu_count()} CPUs")
+    print(f"lockgate kernels: {kernels}")
+    print("| streams | server | ok | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, a, b in rows:
+        for r in (a, b):
+            if r is None:
+                continue
+            print(f"| {n} | {r.name} | {len(r.ok)} | {r.throughput:.1f} | {r.ttft(0.5):.2f} s | {r.ttft(0.99):.2f} s | "
+                  f"{r.tpot(0.5) * 1000:.1f} ms | {r.wall_s:.1f} |")
+            errors = [x.error for x in r.results if not x.ok]
+            if errors:
+                print(f"|   | {len(errors)} failed, e.g. {errors[0][:100]} | | | | | | |")
+    for n, a, b in rows:
+        if b is not None and b.throughput and a.throughput:
+            print(f"{n} streams: lockgate / llama-server throughput {a.throughput / b.throughput:.2f}x, "
+                  f"TTFT p99 {a.ttft(0.99) / b.ttft(0.99):.2f}x (lower is better)")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--streams", default="1,8,32", help="concurrent streaming clients, comma separated")
+    ap.add_argument("--requests-per-stream", type=int, default=2)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for each server")
-    ap.add_argument("--llamacpp-python", help="Python with llama-cpp-python[server] installed")
-    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server's threads")
+    ap.add_argument("--llama-server", help="path to llama.cpp's llama-server binary")
+    ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--lockgate-args", default="", help="extra `lockgate serve` options, space separated")
     args = ap.parse_args()
+    streams = [int(x) for x in args.streams.split(",") if x.strip()]
 
     from lockgate.engine.loader.default_model import default_model_path
 
     gguf = str(default_model_path())
-    prompts = make_prompts(args.num_requests, args.input_len)
     logdir = Path(tempfile.mkdtemp(prefix="lockgate-bench-"))
-    runs: list[RunResult] = []
-
+    peer = None if args.skip_peer else find_llama_server(args.llama_server)
+    if peer is None and not args.skip_peer:
+        print("llama-server not found; measuring lockgate alone. To compare, build it:\n"
+              + __doc__.split("lockgate alone:\n", 1)[1].rstrip().rstrip('"'))
     port = free_port()
     cmd = [sys.executable, "-m", "lockgate.server", "--port", str(port), "--no-access-log",
-           "--num-threads", str(args.threads), *args.lockgate_args.split()]
+           "--max-num-seqs", str(max(streams)), *args.lockgate_args.split()]
     print(f"lockgate: {' '.join(cmd)}", flush=True)
-    runs.append(bench_server("lockgate", cmd, port, prompts, args,
-                             {"ignore_eos": True, "stream_options": {"include_usage": True}}, logdir))
+    lockgate = start("lockgate", cmd, port, logdir, "/health")
+    kernels = lockgate_kernels(lockgate.log_text())
+    ours = {"ignore_eos": True, "stream_options": {"include_usage": True}}
+    theirs = {"ignore_eos": True, "n_predict": args.output_len, "logit_bias": [[0, False], [2, False]]}
+    rows: list[tuple[int, RunResult, RunResult | None]] = []
+    try:
+        for k, n in enumerate(streams):
+            prompts = make_prompts(n * args.requests_per_stream, args.input_len, seed=n)
 
-    py = None if args.skip_llamacpp else find_llamacpp_python(args.llamacpp_python)
-    if py is None:
-        if not args.skip_llamacpp:
-            print(f"\nllama-cpp-python is not installed; measuring lockgate alone. To compare, run:\n"
-                  f"    {INSTALL_HINT}\n(or pass --llamacpp-python /path/to/venv/bin/python)")
-    else:
-        port = free_port()
-        # One request at a time, as its server does; no interruption of a running request by a new one.
-        cmd = [py, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-               "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-               "--n_ctx", str(max(2048, 2 * (args.input_len + args.output_len))),
-               "--interrupt_requests", "False", "--verbose", "False"]
-        print(f"llama-cpp-python: {' '.join(cmd)}", flush=True)
-        # EOS suppressed through logit_bias (its API has no ignore_eos): 0 <|endoftext|>, 2 <|im_end|>.
-        runs.append(bench_server("llama-cpp-python", cmd, port, prompts, args,
-                                 {"logit_bias": {"0": -100, "2": -100}}, logdir))
-    report(runs, args)
+            def run_ours() -> RunResult:
+                return asyncio.run(run_load("lockgate", lockgate.base_url, prompts, n, args.output_len, ours))
+
+            def run_theirs() -> RunResult | None:
+                if peer is None:
+                    return None
+                pport = free_port()
+                pcmd = [peer, "-m", gguf, "--host", "127.0.0.1", "--port", str(pport), "-t", str(args.threads),
+                        "-np", str(n), "-c", str(n * (args.input_len + args.output_len + 16)), "--cont-batching",
+                        "--no-webui"]
+                if k == 0:
+                    print(f"llama-server: {' '.join(pcmd)}", flush=True)
+                srv = start(f"llama-server-{n}", pcmd, pport, logdir, "/health")
+                try:
+                    return asyncio.run(run_load("llama-server", srv.base_url, prompts, n, args.output_len, theirs))
+                finally:
+                    srv.stop()
+
+            if k % 2 == 0:
+                a = run_ours()
+                b = run_theirs()
+            else:
+                b = run_theirs()
+                a = run_ours()
+            rows.append((n, a, b))
+    finally:
+        lockgate.stop()
+    report(rows, args, kernels)
     shutil.rmtree(logdir, ignore_errors=True)
     return 0
 
