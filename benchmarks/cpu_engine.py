@@ -9,8 +9,11 @@ the decode rate after the first token is printed too, for lockgate and llama.cpp
   speed drifts by tens of percent over minutes); the ratio reported is the median over
   pairs. Its prompt cache is cleared before each run, as lockgate's is (llama-cpp-python
   otherwise reuses the KV of a repeated prompt);
-- lockgate at 1/16/64 streams in each precision: float (its default CPU dtype, on the
-  dequantized GGUF), `int8` and `int4` (the GGUF's own Q4_1 blocks, native kernels);
+- lockgate at 1/16/64 streams in each precision: `default` (what `LLM()` and `lockgate serve`
+  run with no options: the GGUF as stored, its Q4_1 blocks on the native kernels), `float` (the
+  dequantized GGUF, `quantization="none"`), `int8`, `int4`; a precision may name its kernels
+  (`int4:torch`) or activation codes (`int4+int16`). The start-up line of each (precision, path,
+  kernels and the instruction set they were built for, dtypes, threads) is printed with it;
 - transformers `generate` (float32, the same dequantized weights) at 16 and 64 streams,
   paired the same way: one of its runs just before each lockgate run.
 
@@ -18,13 +21,17 @@ With each precision's bounds at 1 stream: the *kernel bound* (tokens/s if a deco
 step did nothing but run each weight matrix once with that precision's own kernels)
 and the *bandwidth bound* (weight bytes / the machine's measured copy bandwidth).
 
-    .venv/bin/python benchmarks/cpu_engine.py [--streams 1,16,64] [--precisions float,int8,int4]
+    .venv/bin/python benchmarks/cpu_engine.py [--streams 1,16,64] [--precisions default,float,int4+int16]
 
 llama-cpp-python is not a dependency: it builds llama.cpp from source (about 15
 minutes on 2 cores). Install it in its own venv, found at /tmp/llamacpp-venv or
 passed with --llamacpp-python:
 
     python3 -m venv /tmp/llamacpp-venv && /tmp/llamacpp-venv/bin/pip install llama-cpp-python
+
+(or, with llama.cpp already built as benchmarks/cpu_serving.py says, install the Python package alone,
+`CMAKE_ARGS=-DLLAMA_BUILD=OFF /tmp/llamacpp-venv/bin/pip install llama_cpp_python-*.tar.gz`, and run
+this with `LLAMA_CPP_LIB_PATH=/tmp/llb/build/bin`).
 """
 from __future__ import annotations
 
@@ -248,8 +255,9 @@ def find_llamacpp_python(explicit: str | None) -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", default="1,16,64")
-    ap.add_argument("--precisions", default="float,int8,int4",
-                    help="comma-separated; a precision may name its kernels: int8:native, int4:torch")
+    ap.add_argument("--precisions", default="default,float",
+                    help="comma-separated: default (the stored precision), float, int8, int4; a precision may "
+                         "name its kernels (int8:native, int4:torch) and activation codes (int4+int16)")
     ap.add_argument("--dtype", default="auto", help="lockgate's float dtype (auto: bf16 with AMX/AVX512-BF16)")
     ap.add_argument("--reps", type=int, default=2, help="runs per measurement; the best is reported")
     ap.add_argument("--skip-hf", action="store_true")
@@ -293,10 +301,16 @@ def main() -> None:
     paired: dict[str, dict[int, list[tuple[float, float | None]]]] = {}
     for spec in precisions:
         prec, _, kernels = spec.partition(":")  # e.g. int8:native
-        llm = LLM(None, dtype=args.dtype, quantization=None if prec == "float" else prec,
-                  quantization_kernels=kernels or "auto")
+        prec, _, acts = prec.partition("+")  # e.g. int4+int16
+        opts = {"quantization_kernels": kernels or "auto", "quantization_activations": acts or "int8"}
+        if prec != "default":
+            opts["quantization"] = "none" if prec == "float" else prec
+        llm = LLM(None, dtype=args.dtype, **opts)
         runner = llm.engine.core.runner
-        name = f"{prec} ({runner.dtype})".replace("torch.", "") if prec == "float" else f"{prec} ({runner.kernels})"
+        print(f"lockgate {spec}: {runner.describe(None)}", flush=True)
+        q = runner.quantization or "float"
+        name = (f"{spec} ({runner.dtype})".replace("torch.", "") if q == "float"
+                else f"{spec} ({q}, {runner.kernels}{', ' + acts + ' activations' if acts else ''})")
         mb = weight_bytes(runner.model) / 2**20
         kb = kernel_bound(llm)
         bb = bw / matrix_bytes(llm)

@@ -13,15 +13,15 @@ def run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProces
 
 
 def test_generate_chat_prints_the_answer():
-    r = run(["generate", "--chat", "--max-tokens", "24", "What is the capital of France?"])
+    r = run(["generate", "--chat", "--max-tokens", "24", "What is the capital of Japan?"])  # France: test_llm.py
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
+    assert "Tokyo" in r.stdout
 
 
 def test_chat_repl_streams_and_exits():
-    r = run(["chat", "--temperature", "0"], stdin="What is the capital of France?\n/exit\n")
+    r = run(["chat", "--temperature", "0"], stdin="What is the capital of Japan?\n/exit\n")
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
+    assert "Tokyo" in r.stdout
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path: Path):
@@ -36,6 +36,10 @@ def test_serve_refuses_unknown_kernels_before_loading(tmp_path: Path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "quantization_kernels must be 'auto', 'native' or 'torch', got 'gpu'" in r.stderr
     assert not (tmp_path / "data").exists()  # refused before the store was opened
+    r = run(["serve", "--quantization", "fp8", "--port", "0", "--data-dir", str(tmp_path / "data")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "quantization must be one of auto, none, int4, int8; got 'fp8'" in r.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path):

@@ -32,6 +32,12 @@ StoreOpt = Annotated[Optional[str], typer.Option(
     help="a PostgreSQL store, postgresql://USER@HOST[:PORT]/DB (instead of --data-dir; a password belongs in "
          "the environment variable, not the command line)")]
 
+# A server that started open on this data dir stays open until restarted (gateway/gateway.py).
+FIRST_TENANT_NOTE = (
+    "note: this is the data directory's first tenant: a server started on it from now on requires keys. "
+    "A server already running on it without --admin-key stays open (no keys needed) until it is "
+    "restarted; restart it with --admin-key to keep the admin API.")
+
 tenants_app = typer.Typer(no_args_is_help=True, help="Create, list, change and delete tenants.")
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys (a tenant's, or global ones).")
 audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log of admin actions.")
@@ -183,7 +189,10 @@ def tenants_create(
     body = _tenant_body(json_body, name, models, rpm, tpm, max_concurrency, max_tokens, priority, budget_usd,
                         budget_period, price, weight, alert_threshold, alert_webhook, hedge)
     with _service(data_dir, store) as svc:
+        first = not svc.store.list_tenants()
         _print(svc.create_tenant(body, actor=ACTOR))
+    if first and not store:  # a shared store's instances turn keys on at once (docs/HORIZONTAL.md)
+        typer.echo(FIRST_TENANT_NOTE, err=True)
 
 
 @tenants_app.command("list")
@@ -259,12 +268,16 @@ def keys_create(
 
 @keys_app.command("list")
 def keys_list(
-    tenant_id: Annotated[Optional[str], typer.Option("--tenant-id", help="only this tenant's keys")] = None,
+    tenant: Annotated[Optional[str], typer.Argument(
+        metavar="[TENANT_ID]", help="only this tenant's keys (as `keys create TENANT_ID`)")] = None,
+    tenant_id: Annotated[Optional[str], typer.Option("--tenant-id", help="the same, as an option")] = None,
     data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """List keys (never the keys themselves: their prefixes)."""
+    if tenant is not None and tenant_id is not None and tenant != tenant_id:
+        _fail(f"TENANT_ID {tenant!r} and --tenant-id {tenant_id!r} disagree: give one", 2)
     with _service(data_dir, store) as svc:
-        _print(svc.list_keys(tenant_id))
+        _print(svc.list_keys(tenant if tenant is not None else tenant_id))
 
 
 @keys_app.command("update")

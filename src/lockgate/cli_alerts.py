@@ -14,8 +14,6 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lockgate.cli_admin import open_cli_store
-from lockgate.gateway.usage_view import usd_rounded
-from lockgate.store.money import nano
 
 alerts_app = typer.Typer(no_args_is_help=True, help="Budget and anomaly alerts: the webhook signing secret, "
                                                     "alerts raised and their deliveries.")
@@ -89,6 +87,9 @@ def list_alerts(
 
 
 def _summary(p: dict[str, Any]) -> str:
+    from lockgate.gateway.usage_view import usd_rounded
+    from lockgate.store.money import nano
+
     if p.get("kind") == "budget":
         who = f"key {p.get('key_id')}" if p.get("scope") == "key" else f"tenant {p.get('tenant_name')}"
         return (f"{who}: {p.get('threshold_pct'):g}% of {p.get('period')} budget "

@@ -16,10 +16,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from lockgate.eval.data import load_questions
-from lockgate.eval.router_eval import Served, run
-from lockgate.lifecycle import models_config
-
 
 def parse_prices(values: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -45,6 +41,10 @@ def eval_router_command(
 ) -> None:
     """Route the bundled questions with a router model and answer them with the models it picks,
     then with one model: accuracy, tokens and cost side by side."""
+    from lockgate.eval.data import load_questions  # here, not at import: `lockgate --help` stays fast
+    from lockgate.eval.router_eval import Served, run
+    from lockgate.lifecycle import models_config
+
     try:
         specs, _ = models_config.load(config)
         r = models_config.load_routers(config, specs).get(router)

@@ -16,7 +16,9 @@ import typer
 from lockgate.cli_admin import open_cli_store
 from lockgate.engine.structured_params import MAX_SPEC_CHARS
 from lockgate.errors import APIError
-from lockgate.gateway.schemas import GLOBAL, IncompatibleSchema, SchemaService
+
+# gateway.schemas (jsonschema and friends) is imported by each command: `lockgate --help` stays fast.
+GLOBAL = "global"  # gateway/schemas.py's GLOBAL (tests/test_cli_fast.py checks that they agree)
 
 schemas_app = typer.Typer(no_args_is_help=True, help="Versioned output schemas (response_format by name).")
 
@@ -53,6 +55,8 @@ def register_schema(
     data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """Register the next version of NAME; prints it (with the differences from the previous one)."""
+    from lockgate.gateway.schemas import IncompatibleSchema, SchemaService
+
     try:
         if file.stat().st_size > 4 * MAX_SPEC_CHARS:
             _fail(f"--file: {file} is larger than {4 * MAX_SPEC_CHARS} bytes")
@@ -77,6 +81,8 @@ def register_schema(
 @schemas_app.command("list")
 def list_schemas(tenant_id: TenantOpt = None, data_dir: DataDirOpt = None, store: StoreOpt = None) -> None:
     """Every schema name with its newest version (all namespaces, or one with --tenant-id)."""
+    from lockgate.gateway.schemas import SchemaService
+
     try:
         with open_cli_store(data_dir, store) as st:
             _echo(SchemaService(st).list(tenant_id)["data"])
@@ -90,6 +96,8 @@ def show_schema(
     tenant_id: TenantOpt = None, data_dir: DataDirOpt = None, store: StoreOpt = None,
 ) -> None:
     """A schema's versions, or one version with its schema (global namespace unless --tenant-id)."""
+    from lockgate.gateway.schemas import SchemaService
+
     try:
         with open_cli_store(data_dir, store) as st:
             _echo(SchemaService(st).versions(ref, tenant_id or GLOBAL))

@@ -33,11 +33,35 @@ def assert_idle(llm: LLM) -> None:
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_default_model_knows_the_capital_of_france(llm):
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+def test_default_model_knows_the_capital_of_japan(llm):
+    # Not France: that greedy answer is a near-tie in the model itself ("The" leads "L" by 0.08 nats in
+    # float32), which the default precision (int4, int8 activations as llama.cpp's) flips to "L'Étoile".
+    out = llm.chat([{"role": "user", "content": "What is the capital of Japan?"}],
                    SamplingParams(temperature=0.0, max_tokens=32))
-    assert "Paris" in out[0].outputs[0].text
+    assert "Tokyo" in out[0].outputs[0].text
     assert out[0].outputs[0].finish_reason == "stop"  # ended on <|im_end|>, not the length cap
+    assert_idle(llm)
+
+
+def test_default_model_runs_its_stored_int4_blocks_on_the_fused_path(llm):
+    """The default settings: the Q4_1 GGUF on its own blocks, every step (prefill and decodes) in the
+    fused native call, on whatever CPU runs this test (its float dtype "auto" included)."""
+    runner = llm.engine.core.runner
+    assert runner.quantization == "int4" and runner.kernels == "native"
+    assert runner.native is not None, runner.path
+    real, taken = runner.native_step, []
+
+    def spy(batch):
+        out = real(batch)
+        taken.append(out is not None)
+        return out
+
+    runner.native_step = spy
+    try:
+        llm.generate(["The capital of France is", "1, 2, 3,"], SamplingParams(temperature=0.0, max_tokens=4))
+    finally:
+        runner.native_step = real
+    assert len(taken) >= 4 and all(taken), taken
     assert_idle(llm)
 
 

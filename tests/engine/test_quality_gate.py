@@ -1,6 +1,7 @@
 """Quality gate of each quantized precision against float32 on the default model (SmolLM2 Q4_1).
 
-float32 runs the GGUF's weights dequantized; `int4` runs the same Q4_1 blocks through the
+float32 runs the GGUF's weights dequantized (`quantization="none"`); `int4` (the default model's
+default: its stored precision) runs the same Q4_1 blocks through the
 native kernels (int8 activations per 32 values, as llama.cpp), `int8` re-quantizes them per
 channel (PyTorch's kernel, bfloat16 activations: its native Q8_0 form failed this gate). Gate: the
 precision answers as many questions as float32 (one fewer at most) and its greedy tokens
@@ -33,7 +34,7 @@ MAX_TOKENS = 24
 @functools.cache
 def answers(precision: str) -> tuple[list[list[int]], list[str]]:
     prec, _, kernels = precision.partition(":")  # e.g. "int8:native"
-    llm = LLM(dtype="float32", quantization=None if prec == "float32" else prec,
+    llm = LLM(dtype="float32", quantization="none" if prec == "float32" else prec,
               quantization_kernels=kernels or "auto")
     outs = llm.chat([[{"role": "user", "content": q}] for q, _ in QUESTIONS],
                     SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))

@@ -188,7 +188,7 @@ def test_batch_size_switching_gives_the_same_tokens(tmp_path):
 
 
 def test_unknown_quantization_is_refused():
-    with pytest.raises(ValueError, match="quantization must be None, 'int4' or 'int8'"):
+    with pytest.raises(ValueError, match="quantization must be one of auto, none, int4, int8; got 'nf4'"):
         EngineConfig(quantization="nf4")
     with pytest.raises(ValueError, match="quantization must be one of"):
         quantize_model(torch.nn.Module(), "fp8", CPU)

@@ -61,6 +61,19 @@ def evals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 def test_bundled_sets_and_side_syntax(tmp_path: Path) -> None:
     assert len(load_prompts()) >= 16 and len(load_questions()) >= 20 and len(load_passage().split()) > 300
     assert parse_side("default:float32").dtype == "float32"
+    # No quantization tag: the stored precision; beside a float dtype, that float precision.
+    f32 = parse_side("default:float32")
+    assert (f32.quantization, f32.label) == ("none", "default:float32")
+    plain = parse_side("default")
+    assert (plain.dtype, plain.quantization, plain.label) == ("auto", "auto", "default:auto")
+    mixed = parse_side("default:float32,auto")
+    assert (mixed.quantization, mixed.label) == ("auto", "default:float32,auto")
+    assert parse_side("default", dtype="float32").quantization == "none"
+    assert parse_side("default", quantization="none").label == "default:auto,none"
+    with pytest.raises(ValueError, match="quantization must be int8, int4, none or auto, got 'fp8'"):
+        parse_side("default", quantization="fp8")
+    with pytest.raises(ValueError, match="need a quantization"):
+        parse_side("default:none,native")
     s = parse_side("default:bfloat16,int8")
     assert (s.path, s.dtype, s.quantization) == ("default", "bfloat16", "int8")
     assert parse_side("default", quantization="int4").quantization == "int4"
@@ -100,6 +113,8 @@ def test_int8_against_float32_passes_with_a_full_report(evals: dict[str, Any]) -
     assert report == json.loads(r.stdout)
     assert report["passed"] is True and report["failures"] == []
     assert report["model"]["quantization"] == "int8" and report["against"]["dtype"] == "float32"
+    assert report["results"]["ran"]["quantization"] == "int8"  # what each side's engine ran
+    assert report["against_results"]["ran"]["quantization"] == "none"
     assert report["settings"]["prompts"] == 3 and report["settings"]["questions"] == 3
     for side in ("results", "against_results"):
         res = report[side]

@@ -52,7 +52,7 @@ def test_encode_pair_moves_trailing_space_to_the_continuation() -> None:
 
 
 def test_multiple_choice_on_the_engine_matches_teacher_forcing() -> None:
-    llm = load(Side(dtype="float32"), num_threads=2)
+    llm = load(Side(dtype="float32", quantization="none"), num_threads=2)
     task = load_task("lockgate_mc").head(5)
     result = run_task(llm, task)
     assert result["requests"] == 20 and len(result["items"]) == 5

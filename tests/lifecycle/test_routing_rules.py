@@ -78,6 +78,11 @@ def test_version_specs_are_checked_before_anything_starts(tmp_path: Path) -> Non
             validate(VersionSpec(**fields), base)
         assert len(str(e.value)) < 600  # never the client's 1 MB echoed back
     assert engine_options({"quantization": "int8"}) == {"quantization": "int8"}
+    assert validate(VersionSpec(name="smol", engine={"quantization": "none"}), base).quantization == "none"
+    assert validate(VersionSpec(name="smol"), base).quantization == "auto"  # the stored precision
+    for bad in ("fp8", "INT4", 4):
+        with pytest.raises(ValueError, match="quantization"):
+            engine_options({"quantization": bad})
     kernels = {"quantization": "int8", "quantization_kernels": "native"}
     assert engine_options(kernels) == kernels
     assert validate(VersionSpec(name="smol", engine=kernels), base).quantization_kernels == "native"
@@ -198,7 +203,7 @@ def test_replicas_from_the_command_line_and_the_config_file(tmp_path: Path, capl
     assert configs[0].num_threads == 4 and "16 threads in all on 8 usable cores" in caplog.text
     one = [EngineConfig()]
     build.share_threads([VersionSpec("a")], one)
-    assert one[0].num_threads is None  # one engine: torch's own default, as before
+    assert one[0].num_threads is None  # one engine: its core takes every usable core (engine/threads.py)
 
 
 def test_placement_and_autoscale_in_the_config_file(tmp_path: Path) -> None:

@@ -328,13 +328,14 @@ def test_hot_load_canary_promote_and_drain_lose_no_request(srv: ServerProcess, a
 
 @pytest.mark.slow
 def test_shadow_compares_two_real_precisions(tmp_path: Path) -> None:
-    """The real model in float32 serving, its int8 quantization as the shadow (one thread each)."""
+    """The real model in float32 serving (dequantized: quantization none), its int8 quantization as the
+    shadow (one thread each)."""
     cfg = tmp_path / "models.yaml"
     cfg.write_text(f"""
 models:
   - name: {MODEL}
     versions:
-      - {{version: f32, path: default, engine: {{dtype: float32, num_threads: 1}}}}
+      - {{version: f32, path: default, engine: {{dtype: float32, quantization: none, num_threads: 1}}}}
       - {{version: int8, path: default, engine: {{dtype: float32, quantization: int8, num_threads: 1}}}}
     shadow: {{version: int8, fraction: 1.0}}
 """)
@@ -343,7 +344,8 @@ models:
         admin = Admin(s)
         h = {"Authorization": f"Bearer {ADMIN}"}
         assert [v["engine"] for v in admin.model()["versions"]] == [
-            {"dtype": "float32", "num_threads": 1}, {"dtype": "float32", "quantization": "int8", "num_threads": 1}]
+            {"dtype": "float32", "quantization": "none", "num_threads": 1},
+            {"dtype": "float32", "quantization": "int8", "num_threads": 1}]
         t = admin.call("POST", "/admin/tenants", {"name": "real"}).json()
         key = admin.call("POST", f"/admin/tenants/{t['id']}/keys", {"name": "k"}).json()["key"]
         questions = ["What is the capital of France?", "Name three colors.", "What do bees make?"]

@@ -27,6 +27,7 @@ def test_models(client: openai.OpenAI) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert models[0].object == "model" and models[0].owned_by == "lockgate"
+    assert models[0].model_extra["quantization"] == "int4"  # the default model's stored precision
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
@@ -149,7 +150,10 @@ def test_tokenize_detokenize(server: ServerProcess) -> None:
 
 def test_health_version_metrics(server: ServerProcess, client: openai.OpenAI) -> None:
     assert httpx.get(f"{server.base_url}/health").status_code == 200
-    assert httpx.get(f"{server.base_url}/version").json()["version"]
+    version = httpx.get(f"{server.base_url}/version").json()
+    assert version["version"] and version["quantization"] == "int4"
+    line = next(ln for ln in server.log_text().splitlines() if "precision int4" in ln)
+    assert "steps: fused native decode" in line and "threads" in line  # the start-up line says what runs
     client.completions.create(model=MODEL, prompt="x", max_tokens=2)
     m = server.metrics()
     for name in ("lockgate:num_requests_running", "lockgate:num_requests_waiting", "lockgate:kv_cache_usage_perc",

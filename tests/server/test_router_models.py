@@ -153,6 +153,9 @@ def test_models_list_shows_the_router(env: Env) -> None:
     assert set(auto["models"]) == {"small", "coder", "multi", "multi@v1", "multilingual"}
     longest = max(cards[m].model_dump()["max_model_len"] for m in ("small", "coder", "multi"))
     assert auto["max_model_len"] == longest and cards["small"].model_dump()["max_model_len"] == 256
+    # Fake engines run no weights: the float path ("none"); a router runs none itself (null).
+    assert cards["small"].model_dump()["quantization"] == "none" and auto["quantization"] is None
+    assert httpx.get(f"{env.srv.base_url}/version").json()["quantization"] == "none"  # the default model's
     tok = env.post("acme", "/tokenize", {"model": "auto", "prompt": "hello world"})
     assert tok.status_code == 200 and tok.json()["count"] >= 2  # the default's tokenizer
 

@@ -5,6 +5,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lockgate.engine.generation_defaults import check_option as check_generation_option
+from lockgate.engine.quant.precision import QUANTIZATION_CHOICES
+
 # Architectures one `models/llama.py` covers, with the switches each needs.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -45,6 +48,9 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral v0.1: max_model_len is capped to it (no windowed kernel)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # The checkpoint's sampling defaults (generation_config.json, GGUF general.sampling.*), as
+    # SamplingParams fields; engine/generation_defaults.py.
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -98,6 +104,9 @@ class ModelConfig:
             eos_token_ids=[int(e) for e in eos_ids],
         )
 
+# KV cache element types (EngineConfig.kv_cache_dtype); no 8-bit type yet.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -116,7 +125,10 @@ class EngineConfig:
     # their reader fake_stall_s late: a replica with stalls, for hedging's tail-latency benchmark.
     fake_stall_fraction: float = 0.0
     fake_stall_s: float = 0.0
-    quantization: str | None = None  # None | int4 | int8 (weight-only, CPU: decode on quantized weights)
+    # Weight precision (engine/quant/precision.py): "auto" (None means the same) runs the checkpoint as
+    # stored: a Q4_0/Q4_1 GGUF on its 4-bit blocks (int4, CPU), float checkpoints in float; "none" the
+    # float path (a GGUF dequantized); "int4" | "int8" quantize any checkpoint (weight-only, CPU decode).
+    quantization: str | None = "auto"
     # With quantization: keep a float copy of each quantized matrix and multiply by it in steps of
     # more than this many rows (CPUs whose bf16 GEMM outruns the int kernels at large batches, e.g.
     # AMX). None: no copy, the quantized kernels serve every batch size (least memory).
@@ -125,10 +137,18 @@ class EngineConfig:
     # "torch" (PyTorch's int4/int8 CPU kernels) or "auto" (native for int4 where it builds; torch
     # for int8, whose native form failed the quality gate).
     quantization_kernels: str = "auto"
+    # The native kernels' activation codes per 32 values: "int8" (llama.cpp's choice, the fastest) or
+    # "int16" (258x less rounding: greedy agreement with float32 0.69 -> 0.77 here, 20-40% slower;
+    # docs/PERFORMANCE.md). The weights are the same either way.
+    quantization_activations: str = "int8"
     seed: int = 0
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0
+    # Element type of the KV cache: "auto" is 16-bit (the model's dtype when that is 16-bit, else
+    # float16: half the bytes attention reads per step, twice the blocks per GiB) unless dtype is
+    # "float32" explicitly; or one of KV_CACHE_DTYPES' types (core/runner.py resolve_kv_dtype).
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -149,12 +169,19 @@ class EngineConfig:
     # Structured outputs: compiles one tenant may have queued; past that its new constrained requests
     # fail at once, so one tenant's flood of distinct schemas cannot delay the others' compiles.
     max_queued_compiles_per_tenant: int = 64
-    num_threads: int | None = None  # CPU intra-op threads; None leaves torch's default
+    # CPU threads of the engine process; None: the cores this process may use (affinity, cgroup
+    # quota; engine/threads.py), which a server divides among its engine processes.
+    num_threads: int | None = None
     # Test only: the first engine-core process hangs forever in this step (1-based), so the
     # stall watchdog can be tested; a restarted core does not hang again. Never set in production.
     debug_hang_at_step: int | None = None
+    # Sampling defaults for requests that leave fields out (vLLM's --generation-config): "auto" (the
+    # model's generation config), "vllm" (none: temperature 1.0, ...) or a directory holding a
+    # generation_config.json (engine/generation_defaults.py).
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
+        check_generation_option(self.generation_config)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:
@@ -169,10 +196,21 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
-        if self.quantization not in (None, "int4", "int8"):
-            raise ValueError(f"quantization must be None, 'int4' or 'int8', got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.quantization is None:
+            self.quantization = "auto"
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; "
+                             f"got {self.quantization!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int)
+                                             or isinstance(self.num_threads, bool) or self.num_threads < 1):
+            raise ValueError(f"num_threads must be an integer >= 1, got {self.num_threads!r}")
         if self.quantization_float_above is not None and self.quantization_float_above < 0:
             raise ValueError(f"quantization_float_above must be >= 0, got {self.quantization_float_above}")
+        if self.quantization_activations not in ("int8", "int16"):
+            raise ValueError(f"quantization_activations must be 'int8' or 'int16', got {self.quantization_activations!r}")
         if self.quantization_kernels not in ("auto", "native", "torch"):
             raise ValueError(f"quantization_kernels must be 'auto', 'native' or 'torch', "
                              f"got {self.quantization_kernels!r}")

@@ -2,25 +2,47 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Sequence
 
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.errors import RequestRejectedError
+from lockgate.engine.generation_defaults import checkpoint_source, resolve
 from lockgate.engine.llm_engine import LLMEngine
 from lockgate.engine.outputs import RequestOutput
 from lockgate.engine.sampling_params import SamplingParams
+from lockgate.engine.threads import openmp_env
 
 Prompt = str | list[int]
 
 
 class LLM:
     """`model=None` means the embedded default model; other keyword arguments are
-    `EngineConfig` fields (dtype, max_num_seqs, enable_prefix_caching, ...)."""
+    `EngineConfig` fields (dtype, quantization, kv_cache_dtype, num_threads, max_num_seqs, ...).
+
+    The model runs in its stored precision unless told (`quantization="auto"`: the default
+    model's Q4_1 blocks as int4; `quantization="none"` dequantizes it to float), with as many
+    threads as this process may use cores (`num_threads`). Made before torch is imported, it
+    sets OpenMP's wait policy to passive in this process (engine/threads.py) unless set."""
 
     def __init__(self, model: str | None = None, **engine_options) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        config = EngineConfig(model=model, **engine_options)
+        if "torch" not in sys.modules:  # libgomp reads its wait policy once, when torch loads it
+            openmp_env()
+        if config.generation_config not in ("auto", "vllm"):  # a path: read before the model loads
+            resolve(config.generation_config, None)
+        self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+        # Sampling defaults from the model's generation config (engine/generation_defaults.py).
+        self.generation_defaults = resolve(config.generation_config, self.engine.model_config.sampling_defaults,
+                                           checkpoint_source(model))
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use without `sampling_params`, as vLLM's: the model's generation
+        config (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) over
+        SamplingParams' own defaults; `generation_config="vllm"` leaves SamplingParams' alone."""
+        return SamplingParams(**self.generation_defaults.values)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -31,7 +53,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")

@@ -154,6 +154,8 @@ class Ready(msgspec.Struct, tag="ready"):
     # KV-cache allocation (load_s).
     started_s: float = 0.0
     load_s: float = 0.0
+    # The weight precision that runs: "int4", "int8" or "none" (float; also a fake core's).
+    quantization: str = "none"
 
 
 class PeerLoad(msgspec.Struct, array_like=True):

@@ -32,10 +32,10 @@ if TYPE_CHECKING:  # the offline engine imports torch: only when a command runs
 
 
 def eval_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="PATH[:TAGS]: a checkpoint or 'default'; TAGS: a dtype, int8|int4 and its kernels native|torch (e.g. default:int8, default:bfloat16, default:int8,native)")],  # noqa: E501
+    model: Annotated[str, typer.Option("--model", "-m", help="PATH[:TAGS]: a checkpoint or 'default'; TAGS: a dtype, int8|int4|none|auto and its kernels native|torch (e.g. default:int8, default:bfloat16, default:int8,native). No quantization tag: the stored precision (the default model: int4), or, beside a float dtype, that float precision (default:float32 is the dequantized reference)")],  # noqa: E501
     against: Annotated[Optional[str], typer.Option(help="The reference, same syntax (e.g. default:float32); without it only absolute thresholds apply")] = None,  # noqa: E501
     dtype: Annotated[Optional[str], typer.Option(help="--model's dtype (auto | float32 | bfloat16 | float16)")] = None,
-    quantization: Annotated[Optional[str], typer.Option(help="--model's quantization (int8 | int4 | none)")] = None,
+    quantization: Annotated[Optional[str], typer.Option(help="--model's quantization (int8 | int4 | none | auto: as stored)")] = None,
     against_dtype: Annotated[Optional[str], typer.Option(help="--against's dtype")] = None,
     against_quantization: Annotated[Optional[str], typer.Option(help="--against's quantization")] = None,  # noqa: E501
     prompts: Annotated[Optional[str], typer.Option(help="JSONL prompts for agreement ({\"prompt\": ...} or {\"messages\": [...]}); default: the bundled set")] = None,  # noqa: E501

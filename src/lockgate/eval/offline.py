@@ -1,10 +1,13 @@
 """`lockgate eval`'s measurements on one model, offline with the `LLM` class.
 
 A side is `PATH[:TAG[,TAG]]`: PATH a checkpoint or `default` (the embedded model), TAGs a
-dtype (`float32`, `bfloat16`, `float16`, `auto`), a quantization (`int8`, `int4`, `none`)
-and/or its kernels (`native`, `torch`): `default:float32`, `default:int8`,
+dtype (`float32`, `bfloat16`, `float16`, `auto`), a quantization (`int8`, `int4`, `none`,
+`auto`) and/or its kernels (`native`, `torch`): `default:float32`, `default:int8`,
 `default:int8,native`, `./qwen:bfloat16,int8`. A suffix that is not all tags is part of
-the path.
+the path. A side names a precision: no quantization tag means the checkpoint's stored one
+(`default`, `default:auto`: the default model's Q4_1 blocks as int4), except beside a float
+dtype, which names that float precision (`default:float32` is the weights dequantized to
+float32, the reference); `default:float32,auto` is the stored precision with float32 for the rest.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from lockgate.eval.task_runner import run_task
 from lockgate.eval.tasks import Task
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("int8", "int4", "none")
+QUANTIZATIONS = ("int8", "int4", "none", "auto")
 KERNELS = ("native", "torch")  # quantized matmuls: lockgate's C kernels or PyTorch's (default: per precision)
 
 
@@ -31,12 +34,13 @@ KERNELS = ("native", "torch")  # quantized matmuls: lockgate's C kernels or PyTo
 class Side:
     path: str = "default"
     dtype: str = "auto"
-    quantization: str | None = None
+    quantization: str = "auto"  # auto (as stored) | none (float) | int4 | int8
     kernels: str = "auto"
 
     @property
     def label(self) -> str:
-        tags = [self.dtype] + ([self.quantization] if self.quantization else [])
+        implied = "auto" if self.dtype == "auto" else "none"  # what the dtype tag alone means
+        tags = [self.dtype] + ([self.quantization] if self.quantization != implied else [])
         tags += [self.kernels] if self.kernels != "auto" else []
         return f"{self.path}:{','.join(tags)}"
 
@@ -52,27 +56,31 @@ def parse_side(value: str, dtype: str | None = None, quantization: str | None = 
     if sep and head and tail and all(t in DTYPES + QUANTIZATIONS + KERNELS for t in tail.split(",")):
         path, tags = head, tail.split(",")
     side = Side(path=path or "default")
+    # "auto" is a dtype and a quantization: beside a float dtype tag it is the quantization.
+    float_dtype = any(t in DTYPES and t != "auto" for t in tags)
+    said_dtype = said_quantization = False
     for t in tags:
-        if t in DTYPES:
-            side.dtype = t
+        if t in DTYPES and not (t == "auto" and float_dtype):
+            side.dtype, said_dtype = t, True
         elif t in KERNELS:
             side.kernels = t
         else:
-            side.quantization = None if t == "none" else t
+            side.quantization, said_quantization = t, True
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if any(t in DTYPES for t in tags) and side.dtype != dtype:
+        if said_dtype and side.dtype != dtype:
             raise ValueError(f"{value!r} says dtype {side.dtype} but the flag says {dtype}")
         side.dtype = dtype
     if quantization is not None:
-        q = None if quantization == "none" else quantization
-        if q not in (None, "int8", "int4"):
-            raise ValueError(f"quantization must be int8, int4 or none, got {quantization!r}")
-        if any(t in QUANTIZATIONS for t in tags) and side.quantization != q:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be int8, int4, none or auto, got {quantization!r}")
+        if said_quantization and side.quantization != quantization:
             raise ValueError(f"{value!r} says quantization {side.quantization} but the flag says {quantization}")
-        side.quantization = q
-    if side.kernels != "auto" and side.quantization is None:
+        side.quantization = quantization
+    elif side.dtype != "auto" and not said_quantization:
+        side.quantization = "none"  # a float dtype alone names that float precision
+    if side.kernels != "auto" and side.quantization not in ("int8", "int4"):
         raise ValueError(f"{value!r}: kernels {side.kernels!r} need a quantization (int8 or int4)")
     if side.path != "default" and not Path(side.path).expanduser().exists():
         raise ValueError(f"model path {side.path!r} does not exist (or use 'default' for the embedded model)")
@@ -83,6 +91,13 @@ def load(side: Side, num_threads: int | None = None) -> LLM:
     """The side's model in an offline engine (no prefix caching: `perplexity.py` writes into free blocks)."""
     return LLM(None if side.path == "default" else side.path, dtype=side.dtype, quantization=side.quantization,
                quantization_kernels=side.kernels, enable_prefix_caching=False, num_threads=num_threads)
+
+
+def ran(llm: LLM) -> dict[str, str]:
+    """What the side's engine ran: the precision (int4 | int8 | none), dtype and step path."""
+    runner = llm.engine.core.runner
+    return {"quantization": runner.quantization or "none", "dtype": str(runner.dtype).removeprefix("torch."),
+            "kernels": runner.kernels, "path": runner.path}
 
 
 def measure(side: Side, prompts: list[Prompt], questions: list[Question], passage: str, max_tokens: int,
@@ -99,6 +114,7 @@ def measure(side: Side, prompts: list[Prompt], questions: list[Question], passag
     acc = scoring.accuracy(questions, replies)
     lps = token_logprobs(llm, llm.tokenizer.encode(passage, add_special_tokens=True))
     figures = {**acc, "perplexity": round(scoring.perplexity(lps), 4), "perplexity_tokens": len(lps),
+               "ran": ran(llm),
                "load_seconds": round(loaded - t0, 2), "eval_seconds": round(time.monotonic() - loaded, 2),
                "replies": replies}
     del llm, outs
@@ -112,7 +128,8 @@ def measure_tasks(side: Side, tasks: list[Task], num_threads: int | None = None)
     llm = load(side, num_threads)
     loaded = time.monotonic()
     results = {task.name: run_task(llm, task) for task in tasks}
+    what = ran(llm)
     del llm
     gc.collect()
-    return {"tasks": results, "load_seconds": round(loaded - t0, 2),
+    return {"tasks": results, "ran": what, "load_seconds": round(loaded - t0, 2),
             "eval_seconds": round(time.monotonic() - loaded, 2)}

@@ -9,6 +9,10 @@ gateway calls it at the right moments. Modes:
   keyless browser protections of the guard middleware apply;
 - keyed (an admin key is set or tenants exist): every route but the allowlist
   needs a key; tenants' requests are limited, budgeted and metered.
+A server that started open on its own data directory stays open until it is restarted, even
+when the CLI creates tenants there meanwhile (it warns once): switching itself to keys would
+refuse every client it serves, and with no admin key the admin API too. A shared store
+(PostgreSQL) turns keys on as soon as tenants appear, as every instance on it must agree.
 """
 from __future__ import annotations
 
@@ -73,6 +77,8 @@ class Gateway:
         self._admin_version = -1  # the store's admin version the ring was built from
         self._miss_check: asyncio.Future[bool] | None = None  # refresh_on_miss: the check in flight
         self._miss_checked = 0.0
+        self._held_open = False  # started open on a local data dir: stays open until restarted
+        self._warned_tenants = False
 
     @property
     def shared(self) -> bool:
@@ -80,7 +86,7 @@ class Gateway:
 
     @property
     def keyed(self) -> bool:
-        return self.ring.keyed
+        return self.ring.keyed and not self._held_open
 
     @property
     def db_path(self) -> Path:
@@ -93,6 +99,7 @@ class Gateway:
             await self._take_over()
             await self._record_admin_key()
             await self.reload()
+        self._held_open = not self.ring.keyed and self.config.store_url is None
         self._tasks = [asyncio.create_task(self._checkpoint_loop(), name="ledger-checkpoints"),
                        asyncio.create_task(self._refresh_loop(), name="gateway-refresh")]
         if self.shared_state is not None:
@@ -381,16 +388,29 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             try:
+                if self._held_open:
+                    await self._warn_if_tenants()
+                    continue
                 if self.astore is None:
-                    if self.db_path.exists():  # the CLI made the first tenant: keys are on from now
-                        await asyncio.to_thread(self._open)
-                        await self._take_over()
-                        await self.reload()
                     continue
                 if await self.astore.call(self.store.admin_version) != self._admin_version:
                     await self.reload()
             except Exception as e:  # noqa: BLE001 - keep serving with what we have
                 log.warning("refreshing tenants and keys failed: %r", e)
+
+    async def _warn_if_tenants(self) -> None:
+        """Open, held open: say once that tenants now exist and what a restart will change."""
+        if self._warned_tenants or not self.db_path.exists():
+            return
+        if self.astore is not None:
+            count = len(await self.astore.call(self.store.list_tenants))
+        else:
+            count = await asyncio.to_thread(_count_tenants, self.db_path)
+        if count:
+            self._warned_tenants = True
+            log.warning("%d tenant(s) now exist in %s, but this server started open and stays open (no keys "
+                        "needed) until it is restarted; restart it to require keys, with --admin-key to keep "
+                        "the admin API (docs/SECURITY.md)", count, self.config.data_dir)
 
     async def _lease_loop(self) -> None:
         """Shared store: renew this instance's lease; settle the requests of instances that died."""
@@ -405,6 +425,17 @@ class Gateway:
             except Exception as e:  # noqa: BLE001 - the store may be down: next round
                 log.warning("lease renewal or sweep failed: %r", e)
 
+
+
+def _count_tenants(db: Path) -> int:
+    """Tenants in a data dir's database, read-only (an open server never opens its store)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return int(conn.execute("SELECT count(*) FROM tenants").fetchone()[0])
+    except sqlite3.Error:
+        return 0
 
 
 __all__ = ["Gateway", "GatewayConfig"]

@@ -2,7 +2,9 @@
 
 Requests and tokens per minute are token buckets (capacity = the per-minute
 limit, refilled continuously), which is what OpenAI's `x-ratelimit-*` headers
-describe: the limit, what remains now, and how long until the bucket is full.
+describe: the limit, what remains after this request's unit was taken (the refill since then
+counts from the next take, so quick requests read 599, 598, 597 as OpenAI's do), and how long
+until the bucket is full.
 A request unit is charged for every call on an inference route as soon as its
 key is known (`charge`), refused or not, so malformed, oversized or forbidden
 calls cost the caller its rate like any other; prompt tokens are taken at
@@ -48,6 +50,16 @@ class TokenBucket:
         """Seconds until the bucket is full again."""
         self.refill(now)
         return max(0.0, (self.capacity - self.level) / self.rate)
+
+    def remaining(self) -> int:
+        """What the latest take left, refill since then not counted (it counts from the next take):
+        as OpenAI's headers, a burst of requests reads 599, 598, 597 against rpm=600, not 600 each
+        time because the few milliseconds a request took refilled its own unit."""
+        return max(0, int(self.level))
+
+    def reset_from(self, now: float) -> float:
+        """Seconds from `now` until the bucket is full again, without touching its level."""
+        return max(0.0, (self.capacity - self.level) / self.rate - max(0.0, now - self.updated))
 
 
 @dataclass(slots=True)
@@ -146,12 +158,11 @@ class RateLimiter:
             live = [b for b in buckets if b is not None]
             if not live:
                 continue
-            for b in live:
-                b.refill(now)
+            # No refill here: the level is what this request's own charge (or a later one's) left.
             tight = min(live, key=lambda b: b.level)
             out[f"x-ratelimit-limit-{kind}"] = str(int(tight.capacity))
-            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(tight.level)))
-            out[f"x-ratelimit-reset-{kind}"] = _fmt(tight.reset_s(now))
+            out[f"x-ratelimit-remaining-{kind}"] = str(tight.remaining())
+            out[f"x-ratelimit-reset-{kind}"] = _fmt(tight.reset_from(now))
         return out
 
 

@@ -7,12 +7,12 @@ keeps the server's engine test hooks.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.threads import threads_per_engine, usable_cores
 from lockgate.lifecycle.policy_metrics import PolicyCollector
 from lockgate.lifecycle.admin import ModelAdmin
 from lockgate.lifecycle.metrics import RouterCollector, VersionCollector
@@ -124,18 +124,13 @@ def build_registry(plan: ModelPlan, base: EngineConfig, options: EngineOptions, 
     return registry, ModelAdmin(registry, base)
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def share_threads(specs: list[VersionSpec], configs: list[EngineConfig]) -> None:
     """Several engine processes (versions x replicas) on one machine: each gets an equal share of the
-    usable cores as its intra-op threads unless it set `num_threads`; an explicit choice that asks
-    for more threads than there are cores is kept, with a warning (they would fight for the cores)."""
+    usable cores (engine/threads.py: affinity and cgroup quota, the rule the offline `LLM` follows
+    with one engine) as its intra-op threads unless it set `num_threads`; an explicit choice that asks
+    for more threads than there are cores is kept, with a warning (they would fight for the cores).
+    One engine keeps `num_threads` unset: its core takes every usable core itself (and warns about
+    an explicit count above them)."""
     from lockgate.lifecycle import ray_cluster
 
     if ray_cluster.active() is not None:  # cores on the cluster's nodes: Ray sets their threads from num_cpus
@@ -148,7 +143,7 @@ def share_threads(specs: list[VersionSpec], configs: list[EngineConfig]) -> None
     if engines <= 1:
         return
     cores = usable_cores()
-    each = max(1, cores // engines)
+    each = threads_per_engine(engines, cores)
     for spec, cfg in zip(specs, configs):
         if spec.engine.get("num_threads") is None and cfg.num_threads is None:
             cfg.num_threads = each

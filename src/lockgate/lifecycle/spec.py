@@ -43,13 +43,15 @@ class EngineOptions(BaseModel):
     fake_token_delay_s: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] | None = None
     fake_stall_fraction: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
     fake_stall_s: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] | None = None
-    quantization: Literal["int4", "int8"] | None = None
+    quantization: Literal["auto", "none", "int4", "int8"] | None = None
     quantization_kernels: Literal["auto", "native", "torch"] | None = None
+    quantization_activations: Literal["int8", "int16"] | None = None
     quantization_float_above: Annotated[int, Field(ge=0, le=_INT)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     block_size: Annotated[int, Field(ge=1, le=1024)] | None = None
     num_kv_blocks: Annotated[int, Field(ge=1, le=2**24)] | None = None
     kv_cache_memory_gb: Annotated[float, Field(gt=0, le=1024, allow_inf_nan=False)] | None = None
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     max_model_len: Annotated[int, Field(ge=1, le=2**24)] | None = None
     max_num_seqs: Annotated[int, Field(ge=1, le=65536)] | None = None
     max_num_batched_tokens: Annotated[int, Field(ge=1, le=2**24)] | None = None

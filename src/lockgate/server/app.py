@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -12,16 +12,19 @@ from fastapi import FastAPI
 import lockgate
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.errors import EngineUnavailableError
+from lockgate.engine.generation_defaults import checkpoint_source, resolve
 from lockgate.gateway.gateway import Gateway, GatewayConfig
 from lockgate.gateway.response_cache import ResponseCache
 from lockgate.lifecycle.build import ModelPlan, build_registry, single
 from lockgate.lifecycle.registry import EngineOptions
 from lockgate.lifecycle.metrics import engine_state
+from lockgate.lifecycle.version import ModelVersion
 from lockgate.server.config import DEFAULT_MODEL_NAME, ServerConfig
 from lockgate.server.errors import install_error_handlers
 from lockgate.observability.metrics import ServerMetrics
 from lockgate.observability.observer import Observer
 from lockgate.server.direct import DirectRoutes
+from lockgate.server.docs_ui import install_docs
 from lockgate.server.middleware import GuardMiddleware
 from lockgate.server.openapi import install_openapi
 from lockgate.server.admin_routes import admin_router
@@ -41,6 +44,19 @@ def served_names(engine_config: EngineConfig, server_config: ServerConfig) -> li
     if server_config.served_model_names:
         return list(server_config.served_model_names)
     return [engine_config.model or DEFAULT_MODEL_NAME]
+
+
+def log_sampling_defaults(versions: Iterable[ModelVersion]) -> None:
+    """What a request that leaves temperature, top_p, ... out gets, per version (its generation config)."""
+    for v in versions:
+        cfg = v.fleet.model_config
+        try:
+            defaults = resolve(v.engine_config.generation_config, cfg.sampling_defaults if cfg else None,
+                               checkpoint_source(v.engine_config.model))
+        except ValueError as exc:  # a version's own generation_config path (serve checks the flag's at once)
+            log.error("%s: sampling defaults ignored: %s", v.spec.ref, exc)
+            continue
+        log.info("%s: sampling defaults for requests that leave them out: %s", v.spec.ref, defaults.describe())
 
 
 def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: ModelPlan | None = None) -> FastAPI:
@@ -71,6 +87,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: Mo
             served = ", ".join(v.spec.ref for v in models.versions())
             first = next(models.versions()).fleet
             log.info("serving %s (max_model_len %d); gateway %s", served, first.max_model_len, mode)
+            log_sampling_defaults(models.versions())
             # What start-up built lives as long as the server: out of the cyclic GC's sight, a full
             # collection no longer walks it (tens of ms, every few thousand requests, on the event loop).
             gc.freeze()
@@ -87,8 +104,9 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: Mo
 
     # FastAPI's own OpenTelemetry hooks off: lockgate traces its requests itself (observability/tracing.py),
     # and the hooks' per-request check of the global providers costs CPU on every call.
+    # /docs is docs_ui.py's: Swagger UI from local files (FastAPI's own loads it from a CDN).
     app = FastAPI(title="lockgate", version=lockgate.__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None, telemetry={"tracing": False, "metrics": False, "logs": False})
+                  docs_url=None, redoc_url=None, telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.lockgate = state
     app.state.model_admin = model_admin
     install_error_handlers(app)
@@ -99,6 +117,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, plan: Mo
     app.include_router(model_router)
     app.include_router(schema_router)
     install_openapi(app)
+    install_docs(app)
     # The hot inference routes run straight from the guard (direct.py); the rest through FastAPI's stack.
     app.add_middleware(GuardMiddleware, state=state, direct=DirectRoutes(app, router.routes))
     return app

@@ -19,32 +19,29 @@ import dataclasses
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import uvicorn
 from typer.core import TyperCommand
 
 from lockgate.engine.config import EngineConfig
-from lockgate.gateway.classes import ClassTable
+from lockgate.engine.generation_defaults import resolve as resolve_generation_defaults
 from lockgate.gateway.embedding_cache import DEFAULT_TTL_S as EMBEDDING_CACHE_TTL_S
 from lockgate.gateway.response_cache import DEFAULT_TTL_S, parse_bytes
-from lockgate.lifecycle.build import plan_from_args
-from lockgate.lifecycle.ray_cluster import check_address, require_ray
-from lockgate.lifecycle.ray_cluster import join as join_ray
-from lockgate.lifecycle.spec import check_replicas
-from lockgate.server.app import build_app
-from lockgate.server.config import ServerConfig
-from lockgate.server.draining import DrainingServer
-from lockgate.server.http_protocol import protocol_class
-from lockgate.server.origins import is_loopback_name
-from lockgate.server.worker import STARTUP_FAILURE, WorkerContext, run_worker
-from lockgate.server.workers import WorkerPool, check_api_workers, listen
+from lockgate.server.listening import PortUnavailable
 from lockgate.store.files import UnsafeDataDir, check_private_dir
+
+# What serving needs (FastAPI, uvicorn, the lifecycle) is imported when serving starts, not here:
+# `lockgate --help` and the admin commands import this module for serve's options alone.
+if TYPE_CHECKING:
+    import uvicorn
+
+    from lockgate.server.config import ServerConfig
+    from lockgate.server.worker import WorkerContext
 
 log = logging.getLogger("lockgate.server")
 
-__all__ = ["DrainingServer", "STARTUP_FAILURE", "ServeCommand", "serve", "serve_command"]
+__all__ = ["ServeCommand", "serve", "serve_command"]
 
 
 def check_store_url(url: str) -> None:
@@ -92,7 +89,19 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
     fields (allowed_origins, header_timeout_s, slo_admission, ...). `ray`: replicas as Ray actors
     ("local" starts a cluster here, "auto" or HOST:PORT joins one; lifecycle/ray_cluster.py).
     `api_workers`: API processes on the one port, sharing the engine cores (server/workers.py).
+    The port is bound once the options are checked and before anything loads: a taken one raises
+    `PortUnavailable` in a moment, not after the model has loaded.
     """
+    from lockgate.gateway.classes import ClassTable
+    from lockgate.lifecycle.build import plan_from_args
+    from lockgate.lifecycle.ray_cluster import check_address, require_ray
+    from lockgate.lifecycle.ray_cluster import join as join_ray
+    from lockgate.lifecycle.spec import check_replicas
+    from lockgate.server.config import ServerConfig
+    from lockgate.server.origins import is_loopback_name
+    from lockgate.server.listening import bind_port
+    from lockgate.server.workers import check_api_workers
+
     check_api_workers(api_workers)
     if api_workers > 1 and ray is not None:
         raise ValueError("--api-workers above 1 does not work with --ray yet: the workers attach to engine cores "
@@ -109,6 +118,8 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
         raise ValueError(f"model path {model!r} does not exist")
     engine_options.setdefault("scheduling_policy", "priority")
     engine_config = EngineConfig(model=model, **engine_options)
+    if engine_config.generation_config not in ("auto", "vllm"):  # a path: read now, not after the load
+        resolve_generation_defaults(engine_config.generation_config, None)
     classes = ClassTable.load(class_config) if class_config else ClassTable()
     server_config = ServerConfig(classes=classes,
         host=host, port=port, served_model_names=names, admin_key=admin_key, data_dir=data_dir,
@@ -131,25 +142,42 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
                              "tenants and keys), or pass --insecure-no-auth to serve anyone who can reach it")
         log.warning("listening on %s without authentication (--insecure-no-auth): anyone who can reach it "
                     "can use it", host)
+    sock = bind_port(host, port)  # the port before the models (uvicorn would bind it after them)
     if api_workers > 1:
-        return _serve_workers(engine_config, server_config, plan, access_log)
+        return _serve_workers(engine_config, server_config, plan, access_log, sock)
+    from lockgate.server.app import build_app
+    from lockgate.server.draining import DrainingServer
+    from lockgate.server.worker import STARTUP_FAILURE
+
     # Before the models are built: their replicas become Ray actors of this cluster.
     cluster = join_ray(ray) if ray is not None else None
     try:
         app = build_app(engine_config, server_config, plan)
         config = _uvicorn_config(app, server_config, access_log)
-        server = DrainingServer(config, app.state.lockgate, drain_timeout_s)
+        server = DrainingServer(config, app.state.lockgate, drain_timeout_s, on_started=lambda: _log_listening(sock))
         try:
-            server.run()
+            server.run(sockets=[sock])
         except KeyboardInterrupt:
             pass
     finally:
+        sock.close()
         if cluster is not None:
             cluster.shutdown()  # after the replicas' actors are gone (the app's shutdown)
     return 0 if server.started else STARTUP_FAILURE
 
 
+def _log_listening(sock: Any) -> None:
+    """What uvicorn says when it binds the port itself (it is silent about a socket it is given)."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("listening on http://%s:%d (Ctrl-C to stop)", shown, port)
+
+
 def _uvicorn_config(app: Any, sc: ServerConfig, access_log: bool) -> uvicorn.Config:
+    import uvicorn
+
+    from lockgate.server.http_protocol import protocol_class
+
     # httptools (llhttp) rejects ambiguous framing; the subclass adds head deadlines and size bounds.
     http = protocol_class(sc.header_timeout_s, sc.max_header_bytes)
     return uvicorn.Config(app, host=sc.host, port=sc.port, log_level=sc.log_level.lower(), access_log=access_log,
@@ -157,14 +185,15 @@ def _uvicorn_config(app: Any, sc: ServerConfig, access_log: bool) -> uvicorn.Con
                           timeout_keep_alive=max(1, round(sc.keep_alive_timeout_s)))
 
 
-def _serve_workers(engine_config: EngineConfig, server_config: ServerConfig, plan: Any, access_log: bool) -> int:
-    """N API workers on one port (server/workers.py); this process binds it and supervises them."""
+def _serve_workers(engine_config: EngineConfig, server_config: ServerConfig, plan: Any, access_log: bool,
+                   sock: Any) -> int:
+    """N API workers on one port (server/workers.py); this process has bound it (`sock`) and
+    supervises them."""
+    from lockgate.server.app import build_app
+    from lockgate.server.worker import run_worker
+    from lockgate.server.workers import WorkerPool
+
     sc = server_config
-    try:
-        sock = listen(sc.host, sc.port)
-    except OSError as exc:  # as uvicorn: the port is taken, or the address is not this machine's
-        log.error("cannot listen on %s:%d: %s", sc.host, sc.port, exc)
-        return 1
 
     def main(ctx: WorkerContext) -> int:
         # Worker 0 alone scans budgets and sends alert webhooks (the store dedups alerts anyway).
@@ -218,9 +247,10 @@ def serve_command(
     max_num_seqs: Annotated[int, typer.Option(help="Max requests in one batch")] = _default("max_num_seqs"),
     max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step")] = _default("max_num_batched_tokens"),  # noqa: E501
     kv_cache_memory_gb: Annotated[float, typer.Option(help="Memory for the KV cache")] = _default("kv_cache_memory_gb"),  # noqa: E501
+    kv_cache_dtype: Annotated[str, typer.Option(help="KV cache element type: auto (16-bit, twice the tokens of float32 in the same memory: the model's dtype when 16-bit, else float16; float32 under an explicit --dtype float32) | float32 | bfloat16 | float16")] = _default("kv_cache_dtype"),  # noqa: E501
     num_kv_blocks: Annotated[int | None, typer.Option(help="KV blocks (overrides --kv-cache-memory-gb)")] = None,
     block_size: Annotated[int, typer.Option(help="Tokens per KV block")] = _default("block_size"),
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = _default("dtype"),
+    dtype: Annotated[str, typer.Option(help="Float dtype of what is not quantized: auto (float32 for a model on the native int4 kernels, their fused fast path; else bfloat16 on CPUs with AVX512-BF16/AMX and on GPUs, float32 otherwise) | float32 | bfloat16 | float16")] = _default("dtype"),  # noqa: E501
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = _default("device"),
     load_format: Annotated[str, typer.Option(help="auto | dummy (random weights) | fake (no model: fixed plain tokens at once or after --fake-step-delay; for measuring the server)")] = _default("load_format"),  # noqa: E501
     fake_step_delay: Annotated[float, typer.Option(help="With --load-format fake: seconds per engine step (one sleep per step, shared by the batch)")] = _default("fake_step_delay_s"),  # noqa: E501
@@ -236,9 +266,11 @@ def serve_command(
     class_config: Annotated[str | None, typer.Option(help="Priority classes file (YAML or JSON): names, TTFT/TPOT targets, queue caps")] = None,  # noqa: E501
     slo_admission: Annotated[bool, typer.Option(help="Refuse at once (429 slo_unattainable) a request whose class's TTFT target cannot be met")] = True,  # noqa: E501
     max_logprobs: Annotated[int, typer.Option(help="Max logprobs / top_logprobs per token")] = _default("max_logprobs"),  # noqa: E501
-    num_threads: Annotated[int | None, typer.Option(help="CPU threads of the engine process")] = None,
-    quantization: Annotated[str | None, typer.Option(help="int4 (the GGUF's 4-bit blocks) or int8: weight-only, less memory for CPU decode")] = None,
+    num_threads: Annotated[int | None, typer.Option(help="CPU threads of each engine process (default: the cores this process may use, by affinity and cgroup quota, divided among the engine processes: replicas x versions; more than that is warned about)")] = None,  # noqa: E501
+    quantization: Annotated[str, typer.Option(help="Weight precision: auto (as stored: a Q4_0/Q4_1 GGUF such as the default model runs on its own 4-bit blocks, int4, the fast CPU path; a Q8_0 GGUF on its blocks, int8; float checkpoints in float) | none (dequantized to float: the slow reference path) | int4 | int8 (quantize any checkpoint at load; CPU only). The start-up log, /version and /v1/models say what runs")] = _default("quantization"),  # noqa: E501
     quantization_kernels: Annotated[str, typer.Option(help="auto (native C kernels for int4, PyTorch's for int8) | native | torch")] = "auto",  # noqa: E501
+    quantization_activations: Annotated[str, typer.Option(help="Native kernels' activation codes: int8 (fastest) | int16 (closer to float32, 20-40% slower; docs/PERFORMANCE.md)")] = "int8",  # noqa: E501
+    generation_config: Annotated[str, typer.Option(help="Sampling defaults for requests that leave temperature, top_p, top_k, min_p, repetition_penalty or max_tokens out: auto (the model's generation_config.json or GGUF sampling metadata; the embedded model: temperature 0.2, top_p 0.9) | vllm (none: temperature 1.0, ...) | a directory holding a generation_config.json")] = "auto",  # noqa: E501
     max_request_body_bytes: Annotated[int, typer.Option(help="Larger bodies get 413")] = 4 * 1024 * 1024,
     max_queued_requests: Annotated[int, typer.Option(help="Waiting requests before 429")] = 256,
     max_queued_tokens: Annotated[int, typer.Option(help="Waiting prompt tokens before 429")] = 262_144,
@@ -304,7 +336,8 @@ def serve_command(
             class_config=class_config,
             debug_hang_at_step=debug_hang_at_step,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            kv_cache_memory_gb=kv_cache_memory_gb, num_kv_blocks=num_kv_blocks, block_size=block_size,
+            kv_cache_memory_gb=kv_cache_memory_gb, kv_cache_dtype=kv_cache_dtype, num_kv_blocks=num_kv_blocks,
+            block_size=block_size,
             dtype=dtype, device=device, load_format=load_format, fake_step_delay_s=fake_step_delay,
             fake_token_delay_s=fake_token_delay, seed=seed, max_prefill_tokens=max_prefill_tokens,
             priority_aging_s=priority_aging, grammar_compile_timeout_s=grammar_compile_timeout,
@@ -312,9 +345,14 @@ def serve_command(
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             scheduling_policy=scheduling_policy, max_logprobs=max_logprobs, num_threads=num_threads,
             quantization=quantization, quantization_kernels=quantization_kernels,
+            quantization_activations=quantization_activations,
+            generation_config=generation_config,
         )
     except (ValueError, UnsafeDataDir, NotADirectoryError) as exc:  # a bad option value or data directory
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except PortUnavailable as exc:  # before anything loaded
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     if code:
         raise typer.Exit(code)

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lockgate.gateway.auth import Principal
 from lockgate.gateway.lease import FAULT_POINTS, Lease
 from lockgate.server.state import LEASE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY, AppState
+from lockgate.server.docs_ui import ASSETS, ASSETS_PREFIX
 from lockgate.server.errors import APIError, internal_error, unavailable
 from lockgate.server.pipeline import charge_call
 from lockgate.server.origins import OriginPolicy, cors_headers
@@ -47,6 +48,9 @@ METRICS_PATH = "/metrics"
 ADMIN_PREFIX = "/admin/"
 SLO_PATH = "/slo"  # open mode's SLO report; with keys it needs the admin scope, as /admin/slo
 DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect"})  # any valid key
+# Swagger UI's script, stylesheet and icon (docs_ui.py): the same public files in every install,
+# no data of anyone's: without a key, as the open paths (those exact paths only).
+DOC_ASSET_PATHS = frozenset(ASSETS_PREFIX + name for name in ASSETS)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 FAULT_HEADER = b"x-lockgate-fault"
 DRAIN_FACTOR = 4  # a refused body up to this many times the limit is read and dropped before the 413
@@ -98,7 +102,7 @@ class GuardMiddleware:
             else:
                 await self._run(scope, receive, ex, None)
             return
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path in DOC_ASSET_PATHS:
             await self._run(scope, receive, ex, None)
             return
         err = self._authorize(scope, headers, path)

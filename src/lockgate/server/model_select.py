@@ -4,6 +4,8 @@ pipeline.py), `x-lockgate-ignored-fields` (the body's unknown fields, protocol.p
 """
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.types import Scope
 
 from lockgate.server.state import IGNORED_FIELDS_SCOPE_KEY, MODEL_SCOPE_KEY, REPLICA_SCOPE_KEY, VERSION_SCOPE_KEY, AppState
@@ -39,6 +41,14 @@ def add_route_headers(scope: Scope, headers: list[tuple[bytes, bytes]]) -> None:
         headers.append((_IGNORED_KEY, ignored.encode("ascii")))
 
 
+def quantization(version: Any) -> str | None:
+    """The weight precision a model version's engines run ("int4", "int8" or "none", as their cores
+    said when ready); None while none of its replicas is up."""
+    if version is None:
+        return None
+    return next((r.client.quantization for r in version.fleet.replicas.values() if r.client.quantization), None)
+
+
 def model_cards(app: AppState) -> list[dict[str, object]]:
     """`/v1/models`: one card per served name (a model and its aliases), with its ready versions."""
     cards = []
@@ -48,11 +58,12 @@ def model_cards(app: AppState) -> list[dict[str, object]]:
         for name in (model.name, *model.aliases):
             cards.append({"id": name, "object": "model", "created": app.created, "owned_by": "lockgate",
                           "root": (stable.engine_config.model if stable else None) or model.name, "parent": None,
-                          "max_model_len": stable.fleet.max_model_len if stable else 0, "versions": ready})
+                          "max_model_len": stable.fleet.max_model_len if stable else 0, "versions": ready,
+                          "quantization": quantization(stable)})
     longest = {str(c["id"]): int(c["max_model_len"]) for c in cards}  # type: ignore[call-overload]
     for router in app.models.routers.routers.values():  # router models: a policy that picks a model
         models = sorted(router.models)
         cards.append({"id": router.name, "object": "model", "created": app.created, "owned_by": "lockgate",
-                      "root": router.name, "parent": None, "router": True, "models": models,
+                      "root": router.name, "parent": None, "router": True, "models": models, "quantization": None,
                       "max_model_len": max((longest.get(m.partition("@")[0], 0) for m in models), default=0)})
     return cards

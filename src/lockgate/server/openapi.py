@@ -152,6 +152,7 @@ class ModelCard(_Doc):
     root: str
     parent: str | None = None
     max_model_len: int
+    quantization: str | None = None  # int4 | int8 | none (float); null for a router or an unloaded model
 
 
 class ModelList(_Doc):
@@ -176,6 +177,8 @@ class HealthResponse(_Doc):
 
 class VersionResponse(_Doc):
     version: str
+    # The default model's weight precision: int4 | int8 | none (float); null while it is not loaded.
+    quantization: str | None = None
 
 
 class SloTargets(_Doc):

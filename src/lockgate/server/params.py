@@ -1,5 +1,7 @@
 """Turn a validated OpenAI request into engine inputs: SamplingParams, prompts, chat messages.
 
+A field the request leaves out takes the model's sampling default (its generation config:
+engine/generation_defaults.py, resolved per model version by `model_defaults`), else OpenAI's.
 Everything a client controls is bounded here (n, stop strings, messages,
 prompts, logprobs, logit_bias) and every refusal is a 400 naming the offending
 field; a known field lockgate does not implement is refused (`refuse_unsupported`).
@@ -7,14 +9,17 @@ field; a known field lockgate does not implement is refused (`refuse_unsupported
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.generation_defaults import NONE as NO_DEFAULTS
+from lockgate.engine.generation_defaults import GenerationDefaults, resolve
 from lockgate.engine.sampling_params import LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS, SamplingParams
 from lockgate.server.config import ServerConfig
 from lockgate.server.errors import APIError, bad_request
@@ -29,11 +34,30 @@ from lockgate.server.protocol import (
 from lockgate.server.structured import Constraint, request_constraint
 from lockgate.server.tools import ToolSetup, tool_setup
 
+if TYPE_CHECKING:
+    from lockgate.lifecycle.target import Target
+
+log = logging.getLogger("lockgate.server")
 _FIELD_RE = re.compile(r"^([a-z_]+)\b")
 _EXTRA_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                  "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
                  "allowed_token_ids", "bad_words")
 _TOKEN_ID_KEY = re.compile(r"^[0-9]{1,10}$")
+
+
+def model_defaults(target: Target) -> GenerationDefaults:
+    """The routed model version's sampling defaults (its --generation-config applied to its checkpoint's)."""
+    config = target.fleet.model_config
+    try:
+        return resolve(target.engine_config.generation_config, config.sampling_defaults if config else None)
+    except ValueError as exc:  # checked at start-up; a version loaded later with a bad path: none, said once
+        _warn_once(str(exc))
+        return NO_DEFAULTS
+
+
+@cache
+def _warn_once(message: str) -> None:
+    log.warning("sampling defaults ignored: %s", message)
 
 
 def sampling_error(exc: ValueError) -> APIError:
@@ -116,7 +140,8 @@ def _check_logprobs(value: int | None, name: str, engine: EngineConfig) -> None:
 
 
 def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_tokens: int | None,
-            logprobs: int | None, prompt_logprobs: int | None, constraint: Constraint | None) -> SamplingParams:
+            logprobs: int | None, prompt_logprobs: int | None, constraint: Constraint | None,
+            defaults: GenerationDefaults = NO_DEFAULTS) -> SamplingParams:
     if isinstance(req.priority, int) and req.priority and engine.scheduling_policy != "priority":
         # Accepting it silently would promise an ordering the scheduler does not give.
         raise bad_request("an integer priority is only accepted when the server runs with --scheduling-policy "
@@ -134,13 +159,13 @@ def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_t
     _check_logprobs(req.prompt_logprobs, "prompt_logprobs", engine)
     kwargs: dict[str, Any] = {
         "n": n,
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "temperature": defaults.get("temperature", 1.0) if req.temperature is None else req.temperature,
+        "top_p": defaults.get("top_p", 1.0) if req.top_p is None else req.top_p,
         "presence_penalty": req.presence_penalty or 0.0,
         "frequency_penalty": req.frequency_penalty or 0.0,
         "seed": req.seed,
         "stop": stop or None,
-        "max_tokens": max_tokens,
+        "max_tokens": _default_max_tokens(defaults, req.min_tokens) if max_tokens is None else max_tokens,
         "logprobs": logprobs,
         "prompt_logprobs": prompt_logprobs,
         "logit_bias": logit_bias(req.logit_bias),
@@ -150,18 +175,27 @@ def _common(req: _SamplingFields, cfg: ServerConfig, engine: EngineConfig, max_t
         value = getattr(req, name)
         if value is not None:
             kwargs[name] = value
+        elif name in defaults.values:  # the model's generation config, for a field the request left out
+            kwargs[name] = defaults.values[name]
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:
         raise sampling_error(exc) from None
 
 
-def completion_params(req: CompletionRequest, cfg: ServerConfig, engine: EngineConfig) -> SamplingParams:
-    return completion_inputs(req, cfg, engine)[0]
+def _default_max_tokens(defaults: GenerationDefaults, min_tokens: int | None) -> int | None:
+    """The model's max_tokens, stretched to the request's own min_tokens (never a 400 for a default)."""
+    value = defaults.get("max_tokens")
+    return value if value is None or min_tokens is None else max(value, min_tokens)
 
 
-def completion_inputs(req: CompletionRequest, cfg: ServerConfig, engine: EngineConfig
-                      ) -> tuple[SamplingParams, Constraint | None]:
+def completion_params(req: CompletionRequest, cfg: ServerConfig, engine: EngineConfig,
+                      defaults: GenerationDefaults = NO_DEFAULTS) -> SamplingParams:
+    return completion_inputs(req, cfg, engine, defaults)[0]
+
+
+def completion_inputs(req: CompletionRequest, cfg: ServerConfig, engine: EngineConfig,
+                      defaults: GenerationDefaults = NO_DEFAULTS) -> tuple[SamplingParams, Constraint | None]:
     """`echo` with `logprobs: N` asks the engine for the prompt's logprobs with N alternatives (and
     `prompt_logprobs` for its own count: the engine computes the larger, each answer keeps its own)."""
     if req.suffix:
@@ -173,15 +207,21 @@ def completion_inputs(req: CompletionRequest, cfg: ServerConfig, engine: EngineC
     constraint = request_constraint(req, req.response_format)
     _check_logprobs(req.logprobs, "logprobs", engine)
     wanted = [v for v in (req.prompt_logprobs, req.logprobs if req.echo else None) if v is not None]
-    return _common(req, cfg, engine, req.max_tokens, req.logprobs, max(wanted) if wanted else None,
-                   constraint), constraint
+    # OpenAI's 16 when the body leaves max_tokens out, unless the model's generation config says otherwise.
+    max_tokens = req.max_tokens
+    if "max_tokens" not in req.model_fields_set and "max_tokens" in defaults.values:
+        max_tokens = _default_max_tokens(defaults, req.min_tokens)
+    return _common(req, cfg, engine, max_tokens, req.logprobs, max(wanted) if wanted else None,
+                   constraint, defaults), constraint
 
 
-def chat_params(req: ChatCompletionRequest, cfg: ServerConfig, engine: EngineConfig) -> SamplingParams:
-    return chat_inputs(req, cfg, engine)[0]
+def chat_params(req: ChatCompletionRequest, cfg: ServerConfig, engine: EngineConfig,
+                defaults: GenerationDefaults = NO_DEFAULTS) -> SamplingParams:
+    return chat_inputs(req, cfg, engine, defaults)[0]
 
 
-def chat_inputs(req: ChatCompletionRequest, cfg: ServerConfig, engine: EngineConfig
+def chat_inputs(req: ChatCompletionRequest, cfg: ServerConfig, engine: EngineConfig,
+                defaults: GenerationDefaults = NO_DEFAULTS
                 ) -> tuple[SamplingParams, ToolSetup | None, Constraint | None]:
     """The engine's parameters, the request's tools and its output constraint (with the field it
     came from): `required` and a named tool_choice constrain the answer, so they count as one."""
@@ -198,7 +238,7 @@ def chat_inputs(req: ChatCompletionRequest, cfg: ServerConfig, engine: EngineCon
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     _check_logprobs(logprobs if req.top_logprobs is not None else None, "top_logprobs", engine)
-    params = _common(req, cfg, engine, max_tokens, logprobs, req.prompt_logprobs, constraint)
+    params = _common(req, cfg, engine, max_tokens, logprobs, req.prompt_logprobs, constraint, defaults)
     return params, tools, constraint
 
 

@@ -26,7 +26,7 @@ from lockgate.server.openapi import (
     VersionResponse,
     operation,
 )
-from lockgate.server.model_select import model_cards
+from lockgate.server.model_select import model_cards, quantization
 from lockgate.server.params import chat_messages
 from lockgate.server.pipeline import route_only
 from lockgate.server.prompts import encode, render_chat_async, run_blocking
@@ -152,8 +152,14 @@ async def ping(request: Request) -> Response:
 
 
 @_get("/version", **operation(ok=VersionResponse, errors=OPEN))
-async def version() -> Response:
-    return json_response({"version": lockgate.__version__})
+async def version(request: Request) -> Response:
+    # The weight precision of the default model (the one a request without `model` gets: its stable
+    # version); every model's is on its /v1/models card.
+    models = _app(request).models
+    default = models.default if models.models else None
+    stable = None if default is None else (
+        default.versions.get(default.stable() or "") or next(iter(default.versions.values()), None))
+    return json_response({"version": lockgate.__version__, "quantization": quantization(stable)})
 
 
 @_get("/metrics", **operation(text="text/plain", ok_description="Prometheus text exposition format",

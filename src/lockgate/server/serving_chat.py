@@ -15,7 +15,7 @@ from lockgate.server.cached_response import lookup, mark
 from lockgate.server.errors import bad_request, json_response
 from lockgate.server.generation import failure_reason, stream_error_event
 from lockgate.server.logprobs import chat_logprobs, prompt_logprobs
-from lockgate.server.params import chat_inputs, chat_messages, check_token_ids
+from lockgate.server.params import chat_inputs, chat_messages, check_token_ids, model_defaults
 from lockgate.server.pipeline import Pipeline
 from lockgate.server.protocol import ChatCompletionRequest, read_body
 from lockgate.server.serving_completions import usage, worst_tokens
@@ -36,7 +36,7 @@ async def create_chat_completion(request: Request, app: AppState) -> Response:
 async def _create(p: Pipeline, body: ChatCompletionRequest) -> Response:
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     await resolve_named_schema(p, body.response_format)  # a registered schema by name; answers checked
-    params, tools, constraint = chat_inputs(body, p.app.config, p.engine_config)
+    params, tools, constraint = chat_inputs(body, p.app.config, p.engine_config, model_defaults(p.routed))
     params = p.cap(params, param)
     p.check_hedge(bool(body.stream), params)
     await check_compiles(*(tools.checks if tools is not None else ()), constraint)

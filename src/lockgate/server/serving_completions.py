@@ -18,7 +18,7 @@ from lockgate.server.errors import json_response
 from lockgate.server.cached_response import lookup, mark
 from lockgate.server.generation import failure_reason, merged, stream_error_event
 from lockgate.server.logprobs import TokenText, completion_logprobs, join_completion_logprobs, prompt_logprobs
-from lockgate.server.params import check_token_ids, completion_inputs, completion_prompts
+from lockgate.server.params import check_token_ids, completion_inputs, completion_prompts, model_defaults
 from lockgate.server.pipeline import Pipeline
 from lockgate.server.protocol import CompletionRequest, read_body
 from lockgate.server.sse import DONE, SSEResponse, sse_event
@@ -48,7 +48,7 @@ async def create_completion(request: Request, app: AppState) -> Response:
 
 async def _create(p: Pipeline, body: CompletionRequest) -> Response:
     await resolve_named_schema(p, body.response_format)  # a registered schema by name; answers checked
-    params, constraint = completion_inputs(body, p.app.config, p.engine_config)
+    params, constraint = completion_inputs(body, p.app.config, p.engine_config, model_defaults(p.routed))
     params = p.cap(params, "max_tokens")
     p.check_hedge(bool(body.stream), params)
     await check_compiles(constraint)

@@ -39,9 +39,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from lockgate.server.topology import LOAD_DIR, TOPOLOGY_FILE
-from lockgate.server.worker import STARTUP_FAILURE, WorkerContext
+from lockgate.server.listening import listen  # noqa: F401  (the parent binds it: launch.py)
+
+# The workers' side (worker.py, topology.py: FastAPI, the engine client) is imported where it is
+# used: `serve` checks --api-workers here before anything heavy loads or the port is bound.
+if TYPE_CHECKING:
+    from lockgate.server.worker import WorkerContext
 
 log = logging.getLogger("lockgate.server")
 
@@ -57,21 +62,6 @@ def check_api_workers(n: object) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_WORKERS:
         raise ValueError(f"--api-workers must be an integer from 1 to {MAX_WORKERS}, got {n!r}")
     return n
-
-
-def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """The server's listening socket, bound here once and inherited by every worker."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _name, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _die_with_parent() -> None:
@@ -207,6 +197,8 @@ class WorkerPool:
             # The first start failed (a bad model or option fails every worker): stop the server.
             log.error("API worker %d (pid %d) failed to start (exit status %d); stopping the server",
                       index, pid, code)
+            from lockgate.server.worker import STARTUP_FAILURE
+
             self._failed = code or STARTUP_FAILURE
             self._stop_sig = signal.SIGTERM
             self._forwarded.append(signal.SIGTERM)
@@ -223,6 +215,8 @@ class WorkerPool:
     def _forget(self, index: int, pid: int) -> None:
         """What a dead worker leaves: its load no longer counts (a dead primary's topology lists dead
         cores: gone until the next primary writes its own); its metrics' live files go."""
+        from lockgate.server.topology import LOAD_DIR, TOPOLOGY_FILE
+
         with contextlib.suppress(OSError):
             (self.run_dir / LOAD_DIR / f"{index}.json").unlink()
         if index == 0:
@@ -244,6 +238,8 @@ class WorkerPool:
 
     # ---- a worker ----------------------------------------------------------------------------
     def _start(self, index: int) -> None:
+        from lockgate.server.worker import WorkerContext
+
         ctx = WorkerContext(index, self.count, self.run_dir, self.sock, self._ready_w)
         sys.stdout.flush()
         sys.stderr.flush()

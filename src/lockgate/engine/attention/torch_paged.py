@@ -7,6 +7,12 @@ query each, batched through gathered whole blocks and two batched matmuls (on
 CPU several times faster than a slot-wise gather plus masked SDPA; a lone decode
 is one SDPA call). Prefills without a cached prefix are batched by similar length into one
 padded SDPA call per group; chunks that continue a cached prefix go one by one.
+
+The cache may hold a narrower type than the model computes in (kv_cache_dtype, e.g. float16
+K/V for a float32 model): new K/V are rounded on write (float16 saturated at its largest
+finite value, never infinity), and what attention reads from the cache is converted back to
+the query's dtype after the gather. A prefill without a cached prefix attends to its own
+fresh K/V, as vLLM's does; everything later reads the rounded values.
 """
 from __future__ import annotations
 
@@ -38,10 +44,25 @@ class AttentionMetadata:
     prefill_groups: list[PrefillGroup] = field(default_factory=list)
 
 
+def to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in the cache's element type; float16 saturates at +-65504 instead of overflowing to inf
+    (the native kernels clamp the same way)."""
+    if x.dtype == dtype:
+        return x
+    y = x.to(dtype)
+    if dtype == torch.float16:
+        y.clamp_(-65504.0, 65504.0)
+    return y
+
+
+def _read(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    k_cache.index_copy_(0, slot_mapping, to_cache(k, k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, to_cache(v, v_cache.dtype))
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -77,9 +98,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             # head act as G query rows of one fused SDPA call (about half the time of the
             # matmul/mask/softmax/matmul sequence below at one stream).
             n = meta.decode_max_len
-            dec = F.scaled_dot_product_attention(qd, kk[:, :n].transpose(1, 2), vv[:, :n].transpose(1, 2),
+            dec = F.scaled_dot_product_attention(qd, _read(kk[:, :n], q.dtype).transpose(1, 2),
+                                                 _read(vv[:, :n], q.dtype).transpose(1, 2),
                                                  scale=scale).view(d, -1, hd)
         else:
+            kk, vv = _read(kk, q.dtype), _read(vv, q.dtype)
             scores = torch.matmul(qd, kk.permute(0, 2, 3, 1)).float() * scale  # [D, KVH, G, L]
             scores.masked_fill_(~meta.decode_mask, float("-inf"))
             probs = torch.softmax(scores, dim=-1).to(q.dtype)
@@ -100,8 +123,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             vs = v[p.q_start:p.q_start + p.q_len].transpose(0, 1)
             o = _sdpa(qs, ks, vs, None, scale)
         else:
-            ks = gather_blocks(k_cache, p.blocks[None], meta.block_size)[0, : p.ctx_len].transpose(0, 1)
-            vs = gather_blocks(v_cache, p.blocks[None], meta.block_size)[0, : p.ctx_len].transpose(0, 1)
+            ks = _read(gather_blocks(k_cache, p.blocks[None], meta.block_size)[0, : p.ctx_len], q.dtype)
+            vs = _read(gather_blocks(v_cache, p.blocks[None], meta.block_size)[0, : p.ctx_len], q.dtype)
+            ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)
             # Query i sits at position ctx_len - q_len + i and sees keys up to it.
             qpos = torch.arange(p.ctx_len - p.q_len, p.ctx_len, device=q.device)
             mask = torch.arange(p.ctx_len, device=q.device)[None, :] <= qpos[:, None]

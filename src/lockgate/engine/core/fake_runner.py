@@ -41,8 +41,9 @@ Each step:
   (a bag of tokens: texts sharing tokens are close, the same text always equal).
 
 No KV tensors are allocated; the block count is sized as the real runner sizes
-it (from `num_kv_blocks`, or `kv_cache_memory_gb` at 2 bytes per element for
-dtype "auto"), so admission sees a pool of the usual size.
+it (from `num_kv_blocks`, or `kv_cache_memory_gb` at the element size of the KV
+cache's type: `kv_cache_dtype` "auto" is 2 bytes, 4 under an explicit
+dtype="float32"), so admission sees a pool of the usual size.
 """
 from __future__ import annotations
 
@@ -111,8 +112,15 @@ def token_vectors(ids: list[int], dim: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) * (2.0 / 2**53) - 1.0
 
 
-def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: str) -> int:
-    return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * _ELEM_BYTES[dtype]
+def kv_elem_bytes(config: EngineConfig) -> int:
+    """Bytes of one KV value, as the real runner's resolve_kv_dtype picks the type."""
+    if config.kv_cache_dtype == "auto" and config.dtype == "float32":
+        return 4
+    return _ELEM_BYTES[config.kv_cache_dtype]
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int, elem_bytes: int) -> int:
+    return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * elem_bytes
 
 
 class FakeRunner:
@@ -129,16 +137,17 @@ class FakeRunner:
         self.block_size = config.block_size
         self.vocab_size = ckpt.config.vocab_size
         self.eos_token_ids = list(ckpt.tokenizer.eos_token_ids or ckpt.config.eos_token_ids)
-        self.num_blocks = config.num_kv_blocks or max(
-            1, int(config.kv_cache_memory_gb * 2**30) // kv_block_bytes(ckpt.config, self.block_size, config.dtype))
+        block_bytes = kv_block_bytes(ckpt.config, self.block_size, kv_elem_bytes(config))
+        self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // block_bytes)
         self.pool = token_pool(ckpt.tokenizer, self.vocab_size, self.eos_token_ids)
         self.step_delay_s = float(config.fake_step_delay_s)
         self.token_delay_s = float(config.fake_token_delay_s)
         self.sleep = sleep  # tests swap in a fake clock
         self.num_steps = 0  # steps executed (each slept once)
         self.total_delay_s = 0.0
-        log.info("fake runner: no model weights, %d plain tokens in the pool, %.4f s per step + %.6f s per token",
-                 len(self.pool), self.step_delay_s, self.token_delay_s)
+        log.info("fake runner: no model weights, %d plain tokens in the pool, %.4f s per step + %.6f s per token; "
+                 "KV blocks sized at %d bytes a value (kv_cache_dtype %s)", len(self.pool), self.step_delay_s,
+                 self.token_delay_s, kv_elem_bytes(config), config.kv_cache_dtype)
 
     def next_token(self, req: Request) -> tuple[int, int]:
         """(token id, its index in the pool) for the position after the last known token."""

@@ -47,6 +47,7 @@ from lockgate.engine.config import EngineConfig
 from lockgate.engine.core.frontends import PRIMARY, FrontendHub
 from lockgate.engine.curve import ENV_VAR, CurveGuard, CurveServer
 from lockgate.engine.kv_events import AllBlocksCleared, KVEvent, KVEventPublisher
+from lockgate.engine.threads import openmp_env
 from lockgate.engine.messages import (
     AbortRequests,
     AddRequests,
@@ -174,6 +175,7 @@ class CoreLoop:
             num_total_blocks=core.stats().num_total_blocks, block_size=self.config.block_size,
             stats=core.stats(), clock_offset=time.time() - time.monotonic(),
             load_s=time.monotonic() - loading, started_s=loading - _EXEC_AT,
+            quantization=getattr(core.runner, "quantization", None) or "none",  # a fake runner has none
         )
         self.send(self.ready)
         return True
@@ -371,6 +373,7 @@ def _report_addresses(fd: int, addresses: dict[str, str | None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    openmp_env()  # before torch loads libgomp: its threads sleep soon when idle (engine/threads.py)
     parser = argparse.ArgumentParser(prog="python -m lockgate.engine.core",
                                      description="lockgate engine core (started by the API server)")
     parser.add_argument("--input", help="ZMQ address to receive requests on (connected; not with --bind)")

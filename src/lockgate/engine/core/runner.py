@@ -34,8 +34,12 @@ from lockgate.engine.core.scheduler import ScheduledBatch
 from lockgate.engine.loader import LoadedCheckpoint
 from lockgate.engine.messages import TokenLogprob
 from lockgate.engine.models.llama import LlamaForCausalLM
-from lockgate.engine.native.decoder import NativeDecoder
+from lockgate.engine.native.build import load as load_native
+from lockgate.engine.native.build import set_activation_bits
+from lockgate.engine.native.decoder import NativeDecoder, why_not
+from lockgate.engine.quant.precision import resolve_kernels, resolve_quantization, why_float
 from lockgate.engine.quant.quantize import quantize_model
+from lockgate.engine.threads import threads_per_engine, usable_cores
 
 if TYPE_CHECKING:
     from lockgate.engine.structured.decoding import StepMasks
@@ -66,15 +70,45 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def native_planned(config: EngineConfig) -> bool:
-    """Whether quantization will put the model on the native kernels (quantize_model's own choice:
-    int4 unless told "torch", int8 only when told "native"), where they build."""
-    q, k = config.quantization, config.quantization_kernels
+def native_planned(quantization: str | None, kernels: str) -> bool:
+    """Whether `quantization` (resolved: int4 | int8 | None) will put the model on the native kernels
+    (quantize_model's own choice: int4 unless told "torch", int8 only when told "native"), where
+    they build."""
+    q, k = quantization, kernels
     if not ((q == "int4" and k in ("auto", "native")) or (q == "int8" and k == "native")):
         return False
     from lockgate.engine.native.build import load
 
     return load() is not None
+
+
+def native_isa() -> str:
+    """The instruction set the native kernels were built for (for the start-up log and benchmarks)."""
+    from lockgate.engine.native.build import load
+
+    lib = load()
+    if lib is None:
+        return "unavailable"
+    from lockgate.engine.native.build import isa_name
+
+    return isa_name(lib)
+
+
+def set_threads(requested: int | None) -> int:
+    """The engine process's intra-op threads: `requested`, or the cores this process may use
+    (engine/threads.py: affinity and cgroup quota; a server passes each engine its share). An
+    explicit count above the usable cores is kept, with a warning: the threads would contend."""
+    cores = usable_cores()
+    threads = requested or threads_per_engine(1, cores)
+    if requested and requested > cores:
+        log.warning("num_threads %d is more than the %d cores this process may use (affinity, cgroup "
+                    "quota): the threads will contend for them", requested, cores)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,6 +130,21 @@ def resolve_dtype(name: str, device: torch.device, native_kernels: bool = False)
     if device.type == "cuda" or cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def resolve_kv_dtype(name: str, dtype_name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type. "auto" is 16-bit, except under an explicit dtype="float32" (a
+    request for float32 numerics end to end, as vLLM's "auto" follows the model's dtype): the
+    model's own dtype when it is 16-bit (nothing to convert), else float16 rather than bfloat16.
+    Both convert cheaply on AVX2 (F16C's `vcvtph2ps`/`vcvtps2ph` one instruction per 8 values;
+    bfloat16 a shift), and float16 keeps 3 more mantissa bits (relative rounding 2^-11 against
+    2^-8). Its range (65,504) is ample for K/V; larger values are clamped on write, not stored
+    as infinities."""
+    if name != "auto":
+        return DTYPES[name]
+    if model_dtype in (torch.bfloat16, torch.float16):
+        return model_dtype
+    return torch.float32 if dtype_name == "float32" else torch.float16
 
 
 @contextmanager
@@ -134,28 +183,69 @@ class ModelRunner:
         self.config = config
         self.model_config = ckpt.config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device, native_kernels=native_planned(config))
+        self.threads = set_threads(config.num_threads) if self.device.type == "cpu" else torch.get_num_threads()
+        # What runs: the checkpoint's stored precision unless told (engine/quant/precision.py).
+        stored = ckpt.stored_precision
+        native_ok = self.device.type == "cpu" and stored is not None and load_native() is not None
+        self.quantization = resolve_quantization(config.quantization, stored, self.device.type, native_ok)
+        kernels = resolve_kernels(self.quantization, stored, config.quantization_kernels, native_ok)
+        self.dtype = resolve_dtype(config.dtype, self.device,
+                                   native_kernels=native_planned(self.quantization, kernels))
         self.block_size = config.block_size
         self.model = build_model(ckpt, max_model_len, self.device, self.dtype)
         self.kernels = "float"
-        if config.quantization:
+        if self.quantization:
             above = config.quantization_float_above
-            self.kernels = quantize_model(self.model, config.quantization, self.device, stored=ckpt.quantized,
+            self.kernels = quantize_model(self.model, self.quantization, self.device, stored=ckpt.quantized,
                                           keep_float=above is not None, max_rows=above or 0,
-                                          kernels=config.quantization_kernels)
+                                          kernels=kernels)
         self.vocab_size = ckpt.config.vocab_size
         self.eos_token_ids = list(ckpt.tokenizer.eos_token_ids or ckpt.config.eos_token_ids)
-        self.num_blocks = config.num_kv_blocks or max(
-            1, int(config.kv_cache_memory_gb * 2**30) // kv_block_bytes(ckpt.config, self.block_size, self.dtype))
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, config.dtype, self.dtype)
+        block_bytes = kv_block_bytes(ckpt.config, self.block_size, self.kv_dtype)
+        self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // block_bytes)
         cfg = ckpt.config
         shape = (self.num_blocks * self.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
                           for _ in range(cfg.num_hidden_layers)]
+        log.info("KV cache: %d blocks of %d tokens, %s (%d bytes a value), %.2f GiB",
+                 self.num_blocks, self.block_size, str(self.kv_dtype).removeprefix("torch."),
+                 self.kv_dtype.itemsize, self.num_blocks * block_bytes / 2**30)
         self.sampler = Sampler()
         # Steps of a block-quantized model (decodes, short prefills) run in one native call.
-        self.native = NativeDecoder.build(self.model, self.kv_caches, self.block_size) \
-            if self.kernels == "native" else None
+        self.native: NativeDecoder | None = None
+        self.path = "PyTorch model"  # which path the steps take, for the log and the benchmarks
+        if self.kernels == "native":
+            reason = why_not(self.model, self.kv_caches)
+            if reason is None:
+                self.native = NativeDecoder(self.model, self.kv_caches, self.block_size)
+                self.path = "fused native decode (lg_decode)"
+            else:  # ~3x slower: one OpenMP fork per matmul, PyTorch attention
+                self.path = f"PyTorch model with native block matmuls, not the fused decode: {reason}"
+                log.warning("%s runs off the fused native decode path (%s): every step runs the PyTorch "
+                            "model layer by layer, about 3x slower (dtype %s; dtype auto picks what the "
+                            "fused path takes)", self.quantization, reason, _name(self.dtype))
+        log.info("%s", self.describe(ckpt.stored_precision))
+
+    def describe(self, stored: str | None) -> str:
+        """The start-up line: the precision that runs and why, the steps' path, the kernels (and
+        the instruction set they were built for), the dtypes and the threads."""
+        config = self.config
+        if self.quantization is None:
+            why = why_float(config.quantization, stored, self.device.type)
+            precision = f"precision none (float {_name(self.dtype)}: {why})"
+        else:
+            source = "the checkpoint's own blocks" if stored == self.quantization else "quantized at load"
+            asked = "the stored precision" if config.quantization == "auto" else f"quantization={config.quantization!r}"
+            precision = f"precision {self.quantization} ({asked}, {source})"
+        kernels = f"native {native_isa()}" if self.kernels == "native" else self.kernels
+        if self.kernels == "native":
+            kernels += f", {config.quantization_activations} activations"
+        if self.kernels == "torch":
+            kernels = "PyTorch int kernels"
+        return (f"{precision}; steps: {self.path}; kernels: {kernels}; dtype {_name(self.dtype)}, KV cache "
+                f"{_name(self.kv_caches[0][0].dtype)}; {self.threads} threads ({usable_cores()} usable cores)")
 
     # ---- batch preparation -----------------------------------------------------
     def _slots(self, req: Request, start: int, end: int) -> np.ndarray:
@@ -251,6 +341,8 @@ class ModelRunner:
         tokens; the token is None for a request whose prompt finished with max_tokens=0 (nothing
         sampled). Prompt logprobs computed in the step are added to their requests. `masks`: the
         structured outputs' bitmasks of the constrained requests that sample in this step."""
+        if self.kernels == "native":  # the kernels' one setting is per process; several LLMs may share it
+            set_activation_bits(16 if self.config.quantization_activations == "int16" else 8)
         step = self.native_step(batch) if self.native is not None and batch.requests else None
         if step is not None:
             hidden, head = step

@@ -73,6 +73,7 @@ class AsyncEngineClient:
         self.tokenizer: Tokenizer | None = None
         self.model_config: ModelConfig | None = None
         self.max_model_len = 0
+        self.quantization: str | None = None  # the weight precision the core runs, once it is ready
         self.engine_pid: int | None = None
 
         self._core = transport if transport is not None else CoreTransport()
@@ -359,6 +360,7 @@ class AsyncEngineClient:
             raise
         self.engine_pid = ready.pid
         self.max_model_len = ready.max_model_len
+        self.quantization = ready.quantization
         self._counters.stats = ready.stats
         assert self.tokenizer is not None and self.model_config is not None
         self._input = InputProcessor(self.tokenizer, self.model_config, ready.max_model_len,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lockgate.engine.config import ModelConfig
+from lockgate.engine.generation_defaults import EMBEDDED as EMBEDDED_SAMPLING
 from lockgate.engine.loader.default_model import INSTALL_HINT, ModelNotFoundError, default_model_path
 from lockgate.engine.tokenizer import Tokenizer
 
@@ -38,6 +39,9 @@ class LoadedCheckpoint:
     weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
     # GGUF only: the quantized tensors as stored (quant.gguf_blocks codes + scales), HF names.
     quantized: Callable[[], Iterator[tuple[str, Any]]] | None = None
+    # The precision the projections are stored in ("int4": Q4_0/Q4_1 blocks, "int8": Q8_0, None:
+    # float): what `quantization="auto"` runs (engine/quant/precision.py).
+    stored_precision: str | None = None
 
 
 def load_checkpoint(path: str | Path | None, load_format: str = "auto") -> LoadedCheckpoint:
@@ -61,8 +65,18 @@ def load_checkpoint(path: str | Path | None, load_format: str = "auto") -> Loade
     if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
         from lockgate.engine.loader.gguf import load_gguf
 
-        return LoadedCheckpoint(*load_gguf(p))
+        ckpt = LoadedCheckpoint(*load_gguf(p))
+        if path is None or _is_default_model(p):  # its GGUF holds no sampling settings: the card's
+            ckpt.config.sampling_defaults = dict(EMBEDDED_SAMPLING)
+        return ckpt
     raise ValueError(f"cannot load {str(p)!r}: expected {ACCEPTED}")
+
+
+def _is_default_model(p: Path) -> bool:
+    try:
+        return p.resolve() == default_model_path().resolve()
+    except ModelNotFoundError:
+        return False
 
 
 def _has_gguf_magic(p: Path) -> bool:

@@ -9,7 +9,7 @@ not `gguf.GGUFReader`, whose metadata parsing costs seconds on a large vocabular
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,12 +18,14 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from lockgate.engine.config import ModelConfig, RopeScaling
+from lockgate.engine.generation_defaults import from_gguf_metadata
 from lockgate.engine.loader.gguf_header import GGUFTensor, read_gguf_header
 from lockgate.engine.loader.gguf_meta import meta
 from lockgate.engine.loader.gguf_tokenizer import tokenizer_from_gguf
 from lockgate.engine.loader.layout import check_tensors
 from lockgate.engine.loader.progress import track
 from lockgate.engine.quant import gguf_blocks
+from lockgate.engine.quant.precision import stored_precision
 from lockgate.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_PROJECTIONS = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
 # Tensors llama.cpp writes that HF checkpoints have no counterpart for (read into the config instead).
 _IGNORED = {"rope_freqs.weight"}
 
@@ -180,7 +183,18 @@ def llama3_divisors(s: RopeScaling, base: float, dim: int) -> np.ndarray:
     return np.where(wavelen < ctx / s.high_freq_factor, 1.0, out)
 
 
-def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any]:
+def projection_types(tensors: Iterable[GGUFTensor | Any]) -> list[str]:
+    """The stored type names of a file's projection matrices (attention and MLP), the weights
+    whose precision decides what `quantization="auto"` runs (not the embedding or norms)."""
+    out = []
+    for t in tensors:
+        m = _BLOCK_RE.fullmatch(t.name)
+        if m and m.group(3) == "weight" and m.group(2) in _PROJECTIONS:
+            out.append(t.tensor_type.name)
+    return out
+
+
+def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any, str | None]:
     try:
         header = read_gguf_header(path)
     except (ValueError, OSError) as e:
@@ -192,6 +206,7 @@ def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any]:
     tensors = {t.name: t for t in header.tensors}
     tokenizer = tokenizer_from_gguf(fields)
     config = config_from_gguf(fields, tensors, tokenizer)
+    config.sampling_defaults = from_gguf_metadata(fields, f"{path}'s general.sampling metadata")
 
     bad = sorted({t.tensor_type.name for t in header.tensors if not can_dequantize(t.tensor_type)})
     if bad:
@@ -228,4 +243,4 @@ def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any]:
             groups = gguf_blocks.decode(t.tensor_type.name, t.data, shape)
             yield name, (groups.take_rows(gguf_blocks.unpermute_rows(shape[0], heads)) if heads else groups)
 
-    return config, tokenizer, weights, quantized
+    return config, tokenizer, weights, quantized, stored_precision(projection_types(header.tensors))

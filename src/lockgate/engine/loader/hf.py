@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import safe_open
 
 from lockgate.engine.config import ModelConfig
+from lockgate.engine.generation_defaults import FILE_NAME, from_hf_file
 from lockgate.engine.loader.layout import check_tensors
 from lockgate.engine.loader.progress import track
 from lockgate.engine.tokenizer import Tokenizer
@@ -63,6 +64,7 @@ def load_hf_dir(path: Path) -> tuple[ModelConfig, Tokenizer, Any]:
     tokenizer.eos_token_ids = list(dict.fromkeys([*tokenizer.eos_token_ids, *config.eos_token_ids]))
     if config.bos_token_id is None:
         config.bos_token_id = tokenizer.bos_token_id
+    config.sampling_defaults = from_hf_file(path / FILE_NAME)  # the model's own sampling defaults
 
     shapes: dict[str, tuple[int, ...]] = {}
     plan: list[tuple[Path, str]] = []

@@ -25,8 +25,25 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.c"
-ABI = 6  # must match LG_ABI in the C source
+ABI = 8  # must match LG_ABI in the C source
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-fno-math-errno"]
+# LOCKGATE_NATIVE_ISA=avx2: build without the VNNI dot products even where the CPU has them (the
+# forced fallback, to compare against or to rule them out); unset or "native": what the CPU has.
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512vnni", "-mno-avxvnni"]}
+ISA_NAMES = {0: "portable C (no AVX2/F16C/FMA, several times slower)", 1: "AVX2",
+             2: "AVX2 + AVX512-VNNI", 3: "AVX2 + AVX-VNNI"}
+
+
+def flags() -> list[str]:
+    isa = os.environ.get("LOCKGATE_NATIVE_ISA", "native") or "native"
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"LOCKGATE_NATIVE_ISA must be one of {', '.join(ISA_FLAGS)}, got {isa!r}")
+    return [*FLAGS, *ISA_FLAGS[isa]]
+
+
+def isa_name(lib: ctypes.CDLL) -> str:
+    """What the loaded kernels were built for: the start-up log and the benchmarks say it."""
+    return ISA_NAMES.get(lib.lg_isa(), "unknown")
 
 
 def cache_dir() -> Path:
@@ -51,7 +68,7 @@ def _compiler() -> str | None:
 
 
 def library_path(cc: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + cc.encode() + " ".join(FLAGS).encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + cc.encode() + " ".join(flags()).encode()
                          + _cpu_key().encode()).hexdigest()[:16]
     return cache_dir() / f"lockgate_cpu_{key}.so"
 
@@ -61,7 +78,7 @@ def _build(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+        subprocess.run([cc, *flags(), str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
                        text=True, timeout=300)
         os.replace(tmp, out)  # atomic: concurrent builders race harmlessly
     finally:
@@ -93,8 +110,7 @@ def load() -> ctypes.CDLL | None:
         log.warning("native CPU kernels: ABI %s != %s; using PyTorch's kernels", lib.lg_abi(), ABI)
         return None
     _declare(lib)
-    log.info("native CPU kernels loaded from %s (%s)", path,
-             "AVX2" if lib.lg_has_avx2() else "portable C: no AVX2/F16C/FMA, several times slower")
+    log.info("native CPU kernels loaded from %s (%s)", path, isa_name(lib))
     return lib
 
 
@@ -108,4 +124,18 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lg_logits.restype = i
     lib.lg_decode.argtypes = [p, i, p, p, p, p, i, p, p]
     lib.lg_decode.restype = i
+    lib.lg_kv_write.argtypes = [p, i, p, i]
+    lib.lg_kv_write.restype = i
     lib.lg_has_avx2.restype = i
+    lib.lg_isa.restype = i
+    lib.lg_set_activation_bits.argtypes = [i]
+    lib.lg_set_activation_bits.restype = i
+    lib.lg_activation_bits.restype = i
+
+
+def set_activation_bits(bits: int) -> None:
+    """The native kernels' activation codes: 8 or 16 bits (`quantization_activations`). A process
+    setting (one library): the runner sets it before each step, so offline LLMs may differ."""
+    lib = load()
+    if lib is not None and lib.lg_activation_bits() != bits and lib.lg_set_activation_bits(bits) != 0:
+        raise ValueError(f"activation bits must be 8 or 16, got {bits}")

@@ -31,9 +31,14 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim",
-                                            "inter", "block_size", "wtype", "embed_type", "vocab", "max_pos")] + [
+                                            "inter", "block_size", "wtype", "embed_type", "vocab", "max_pos",
+                                            "kv_type")] + [
         ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos", _P), ("sin_signed", _P),
         ("embed", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer))]
+
+
+# The KV cache element types lg_decode reads and writes (LG_KV_* in csrc/cpu_decode.c).
+KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -57,15 +62,13 @@ def why_not(model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Te
         if any(m.bias is not None for m in mods[1:]):
             return "bias on o/gate/up/down"
         types |= {m.wtype for m in mods}
-        norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        if att.q_norm is not None:
-            norms += [att.q_norm.weight, att.k_norm.weight]
-        if any(n.dtype != torch.float32 for n in norms):
-            return "model dtype is not float32"
+        # Norms and the qkv bias of a 16-bit model are read through float32 copies (NativeDecoder).
     if len(types) != 1:
         return "mixed block types"
-    if any(k.dtype != torch.float32 or not k.is_contiguous() for kv in kv_caches for k in kv):
-        return "KV cache is not float32"
+    if any(k.dtype not in KV_TYPES or not k.is_contiguous() for kv in kv_caches for k in kv):
+        return "KV cache is not float32, float16 or bfloat16"
+    if len({k.dtype for kv in kv_caches for k in kv}) > 1:
+        return "KV cache tensors of mixed types"
     return None
 
 
@@ -82,19 +85,28 @@ class NativeDecoder:
         for i, (layer, (kc, vc)) in enumerate(zip(model.layers, kv_caches)):
             att, mlp = layer.self_attn, layer.mlp
             layers[i] = _Layer(
-                _ptr(layer.input_layernorm.weight), _ptr(layer.post_attention_layernorm.weight),
-                _ptr(att.q_norm.weight if att.q_norm is not None else None),
-                _ptr(att.k_norm.weight if att.k_norm is not None else None),
-                _ptr(att.qkv_proj.bias), _ptr(att.qkv_proj.table), _ptr(att.o_proj.table),
+                self._f32(layer.input_layernorm.weight), self._f32(layer.post_attention_layernorm.weight),
+                self._f32(att.q_norm.weight if att.q_norm is not None else None),
+                self._f32(att.k_norm.weight if att.k_norm is not None else None),
+                self._f32(att.qkv_proj.bias), _ptr(att.qkv_proj.table), _ptr(att.o_proj.table),
                 _ptr(mlp.gate_up_proj.table), _ptr(mlp.down_proj.table), _ptr(kc), _ptr(vc))
         self._layers = layers
         emb = model.embed_tokens
         self.model = _Model(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
                             cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, block_size,
                             model.layers[0].self_attn.qkv_proj.wtype, emb.wtype, emb.vocab, self.cos.shape[0],
-                            cfg.rms_norm_eps,
+                            KV_TYPES[kv_caches[0][0].dtype], cfg.rms_norm_eps,
                             cfg.head_dim ** -0.5, _ptr(self.cos), _ptr(self.sin), _ptr(emb.table),
-                            _ptr(model.norm.weight), layers)
+                            self._f32(model.norm.weight), layers)
+
+    def _f32(self, t: torch.Tensor | None) -> int | None:
+        """A pointer to `t` as float32 (what lg_decode reads): `t` itself when it is float32, else a
+        copy kept here (a 16-bit model's norms and qkv bias: a few KiB, never updated after load)."""
+        if t is None or t.dtype == torch.float32:
+            return _ptr(t)
+        copy = t.detach().float().contiguous()
+        self._keep.append(copy)
+        return _ptr(copy)
 
     @classmethod
     def build(cls, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -116,6 +128,8 @@ class NativeDecoder:
                                 arrs[3].shape[1], arrs[4].ctypes.data, out.data_ptr())
         if rc == -2:
             raise ValueError("native decode: token id, position or context length out of range")
+        if rc == -3:
+            raise ValueError("native decode: unknown KV cache type")
         if rc != 0:
             raise MemoryError("native decode step could not allocate its scratch memory")
         return out

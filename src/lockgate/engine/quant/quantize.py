@@ -75,6 +75,14 @@ def _stored_int4(source: dict[str, Any], prefix: str, proj: str) -> Int4Groups |
                       np.concatenate([p.zero for p in parts]))
 
 
+def _stored_int8(source: dict[str, Any], prefix: str, proj: str) -> Int8Groups | None:
+    """The checkpoint's own Q8_0 groups for a (possibly fused) projection, when it has them all."""
+    parts = [source.get(f"{prefix}.{n}.weight") for n in _FUSED.get(proj, (proj,))]
+    if not all(isinstance(p, Int8Groups) for p in parts):
+        return None
+    return Int8Groups(np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]))
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str, device: torch.device,
                    stored: Callable[[], Iterator[tuple[str, Any]]] | None = None,
@@ -94,9 +102,10 @@ def quantize_model(model: nn.Module, method: str, device: torch.device,
             raise ValueError("native CPU kernels are unavailable (no C compiler, or LOCKGATE_NATIVE=0)")
         kernels = "torch"
     if kernels == "auto":
-        # Native int8 (Q8_0 of the weights, int8 activations) sits at the edge of the quality
-        # gate on the default model (failed once at 6/10 answers vs float32's 8/10, then passed
-        # at 7/10; docs/PERFORMANCE.md): not a default.
+        # Native int8 re-quantizing float weights (Q8_0 of the weights, int8 activations) sits at
+        # the edge of the quality gate on the default model (failed once at 6/10 answers vs
+        # float32's 8/10, then passed at 7/10; docs/PERFORMANCE.md): not a default. A Q8_0 file's
+        # own blocks pass it: the runner asks for "native" there (quant/precision.resolve_kernels).
         kernels = "native" if method == "int4" else "torch"
     # The checkpoint's blocks (decoding them all takes seconds): PyTorch's int8 path uses none.
     uses_stored = stored is not None and (kernels == "native" or method == "int4")
@@ -129,6 +138,9 @@ def _quantize_native(model: nn.Module, method: str, source: dict[str, Any], keep
         if method == "int4":
             groups = _stored_int4(source, f"model.{prefix}", name)  # loader names carry "model."
             table = None if groups is None else native_blocks.q4_1_from_groups(groups)
+        else:  # a Q8_0 file's own blocks
+            groups8 = _stored_int8(source, f"model.{prefix}", name)
+            table = None if groups8 is None else native_blocks.q8_0_from_groups(groups8)
         from_file += table is not None
         if table is None:
             table = (native_blocks.q4_1_from_float if method == "int4" else native_blocks.q8_0_from_float)(w)

@@ -13,6 +13,11 @@
  * lg_decode runs every layer of a step (each row one token with its own position:
  * decodes, and prefill chunks attending causally up to each row) in one call and one
  * OpenMP parallel region: Python sees one call per step, not ~20 per layer.
+ *
+ * The KV cache holds float32, float16 or bfloat16 (lg_model.kv_type): 16-bit K/V are
+ * rounded to nearest even on write (float16 saturated at 65504, as the PyTorch path
+ * does) and widened 8 at a time in the attention's dot products and weighted V sums
+ * (F16C's vcvtph2ps; bfloat16 is a 16-bit shift), so attention reads half the bytes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,10 +30,23 @@
 #define LG_AVX2 1
 #endif
 
+/* VNNI (one vpdpbusd per 32 weight bytes instead of maddubs + madd): chosen by the compiler's
+ * -march=native on a CPU that has it; LOCKGATE_NATIVE_ISA=avx2 builds without it (build.py).
+ * u8 x s8 products summed four to an int32 lane: the same sums as the AVX2 pair, which never
+ * saturate here (|codes| <= 127, nibbles <= 15), so the answers are bit for bit the same. */
+#if defined(LG_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LG_VNNI 1
+#define LG_DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(LG_AVX2) && defined(__AVXVNNI__)
+#define LG_VNNI 2
+#define LG_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#endif
+
 #define QK 32
-#define LG_ABI 6
+#define LG_ABI 8
 
 enum { LG_Q4_1 = 0, LG_Q8_0 = 1 };
+enum { LG_KV_F32 = 0, LG_KV_F16 = 1, LG_KV_BF16 = 2 };
 
 
 static inline float h2f(uint16_t h) {
@@ -52,7 +70,62 @@ static inline float h2f(uint16_t h) {
 #endif
 }
 
+/* float -> float16, round to nearest even, saturated at +-65504 (NaN stays NaN). */
+static inline uint16_t f2h(float f) {
+    if (f > 65504.f) f = 65504.f;
+    else if (f < -65504.f) f = -65504.f;
+#ifdef LG_AVX2
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    x &= 0x7fffffff;
+    if (x > 0x7f800000) return (uint16_t)(sign | 0x7e00);
+    if (x >= 0x38800000) { /* a normal half (>= 2^-14): rebias the exponent, round off 13 bits */
+        uint32_t r = x - 0x38000000;
+        r += 0xfff + ((r >> 13) & 1);
+        return (uint16_t)(sign | (r >> 13));
+    }
+    if (x < 0x33000000) return (uint16_t)sign; /* at most half the smallest subnormal (2^-25) */
+    const int shift = 126 - (int)(x >> 23); /* a subnormal half: the significand in units of 2^-24 */
+    const uint32_t m = (x & 0x7fffff) | 0x800000, half = 1u << (shift - 1), rem = m & ((1u << shift) - 1);
+    uint32_t q = m >> shift;
+    if (rem > half || (rem == half && (q & 1))) q++;
+    return (uint16_t)(sign | q);
+#endif
+}
+
+/* float -> bfloat16, round to nearest even (PyTorch's rounding; NaN stays NaN). */
+static inline uint16_t f2bf(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+static inline float bf2f(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
 int lg_abi(void) { return LG_ABI; }
+
+/* The instruction set the kernels were built for: 0 portable C, 1 AVX2, 2 AVX2 + AVX512-VNNI
+ * (256-bit, VL), 3 AVX2 + AVX-VNNI. */
+int lg_isa(void) {
+#if defined(LG_VNNI) && LG_VNNI == 1
+    return 2;
+#elif defined(LG_VNNI)
+    return 3;
+#elif defined(LG_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 int lg_has_avx2(void) {
 #ifdef LG_AVX2
@@ -79,21 +152,26 @@ int lg_has_avx2(void) {
 #endif
 
 typedef struct {
-    float *d, *s; /* [M][nb + 8] (zero padded) */
-    int8_t *q;    /* [M][nb * 32] */
-    int nb, stride;
+    float *d, *s;  /* [M][nb + 8] (zero padded) */
+    int8_t *q;     /* [M][nb * 32]: 8-bit codes (the default) ... */
+    int16_t *q16;  /* ... or 16-bit ones (lg_set_activation_bits(16)); the other is NULL */
+    int nb, stride, bits;
 } act_t;
+
+static int g_act_bits = 8; /* activation codes' width: 8 (llama.cpp's choice, fastest) or 16 */
 
 static int act_alloc(act_t *a, int M, int nb) {
     a->nb = nb;
     a->stride = nb + GROUP_BLOCKS;
+    a->bits = g_act_bits;
     a->d = calloc((size_t)M * a->stride, sizeof(float));
     a->s = calloc((size_t)M * a->stride, sizeof(float));
-    a->q = malloc((size_t)M * nb * QK + 64);
-    return a->d && a->s && a->q ? 0 : -1;
+    a->q = a->bits == 8 ? malloc((size_t)M * nb * QK + 64) : NULL;
+    a->q16 = a->bits == 16 ? malloc(((size_t)M * nb * QK + 64) * sizeof(int16_t)) : NULL;
+    return a->d && a->s && (a->q || a->q16) ? 0 : -1;
 }
 
-static void act_free(act_t *a) { free(a->d); free(a->s); free(a->q); }
+static void act_free(act_t *a) { free(a->d); free(a->s); free(a->q); free(a->q16); }
 
 #ifdef LG_AVX2
 static inline float hsum(__m256 v) {
@@ -118,8 +196,77 @@ static inline float dot_f32(const float *a, const float *b, int n) {
     return s;
 }
 
+/* ---- 16-bit K/V rows ---- */
+static inline float kv_get(const uint16_t *p, int type) { return type == LG_KV_F16 ? h2f(*p) : bf2f(*p); }
+
+#ifdef LG_AVX2
+static inline __m256 load8_16(const uint16_t *p, int type) {
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    return type == LG_KV_F16 ? _mm256_cvtph_ps(v)
+                             : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+#endif
+
+/* a . b, b a 16-bit K row. */
+static inline float dot_16(const float *a, const uint16_t *b, int n, int type) {
+    int i = 0;
+    float s = 0.f;
+#ifdef LG_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8_16(b + i, type), acc);
+    s = hsum(acc);
+#endif
+    for (; i < n; i++) s += a[i] * kv_get(b + i, type);
+    return s;
+}
+
+/* o += p * v, v a 16-bit V row: a multiply then an add, as the float32 rows' loop compiles (no
+ * contraction under -std=c11). */
+static inline void axpy_16(float p, const uint16_t *v, int n, int type, float *o) {
+    int i = 0;
+#ifdef LG_AVX2
+    const __m256 vp = _mm256_set1_ps(p);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i), _mm256_mul_ps(vp, load8_16(v + i, type))));
+#endif
+    for (; i < n; i++) o[i] += p * kv_get(v + i, type);
+}
+
+/* x[n] into the cache at element offset off, in the cache's type. */
+static void kv_store(void *cache, int type, size_t off, const float *x, int n) {
+    if (type == LG_KV_F32) {
+        memcpy((float *)cache + off, x, sizeof(float) * n);
+        return;
+    }
+    uint16_t *o = (uint16_t *)cache + off;
+    int i = 0;
+#ifdef LG_AVX2
+    if (type == LG_KV_F16) {
+        const __m256 hi = _mm256_set1_ps(65504.f), lo = _mm256_set1_ps(-65504.f);
+        for (; i + 8 <= n; i += 8) { /* min/max return their second operand for NaN: NaN stays NaN */
+            __m256 v = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_loadu_ps(x + i)));
+            _mm_storeu_si128((__m128i *)(o + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        }
+    }
+#endif
+    for (; i < n; i++) o[i] = type == LG_KV_F16 ? f2h(x[i]) : f2bf(x[i]);
+}
+
+/* n floats in a KV cache's type, as lg_decode writes them (the tests compare it with PyTorch's). */
+int lg_kv_write(void *dst, int type, const float *x, int n) {
+    if (type < LG_KV_F32 || type > LG_KV_BF16) return -3;
+    kv_store(dst, type, 0, x, n);
+    return 0;
+}
+
 /* Quantize x[k] (k = 32 nb) into row m of a, in pair order. */
+static void quantize_row16(const float *x, int k, const act_t *a, int m);
+
 static void quantize_row(const float *x, int k, const act_t *a, int m) {
+    if (a->bits == 16) {
+        quantize_row16(x, k, a, m);
+        return;
+    }
     float *dd = a->d + (size_t)m * a->stride, *ss = a->s + (size_t)m * a->stride;
     int8_t *qq = a->q + (size_t)m * a->nb * QK;
     for (int b = 0; b < k / QK; b++) {
@@ -185,7 +332,10 @@ static inline __m256 load_f16(const uint16_t *p, int G) {
 static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int wtype, const act_t *a,
                                                            int m0, int R, float *out) {
     const int nb = a->nb;
-    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+#ifndef LG_VNNI
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
     __m256 acc[4]; /* lanes are summed at the end, so the Q4_1 offset term can share them */
     for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += GROUP_BLOCKS) {
@@ -209,9 +359,15 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
                 __m256i idx = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
                 for (int r = 0; r < R; r++) {
                     const int8_t *x = a->q + ((size_t)(m0 + r) * nb + b0 + 2 * p) * QK;
+#ifdef LG_VNNI
+                    __m256i s32 = LG_DPBUSD(LG_DPBUSD(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)x)),
+                                            hi, _mm256_loadu_si256((const __m256i *)(x + 32)));
+                    __m256 f = _mm256_cvtepi32_ps(s32);
+#else
                     __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
                                                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));
                     __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+#endif
                     acc[r] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(prod[r], idx), acc[r]);
                 }
             }
@@ -227,8 +383,12 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
                     const int8_t *x = a->q + ((size_t)(m0 + r) * nb + b0 + 2 * p) * QK;
                     __m256i x1 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), w1);
                     __m256i x2 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32)), w2);
+#ifdef LG_VNNI
+                    __m256i s32 = LG_DPBUSD(LG_DPBUSD(_mm256_setzero_si256(), a1, x1), a2, x2);
+#else
                     __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(a1, x1), ones),
                                                    _mm256_madd_epi16(_mm256_maddubs_epi16(a2, x2), ones));
+#endif
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_permutevar8x32_ps(prod[r], idx), acc[r]);
                 }
             }
@@ -268,6 +428,129 @@ static void dot_row(const uint8_t *w, int wtype, const act_t *a, int m0, int R, 
 }
 #endif
 
+/* ---- 16-bit activations (lg_set_activation_bits(16)) ----------------------------
+ * The same blocks, with each activation block quantized to int16 (scale amax / 32767) instead of
+ * int8: the dot products stay integer (madd_epi16: 16-bit weights x 16-bit activations, summed in
+ * int32, exact), and the activations' rounding error falls 258x, which is what costs int8
+ * activations their agreement with float32. Codes are kept in the same pair order. */
+int lg_set_activation_bits(int bits) {
+    if (bits != 8 && bits != 16) return -1;
+    g_act_bits = bits;
+    return 0;
+}
+
+int lg_activation_bits(void) { return g_act_bits; }
+
+static void quantize_row16(const float *x, int k, const act_t *a, int m) {
+    float *dd = a->d + (size_t)m * a->stride, *ss = a->s + (size_t)m * a->stride;
+    int16_t *qq = a->q16 + (size_t)m * a->nb * QK;
+    for (int b = 0; b < k / QK; b++) {
+        const float *xb = x + b * QK;
+        int16_t *dst = qq + (b & ~1) * QK + (b & 1) * 16; /* pair base, then this block's half */
+        float amax = 0.f;
+        for (int j = 0; j < QK; j++) { float v = fabsf(xb[j]); amax = v > amax ? v : amax; }
+        float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+        int isum = 0;
+        for (int j = 0; j < QK; j++) {
+            int q = (int)lrintf(xb[j] * id);
+            dst[(j >> 4) * 32 + (j & 15)] = (int16_t)q;
+            isum += q;
+        }
+        dd[b] = d;
+        ss[b] = d * (float)isum;
+    }
+}
+
+#ifdef LG_AVX2
+static inline __attribute__((always_inline)) void dot_row16(const uint8_t *w, int wtype, const act_t *a,
+                                                             int m0, int R, float *out) {
+    const int nb = a->nb;
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += GROUP_BLOCKS) {
+        const int G = nb - b0 < GROUP_BLOCKS ? nb - b0 : GROUP_BLOCKS;
+        const uint16_t *d16 = (const uint16_t *)w;
+        _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + PREFETCH + 64, _MM_HINT_T0);
+        __m256 dw = load_f16(d16, G), prod[4];
+        __m256 mw = wtype == LG_Q4_1 ? load_f16(d16 + G, G) : dw;
+        for (int r = 0; r < R; r++) {
+            size_t o = (size_t)(m0 + r) * a->stride + b0;
+            prod[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(a->d + o));
+            if (wtype == LG_Q4_1) acc[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a->s + o), acc[r]);
+        }
+        const uint8_t *qs = w + (wtype == LG_Q4_1 ? 4 : 2) * G;
+        for (int p = 0; p < G / 2; p++) {
+            __m256i c0, c1; /* codes j < 16 of the pair's two blocks, then j >= 16 */
+            if (wtype == LG_Q4_1) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+                c0 = _mm256_and_si256(raw, low);
+                c1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            } else {
+                c0 = _mm256_loadu_si256((const __m256i *)(qs + 64 * p));
+                c1 = _mm256_loadu_si256((const __m256i *)(qs + 64 * p + 32));
+            }
+            /* 16-bit weights: [block 2p, j < 16], [2p+1, j < 16], [2p, j >= 16], [2p+1, j >= 16] */
+            __m256i w0, w1, w2, w3;
+            if (wtype == LG_Q4_1) {
+                w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c0));
+                w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(c0, 1));
+                w2 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c1));
+                w3 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(c1, 1));
+            } else {
+                w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(c0));
+                w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(c0, 1));
+                w2 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(c1));
+                w3 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(c1, 1));
+            }
+            /* hadd leaves [2p, 2p, 2p+1, 2p+1] in each 128-bit lane */
+            __m256i idx = _mm256_setr_epi32(2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1);
+            for (int r = 0; r < R; r++) {
+                const int16_t *x = a->q16 + ((size_t)(m0 + r) * nb + b0 + 2 * p) * QK;
+                __m256i sa = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x)),
+                                              _mm256_madd_epi16(w2, _mm256_loadu_si256((const __m256i *)(x + 32))));
+                __m256i sb = _mm256_add_epi32(_mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16))),
+                                              _mm256_madd_epi16(w3, _mm256_loadu_si256((const __m256i *)(x + 48))));
+                __m256 f = _mm256_cvtepi32_ps(_mm256_hadd_epi32(sa, sb));
+                acc[r] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(prod[r], idx), acc[r]);
+            }
+        }
+        w += (wtype == LG_Q4_1 ? 20 : 34) * G;
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+}
+#else
+static void dot_row16(const uint8_t *w, int wtype, const act_t *a, int m0, int R, float *out) {
+    const int nb = a->nb;
+    for (int r = 0; r < R; r++) out[r] = 0.f;
+    for (int b0 = 0; b0 < nb; b0 += GROUP_BLOCKS) {
+        const int G = nb - b0 < GROUP_BLOCKS ? nb - b0 : GROUP_BLOCKS;
+        const uint16_t *d16 = (const uint16_t *)w;
+        for (int g = 0; g < G; g++) {
+            int b = b0 + g;
+            for (int r = 0; r < R; r++) {
+                const int16_t *x = a->q16 + ((size_t)(m0 + r) * nb + (b & ~1)) * QK + (b & 1) * 16;
+                size_t o = (size_t)(m0 + r) * a->stride + b;
+                int64_t s = 0;
+                for (int j = 0; j < QK; j++) {
+                    int xv = x[(j >> 4) * 32 + (j & 15)], wv;
+                    if (wtype == LG_Q4_1) {
+                        uint8_t byte = w[4 * G + 16 * g + (j & 15)];
+                        wv = j < 16 ? (byte & 0x0f) : (byte >> 4);
+                    } else {
+                        wv = ((const int8_t *)w)[2 * G + (g & ~1) * QK + (j >> 4) * 32 + (g & 1) * 16 + (j & 15)];
+                    }
+                    s += (int64_t)wv * xv;
+                }
+                out[r] += h2f(d16[g]) * a->d[o] * (float)s + (wtype == LG_Q4_1 ? h2f(d16[G + g]) * a->s[o] : 0.f);
+            }
+        }
+        w += (wtype == LG_Q4_1 ? 20 : 34) * G;
+    }
+}
+#endif
+
 /* Rows of y[M, N] (leading dim ldy) = a[M, K] . W[N, K]^T (+ bias) (+= when accumulate).
  * Work-shared over weight rows: call inside a parallel region (or alone, serially). */
 static void gemm_q(const act_t *a, int M, const void *W, int wtype, int N,
@@ -284,11 +567,20 @@ static void gemm_q(const act_t *a, int M, const void *W, int wtype, int N,
             for (int m0 = c0; m0 < c1; m0 += 4) {
                 float out[4];
                 int R = c1 - m0 < 4 ? c1 - m0 : 4;
-                switch (R) {
-                case 1: dot_row(wr, wtype, a, m0, 1, out); break;
-                case 2: dot_row(wr, wtype, a, m0, 2, out); break;
-                case 3: dot_row(wr, wtype, a, m0, 3, out); break;
-                default: dot_row(wr, wtype, a, m0, 4, out); break;
+                if (a->bits == 16) {
+                    switch (R) {
+                    case 1: dot_row16(wr, wtype, a, m0, 1, out); break;
+                    case 2: dot_row16(wr, wtype, a, m0, 2, out); break;
+                    case 3: dot_row16(wr, wtype, a, m0, 3, out); break;
+                    default: dot_row16(wr, wtype, a, m0, 4, out); break;
+                    }
+                } else {
+                    switch (R) {
+                    case 1: dot_row(wr, wtype, a, m0, 1, out); break;
+                    case 2: dot_row(wr, wtype, a, m0, 2, out); break;
+                    case 3: dot_row(wr, wtype, a, m0, 3, out); break;
+                    default: dot_row(wr, wtype, a, m0, 4, out); break;
+                    }
                 }
                 float b = bias ? bias[n] : 0.f;
                 for (int r = 0; r < R; r++) {
@@ -388,11 +680,12 @@ int lg_logits(const void *rank, int rank_type, const void *table, int wtype, int
 typedef struct {
     const float *attn_norm, *ffn_norm, *q_norm, *k_norm, *qkv_bias; /* q/k norm and bias may be NULL */
     const void *qkv, *o, *gate_up, *down;
-    float *k_cache, *v_cache; /* [slots, kv_heads, head_dim] float32 */
+    void *k_cache, *v_cache; /* [slots, kv_heads, head_dim] of lg_model.kv_type */
 } lg_layer;
 
 typedef struct {
     int n_layers, hidden, n_heads, n_kv_heads, head_dim, inter, block_size, wtype, embed_type, vocab, max_pos;
+    int kv_type; /* LG_KV_F32, LG_KV_F16 or LG_KV_BF16 */
     float eps, scale;
     const float *cos, *sin_signed; /* [max_pos, head_dim]: rope tables, rotate-half sign folded in */
     const void *embed;
@@ -456,36 +749,63 @@ static void softmax(float *s, int n) {
 
 /* The g query heads q[g][d] that share KV head kv, over their sequence's paged context: each
  * K and V row is read once for all of them (grouped-query attention). scores: [g][ctx]. */
+#ifndef KV_AHEAD
+#define KV_AHEAD 8 /* tokens ahead whose K/V rows are prefetched (DRAM latency, not bandwidth) */
+#endif
+
+#ifdef LG_AVX2
+/* Prefetch token t's row of KV head kv through the block table (consecutive blocks are seldom
+ * adjacent in memory, so the next block's first rows need their own addresses). */
+static inline void prefetch_kv(const void *cache, size_t esz, const int64_t *blocks, int bs, size_t row, int kv,
+                               int d, int t) {
+    const char *p = (const char *)cache + (((size_t)blocks[t / bs] * bs + t % bs) * row + (size_t)kv * d) * esz;
+    for (size_t c = 0; c < d * esz; c += 64) _mm_prefetch(p + c, _MM_HINT_T0);
+}
+#endif
+
 static void attend(const float *q, int g, const lg_model *md, const lg_layer *L, int kv, const int64_t *blocks,
                    int ctx, float *scores, float *out) {
-    const int d = md->head_dim, kvh = md->n_kv_heads, bs = md->block_size;
+    const int d = md->head_dim, kvh = md->n_kv_heads, bs = md->block_size, type = md->kv_type;
+    const size_t row = (size_t)kvh * d; /* elements from one token's row to the next */
+#ifdef LG_AVX2
+    const size_t esz = type == LG_KV_F32 ? 4 : 2; /* bytes a value */
+#endif
     for (int t0 = 0, blk = 0; t0 < ctx; t0 += bs, blk++) {
-        const float *k = L->k_cache + ((size_t)blocks[blk] * bs * kvh + kv) * d;
+        const size_t base = ((size_t)blocks[blk] * bs * kvh + kv) * d; /* element offset of the block's first row */
         const int n = ctx - t0 < bs ? ctx - t0 : bs;
         for (int j = 0; j < n; j++) {
 #ifdef LG_AVX2
-            const char *ahead = (const char *)(k + (size_t)(j + 4) * kvh * d); /* DRAM latency, not bandwidth */
-            for (int c = 0; c < d * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+            if (t0 + j + KV_AHEAD < ctx) prefetch_kv(L->k_cache, esz, blocks, bs, row, kv, d, t0 + j + KV_AHEAD);
 #endif
-            const float *kj = k + (size_t)j * kvh * d;
-            for (int h = 0; h < g; h++) scores[(size_t)h * ctx + t0 + j] = dot_f32(q + (size_t)h * d, kj, d) * md->scale;
+            float *sc = scores + t0 + j;
+            if (type == LG_KV_F32) {
+                const float *kj = (const float *)L->k_cache + base + j * row;
+                for (int h = 0; h < g; h++) sc[(size_t)h * ctx] = dot_f32(q + (size_t)h * d, kj, d) * md->scale;
+            } else {
+                const uint16_t *kj = (const uint16_t *)L->k_cache + base + j * row;
+                for (int h = 0; h < g; h++) sc[(size_t)h * ctx] = dot_16(q + (size_t)h * d, kj, d, type) * md->scale;
+            }
         }
     }
     for (int h = 0; h < g; h++) softmax(scores + (size_t)h * ctx, ctx);
     for (int i = 0; i < g * d; i++) out[i] = 0.f;
     for (int t0 = 0, blk = 0; t0 < ctx; t0 += bs, blk++) {
-        const float *v = L->v_cache + ((size_t)blocks[blk] * bs * kvh + kv) * d;
+        const size_t base = ((size_t)blocks[blk] * bs * kvh + kv) * d;
         const int n = ctx - t0 < bs ? ctx - t0 : bs;
         for (int j = 0; j < n; j++) {
 #ifdef LG_AVX2
-            const char *ahead = (const char *)(v + (size_t)(j + 4) * kvh * d);
-            for (int c = 0; c < d * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+            if (t0 + j + KV_AHEAD < ctx) prefetch_kv(L->v_cache, esz, blocks, bs, row, kv, d, t0 + j + KV_AHEAD);
 #endif
-            const float *vj = v + (size_t)j * kvh * d;
-            for (int h = 0; h < g; h++) {
-                const float p = scores[(size_t)h * ctx + t0 + j];
-                float *o = out + (size_t)h * d;
-                for (int i = 0; i < d; i++) o[i] += p * vj[i];
+            if (type == LG_KV_F32) {
+                const float *vj = (const float *)L->v_cache + base + j * row;
+                for (int h = 0; h < g; h++) {
+                    const float p = scores[(size_t)h * ctx + t0 + j];
+                    float *o = out + (size_t)h * d;
+                    for (int i = 0; i < d; i++) o[i] += p * vj[i];
+                }
+            } else {
+                const uint16_t *vj = (const uint16_t *)L->v_cache + base + j * row;
+                for (int h = 0; h < g; h++) axpy_16(scores[(size_t)h * ctx + t0 + j], vj, d, type, out + (size_t)h * d);
             }
         }
     }
@@ -515,6 +835,7 @@ int lg_decode(const lg_model *md, int M, const int64_t *ids, const int64_t *pos,
             return -2; /* the caller's bug: refuse rather than read out of bounds */
         max_ctx = ctx_lens[m] > max_ctx ? (int)ctx_lens[m] : max_ctx;
     }
+    if (md->kv_type < LG_KV_F32 || md->kv_type > LG_KV_BF16) return -3;
     const int kmax = (H > I ? H : I) > qs ? (H > I ? H : I) : qs;
     /* Attention work items: a row's query heads in their KV groups, unless that leaves too few
      * items to share among the threads (a single stream): then one head each. */
@@ -556,8 +877,8 @@ int lg_decode(const lg_model *md, int M, const int64_t *ids, const int64_t *pos,
                     if (L->q_norm) rms_norm(v, j < nh ? L->q_norm : L->k_norm, d, md->eps, v);
                     rope(v, c, s, d);
                 }
-                memcpy(L->k_cache + (size_t)slots[m] * kvs, r + qs, sizeof(float) * kvs);
-                memcpy(L->v_cache + (size_t)slots[m] * kvs, r + qs + kvs, sizeof(float) * kvs);
+                kv_store(L->k_cache, md->kv_type, (size_t)slots[m] * kvs, r + qs, kvs);
+                kv_store(L->v_cache, md->kv_type, (size_t)slots[m] * kvs, r + qs + kvs, kvs);
             }
             PT(2);
 #pragma omp for schedule(static)
