@@ -43,7 +43,7 @@ BODY_ROUTES = {("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("
 ERROR_STATUSES = {"400", "401", "403", "404", "408", "413", "415", "500", "503"}  # on every body route
 
 # Examples per operation and generation mode; routes without inputs need only a few.
-EXAMPLES_WITH_INPUT = 24
+EXAMPLES_WITH_INPUT = 12
 EXAMPLES_ADMIN = 10  # /admin/* routes: many, with simple query and body parameters
 EXAMPLES_WITHOUT_INPUT = 3
 FUZZ_BUDGET_S = float(os.environ.get("LOCKGATE_FUZZ_BUDGET_S", "150"))  # whole run, split between what is left
