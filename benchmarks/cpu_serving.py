@@ -6,7 +6,8 @@
 For each number of concurrent streaming clients N (`--streams`), both servers serve
 `N * --requests-per-stream` streaming completions from N clients: distinct prompts of exactly
 `--input-len` tokens (no prefix-cache hits), exactly `--output-len` output tokens (EOS
-suppressed). lockgate runs with its defaults (the GGUF as stored: its int4 blocks on the native
+suppressed). lockgate runs with its defaults but `--no-slo-admission` (it would refuse what cannot
+start within the class's 2 s TTFT target; llama-server queues everything, so both queue here) (the GGUF as stored: its int4 blocks on the native
 kernels; threads from the cores it may use); `llama-server` runs with N parallel slots (`-np N`,
 continuous batching, a context of N x (input + output) tokens, `-t` = the cores). Only one
 server runs at a time; lockgate's one server is reused across N, llama-server is started per N
@@ -220,7 +221,7 @@ def main() -> int:
               + __doc__.split("lockgate alone:\n", 1)[1].rstrip().rstrip('"'))
     port = free_port()
     cmd = [sys.executable, "-m", "lockgate.server", "--port", str(port), "--no-access-log",
-           "--max-num-seqs", str(max(streams)), *args.lockgate_args.split()]
+           "--max-num-seqs", str(max(streams)), "--no-slo-admission", *args.lockgate_args.split()]
     print(f"lockgate: {' '.join(cmd)}", flush=True)
     lockgate = start("lockgate", cmd, port, logdir, "/health")
     kernels = lockgate_kernels(lockgate.log_text())

@@ -257,7 +257,7 @@ def report(r: dict) -> None:
     ratio = o["with fallbacks"]["goodput_req_s"] / max(1e-9, o["without fallbacks"]["goodput_req_s"])
     print(f"goodput with / without fallbacks: {ratio:.2f}x")
     c = r["cache"]
-    print(f"\n## Response cache (Zipf s over {c['distinct']} distinct of the prompts, {c['requests']} requests)")
+    print(f"\n## Response cache (Zipf-distributed prompts: {c['distinct']} distinct in {c['requests']} requests)")
     print(f"hit rate {c['hit_rate']:.1%} (ideal {c['ideal_hit_rate']:.1%}); cost ${c['cost_without_cache_usd']:.6f} "
           f"without the cache, ${c['cost_saved_usd']:.6f} saved ({c['cost_saved_share']:.1%}); "
           f"p50 hit {c['p50_hit_s'] * 1000:.1f} ms vs miss {c['p50_miss_s'] * 1000:.1f} ms")
