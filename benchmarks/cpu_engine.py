@@ -270,7 +270,8 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, copy bandwidth {bw / 1e9:.1f} GB/s")
-    vocab = load_checkpoint(None).config.vocab_size
+    ckpt = load_checkpoint(None)
+    vocab, stored = ckpt.config.vocab_size, ckpt.stored_precision
     prompts = {b: make_prompts(b, vocab, seed=b) for b in streams}
 
     llama: LlamaCpp | None = None
@@ -307,7 +308,7 @@ def main() -> None:
             opts["quantization"] = "none" if prec == "float" else prec
         llm = LLM(None, dtype=args.dtype, **opts)
         runner = llm.engine.core.runner
-        print(f"lockgate {spec}: {runner.describe(None)}", flush=True)
+        print(f"lockgate {spec}: {runner.describe(stored)}", flush=True)
         q = runner.quantization or "float"
         name = (f"{spec} ({runner.dtype})".replace("torch.", "") if q == "float"
                 else f"{spec} ({q}, {runner.kernels}{', ' + acts + ' activations' if acts else ''})")
