@@ -13,6 +13,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from lockgate.bench.procs import free_port
 from lockgate.cli import app
 from lockgate.store.postgres import PostgresStore, describe, split_url
 from lockgate.store.store_error import StoreError
@@ -80,7 +81,8 @@ def test_an_unreachable_store_names_where_but_never_the_password(pg_server, tmp_
     assert "cannot connect" in r.stderr and secret not in r.stderr + r.stdout
     # The server: exits non-zero at start, naming the database, never the password.
     env = {**os.environ, "LOCKGATE_STORE_URL": dead}
-    r = subprocess.run([sys.executable, "-m", "lockgate.server", "--load-format", "fake", "--admin-key", "a"],
+    r = subprocess.run([sys.executable, "-m", "lockgate.server", "--port", str(free_port()), "--load-format", "fake",
+                        "--admin-key", "a"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert r.returncode != 0 and "postgresql://postgres@127.0.0.1:1/nothing" in r.stderr
     assert secret not in r.stderr + r.stdout
