@@ -13,17 +13,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lockgate.cli_admin import open_cli_store
+from lockgate.cli_admin import DataDirOpt, StoreOpt, open_cli_store
 
 alerts_app = typer.Typer(no_args_is_help=True, help="Budget and anomaly alerts: the webhook signing secret, "
                                                     "alerts raised and their deliveries.")
 
-DataDirOpt = Annotated[Optional[str], typer.Option(
-    "--data-dir", envvar="LOCKGATE_DATA_DIR", show_envvar=True,
-    help="directory of lockgate.db [default: ./lockgate-data]")]
-StoreOpt = Annotated[Optional[str], typer.Option(
-    "--store", envvar="LOCKGATE_STORE_URL", show_envvar=True,
-    help="a PostgreSQL store, postgresql://USER@HOST[:PORT]/DB (instead of --data-dir)")]
 KINDS = ("budget", "anomaly")
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lockgate.cli_admin import open_cli_store
+from lockgate.cli_admin import DataDirOpt, StoreOpt, open_cli_store
 from lockgate.engine.structured_params import MAX_SPEC_CHARS
 from lockgate.errors import APIError
 
@@ -22,12 +22,6 @@ GLOBAL = "global"  # gateway/schemas.py's GLOBAL (tests/test_cli_fast.py checks 
 
 schemas_app = typer.Typer(no_args_is_help=True, help="Versioned output schemas (response_format by name).")
 
-DataDirOpt = Annotated[Optional[str], typer.Option(
-    "--data-dir", envvar="LOCKGATE_DATA_DIR", show_envvar=True,
-    help="directory of lockgate.db [default: ./lockgate-data]")]
-StoreOpt = Annotated[Optional[str], typer.Option(
-    "--store", envvar="LOCKGATE_STORE_URL", show_envvar=True,
-    help="a PostgreSQL store, postgresql://USER@HOST[:PORT]/DB (instead of --data-dir)")]
 TenantOpt = Annotated[Optional[str], typer.Option(
     "--tenant-id", help="the tenant's namespace (its id) instead of the global one")]
 CLI_ACTOR = "cli"

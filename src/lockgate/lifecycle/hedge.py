@@ -63,6 +63,12 @@ class Hedger:
         self.sent += 1
         return True
 
+    def refund(self) -> None:
+        """A hedge taken but sent nowhere (no other replica or version): nothing was spent."""
+        self.credit += 1.0
+        self.sent -= 1
+        self.skipped += 1
+
     def to_json(self) -> dict[str, object]:
         return {"budget": self.budget, "sent": self.sent, "won": self.won, "skipped": self.skipped}
 

@@ -199,12 +199,11 @@ class Pipeline:
         """The next model of the request's fallback chain that can take it, after `err` from the
         current one (recorded as an attempt); `err` (or the last fallback's) when none can."""
         models = self.app.models
-        if self._fallbacks is None:
-            self._fallbacks = models.fallback_chain(self._requested)
+        chain = self._fallback_chain()
         self._attempt(err)
         tenant = self.principal.tenant if self.principal is not None else None
-        while self._fallbacks:
-            name = self._fallbacks.pop(0)
+        while chain:
+            name = chain.pop(0)
             if tenant is not None and not tenant.allows_model(name):
                 continue  # not the tenant's to use: skipped, never shown
             if not self._fits_reservation(name):
@@ -230,6 +229,12 @@ class Pipeline:
             return target
         raise err
 
+    def _fallback_chain(self) -> list[str]:
+        """The models still to try (computed once per request, then consumed as they are tried)."""
+        if self._fallbacks is None:
+            self._fallbacks = self.app.models.fallback_chain(self._requested)
+        return self._fallbacks
+
     def _attempt(self, err: APIError) -> None:
         t = self.target
         version = t.version.version if t is not None and t.model_name == self.record.model else None
@@ -248,12 +253,11 @@ class Pipeline:
 
     def _chain_price(self, prompt_tokens: int, worst: int) -> Price | None:
         """The dearest prices among the request's model and its fallbacks (None: no fallbacks)."""
-        if self._fallbacks is None:
-            self._fallbacks = self.app.models.fallback_chain(self._requested)
-        if not self._fallbacks or self.principal is None or self.principal.tenant is None:
+        chain = self._fallback_chain()
+        if not chain or self.principal is None or self.principal.tenant is None:
             return None
         tenant = self.app.gateway.latest(self.principal.tenant)
-        prices = [tenant.price_for(m) for m in (self.routed.model_name, *self._fallbacks)]
+        prices = [tenant.price_for(m) for m in (self.routed.model_name, *chain)]
         return max(prices, key=lambda p: p.cost(prompt_tokens, worst))
 
     async def with_fallbacks(self, run: Callable[[], Awaitable[Response]]) -> Response:
@@ -282,9 +286,7 @@ class Pipeline:
         timeout = self.app.models.first_token_timeout(self.routed)
         if timeout is None:
             return
-        if self._fallbacks is None:
-            self._fallbacks = self.app.models.fallback_chain(self._requested)
-        if not self._fallbacks:
+        if not self._fallback_chain():
             return
         deadline = time.monotonic() + timeout
         for s in streams:
@@ -620,9 +622,7 @@ class Pipeline:
                 return first.copy(rid, other.fleet)
             except (EngineUnavailableError, ValueError):
                 pass
-        hedger.sent -= 1  # nowhere to send it: nothing was spent
-        hedger.credit += 1.0
-        hedger.skipped += 1
+        hedger.refund()  # nowhere to send it
         return None
 
     def closer(self, streams: list[FleetStream]) -> Callable[[], None]:
