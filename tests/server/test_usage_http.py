@@ -80,7 +80,8 @@ def _seed(data: Path, tenant_id: str) -> None:
         rows.append(UsageRecord(f"seed{i}", "ten_seed", f"key_s{i % 2}", "sm", 100, 11, 0, None, 0.1 * (1 + i % 2),
                                 1.1 * (1 + i % 2), "error" if i == 5 else "stop", 500 if i == 5 else 200,
                                 0.000056 * (1 + i % 2), T0 + i * 3600, model_version="v1" if i % 2 else "v2",
-                                user=f"u{i % 3}", priority_class="batch"))
+                                user=f"u{i % 3}", priority_class="batch",
+                                spec_draft_tokens=12 if i == 0 else 0, spec_accepted_tokens=9 if i == 0 else 0))
     store.settle(rows)
     store.close()
 
@@ -114,6 +115,19 @@ def test_a_real_request_is_grouped_by_its_user_and_class(w: World) -> None:
     assert _ok(w.client(w.app_key).get("/v1/usage", params={"group_by": "tenant"}))["data"][0]["tenant"] == \
         w.tenant["id"]
     assert w.client(w.app_key).get("/v1/usage", params={"tenant_id": "ten_seed"}).status_code == 404
+
+
+def test_request_rows_carry_the_speculative_decoding_counts(w: World) -> None:
+    """Schema 11: a row's spec_draft_tokens / spec_accepted_tokens, in JSON and CSV; 0 without speculation
+    (the fake engine's real request never speculates)."""
+    real = _ok(w.root.get("/admin/usage", params={"user": "end-user-7"}))["data"]
+    assert real and all((r["spec_draft_tokens"], r["spec_accepted_tokens"]) == (0, 0) for r in real)
+    seeded = {r["request_id"]: r for r in _ok(w.root.get("/admin/usage", params={"tenant_id": "ten_seed"}))["data"]}
+    assert (seeded["seed0"]["spec_draft_tokens"], seeded["seed0"]["spec_accepted_tokens"]) == (12, 9)
+    assert (seeded["seed1"]["spec_draft_tokens"], seeded["seed1"]["spec_accepted_tokens"]) == (0, 0)
+    text = w.root.get("/admin/usage", params={"tenant_id": "ten_seed", "format": "csv"})
+    rows = {r["request_id"]: r for r in csv.DictReader(io.StringIO(text.text))}
+    assert (rows["seed0"]["spec_draft_tokens"], rows["seed0"]["spec_accepted_tokens"]) == ("12", "9")
 
 
 def test_compare_two_versions(w: World) -> None:

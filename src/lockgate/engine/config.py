@@ -7,6 +7,7 @@ from typing import Any
 
 from lockgate.engine.generation_defaults import check_option as check_generation_option
 from lockgate.engine.quant.precision import QUANTIZATION_CHOICES
+from lockgate.engine.spec.config import SpeculativeConfig, parse_speculative_config
 
 # Architectures one `models/llama.py` covers, with the switches each needs.
 SUPPORTED_ARCHITECTURES = {
@@ -179,9 +180,18 @@ class EngineConfig:
     # model's generation config), "vllm" (none: temperature 1.0, ...) or a directory holding a
     # generation_config.json (engine/generation_defaults.py).
     generation_config: str = "auto"
+    # Speculative decoding (engine/spec/, docs/SPECULATIVE.md): None (off), or vLLM's JSON object as
+    # text, a dict or a SpeculativeConfig: n-gram prompt lookup or a draft model, verified in one step.
+    speculative_config: SpeculativeConfig | None = None
+    # Rows of a step computed the same way whatever else is in the step (a request's tokens do not
+    # depend on the batch): the native CPU path always is; the PyTorch CPU path pads small matmuls
+    # and attends row by row. None: on where speculation runs on the PyTorch path (greedy output
+    # with speculation then equals one-row decoding token for token), off elsewhere.
+    batch_invariant: bool | None = None
 
     def __post_init__(self) -> None:
         check_generation_option(self.generation_config)
+        self.speculative_config = parse_speculative_config(self.speculative_config)  # type: ignore[arg-type]
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from lockgate.engine.config import EngineConfig, ModelConfig
+from lockgate.engine.spec.stats import SpecStats
 from lockgate.engine.sampling_params import SamplingParams
 from lockgate.engine.step_stats import HistogramCounts
 from lockgate.engine.structured.stats import StructuredStats
@@ -66,6 +67,9 @@ class EngineCoreOutput:
     # The finishing output of a pooling request (`SamplingParams.embed`): the mean of the prompt's
     # final-normed hidden states, L2-normalized, as little-endian float32 bytes.
     embedding: bytes | None = None
+    # Speculative decoding, on a request's finishing output: tokens proposed for it, and accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -85,6 +89,8 @@ class EngineStats:
     # Structured outputs (cumulative): compiles, cache lookups, mask time; None before the first
     # constrained request (and from a core that predates the field).
     structured: StructuredStats | None = None
+    # Speculative decoding (cumulative); None from a core without it.
+    spec: SpecStats | None = None
 
 
 def check_tenant(tenant: object, tenant_weight: object) -> None:

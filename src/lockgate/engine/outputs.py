@@ -23,6 +23,9 @@ class RequestTimes:
     first_token: float  # end of the step that sampled its first token
     last_token: float  # end of the step that sampled its latest token
     clock_offset: float = 0.0  # Unix time = core time + clock_offset
+    # Speculative decoding: tokens proposed for this request and accepted (set when it finishes).
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def queue_s(self) -> float:

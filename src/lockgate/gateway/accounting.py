@@ -71,6 +71,8 @@ class Meter:
     attempts: list[dict] | None = None  # models a fallback left before the one that served (lifecycle/fallback.py)
     hedged: bool = False  # a hedge copy was sent (lifecycle/hedge.py); only the winner is billed
     cache: str | None = None  # 'hit': answered from the response cache, billed at its price's `cache_hit`
+    spec_draft_tokens: int = 0  # speculative decoding: tokens proposed for it, over its engine requests
+    spec_accepted_tokens: int = 0  # and of those, accepted (both 0: it did not speculate)
 
     @property
     def tenant_id(self) -> str:
@@ -118,4 +120,5 @@ class Meter:
             created_at=self.created_at, model_version=self.model_version, replica=self.replica, user=self.user,
             priority_class=self.priority_class, cache=self.cache,
             attempts=json.dumps(self.attempts, separators=(",", ":")) if self.attempts else None, hedged=self.hedged,
-            router=self.router)
+            router=self.router, spec_draft_tokens=self.spec_draft_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens)

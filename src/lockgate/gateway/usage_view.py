@@ -21,7 +21,7 @@ MAX_TEXT = 256  # longest id, model, version or user a filter takes
 REQUEST_COLUMNS = ("request_id", "created_at", "tenant_id", "key_id", "model", "model_version", "replica",
                    "prompt_tokens", "completion_tokens", "cached_tokens", "queue_time_s", "ttft_s", "e2e_s",
                    "finish_reason", "status", "cost_usd", "cost_nusd", "user", "priority_class", "cache", "router",
-                   "attempts", "hedged")
+                   "attempts", "hedged", "spec_draft_tokens", "spec_accepted_tokens")
 REFUSAL_COLUMNS = ("hour", "tenant_id", "key_id", "status", "code", "requests")
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from lockgate.engine.config import EngineConfig
+from lockgate.engine.spec.draft_check import check_draft
 from lockgate.gateway.routing import VERSION_SEPARATOR
 from lockgate.lifecycle.autoscale_types import AutoscaleConfig
 from lockgate.lifecycle.placement import Placement
@@ -61,6 +62,8 @@ class EngineOptions(BaseModel):
     priority_aging_s: Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)] | None = None
     max_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     num_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    # vLLM's speculative config object (engine/spec/config.py checks every field).
+    speculative_config: dict[str, Any] | None = None
 
 
 ENGINE_OPTION_NAMES = frozenset(EngineOptions.model_fields)
@@ -162,7 +165,9 @@ def validate(spec: VersionSpec, base: EngineConfig) -> EngineConfig:
     check_replicas(spec.replicas)
     if spec.traffic is not None and not 0 <= spec.traffic <= 100:
         raise ValueError(f"traffic must be in [0, 100], got {spec.traffic}")
-    return spec.engine_config(base)
+    config = spec.engine_config(base)
+    check_draft(config)  # a draft model's path and tokenizer, before anything starts
+    return config
 
 
 def parse_model_arg(value: str) -> tuple[str | None, str | None, str]:

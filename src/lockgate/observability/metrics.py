@@ -26,6 +26,7 @@ from prometheus_client.utils import floatToGoString
 from lockgate.engine.frontend.supervisor import EngineState
 from lockgate.engine.outputs import RequestOutput, RequestTimes
 from lockgate.engine.step_stats import ITERATION_TOKENS_BUCKETS, STEP_SECONDS_BUCKETS, HistogramCounts
+from lockgate.engine.spec.stats import SpecStats
 from lockgate.engine.structured.stats import COMPILE_RESULTS, MASK_SECONDS_BUCKETS, StructuredStats
 from lockgate.observability.record import RequestRecord
 from lockgate.observability.slo import WINDOWS, SloTracker
@@ -100,6 +101,28 @@ class _EngineCollector(Collector):
                          "Tokens per engine step: prompt tokens computed plus tokens sampled.",
                          m, s.iteration_tokens, ITERATION_TOKENS_BUCKETS)
         yield from _structured(m, s.structured or StructuredStats())
+        yield from _speculative(m, s.spec or SpecStats())
+
+
+def _speculative(m: str, st: SpecStats) -> Iterable[Metric]:
+    """Speculative decoding, named as vLLM's spec_decode_* metrics (rates are PromQL ratios of these:
+    acceptance = accepted / draft tokens; mean accepted length = 1 + accepted / drafts)."""
+    for name, doc, value in (
+            ("lockgate:spec_decode_num_drafts", "Verify steps of a request that carried proposals.", st.num_drafts),
+            ("lockgate:spec_decode_num_draft_tokens", "Tokens proposed by speculative decoding.",
+             st.num_draft_tokens),
+            ("lockgate:spec_decode_num_accepted_tokens", "Proposed tokens the model accepted.",
+             st.num_accepted_tokens),
+            ("lockgate:spec_decode_steps_off", "Steps whose proposals the step cost plan left out (a batch too "
+             "big, or acceptance too low, for extra rows to pay).", st.num_steps_off)):
+        c = CounterMetricFamily(name, doc, labels=["model_name"])
+        c.add_metric([m], value)
+        yield c
+    per = CounterMetricFamily("lockgate:spec_decode_num_accepted_tokens_per_pos", "Accepted proposals by their "
+                              "position in the step's proposals (0: the first).", labels=["model_name", "position"])
+    for pos, n in enumerate(st.accepted_per_pos):
+        per.add_metric([m, str(pos)], n)
+    yield per
 
 
 def _structured(m: str, st: StructuredStats) -> Iterable[Metric]:

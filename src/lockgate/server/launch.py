@@ -120,6 +120,10 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
     engine_config = EngineConfig(model=model, **engine_options)
     if engine_config.generation_config not in ("auto", "vllm"):  # a path: read now, not after the load
         resolve_generation_defaults(engine_config.generation_config, None)
+    if engine_config.speculative_config is not None and plan is None:  # a draft's path and tokenizer, now
+        from lockgate.engine.spec.draft_check import check_draft
+
+        check_draft(engine_config)
     classes = ClassTable.load(class_config) if class_config else ClassTable()
     server_config = ServerConfig(classes=classes,
         host=host, port=port, served_model_names=names, admin_key=admin_key, data_dir=data_dir,
@@ -271,6 +275,7 @@ def serve_command(
     quantization_kernels: Annotated[str, typer.Option(help="auto (native C kernels for int4, PyTorch's for int8) | native | torch")] = "auto",  # noqa: E501
     quantization_activations: Annotated[str, typer.Option(help="Native kernels' activation codes: int8 (fastest) | int16 (closer to float32, 20-40% slower; docs/PERFORMANCE.md)")] = "int8",  # noqa: E501
     generation_config: Annotated[str, typer.Option(help="Sampling defaults for requests that leave temperature, top_p, top_k, min_p, repetition_penalty or max_tokens out: auto (the model's generation_config.json or GGUF sampling metadata; the embedded model: temperature 0.2, top_p 0.9) | vllm (none: temperature 1.0, ...) | a directory holding a generation_config.json")] = "auto",  # noqa: E501
+    speculative_config: Annotated[str | None, typer.Option(help="Speculative decoding, as vLLM's JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}' (prompt lookup: no second model) or '{\"method\": \"draft_model\", \"model\": PATH, \"num_speculative_tokens\": 4}'; greedy output unchanged token for token; off by default (docs/SPECULATIVE.md)")] = None,  # noqa: E501
     max_request_body_bytes: Annotated[int, typer.Option(help="Larger bodies get 413")] = 4 * 1024 * 1024,
     max_queued_requests: Annotated[int, typer.Option(help="Waiting requests before 429")] = 256,
     max_queued_tokens: Annotated[int, typer.Option(help="Waiting prompt tokens before 429")] = 262_144,
@@ -346,7 +351,7 @@ def serve_command(
             scheduling_policy=scheduling_policy, max_logprobs=max_logprobs, num_threads=num_threads,
             quantization=quantization, quantization_kernels=quantization_kernels,
             quantization_activations=quantization_activations,
-            generation_config=generation_config,
+            generation_config=generation_config, speculative_config=speculative_config,
         )
     except (ValueError, UnsafeDataDir, NotADirectoryError) as exc:  # a bad option value or data directory
         typer.echo(f"error: {exc}", err=True)

@@ -539,6 +539,9 @@ class Pipeline:
             self.app.models.hedger.observe_ttft(cls.name, ttft)
         if self.meter is not None:
             self.meter.queue_time_s = self.record.queue_s
+            times = self.record.engine_times  # speculative decoding's counts, summed over its engine requests
+            self.meter.spec_draft_tokens = sum(t.num_draft_tokens for t in times)
+            self.meter.spec_accepted_tokens = sum(t.num_accepted_tokens for t in times)
             self.meter.replica = self.target.replica if self.target is not None else None
             self.meter.finish(reasons, error)
         if self.target is not None:

@@ -135,6 +135,8 @@ class UsageRecord:
     attempts: str | None = None  # JSON list of the fallback attempts before the model that served
     hedged: bool = False  # a hedge copy was sent (the loser is never billed)
     router: str | None = None  # NAME/RULE of the router model that chose `model`
+    spec_draft_tokens: int = 0  # tokens speculative decoding proposed for it (0: no speculation)
+    spec_accepted_tokens: int = 0  # of those, the tokens verification accepted
 
 
 @dataclass(slots=True)

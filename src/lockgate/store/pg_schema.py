@@ -16,6 +16,7 @@ from lockgate.store.schema import (
     POLICIES_MIGRATION,
     SCHEMA_VERSION,
     SHARED_STATE_MIGRATION,
+    SPEC_MIGRATION,
     SchemaError,
 )
 
@@ -130,6 +131,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     SPEND_MIGRATION,
     OUTPUT_SCHEMAS_MIGRATION,  # 9: the same SQL on both (DOUBLE PRECISION and INTEGER)
     POLICIES_MIGRATION,  # 10: the same SQL on both
+    SPEC_MIGRATION,  # 11: the same SQL on both (INTEGER)
 ]
 
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a migration added to schema.py needs its PostgreSQL form here"

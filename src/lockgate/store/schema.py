@@ -113,6 +113,13 @@ POLICIES_MIGRATION: tuple[str, ...] = (
     "CREATE INDEX embedding_cache_used ON embedding_cache(used_at)",
 )
 
+# 11: speculative decoding per usage row: the tokens the engine's drafter proposed for the request and
+# the tokens verification accepted, summed over its engine requests (0: it did not speculate).
+SPEC_MIGRATION: tuple[str, ...] = (
+    "ALTER TABLE usage ADD COLUMN spec_draft_tokens INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE usage ADD COLUMN spec_accepted_tokens INTEGER NOT NULL DEFAULT 0",
+)
+
 MIGRATIONS: list[tuple[str, ...]] = [
     # 1: tenants, keys, reservations, the usage ledger, idempotency, the audit chain.
     (
@@ -253,6 +260,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     SPEND_MIGRATION,
     OUTPUT_SCHEMAS_MIGRATION,
     POLICIES_MIGRATION,
+    SPEC_MIGRATION,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -66,7 +66,7 @@ RES_COLS = ("request_id, tenant_id, key_id, model, reserved_usd, prompt_tokens, 
 USAGE_COLS = ("request_id", "tenant_id", "key_id", "model", "prompt_tokens", "completion_tokens",
                "cached_tokens", "queue_time_s", "ttft_s", "e2e_s", "finish_reason", "status", "cost_usd",
                "created_at", "model_version", "replica", "user_id", "priority_class", "cost_nusd", "cache", "attempts",
-               "hedged", "router")
+               "hedged", "router", "spec_draft_tokens", "spec_accepted_tokens")
 AUDIT_COLS = "id, ts, actor, action, target, details, prev_hash, hash"
 
 
@@ -357,7 +357,8 @@ class SqlStore(SharedOps, AlertOps, SpendOps, HourlyOps, ObjectSpendOps, SchemaO
         return (r.request_id, r.tenant_id, r.key_id, r.model, int(r.prompt_tokens), int(r.completion_tokens),
                 int(r.cached_tokens), r.queue_time_s, r.ttft_s, r.e2e_s, r.finish_reason, int(r.status),
                 float(r.cost_usd), r.created_at or now, r.model_version, r.replica, r.user, r.priority_class,
-                nano(r.cost_usd), r.cache, r.attempts, int(bool(r.hedged)), r.router)
+                nano(r.cost_usd), r.cache, r.attempts, int(bool(r.hedged)), r.router, int(r.spec_draft_tokens),
+                int(r.spec_accepted_tokens))
 
     def add_reservations(self, reservations: list[Reservation]) -> None:
         if reservations:

@@ -38,6 +38,10 @@ class AttentionMetadata:
     decode_blocks: torch.Tensor | None = None  # [D, max_blocks] block tables (padded with block 0)
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] True where attended
     decode_max_len: int = 0  # the longest decode context (tokens)
+    decode_lens: list[int] = field(default_factory=list)  # each decode row's context (tokens)
+    # Batch-invariant steps: each decode row attends alone (one SDPA call over its own context),
+    # exactly as a lone decode does, whatever else is in the step.
+    row_invariant: bool = False
     prefills: list[PrefillSeq] = field(default_factory=list)
     # Fresh prefills batched by similar length (group_prefills); when set, it covers every
     # prefill without a cached prefix, and the per-sequence loop handles only the rest.
@@ -82,6 +86,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return o[0]
 
 
+def _lone_decode(qd: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+    """One decode row over its context cut to length: [1, KVH, G, d] -> [1, H, d]."""
+    return F.scaled_dot_product_attention(qd, _read(kk[:, :n], qd.dtype).transpose(1, 2),
+                                          _read(vv[:, :n], qd.dtype).transpose(1, 2), scale=scale).view(1, -1, qd.shape[-1])
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, d]; k, v: [T, KVH, d] for the new tokens. Returns [T, H, d]."""
@@ -93,14 +103,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         kk = gather_blocks(k_cache, meta.decode_blocks, meta.block_size)  # [D, L, KVH, d]
         vv = gather_blocks(v_cache, meta.decode_blocks, meta.block_size)
         qd = q[:d].reshape(d, kvh, -1, hd)  # query heads grouped by their KV head
-        if d == 1:
+        if meta.row_invariant:
+            dec = torch.cat([_lone_decode(qd[i:i + 1], kk[i:i + 1], vv[i:i + 1], meta.decode_lens[i], scale)
+                             for i in range(d)])
+        elif d == 1:
             # One sequence: its context, cut to length, needs no mask; the G query heads of a KV
             # head act as G query rows of one fused SDPA call (about half the time of the
             # matmul/mask/softmax/matmul sequence below at one stream).
-            n = meta.decode_max_len
-            dec = F.scaled_dot_product_attention(qd, _read(kk[:, :n], q.dtype).transpose(1, 2),
-                                                 _read(vv[:, :n], q.dtype).transpose(1, 2),
-                                                 scale=scale).view(d, -1, hd)
+            dec = _lone_decode(qd, kk, vv, meta.decode_max_len, scale)
         else:
             kk, vv = _read(kk, q.dtype), _read(vv, q.dtype)
             scores = torch.matmul(qd, kk.permute(0, 2, 3, 1)).float() * scale  # [D, KVH, G, L]

@@ -15,6 +15,7 @@ from lockgate.engine.core.fake_runner import FakeRunner
 from lockgate.engine.core.kv_cache import KVCacheManager
 from lockgate.engine.core.request import Request, RequestStatus
 from lockgate.engine.core.scheduler import Scheduler
+from lockgate.engine.core.speculator import Speculator, build_speculator
 from lockgate.engine.loader import LoadedCheckpoint, load_checkpoint
 from lockgate.engine.messages import EngineCoreOutput, EngineCoreRequest, EngineStats, check_tenant
 from lockgate.engine.sampling_params import SamplingParams
@@ -109,6 +110,12 @@ class EngineCore:
         # until the first output carries them out. Both stay empty in steady decoding: no per-step cost.
         self._queued_at: dict[str, float] = {}
         self._started_at: dict[str, tuple[float, float]] = {}
+        # Speculative decoding (engine/spec/): proposals before each step, verified in it.
+        self.speculator: Speculator | None = None
+        if config.speculative_config is not None:
+            if fake:
+                raise ValueError("speculative_config needs a model: load_format='fake' runs none")
+            self.speculator = build_speculator(config.speculative_config, self.runner, ckpt, config)
         self.step_seconds = HistogramCounts.empty(STEP_SECONDS_BUCKETS)
         self.iteration_tokens = HistogramCounts.empty(ITERATION_TOKENS_BUCKETS)
         self.last_step_end = time.monotonic()  # when the latest step's tokens were sampled
@@ -144,6 +151,8 @@ class EngineCore:
             self._queued_at.pop(rid, None)
             self._started_at.pop(rid, None)
             self.structured.discard(rid)
+            if self.speculator is not None:
+                self.speculator.discard(rid)
             req = self.scheduler.requests.get(rid)
             if req is not None:
                 self.scheduler.finish(req)
@@ -171,7 +180,12 @@ class EngineCore:
             for req, message in self.structured.take_failed():
                 if req.status != RequestStatus.FINISHED:
                     self._fail(req, message)
+        spec = self.speculator
+        if spec is not None:
+            spec.propose(self.scheduler.running, self._prefill_rows())
         batch = self.scheduler.schedule()
+        if spec is not None:
+            spec.scheduled(batch.requests)
         if not batch.requests:
             if self.structured.pending:  # only compiling requests left: no busy loop meanwhile
                 self.structured.wait(GRAMMAR_IDLE_WAIT_S)
@@ -191,44 +205,70 @@ class EngineCore:
             req for req, start, n in zip(batch.requests, batch.start, batch.num_tokens)
             if req.grammar is not None and start + n == req.num_tokens and req.max_tokens])
         sampled = self.runner.execute(batch, masks)
-        self.scheduler.after_step(batch)
+        self.scheduler.after_step(batch)  # before the tokens are appended: it reads the accepted proposals
+        if spec is not None:
+            spec.after_step(self.scheduler.running)
         outputs: list[EngineCoreOutput] = []
-        num_sampled = len(sampled)
-        for req, token, lp in sampled:
+        num_sampled = 0
+        for req, tokens, lps in sampled:
             first = not req.output_token_ids
-            if token is None:  # max_tokens=0: the prompt is computed (prompt logprobs, pooling), nothing sampled
-                num_sampled -= 1
+            if tokens is None:  # max_tokens=0: the prompt is computed (prompt logprobs, pooling), nothing sampled
                 outputs.append(EngineCoreOutput(
                     request_id=req.request_id, new_token_ids=[], finish_reason="length",
                     num_cached_tokens=req.num_cached_tokens,
                     start_times=self._started_at.pop(req.request_id, None),
                     prompt_logprobs=req.take_prompt_logprobs(), embedding=req.embedding))
-                self.scheduler.finish(req)
+                self._finish(req)
                 continue
-            req.output_token_ids.append(token)
-            finish, stop_reason = self._check_stop(req, token)
-            if req.grammar is not None:
-                try:
-                    if req.grammar.accept(token) == "stop" and finish != "stop":
-                        finish, stop_reason = "stop", None  # EOS after a complete grammar (min_tokens yields)
-                except ValueError as exc:
-                    num_sampled -= 1
-                    self._fail(req, str(exc))
-                    continue
+            new: list[int] = []
+            finish = stop_reason = None
+            failed = False
+            for token in tokens:  # one, or a verify step's accepted proposals and the token after them
+                req.output_token_ids.append(token)
+                new.append(token)
+                finish, stop_reason = self._check_stop(req, token)
+                if req.grammar is not None:
+                    try:
+                        if req.grammar.accept(token) == "stop" and finish != "stop":
+                            finish, stop_reason = "stop", None  # EOS after a complete grammar (min_tokens yields)
+                    except ValueError as exc:
+                        self._fail(req, str(exc))
+                        failed = True
+                        break
+                if finish is not None:
+                    break
+            if failed:
+                continue
+            num_sampled += len(new)
+            assert lps is not None
+            new_lps = lps[:len(new)] if lps[0] is not None else None
             outputs.append(EngineCoreOutput(
-                request_id=req.request_id, new_token_ids=[token],
-                new_logprobs=[lp] if lp is not None else None,
+                request_id=req.request_id, new_token_ids=new,
+                new_logprobs=new_lps,  # type: ignore[arg-type]
                 finish_reason=finish, stop_reason=stop_reason,
                 num_cached_tokens=req.num_cached_tokens if first else 0,
                 start_times=self._started_at.pop(req.request_id, None) if first else None,
-                prompt_logprobs=req.take_prompt_logprobs() if first else None))
+                prompt_logprobs=req.take_prompt_logprobs() if first else None,
+                num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens))
             if finish is not None:
-                self.scheduler.finish(req)
+                self._finish(req)
         t1 = time.monotonic()
         self.last_step_end = t1
         self.step_seconds.observe(t1 - t0, STEP_SECONDS_BUCKETS)
         self.iteration_tokens.observe(prompt_tokens + num_sampled, ITERATION_TOKENS_BUCKETS)
         return outputs
+
+    def _finish(self, req: Request) -> None:
+        self.scheduler.finish(req)
+        if self.speculator is not None:
+            self.speculator.discard(req.request_id)
+
+    def _prefill_rows(self) -> int:
+        """About how many prompt tokens the coming step computes (the speculation plan's base)."""
+        pending = sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.running if not r.is_decode)
+        if self.scheduler.waiting:
+            pending += self.config.max_prefill_tokens
+        return min(pending, self.config.max_prefill_tokens)
 
     @staticmethod
     def _check_stop(req: Request, token: int) -> tuple[str | None, int | None]:
@@ -249,4 +289,5 @@ class EngineCore:
             num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_blocks, kv_cache_usage=kv.usage,
             prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
             num_preemptions=s.num_preemptions, step_seconds=self.step_seconds,
-            iteration_tokens=self.iteration_tokens, structured=self.structured.stats())
+            iteration_tokens=self.iteration_tokens, structured=self.structured.stats(),
+            spec=self.speculator.stats if self.speculator is not None else None)

@@ -209,13 +209,13 @@ class FakeRunner:
         return token, 0
 
     def execute(self, batch: ScheduledBatch, masks: StepMasks | None = None
-                ) -> list[tuple[Request, int | None, TokenLogprob | None]]:
+                ) -> list[tuple[Request, list[int] | None, list[TokenLogprob | None] | None]]:
         self.num_steps += 1
         delay = self.step_delay(batch)
         if delay > 0:
             self.sleep(delay)
             self.total_delay_s += delay
-        out: list[tuple[Request, int | None, TokenLogprob | None]] = []
+        out: list[tuple[Request, list[int] | None, list[TokenLogprob | None] | None]] = []
         for i, req in enumerate(batch.requests):
             end = batch.start[i] + batch.num_tokens[i]
             if req.prompt_logprobs is not None:
@@ -236,5 +236,5 @@ class FakeRunner:
             else:
                 token, k = self.next_token(req)
             lp = self.logprob(req, k, token) if req.params.logprobs is not None else None
-            out.append((req, token, lp))
+            out.append((req, [token], [lp]))
         return out

@@ -165,6 +165,19 @@ class KVCacheManager:
             # Two requests may compute the same block concurrently; the first one stays canonical.
             self.cached.setdefault(h, block.block_id)
 
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Free req's blocks past those `num_tokens` tokens need (rejected speculative rows): tail
+        blocks that hold no computed token, never hashed, first in line for reuse."""
+        keep = self.blocks_needed(num_tokens)
+        while len(req.block_ids) > keep:
+            bid = req.block_ids.pop()
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                block.block_hash = None
+                self.free_queue[bid] = None
+                self.free_queue.move_to_end(bid, last=False)
+
     def free(self, req: Request) -> None:
         """Drop req's references. Tail blocks go to the free queue first, so under
         pressure a shared prefix outlives the unique suffixes that follow it."""

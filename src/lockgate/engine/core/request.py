@@ -33,7 +33,8 @@ class Request:
         "block_ids", "block_hashes", "num_cached_tokens", "generator", "eos_token_ids",
         "max_tokens", "stop_token_ids", "num_preemptions", "tenant", "tenant_weight",
         "enqueue_time", "seq", "prompt_logprobs", "num_prompt_logprobs", "grammar",
-        "pooled", "num_pooled", "embedding",
+        "pooled", "num_pooled", "embedding", "spec_token_ids", "spec_accepted", "num_draft_tokens",
+        "num_accepted_tokens",
     )
 
     def __init__(self, req: EngineCoreRequest, eos_token_ids: list[int], max_tokens: int) -> None:
@@ -76,6 +77,12 @@ class Request:
         self.pooled: Any = None
         self.num_pooled = 0
         self.embedding: bytes | None = None
+        # Speculative decoding: this step's proposals (positions num_tokens.. of the step's extra
+        # rows), how many of them the step accepted, and the request's totals (its ledger entry).
+        self.spec_token_ids: list[int] = []
+        self.spec_accepted = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     @property
     def grammar_pending(self) -> bool:
@@ -120,7 +127,11 @@ class Request:
         return len(self.output_token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output without building the concatenation."""
+        """Tokens [start, end) of prompt + output without building the concatenation; positions
+        past the known tokens are this step's proposals (speculative decoding)."""
+        n = self.num_tokens
+        if end > n:
+            return self.token_ids(start, n) + self.spec_token_ids[max(0, start - n):end - n]
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]

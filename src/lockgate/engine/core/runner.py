@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from lockgate.engine.config import EngineConfig, ModelConfig
 from lockgate.engine.core.kv_cache import blocks_for
 from lockgate.engine.core.request import Request
 from lockgate.engine.core.sampler import GrammarRows, Sampler, SamplingBatch
+from lockgate.engine.core.spec_rows import SpecRows
 from lockgate.engine.core.scheduler import ScheduledBatch
 from lockgate.engine.loader import LoadedCheckpoint
 from lockgate.engine.messages import TokenLogprob
@@ -53,6 +55,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 NATIVE_MAX_ATTENTION = 1 << 16
 # Prompt logprobs: logits of at most this many elements (rows x vocabulary) at a time (64 MiB).
 PROMPT_LOGITS_ELEMS = 1 << 24
+# Batch-invariant steps pad every matmul to at least this many rows: PyTorch's CPU float32 GEMM
+# computes a lone row (and 2-3 rows) with other arithmetic than 4 or more (measured on AVX2: rows
+# bit-identical from 4 up to 128; tests/engine/test_speculative.py checks it where it runs).
+INVARIANT_MIN_ROWS = 4
+
+# What a step gives each request that sampled: its new tokens and their logprobs (None: nothing
+# sampled, max_tokens=0).
+Sampled = tuple[Request, list[int] | None, list[TokenLogprob | None] | None]
 
 # A chunk's positions owing prompt logprobs: (request, first position, end position (exclusive),
 # flattened row of the first position).
@@ -205,7 +215,10 @@ class ModelRunner:
         block_bytes = kv_block_bytes(ckpt.config, self.block_size, self.kv_dtype)
         self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // block_bytes)
         cfg = ckpt.config
-        shape = (self.num_blocks * self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # One block past the pool, never handed out: the padding rows of a batch-invariant step
+        # write their K/V there (and the step-cost calibration reads it).
+        self.scratch_block = self.num_blocks
+        shape = ((self.num_blocks + 1) * self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
                            torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
                           for _ in range(cfg.num_hidden_layers)]
@@ -226,7 +239,20 @@ class ModelRunner:
                 log.warning("%s runs off the fused native decode path (%s): every step runs the PyTorch "
                             "model layer by layer, about 3x slower (dtype %s; dtype auto picks what the "
                             "fused path takes)", self.quantization, reason, _name(self.dtype))
+        self.batch_invariant = self._resolve_batch_invariant()
         log.info("%s", self.describe(ckpt.stored_precision))
+
+    def _resolve_batch_invariant(self) -> bool:
+        """Whether the PyTorch path pads and attends row by row (EngineConfig.batch_invariant; the
+        native path is batch-invariant by construction: every row's arithmetic is its own)."""
+        asked = self.config.batch_invariant
+        if asked is None:
+            asked = self.config.speculative_config is not None and self.native is None
+        if asked and self.device.type != "cpu":
+            log.warning("batch_invariant: not available on %s (its matmul kernels split by batch size): a "
+                        "request's greedy tokens may differ with the batch, speculation included", self.device)
+            return False
+        return bool(asked) and self.native is None
 
     def describe(self, stored: str | None) -> str:
         """The start-up line: the precision that runs and why, the steps' path, the kernels (and
@@ -244,8 +270,10 @@ class ModelRunner:
             kernels += f", {config.quantization_activations} activations"
         if self.kernels == "torch":
             kernels = "PyTorch int kernels"
+        invariant = "; batch-invariant rows (padded matmuls, row-wise attention)" if self.batch_invariant else ""
         return (f"{precision}; steps: {self.path}; kernels: {kernels}; dtype {_name(self.dtype)}, KV cache "
-                f"{_name(self.kv_caches[0][0].dtype)}; {self.threads} threads ({usable_cores()} usable cores)")
+                f"{_name(self.kv_caches[0][0].dtype)}; {self.threads} threads ({usable_cores()} usable cores)"
+                f"{invariant}")
 
     # ---- batch preparation -----------------------------------------------------
     def _slots(self, req: Request, start: int, end: int) -> np.ndarray:
@@ -254,8 +282,12 @@ class ModelRunner:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, StepRows]:
-        """Returns input ids, positions, attention metadata and the rows the head runs on."""
-        order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)  # decodes first
+        """Returns input ids, positions, attention metadata and the rows the head runs on. A decode
+        with proposals (speculative decoding) is laid out as one decode row per position, so each
+        verify row attends exactly as a one-row decode step would."""
+        decodes = [i for i in range(len(batch)) if batch.num_tokens[i] == 1 or batch.requests[i].spec_token_ids]
+        chosen = set(decodes)
+        order = decodes + [i for i in range(len(batch)) if i not in chosen]
         ids: list[int] = []
         pos: list[np.ndarray] = []
         slots: list[np.ndarray] = []
@@ -263,16 +295,19 @@ class ModelRunner:
         prefills: list[PrefillSeq] = []
         head = StepRows()
         t = 0
-        for i in order:
+        for k, i in enumerate(order):
             req, start, n = batch.requests[i], batch.start[i], batch.num_tokens[i]
             end = start + n
+            if k == len(decodes) and self.batch_invariant and t < INVARIANT_MIN_ROWS:
+                t = self._pad_rows(INVARIANT_MIN_ROWS - t, ids, pos, slots, decode_ctx, t)
             ids.extend(req.token_ids(start, end))
             pos.append(np.arange(start, end))
             slots.append(self._slots(req, start, end))
-            table = req.block_ids[: blocks_for(end, self.block_size)]
-            if n == 1:
-                decode_ctx.append((table, end))
+            if i in chosen:
+                for p in range(start + 1, end + 1):
+                    decode_ctx.append((req.block_ids[: blocks_for(p, self.block_size)], p))
             else:
+                table = req.block_ids[: blocks_for(end, self.block_size)]
                 blocks = None if start == 0 else torch.tensor(table, device=self.device)
                 prefills.append(PrefillSeq(t, n, end, blocks))
             if req.prompt_logprobs is not None:
@@ -280,12 +315,20 @@ class ModelRunner:
             if req.params.embed:
                 head.add_pool_span(req, start, end, t)
             t += n
-            if end == req.num_tokens:  # reached the end of what is known: sample the next token
-                head.add_end(req, i, t - 1)
+            head.add_step_end(req, i, end, t - 1)
+        if len(decodes) == len(order) and self.batch_invariant and t < INVARIANT_MIN_ROWS:
+            t = self._pad_rows(INVARIANT_MIN_ROWS - t, ids, pos, slots, decode_ctx, t)
+        meta = self._metadata(np.concatenate(slots), decode_ctx, prefills)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.from_numpy(np.concatenate(pos)).to(self.device)
+        return input_ids, positions, meta, head
+
+    def _metadata(self, slots: np.ndarray, decode_ctx: list[tuple[list[int], int]],
+                  prefills: list[PrefillSeq]) -> AttentionMetadata:
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+        meta = AttentionMetadata(slot_mapping=torch.from_numpy(slots).to(dev),
                                  num_decodes=len(decode_ctx), prefills=prefills, block_size=self.block_size,
-                                 prefill_groups=group_prefills(prefills, dev))
+                                 prefill_groups=group_prefills(prefills, dev), row_invariant=self.batch_invariant)
         if decode_ctx:
             nb = max(len(b) for b, _ in decode_ctx)
             table = np.zeros((len(decode_ctx), nb), dtype=np.int64)
@@ -294,10 +337,48 @@ class ModelRunner:
             ctx = torch.tensor([c for _, c in decode_ctx], device=dev)
             meta.decode_blocks = torch.from_numpy(table).to(dev)
             meta.decode_max_len = max(c for _, c in decode_ctx)
+            meta.decode_lens = [c for _, c in decode_ctx]
             meta.decode_mask = (torch.arange(nb * self.block_size, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos)).to(dev)
-        return input_ids, positions, meta, head
+        return meta
+
+    @torch.inference_mode()
+    def measure_rows(self, counts: list[int], context: int = 128, reps: int = 2) -> dict[int, float]:
+        """Seconds of a step of M decode rows (model and LM head, each row at `context` tokens), for
+        each M in `counts`: the cost curve speculative decoding plans with. Run at start-up, before
+        any request holds a block (it reads pool blocks and writes only the scratch block)."""
+        bs = self.block_size
+        context = max(1, min(context, self.num_blocks * bs, self.model.rope.cos.shape[0]))
+        table = list(range(blocks_for(context, bs)))
+        slot = self.scratch_block * bs
+        out: dict[int, float] = {}
+        for i, m in enumerate(counts):
+            ids = np.zeros(m, dtype=np.int64)
+            pos = np.full(m, context - 1, dtype=np.int64)
+            best = float("inf")
+            for _ in range(reps + (i == 0)):  # the first count warms up once more
+                t0 = time.perf_counter()
+                if self.native is not None:
+                    hidden = self.native(ids, pos, np.full(m, slot, dtype=np.int64),
+                                         np.tile(np.asarray(table, dtype=np.int64), (m, 1)), pos + 1)
+                else:
+                    meta = self._metadata(np.full(m, slot, dtype=np.int64), [(table, context)] * m, [])
+                    hidden = self.model(torch.from_numpy(ids).to(self.device), torch.from_numpy(pos).to(self.device),
+                                        self.kv_caches, meta)
+                self.logits(hidden).sum().item()  # waits for the device
+                best = min(best, time.perf_counter() - t0)
+            out[m] = best
+        return out
+
+    def _pad_rows(self, count: int, ids: list[int], pos: list[np.ndarray], slots: list[np.ndarray],
+                  decode_ctx: list[tuple[list[int], int]], t: int) -> int:
+        """Batch-invariant steps: `count` dummy decode rows (token 0 at position 0, in the scratch
+        block), so every matmul has at least INVARIANT_MIN_ROWS rows: the kernels change their
+        arithmetic below that, and a row must not compute differently with fewer neighbours."""
+        ids.extend([0] * count)
+        pos.append(np.zeros(count, dtype=np.int64))
+        slots.append(np.full(count, self.scratch_block * self.block_size, dtype=np.int64))
+        decode_ctx.extend(([self.scratch_block], 1) for _ in range(count))
+        return t + count
 
     # ---- the step ---------------------------------------------------------------
     def native_step(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepRows] | None:
@@ -330,17 +411,16 @@ class ModelRunner:
             if req.params.embed:
                 head.add_pool_span(req, s, e, t)
             t += e - s
-            if e == req.num_tokens:  # reached the end of what is known: sample the next token
-                head.add_end(req, i, t - 1)
+            head.add_step_end(req, i, e, t - 1)
         return self.native(ids, pos, slots, tables, pos + 1), head
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, masks: StepMasks | None = None
-                ) -> list[tuple[Request, int | None, TokenLogprob | None]]:
-        """(request, sampled token, its logprobs) per request that reached the end of its known
-        tokens; the token is None for a request whose prompt finished with max_tokens=0 (nothing
-        sampled). Prompt logprobs computed in the step are added to their requests. `masks`: the
-        structured outputs' bitmasks of the constrained requests that sample in this step."""
+    def execute(self, batch: ScheduledBatch, masks: StepMasks | None = None) -> list[Sampled]:
+        """(request, its new tokens, their logprobs) per request that reached the end of its known
+        tokens: one token, or with proposals (speculative decoding) the accepted ones and the next
+        (`req.spec_accepted` says how many were accepted); None for a request whose prompt finished
+        with max_tokens=0 (nothing sampled). Prompt logprobs computed in the step are added to their
+        requests. `masks`: the structured outputs' bitmasks of the constrained requests that sample."""
         if self.kernels == "native":  # the kernels' one setting is per process; several LLMs may share it
             set_activation_bits(16 if self.config.quantization_activations == "int16" else 8)
         step = self.native_step(batch) if self.native is not None and batch.requests else None
@@ -353,35 +433,40 @@ class ModelRunner:
             self.prompt_logprobs(hidden, head.prompt_spans)
         if head.pool_spans:
             pool(hidden, head.pool_spans)
-        out: list[tuple[Request, int | None, TokenLogprob | None]] = []
+        out: list[Sampled] = []
         if head.samplers:
-            out = self.sample(batch, hidden, head.samplers, head.rows, masks)
+            out = self.sample(batch, hidden, head, masks)
         if head.no_sample:
             out.extend((req, None, None) for req in head.no_sample)
         return out
 
-    def sample(self, batch: ScheduledBatch, hidden: torch.Tensor, samplers: list[int],
-               rows: list[int], masks: StepMasks | None = None
-               ) -> list[tuple[Request, int | None, TokenLogprob | None]]:
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        reqs = [batch.requests[i] for i in samplers]
-        for r in reqs:
-            if r.params.seed is not None and r.generator is None:
-                r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over `hidden`'s rows (padded to the invariant minimum when batch-invariant)."""
+        n = hidden.shape[0]
+        if self.batch_invariant and n < INVARIANT_MIN_ROWS:
+            hidden = torch.cat([hidden, hidden[:1].expand(INVARIANT_MIN_ROWS - n, -1)])
+            return self.model.compute_logits(hidden)[:n]
+        return self.model.compute_logits(hidden)
+
+    def sample(self, batch: ScheduledBatch, hidden: torch.Tensor, head: StepRows,
+               masks: StepMasks | None = None) -> list[Sampled]:
+        logits = self.logits(hidden[torch.tensor(head.rows, device=self.device)])
+        reqs = [batch.requests[i] for i in head.samplers]
+        rows = SpecRows.lay_out(reqs, head.counts, self.device)
         sbatch = SamplingBatch.build(
-            params=[r.params for r in reqs],
-            prompt_token_ids=[r.prompt_token_ids for r in reqs],
-            output_token_ids=[r.output_token_ids for r in reqs],
-            generators=[r.generator for r in reqs],
+            params=rows.params,
+            prompt_token_ids=rows.prompts,
+            output_token_ids=rows.outputs,
+            generators=rows.generators,
             vocab_size=self.vocab_size,
             device=self.device,
             eos_token_ids=self.eos_token_ids,
-            grammar=_grammar_rows(reqs, masks),
+            grammar=_grammar_rows(rows.requests, masks),
         )
         out = self.sampler(logits, sbatch)
         tokens = out.token_ids.tolist()  # the step's one device-to-host sync
-        lps = out.to_token_logprobs([r.params.logprobs for r in reqs])
-        return list(zip(reqs, tokens, lps))
+        lps = out.to_token_logprobs([p.logprobs for p in rows.params])
+        return rows.verify(reqs, head.counts, tokens, lps, self.vocab_size)
 
     def prompt_logprobs(self, hidden: torch.Tensor, spans: list[_PromptSpan]) -> None:
         """Score the next prompt token at each position of `spans`: its logprob (float32
@@ -442,6 +527,7 @@ def pool(hidden: torch.Tensor, spans: list[_PromptSpan]) -> None:
 
 
 def _grammar_rows(reqs: list[Request], masks: StepMasks | None) -> GrammarRows | None:
+    # (`reqs`: one entry per sampling row; a constrained request never has proposals, so one row.)
     """The step's bitmasks in the sampler's row order (None: no constrained row)."""
     if masks is None:
         return None
@@ -462,22 +548,28 @@ class StepRows:
     out: samplers (batch entries that sample) and their rows; requests whose prompt finished
     without sampling (max_tokens=0); prompt-logprob spans; pooling spans (embeddings)."""
 
-    __slots__ = ("samplers", "rows", "no_sample", "prompt_spans", "pool_spans")
+    __slots__ = ("samplers", "rows", "counts", "no_sample", "prompt_spans", "pool_spans")
 
     def __init__(self) -> None:
         self.samplers: list[int] = []
-        self.rows: list[int] = []
+        self.rows: list[int] = []  # every sampling row, a sampler's consecutively
+        self.counts: list[int] = []  # sampling rows per sampler: 1, or 1 + its proposals
         self.no_sample: list[Request] = []
         self.prompt_spans: list[_PromptSpan] = []
         self.pool_spans: list[_PromptSpan] = []
 
-    def add_end(self, req: Request, entry: int, row: int) -> None:
-        """Entry `entry` computed up to its last known token, at flattened row `row`."""
-        if req.max_tokens:
-            self.samplers.append(entry)
-            self.rows.append(row)
-        else:
+    def add_step_end(self, req: Request, entry: int, end: int, row: int) -> None:
+        """Entry `entry` computed up to position `end` (exclusive), its last row at `row`: it samples
+        when that is the end of its known tokens, and every proposal's row with it."""
+        k = len(req.spec_token_ids)
+        if end != req.num_tokens + k:
+            return  # a prefill chunk short of the end
+        if not req.max_tokens:
             self.no_sample.append(req)
+            return
+        self.samplers.append(entry)
+        self.rows.extend(range(row - k, row + 1))
+        self.counts.append(k + 1)
 
     def add_prompt_span(self, req: Request, start: int, end: int, row0: int) -> None:
         """Positions [start, end) of a request with prompt logprobs, position `start` at row `row0`."""

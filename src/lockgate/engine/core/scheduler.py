@@ -143,6 +143,7 @@ class Scheduler:
         return (self.effective_priority(req, now), req.arrival_time, req.seq)
 
     def _preempt(self, victim: Request, batch: ScheduledBatch) -> None:
+        victim.spec_token_ids = []  # its proposals go with its KV
         self.running.remove(victim)
         self.kv.free(victim)
         victim.num_preemptions += 1
@@ -197,6 +198,16 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING or not req.is_decode:
                 continue
+            if req.spec_token_ids:
+                # Proposals ride along as extra rows while the budget and free blocks allow; they
+                # never preempt anyone (dropping them costs nothing but speed).
+                k = min(len(req.spec_token_ids), st.budget - 1)
+                while k > 0 and not self.kv.allocate(req, 1 + k):
+                    k -= 1
+                del req.spec_token_ids[max(k, 0):]
+                if k > 0:
+                    st.take(req, 1 + k, prefill=False)
+                    continue
             while not self.kv.allocate(req, 1):
                 victim = self.running[-1]
                 self._preempt(victim, st.batch)
@@ -293,6 +304,16 @@ class Scheduler:
         """Advance computed counts, publish newly full blocks to the prefix cache, and charge
         each sampled token to its tenant (fair share)."""
         for req, n in zip(batch.requests, batch.num_tokens):
+            if req.spec_token_ids:
+                # Rows of rejected proposals are not computed: their KV is stale, and the blocks
+                # that hold nothing else go back to the pool (never into the prefix cache).
+                accepted = req.spec_accepted
+                req.num_computed_tokens += n - (len(req.spec_token_ids) - accepted)
+                self.kv.trim(req, req.num_computed_tokens + 1)
+                self.kv.cache_computed_blocks(req)  # token_ids() reads the accepted proposals
+                if self.priority_policy:
+                    self.counters.charge_output(req, 1 + accepted)
+                continue
             req.num_computed_tokens += n
             self.kv.cache_computed_blocks(req)
             if self.priority_policy and req.num_computed_tokens == req.num_tokens:

@@ -127,6 +127,9 @@ class OutputProcessor:
                 queued, scheduled = out.start_times
                 child.times = RequestTimes(out.request_id, queued, scheduled, now, now, self.clock_offset)
                 parent.times.append(child.times)
+            if out.num_draft_tokens and child.times is not None:
+                child.times.num_draft_tokens = out.num_draft_tokens
+                child.times.num_accepted_tokens = out.num_accepted_tokens
             ids = out.new_token_ids
             # The EOS or stop token that ended the sequence counts as a token but, as in
             # vLLM, its text stays out of the output unless asked for.

@@ -28,6 +28,7 @@ from lockgate.engine.frontend.queue_view import QueueView
 from lockgate.engine.frontend.transport import CoreLink
 from lockgate.engine.messages import EngineStats
 from lockgate.engine.step_stats import HistogramCounts
+from lockgate.engine.spec.stats import SpecStats
 from lockgate.engine.structured.stats import StructuredStats
 
 log = logging.getLogger("lockgate.engine.client")
@@ -57,6 +58,7 @@ class EngineState:
     step_seconds: HistogramCounts | None = None
     iteration_tokens: HistogramCounts | None = None
     structured: StructuredStats | None = None  # structured outputs' counters, cumulative likewise
+    spec: SpecStats | None = None  # speculative decoding's counters, cumulative likewise
 
 
     @classmethod
@@ -66,9 +68,11 @@ class EngineState:
         used = sum(s.kv_cache_usage * s.num_total_blocks for s in states)
         step, tokens = HistogramCounts(), HistogramCounts()
         structured = StructuredStats()
+        spec = SpecStats()
         for s in states:
             step, tokens = step.plus(s.step_seconds), tokens.plus(s.iteration_tokens)
             structured = structured.plus(s.structured)
+            spec = spec.plus(s.spec)
 
         def total(name: str) -> int:
             return sum(getattr(s, name) for s in states)
@@ -82,7 +86,7 @@ class EngineState:
             prefix_cache_hits=total("prefix_cache_hits"), num_queued_requests=total("num_queued_requests"),
             num_queued_tokens=total("num_queued_tokens"), num_in_flight=total("num_in_flight"),
             num_restarts=total("num_restarts"), num_stalls=total("num_stalls"), step_seconds=step,
-            iteration_tokens=tokens, structured=structured)
+            iteration_tokens=tokens, structured=structured, spec=spec)
 
 
 def empty_stats() -> EngineStats:
@@ -98,6 +102,7 @@ class CoreCounters:
         self._base_step_seconds = HistogramCounts()
         self._base_iteration_tokens = HistogramCounts()
         self._base_structured = StructuredStats()
+        self._base_spec = SpecStats()
 
     def core_died(self) -> None:
         """Keep the dead core's cumulative counters; its gauges go to zero."""
@@ -108,6 +113,7 @@ class CoreCounters:
         self._base_step_seconds = self._base_step_seconds.plus(s.step_seconds)
         self._base_iteration_tokens = self._base_iteration_tokens.plus(s.iteration_tokens)
         self._base_structured = self._base_structured.plus(s.structured)
+        self._base_spec = self._base_spec.plus(s.spec)
         self.stats = empty_stats()
 
     def state(self, *, healthy: bool, queue: QueueView, num_in_flight: int, num_restarts: int,
@@ -125,6 +131,7 @@ class CoreCounters:
             step_seconds=self._base_step_seconds.plus(s.step_seconds),
             iteration_tokens=self._base_iteration_tokens.plus(s.iteration_tokens),
             structured=self._base_structured.plus(s.structured),
+            spec=self._base_spec.plus(s.spec),
         )
 
 
