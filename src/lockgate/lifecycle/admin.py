@@ -377,7 +377,7 @@ def _param_of(message: str) -> str | None:
     for prefix, param in _PARAMS:
         if message.startswith(prefix):
             return param
-    head = message.split(":", 1)[0]
+    head = message.split(":", 1)[0].split(" ", 1)[0].split(".", 1)[0]  # "speculative_config.method must ..."
     return head if head in ENGINE_OPTION_NAMES else None
 
 

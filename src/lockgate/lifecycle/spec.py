@@ -24,8 +24,9 @@ from lockgate.lifecycle.settings import MAX_REPLICAS
 DEFAULT_VERSION = "v1"
 DEFAULT_PATH = "default"  # the embedded SmolLM2 (EngineConfig.model = None)
 MAX_PATH_CHARS = 4096
-# Model names may look like paths (a plain `--model ./dir` is served under that name, as vLLM does).
-NAME_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.:/+-]{0,127}$")
+# Model names may look like paths (a plain `--model ./dir` or `--model /abs/dir` is served under that
+# name, as vLLM does).
+NAME_RE = re.compile(r"^[A-Za-z0-9_./][A-Za-z0-9_.:/+-]{0,127}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 _INT = 2**31 - 1

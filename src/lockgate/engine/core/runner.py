@@ -342,7 +342,7 @@ class ModelRunner:
         return meta
 
     @torch.inference_mode()
-    def measure_rows(self, counts: list[int], context: int = 128, reps: int = 2) -> dict[int, float]:
+    def measure_rows(self, counts: list[int], context: int = 128, reps: int = 3) -> dict[int, float]:
         """Seconds of a step of M decode rows (model and LM head, each row at `context` tokens), for
         each M in `counts`: the cost curve speculative decoding plans with. Run at start-up, before
         any request holds a block (it reads pool blocks and writes only the scratch block)."""
@@ -350,23 +350,28 @@ class ModelRunner:
         context = max(1, min(context, self.num_blocks * bs, self.model.rope.cos.shape[0]))
         table = list(range(blocks_for(context, bs)))
         slot = self.scratch_block * bs
-        out: dict[int, float] = {}
-        for i, m in enumerate(counts):
+        out = {m: float("inf") for m in counts}
+
+        def one(m: int) -> float:
             ids = np.zeros(m, dtype=np.int64)
             pos = np.full(m, context - 1, dtype=np.int64)
-            best = float("inf")
-            for _ in range(reps + (i == 0)):  # the first count warms up once more
-                t0 = time.perf_counter()
-                if self.native is not None:
-                    hidden = self.native(ids, pos, np.full(m, slot, dtype=np.int64),
-                                         np.tile(np.asarray(table, dtype=np.int64), (m, 1)), pos + 1)
-                else:
-                    meta = self._metadata(np.full(m, slot, dtype=np.int64), [(table, context)] * m, [])
-                    hidden = self.model(torch.from_numpy(ids).to(self.device), torch.from_numpy(pos).to(self.device),
-                                        self.kv_caches, meta)
-                self.logits(hidden).sum().item()  # waits for the device
-                best = min(best, time.perf_counter() - t0)
-            out[m] = best
+            t0 = time.perf_counter()
+            if self.native is not None:
+                hidden = self.native(ids, pos, np.full(m, slot, dtype=np.int64),
+                                     np.tile(np.asarray(table, dtype=np.int64), (m, 1)), pos + 1)
+            else:
+                meta = self._metadata(np.full(m, slot, dtype=np.int64), [(table, context)] * m, [])
+                hidden = self.model(torch.from_numpy(ids).to(self.device), torch.from_numpy(pos).to(self.device),
+                                    self.kv_caches, meta)
+            self.logits(hidden).sum().item()  # waits for the device
+            return time.perf_counter() - t0
+
+        one(counts[0])  # warm-up
+        # Rounds over all the counts, the best of each kept: a burst of load from another process
+        # slows one round of every count, not every rep of one count, so the ratios survive it.
+        for _ in range(reps):
+            for m in counts:
+                out[m] = min(out[m], one(m))
         return out
 
     def _pad_rows(self, count: int, ids: list[int], pos: list[np.ndarray], slots: list[np.ndarray],
@@ -381,14 +386,14 @@ class ModelRunner:
         return t + count
 
     # ---- the step ---------------------------------------------------------------
-    def native_step(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepRows] | None:
+    def native_step(self, batch: ScheduledBatch, force: bool = False) -> tuple[torch.Tensor, StepRows] | None:
         """The step through the native decoder, or None when its attention would be too costly.
 
         Every scheduled token is a row with its own position and the block table of its sequence;
         all rows' K/V are written before any row attends, so a row attending to the cache up to its
         own position is causal attention for prefill chunks too. Returns the hidden states of every
         row (final-normed) and the rows the head runs on."""
-        if sum((s + n) * n for s, n in zip(batch.start, batch.num_tokens)) > NATIVE_MAX_ATTENTION:
+        if not force and sum((s + n) * n for s, n in zip(batch.start, batch.num_tokens)) > NATIVE_MAX_ATTENTION:
             return None  # long prompts: PyTorch's fused SDPA does their attention far better
         bs = self.block_size
         total = batch.total_tokens
@@ -414,6 +419,25 @@ class ModelRunner:
             head.add_step_end(req, i, e, t - 1)
         return self.native(ids, pos, slots, tables, pos + 1), head
 
+    def split_step(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepRows] | None:
+        """A step whose prefills are too long for the native attention: its decode rows (and verify
+        rows) still run the fused native step, the prefills the PyTorch model (two calls, one
+        hidden-state tensor). A decode row then computes the same whatever prefill shares its step,
+        which keeps greedy output independent of the batch (and of speculation). None: nothing to split."""
+        dec = [i for i in range(len(batch)) if batch.num_tokens[i] == 1 or batch.requests[i].spec_token_ids]
+        if not dec or len(dec) == len(batch):
+            return None
+        rest = [i for i in range(len(batch)) if i not in set(dec)]
+        parts = []
+        for idx in (dec, rest):
+            sub = ScheduledBatch([batch.requests[i] for i in idx], [batch.num_tokens[i] for i in idx],
+                                 [batch.start[i] for i in idx])
+            parts.append(sub)
+        hd, head_d = self.native_step(parts[0], force=True)  # type: ignore[misc]
+        input_ids, positions, meta, head_p = self.prepare(parts[1])
+        hp = self.model(input_ids, positions, self.kv_caches, meta)
+        return torch.cat([hd, hp.to(hd.dtype)]), head_d.merged(dec, head_p, rest, hd.shape[0])
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, masks: StepMasks | None = None) -> list[Sampled]:
         """(request, its new tokens, their logprobs) per request that reached the end of its known
@@ -424,6 +448,8 @@ class ModelRunner:
         if self.kernels == "native":  # the kernels' one setting is per process; several LLMs may share it
             set_activation_bits(16 if self.config.quantization_activations == "int16" else 8)
         step = self.native_step(batch) if self.native is not None and batch.requests else None
+        if step is None and self.native is not None and batch.requests:
+            step = self.split_step(batch)
         if step is not None:
             hidden, head = step
         else:
@@ -570,6 +596,18 @@ class StepRows:
         self.samplers.append(entry)
         self.rows.extend(range(row - k, row + 1))
         self.counts.append(k + 1)
+
+    def merged(self, mine: list[int], other: StepRows, theirs: list[int], offset: int) -> StepRows:
+        """These rows (of batch entries `mine`) and `other`'s (entries `theirs`, rows after `offset`)
+        as one step's: entry indices back to the whole batch's, the other's rows shifted."""
+        out = StepRows()
+        out.samplers = [mine[i] for i in self.samplers] + [theirs[i] for i in other.samplers]
+        out.rows = self.rows + [r + offset for r in other.rows]
+        out.counts = self.counts + other.counts
+        out.no_sample = self.no_sample + other.no_sample
+        out.prompt_spans = self.prompt_spans + [(q, lo, hi, r0 + offset) for q, lo, hi, r0 in other.prompt_spans]
+        out.pool_spans = self.pool_spans + [(q, lo, hi, r0 + offset) for q, lo, hi, r0 in other.pool_spans]
+        return out
 
     def add_prompt_span(self, req: Request, start: int, end: int, row0: int) -> None:
         """Positions [start, end) of a request with prompt logprobs, position `start` at row `row0`."""

@@ -91,6 +91,14 @@ class Speculator:
             return
         base = len(decodes) + prefill_rows
         always = self.config.policy == "always"
+        if not always:
+            # A big batch: not even one proposal of the best-accepted request would pay, so none is
+            # looked up (the scans would cost time for nothing).
+            best = max(self.alpha(st) for _, st, _ in cands)
+            extra = self.draft.token_cost if self.draft is not None else 0.0
+            if not plan(self.curve, base, len(decodes), [(best, 1)], extra_cost=extra)[0]:
+                self.stats.num_steps_off += 1
+                return
         if self.draft is None:
             proposals = [self._ngram(r, st, room) for r, st, room in cands]
             offers = [(self.alpha(st), len(p)) for (_, st, _), p in zip(cands, proposals)]
