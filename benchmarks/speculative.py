@@ -135,19 +135,24 @@ def main() -> None:
             for _ in range(args.rounds):
                 n, s, d = timed(off, ps, streams, args.max_tokens)
                 best["off"], best["off_decode"] = max(best["off"], n / s), max(best["off_decode"], n / d)
-                before = spec.stats.plus(None)
-                before = (before.num_drafts, before.num_draft_tokens, before.num_accepted_tokens)
+                b = spec.stats
+                before = (b.num_drafts, b.num_draft_tokens, b.num_accepted_tokens, list(b.accepted_per_pos),
+                          list(b.proposed_per_pos))
                 n, s, d = timed(on, ps, streams, args.max_tokens)
                 best["on"], best["on_decode"] = max(best["on"], n / s), max(best["on_decode"], n / d)
                 st = spec.stats
                 counts = (n, st.num_drafts - before[0], st.num_draft_tokens - before[1],
                           st.num_accepted_tokens - before[2])
+                acc = [a - (before[3][j] if j < len(before[3]) else 0) for j, a in enumerate(st.accepted_per_pos)]
+                made = [p - (before[4][j] if j < len(before[4]) else 0) for j, p in enumerate(st.proposed_per_pos)]
+                per_pos = " / ".join(f"{100 * a / p:.0f}%" for a, p in zip(acc, made) if p)
             n, drafts, drafted, accepted = counts
             results[(name, streams)] = {
                 **best, "ratio": best["on"] / best["off"], "decode_ratio": best["on_decode"] / best["off_decode"],
                 "acceptance": accepted / drafted if drafted else 0.0,
                 "mean_len": 1 + accepted / drafts if drafts else 1.0,
                 "predicted": predicted(curve, n, drafts, drafted, accepted) if streams == 1 else float("nan"),
+                "per_pos": per_pos or "-",
             }
             print(f"{name}, {streams} stream(s): off {best['off']:.1f} tok/s, on {best['on']:.1f} tok/s "
                   f"({best['on'] / best['off']:.2f}x; decode after the first token {best['off_decode']:.1f} -> "
@@ -176,13 +181,13 @@ def main() -> None:
             proc.wait(timeout=60)
 
     print("\n| prompt set | streams | off tok/s | on tok/s | on / off | decode tok/s off -> on (after the first "
-          "token) | decode on / off | predicted (cost curve, decode) | acceptance | mean accepted length |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "token) | decode on / off | predicted (cost curve, decode) | acceptance | by position | mean accepted length |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (name, streams), r in results.items():
         pred = "-" if streams != 1 else f"{r['predicted']:.2f}x"
         print(f"| {name} | {streams} | {r['off']:.1f} | {r['on']:.1f} | **{r['ratio']:.2f}x** | "
               f"{r['off_decode']:.1f} -> {r['on_decode']:.1f} | **{r['decode_ratio']:.2f}x** | {pred} | "
-              f"{100 * r['acceptance']:.0f}% | {r['mean_len']:.2f} |")
+              f"{100 * r['acceptance']:.0f}% | {r['per_pos']} | {r['mean_len']:.2f} |")
     if peer:
         print("\n| prompt set (1 stream) | llama.cpp tok/s | llama.cpp + prompt lookup | its on / off "
               "| lockgate on / llama.cpp + lookup |\n|---|---|---|---|---|")

@@ -50,6 +50,17 @@ def run(llm: LLM, prompts, params) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
+def run_without_speculation(llm: LLM, prompts, params) -> list[list[int]]:
+    """The same engine (weights, runner, batch-invariant setting) with its speculator taken out:
+    decoding without speculation, one model load instead of two."""
+    core = llm.engine.core
+    spec, core.speculator = core.speculator, None
+    try:
+        return run(llm, prompts, params)
+    finally:
+        core.speculator = spec
+
+
 def assert_nothing_held(llm: LLM) -> None:
     st = llm.engine.stats()
     assert st.num_running == 0 and st.num_waiting == 0
@@ -132,12 +143,13 @@ def test_plan_follows_the_cost_curve():
                                           ("qwen3", "native"), ("llama3.1", "native"), ("qwen3", "torch")])
 def test_greedy_output_identical_with_speculation(ckpts, family, path):
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    off = LLM(str(ckpts[family]), batch_invariant=True, **PATHS[path])
     on = LLM(str(ckpts[family]), speculative_config=NGRAM, **PATHS[path])
     assert on.engine.core.runner.batch_invariant == (path == "torch")  # on by itself where it is needed
     assert (on.engine.core.runner.native is not None) == (path == "native")  # the fast path was kept
     prompts = grounded_prompts()
-    ref = run(off, prompts, params)
+    ref = run_without_speculation(on, prompts, params)
+    if path == "torch":  # a separate engine without speculation, batch-invariant, agrees
+        assert run(LLM(str(ckpts[family]), batch_invariant=True, **PATHS[path]), prompts[:3], params) == ref[:3]
     for _ in range(2):  # the second pass reads the prompts from the prefix cache
         assert run(on, prompts, params) == ref
     st = on.engine.core.speculator.stats
@@ -162,20 +174,23 @@ def test_chunked_prefill_and_preemption_with_speculation(ckpts, mode):
 
 
 def test_default_model_greedy_identical(smollm_path):
-    """The embedded model at its default precision (int4 on its own blocks, the fused native path),
-    with the measured cost plan (no forcing): an input-grounded prompt speculates and gains nothing
-    but speed; open chat is left as it was."""
+    """The embedded model at its default precision (int4 on its own blocks, the fused native path):
+    the same tokens under the measured cost plan and with every proposal verified."""
     prompts = [
         "Repeat this sentence exactly, twice: The quick brown fox jumps over the lazy dog near the river bank.",
         "def add(a, b):\n    return a + b\n\n# the same function, renamed to plus:\ndef plus(a, b):\n",
         "What is the capital of Japan?",
     ]
     params = SamplingParams(temperature=0.0, max_tokens=48)
-    ref = run(LLM(), prompts, params)
-    on = LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    on = LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 4}, max_num_seqs=4)
     assert on.engine.core.runner.native is not None
+    assert on.engine.core.speculator.curve.rows[-1] <= 20  # the curve measured up to the batches it serves
+    ref = run_without_speculation(on, prompts, params)
+    assert run(on, prompts, params) == ref  # the measured plan (how much it speculates depends on the machine)
+    spec = on.engine.core.speculator
+    spec.config = dataclasses.replace(spec.config, policy="always")  # and every proposal verified
     assert run(on, prompts, params) == ref
-    assert on.engine.core.speculator.stats.num_accepted_tokens > 0
+    assert spec.stats.num_accepted_tokens > 0
     assert_nothing_held(on)
 
 
@@ -285,7 +300,9 @@ def test_counters_match_the_requests(ckpts):
     accepted = sum(t.num_accepted_tokens for o in outs for t in o.engine_times)
     assert (drafted, accepted) == (st.num_draft_tokens, st.num_accepted_tokens) and accepted > 0
     assert sum(st.accepted_per_pos) == st.num_accepted_tokens
+    assert sum(st.proposed_per_pos) == st.num_draft_tokens and st.proposed_per_pos[0] == st.num_drafts
     assert all(a >= b for a, b in zip(st.accepted_per_pos, st.accepted_per_pos[1:]))  # position j needs j-1
+    assert all(0 <= r <= 1 for r in st.acceptance_per_pos())
     assert st.mean_accepted_length == pytest.approx(1 + accepted / st.num_drafts)
     assert llm.engine.stats().spec == st
 
@@ -371,3 +388,37 @@ def test_speculative_config_per_model_version():
     with pytest.raises(ValueError, match="speculative_config.num_speculative_tokens must be"):
         validate(VersionSpec("m", "v3", engine={"speculative_config": {"method": "ngram",
                                                                         "num_speculative_tokens": 0}}), base)
+
+
+def test_priority_preemption_of_a_speculating_request(ckpts):
+    """A more important request preempts one in the middle of speculating (scheduling_policy
+    priority): both finish with the tokens they get alone, and every block comes back."""
+    path = str(ckpts["mistral"])
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    low, high = grounded_prompts(9)[2], grounded_prompts(9)[3]
+    ref = run(LLM(path, quantization="int4"), [low, high], params)
+    llm = LLM(path, quantization="int4", speculative_config=NGRAM, scheduling_policy="priority", max_num_seqs=1)
+    eng = llm.engine
+    eng.add_request("low", low, params, priority=5)
+    while eng.core.speculator.stats.num_drafts < 3:
+        eng.step()
+    eng.add_request("high", high, params, priority=0)
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    assert [done["low"], done["high"]] == ref
+    assert eng.stats().num_preemptions >= 1
+    assert_nothing_held(llm)
+
+
+def test_constrained_requests_decode_without_proposals(ckpts):
+    from lockgate.engine.structured_params import StructuredOutputs
+
+    llm = LLM(str(ckpts["qwen2"]), quantization="int4", speculative_config=NGRAM)
+    p = SamplingParams(temperature=0.0, max_tokens=60, structured=StructuredOutputs(choice=["alpha beta", "gamma"]))
+    out = llm.generate([grounded_prompts(10)[0]], p)[0]
+    assert out.outputs[0].text in ("alpha beta", "gamma")
+    assert sum(t.num_draft_tokens for t in out.engine_times) == 0
+    assert_nothing_held(llm)

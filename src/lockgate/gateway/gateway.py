@@ -167,7 +167,11 @@ class Gateway:
         if self.astore is None:
             return
         store = self.store
-        tenants, keys = await self.astore.call(lambda: (store.list_tenants(), store.list_keys()))
+        # The admin version first: a key created between reading the lists and reading the version
+        # would otherwise be missing under a version that says it is there (and an unknown-key
+        # check would never reload it until the next admin change).
+        version, tenants, keys = await self.astore.call(
+            lambda: (store.admin_version(), store.list_tenants(), store.list_keys()))
         now = time.time()
         loads = []
         for t in tenants:
@@ -197,7 +201,7 @@ class Gateway:
         self._tenants = {t.id: t for t in tenants}
         self._keys = {k.id: k for k in keys}
         self.ring.load(tenants, keys)
-        self._admin_version = await self.astore.call(store.admin_version)
+        self._admin_version = version
 
     async def _record_admin_key(self) -> None:
         """Audit the bootstrap admin key the first time it is used, and every time it changes.

@@ -123,6 +123,12 @@ def _speculative(m: str, st: SpecStats) -> Iterable[Metric]:
     for pos, n in enumerate(st.accepted_per_pos):
         per.add_metric([m, str(pos)], n)
     yield per
+    made = CounterMetricFamily("lockgate:spec_decode_num_draft_tokens_per_pos", "Proposals made at each position "
+                               "(the acceptance rate per position is accepted / these).",
+                               labels=["model_name", "position"])
+    for pos, n in enumerate(st.proposed_per_pos):
+        made.add_metric([m, str(pos)], n)
+    yield made
 
 
 def _structured(m: str, st: StructuredStats) -> Iterable[Metric]:

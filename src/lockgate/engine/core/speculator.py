@@ -51,6 +51,12 @@ class Speculator:
         self.states: dict[str, _State] = {}
         self.glob_accepted = self.glob_rejected = 1.0  # engine-wide, alpha 0.5 before anything is known
         self._proposed: list[tuple[Request, int]] = []
+        if config.policy == "always":
+            self.off_at = config.disable_by_batch_size
+            log.info("speculative decoding: %s, up to %d tokens a step, policy 'always' (no cost plan)%s",
+                     config.method, config.num_speculative_tokens,
+                     f", off from {config.disable_by_batch_size} decodes" if config.disable_by_batch_size else "")
+            return
         self.off_at = config.disable_by_batch_size or break_even_batch(curve, 0.8, config.num_speculative_tokens)
         log.info("speculative decoding: %s, up to %d tokens a step; verify-step cost %s; speculation stops at "
                  "%s decodes a step for 80%%-accepted proposals (%s)", config.method, config.num_speculative_tokens,
@@ -166,9 +172,13 @@ def build_speculator(config: SpeculativeConfig, runner, ckpt, engine_config) -> 
     model (same tokenizer as the target, refused otherwise) for method draft_model."""
     from lockgate.engine.spec.cost import CALIBRATION_ROWS
 
-    most = min(engine_config.max_num_batched_tokens, engine_config.max_num_seqs * (1 + config.num_speculative_tokens))
-    rows = [r for r in CALIBRATION_ROWS if r <= max(most, 2)]
-    curve = StepCostCurve.from_points(runner.measure_rows(rows))
+    if config.policy == "always":  # the plan is not consulted: nothing to measure
+        curve = StepCostCurve([1], [1.0])
+    else:
+        most = min(engine_config.max_num_batched_tokens,
+                   engine_config.max_num_seqs * (1 + config.num_speculative_tokens))
+        rows = [r for r in CALIBRATION_ROWS if r <= max(most, 2)]
+        curve = StepCostCurve.from_points(runner.measure_rows(rows))
     draft = None
     if config.method == "draft_model":
         from lockgate.engine.core.draft import DraftProposer

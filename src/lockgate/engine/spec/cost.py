@@ -83,12 +83,12 @@ def plan(curve: StepCostCurve, base_rows: int, base_tokens: int, offers: list[tu
     return counts
 
 
-def break_even_batch(curve: StepCostCurve, alpha: float, k: int, limit: int = 4096) -> int | None:
+def break_even_batch(curve: StepCostCurve, alpha: float, k: int, limit: int = 1024) -> int | None:
     """The smallest number of decodes at which requests of acceptance `alpha` with k proposals each
     get none: where speculation turns off for the step (None: it never does up to `limit`)."""
     b = 1
     while b <= limit:
         if sum(plan(curve, b, b, [(alpha, k)] * b)) == 0:
             return b
-        b = b * 2 if b < 16 else b + max(1, b // 8)
+        b = b + 1 if b < 16 else b + max(1, b // 4)
     return None

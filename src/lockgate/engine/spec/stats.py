@@ -15,15 +15,23 @@ class SpecStats:
     accepted_per_pos: list[int] = field(default_factory=list)
     # Steps with decodes where the cost curve (or disable_by_batch_size) gave no proposal row.
     num_steps_off: int = 0
+    # proposed_per_pos[j]: proposals made at position j (the acceptance rate per position's denominator)
+    proposed_per_pos: list[int] = field(default_factory=list)
 
     def record(self, proposed: int, accepted: int) -> None:
         self.num_drafts += 1
         self.num_draft_tokens += proposed
         self.num_accepted_tokens += accepted
-        if len(self.accepted_per_pos) < proposed:
-            self.accepted_per_pos.extend([0] * (proposed - len(self.accepted_per_pos)))
+        for per in (self.accepted_per_pos, self.proposed_per_pos):
+            if len(per) < proposed:
+                per.extend([0] * (proposed - len(per)))
+        for j in range(proposed):
+            self.proposed_per_pos[j] += 1
         for j in range(accepted):
             self.accepted_per_pos[j] += 1
+
+    def acceptance_per_pos(self) -> list[float]:
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_per_pos, self.proposed_per_pos)]
 
     @property
     def acceptance_rate(self) -> float:
@@ -38,8 +46,12 @@ class SpecStats:
         """Both counts summed (a restarted core's, another version's); None adds nothing."""
         if other is None:
             return self
-        a, b = self.accepted_per_pos, other.accepted_per_pos
-        per = [x + y for x, y in zip(a, b)] + (a if len(a) > len(b) else b)[min(len(a), len(b)):]
         return SpecStats(self.num_drafts + other.num_drafts, self.num_draft_tokens + other.num_draft_tokens,
-                         self.num_accepted_tokens + other.num_accepted_tokens, per,
-                         self.num_steps_off + other.num_steps_off)
+                         self.num_accepted_tokens + other.num_accepted_tokens,
+                         _sum(self.accepted_per_pos, other.accepted_per_pos),
+                         self.num_steps_off + other.num_steps_off,
+                         _sum(self.proposed_per_pos, other.proposed_per_pos))
+
+
+def _sum(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(a, b)] + (a if len(a) > len(b) else b)[min(len(a), len(b)):]
