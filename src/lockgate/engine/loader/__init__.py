@@ -42,6 +42,9 @@ class LoadedCheckpoint:
     # The precision the projections are stored in ("int4": Q4_0/Q4_1 blocks, "int8": Q8_0, None:
     # float): what `quantization="auto"` runs (engine/quant/precision.py).
     stored_precision: str | None = None
+    # GGUF only: HF name -> stored block type ("Q4_1", "Q8_0", ...) of the 2-D tensors the
+    # quantized paths take as stored; their float copies need not be made (`weights(skip=...)`).
+    stored_types: Callable[[], dict[str, str]] | None = None
 
 
 def load_checkpoint(path: str | Path | None, load_format: str = "auto") -> LoadedCheckpoint:

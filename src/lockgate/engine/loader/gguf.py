@@ -194,7 +194,7 @@ def projection_types(tensors: Iterable[GGUFTensor | Any]) -> list[str]:
     return out
 
 
-def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any, str | None]:
+def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any, str | None, Any]:
     try:
         header = read_gguf_header(path)
     except (ValueError, OSError) as e:
@@ -227,11 +227,17 @@ def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any, str | None]
         plan.append((t, name, heads))
     check_tensors({name: numpy_shape(t) for t, name, _ in plan}, config, str(path))
 
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         # The tensors' file map stays alive with this closure, so weights() can be called again.
-        for t, name, heads in track(plan, len(plan), f"loading {path.name}"):
+        # `skip`: tensors the caller takes as stored blocks: never dequantized (seconds saved).
+        todo = [e for e in plan if e[1] not in skip]
+        for t, name, heads in track(todo, len(todo), f"loading {path.name}"):
             w = to_torch(t, tensor_to_numpy(t))
             yield name, (unpermute_rows(w, heads) if heads else w)
+
+    def stored_types() -> dict[str, str]:
+        return {name: t.tensor_type.name for t, name, _ in plan
+                if gguf_blocks.decodable(t.tensor_type.name) and len(t.shape) == 2}
 
     def quantized() -> Iterator[tuple[str, Any]]:
         """The quantized tensors as stored (Q4_0/Q4_1/Q8_0), as codes and per-group scales,
@@ -243,4 +249,5 @@ def load_gguf(path: Path) -> tuple[ModelConfig, Tokenizer, Any, Any, str | None]
             groups = gguf_blocks.decode(t.tensor_type.name, t.data, shape)
             yield name, (groups.take_rows(gguf_blocks.unpermute_rows(shape[0], heads)) if heads else groups)
 
-    return config, tokenizer, weights, quantized, stored_precision(projection_types(header.tensors))
+    return (config, tokenizer, weights, quantized, stored_precision(projection_types(header.tensors)),
+            stored_types)

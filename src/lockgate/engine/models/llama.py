@@ -94,6 +94,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg, max_positions)
         self.head_q: nn.Module | None = None  # int8 LM head (quant/quantize.py)
+        self.all_stored = False  # quantized with every matrix taken from the file's own blocks
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
@@ -110,12 +111,20 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, w).float()
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up. Every parameter must be set."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], skipped: frozenset[str] = frozenset()) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up. Every parameter must be set, or be
+        among `skipped` (HF names the caller replaces with stored blocks: left unset here)."""
         params = dict(self.named_parameters())
         fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                  "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
         loaded: set[str] = set()
+        for name in skipped:
+            parts = name.removeprefix("model.").split(".")
+            if len(parts) >= 2 and parts[-2] in fused:
+                proj, shard = fused[parts[-2]]
+                loaded.add(".".join(parts[:-2] + [proj, parts[-1]]) + f"#{shard}")
+            else:
+                loaded.add(".".join(parts))
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.lm_head is None:

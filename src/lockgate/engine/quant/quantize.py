@@ -126,8 +126,9 @@ def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]
 
 def _quantize_native(model: nn.Module, method: str, source: dict[str, Any], keep_float: bool, max_rows: int) -> None:
     wtype = native_blocks.Q4_1 if method == "int4" else native_blocks.Q8_0
-    from_file = 0
+    from_file = total = 0
     for prefix, parent, name, child in _linears(model):
+        total += 1
         w, b = child.weight, child.bias
         n, k = w.shape
         if not native_blocks.fits(n, k):  # PyTorch's kernels take it, if they can
@@ -151,11 +152,16 @@ def _quantize_native(model: nn.Module, method: str, source: dict[str, Any], keep
     head = model.embed_tokens.weight if tied else model.lm_head.weight
     head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
     model.head_q = _block_embedding(head, source.get(head_name))
+    heads_stored = isinstance(source.get(head_name), Int8Groups)
     if tied:
         model.embed_tokens = model.head_q
     else:
         model.embed_tokens = _block_embedding(model.embed_tokens.weight, source.get("model.embed_tokens.weight"))
         model.lm_head = None
+        heads_stored = heads_stored and isinstance(source.get("model.embed_tokens.weight"), Int8Groups)
+    # Every matrix (and the embedding/head) came from the file: float copies were never needed
+    # (the runner's fast start relies on this, and reloads the float weights when it is not so).
+    model.all_stored = from_file == total and heads_stored
 
 
 def _block_embedding(w: torch.Tensor, stored: Any) -> nn.Module:
