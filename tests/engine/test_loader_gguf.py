@@ -374,3 +374,26 @@ def test_fast_header_bogus_counts_and_version(tmp_path: Path) -> None:
         path.write_bytes(b"GGUF" + header + b"\0" * 64)
         with pytest.raises(ValueError, match=msg):
             read_gguf_header(path)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_whole_tensor_dequantize_is_bit_identical_to_ggml(qtype):
+    """The loader's fast dequantization (one vectorised pass per tensor) gives the gguf package's
+    block-by-block values bit for bit, NaN/inf scales and extreme codes included."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    from lockgate.engine.quant import gguf_blocks
+
+    rng = np.random.default_rng(0)
+    n, k = 7, 96
+    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[qtype]
+    raw = rng.integers(0, 256, size=(n, k // 32, size), dtype=np.uint8)
+    scales = rng.normal(0, 0.05, size=(n, k // 32, 2)).astype(np.float16)
+    scales[0, 0] = [np.inf, np.nan]  # whatever a file holds, both agree
+    raw[..., 0:2] = scales[..., 0:1].view(np.uint8).reshape(n, k // 32, 2)
+    if qtype == "Q4_1":
+        raw[..., 2:4] = scales[..., 1:2].view(np.uint8).reshape(n, k // 32, 2)
+    ours = gguf_blocks.dequantize(qtype, raw, (n, k))
+    ref = quants.dequantize(raw.reshape(n, -1), GGMLQuantizationType[qtype]).reshape(n, k)
+    assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))

@@ -50,6 +50,21 @@ def run(llm: LLM, prompts, params) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
+class Unspeculated:
+    """`generate` on an engine with its speculator taken out for the call."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+
+    def generate(self, prompts, params):
+        core = self.llm.engine.core
+        spec, core.speculator = core.speculator, None
+        try:
+            return self.llm.generate(prompts, params)
+        finally:
+            core.speculator = spec
+
+
 def run_without_speculation(llm: LLM, prompts, params) -> list[list[int]]:
     """The same engine (weights, runner, batch-invariant setting) with its speculator taken out:
     decoding without speculation, one model load instead of two."""
@@ -179,9 +194,8 @@ def test_default_model_greedy_identical(smollm_path):
     prompts = [
         "Repeat this sentence exactly, twice: The quick brown fox jumps over the lazy dog near the river bank.",
         "def add(a, b):\n    return a + b\n\n# the same function, renamed to plus:\ndef plus(a, b):\n",
-        "What is the capital of Japan?",
     ]
-    params = SamplingParams(temperature=0.0, max_tokens=48)
+    params = SamplingParams(temperature=0.0, max_tokens=32)
     on = LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 4}, max_num_seqs=4)
     assert on.engine.core.runner.native is not None
     assert on.engine.core.speculator.curve.rows[-1] <= 20  # the curve measured up to the batches it serves
@@ -196,8 +210,8 @@ def test_default_model_greedy_identical(smollm_path):
 
 def test_logprobs_stop_strings_and_n_with_speculation(ckpts):
     path = str(ckpts["llama3.1"])
-    off = LLM(path, quantization="int4")
     on = LLM(path, quantization="int4", speculative_config=NGRAM)
+    off = Unspeculated(on)
     prompts = grounded_prompts(2)[:4]
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=3)
     a, b = off.generate(prompts, params), on.generate(prompts, params)

@@ -96,6 +96,8 @@ def tensor_to_numpy(t: GGUFTensor | Any) -> np.ndarray:
         return np.array(t.data, dtype=np.float16).reshape(shape)
     if t.tensor_type == Q.BF16:
         return np.array(t.data).view(np.int16).reshape(shape)  # reinterpreted as bfloat16 by the caller
+    if len(shape) == 2 and gguf_blocks.decodable(t.tensor_type.name) and shape[1] % gguf_blocks.GROUP == 0:
+        return gguf_blocks.dequantize(t.tensor_type.name, np.asarray(t.data), shape)  # the same values, faster
     return quants.dequantize(t.data, t.tensor_type).reshape(shape)
 
 
