@@ -22,3 +22,16 @@ def two(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple]:
     yield a, b
     a.close()
     b.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
+    """Each behaviour on both backends: the SQLite file and a real PostgreSQL database."""
+    if request.param == "sqlite":
+        s = open_store(tmp_path)
+    else:
+        from lockgate.store.postgres import PostgresStore
+
+        s = PostgresStore(request.getfixturevalue("pg_url"))
+    yield s
+    s.close()

@@ -9,7 +9,6 @@ import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 
 from lockgate.engine.outputs import RequestTimes
 from lockgate.gateway.accounting import Meter
@@ -23,18 +22,6 @@ from lockgate.store.schema import MIGRATIONS, SCHEMA_VERSION, SPEC_MIGRATION
 from lockgate.store.sqlite import DB_FILENAME, SQLiteStore, open_store
 
 SPEC_COLS = ("spec_draft_tokens", "spec_accepted_tokens")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path: Path):
-    if request.param == "sqlite":
-        s = open_store(tmp_path)
-    else:
-        from lockgate.store.postgres import PostgresStore
-
-        s = PostgresStore(request.getfixturevalue("pg_url"))
-    yield s
-    s.close()
 
 
 def _usage(rid: str, at: float = 1.0, **kw) -> UsageRecord:
@@ -71,6 +58,18 @@ def test_spec_counts_are_written_and_read_back(store) -> None:
     assert _rows(store)["spec"]["spec_draft_tokens"] == 12
 
 
+def _check_migrated(s) -> None:
+    """A store opened on a schema-10 database holding the old row: at 11, the old row reads 0 and
+    keeps its other values, a new row stores its counts."""
+    assert s.schema_version() == 11
+    s.settle([_usage("new", at=2.0, spec_draft_tokens=12, spec_accepted_tokens=9)])
+    rows = _rows(s)
+    old = rows["old"]
+    assert (old["spec_draft_tokens"], old["spec_accepted_tokens"]) == (0, 0)
+    assert old["hedged"] == 1 and old["router"] == "r/x" and old["completion_tokens"] == 4  # kept
+    assert (rows["new"]["spec_draft_tokens"], rows["new"]["spec_accepted_tokens"]) == (12, 9)
+
+
 def test_a_schema_10_sqlite_database_migrates_and_old_rows_read_0(tmp_path: Path) -> None:
     path = tmp_path / DB_FILENAME
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
@@ -83,13 +82,7 @@ def test_a_schema_10_sqlite_database_migrates_and_old_rows_read_0(tmp_path: Path
         assert not cols & set(SPEC_COLS)  # really the previous schema
     s = SQLiteStore(path)
     try:
-        assert s.schema_version() == 11
-        s.settle([_usage("new", at=2.0, spec_draft_tokens=12, spec_accepted_tokens=9)])
-        rows = _rows(s)
-        old = rows["old"]
-        assert (old["spec_draft_tokens"], old["spec_accepted_tokens"]) == (0, 0)
-        assert old["hedged"] == 1 and old["router"] == "r/x" and old["completion_tokens"] == 4  # kept
-        assert (rows["new"]["spec_draft_tokens"], rows["new"]["spec_accepted_tokens"]) == (12, 9)
+        _check_migrated(s)
     finally:
         s.close()
     with contextlib.closing(sqlite3.connect(path)) as raw:
@@ -117,13 +110,7 @@ def test_a_schema_10_postgresql_database_migrates_and_old_rows_read_0(pg_url: st
         assert "router" in cols and not cols & set(SPEC_COLS)
     s = PostgresStore(pg_url)
     try:
-        assert s.schema_version() == 11
-        s.settle([_usage("new", at=2.0, spec_draft_tokens=12, spec_accepted_tokens=9)])
-        rows = _rows(s)
-        old = rows["old"]
-        assert (old["spec_draft_tokens"], old["spec_accepted_tokens"]) == (0, 0)
-        assert old["hedged"] == 1 and old["router"] == "r/x" and old["completion_tokens"] == 4
-        assert (rows["new"]["spec_draft_tokens"], rows["new"]["spec_accepted_tokens"]) == (12, 9)
+        _check_migrated(s)
     finally:
         s.close()
     with psycopg.connect(pg_url, autocommit=True) as c:

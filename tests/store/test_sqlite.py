@@ -30,19 +30,6 @@ except ImportError:  # the PostgreSQL cases then fail at their fixture, not here
     INTEGRITY = (sqlite3.IntegrityError,)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path: Path):
-    """Each behaviour on both backends: the SQLite file and a real PostgreSQL database."""
-    if request.param == "sqlite":
-        s = open_store(tmp_path)
-    else:
-        from lockgate.store.postgres import PostgresStore
-
-        s = PostgresStore(request.getfixturevalue("pg_url"))
-    yield s
-    s.close()
-
-
 def _tenant(tid: str = "ten_a", **kw) -> Tenant:
     return Tenant(id=tid, name=kw.pop("name", tid), **kw)
 
