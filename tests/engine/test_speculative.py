@@ -191,21 +191,17 @@ def test_chunked_prefill_and_preemption_with_speculation(ckpts, mode):
 
 def test_default_model_greedy_identical(smollm_path):
     """The embedded model at its default precision (int4 on its own blocks, the fused native path):
-    the same tokens under the measured cost plan and with every proposal verified."""
+    the same tokens with every proposal verified."""
     prompts = [
         "Repeat this sentence exactly, twice: The quick brown fox jumps over the lazy dog near the river bank.",
         "def add(a, b):\n    return a + b\n\n# the same function, renamed to plus:\ndef plus(a, b):\n",
     ]
     params = SamplingParams(temperature=0.0, max_tokens=32)
-    on = LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 4}, max_num_seqs=4)
+    on = LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 4, "policy": "always"})
     assert on.engine.core.runner.native is not None
-    assert on.engine.core.speculator.curve.rows[-1] <= 20  # the curve measured up to the batches it serves
     ref = run_without_speculation(on, prompts, params)
-    assert run(on, prompts, params) == ref  # the measured plan (how much it speculates depends on the machine)
-    spec = on.engine.core.speculator
-    spec.config = dataclasses.replace(spec.config, policy="always")  # and every proposal verified
-    assert run(on, prompts, params) == ref
-    assert spec.stats.num_accepted_tokens > 0
+    assert run(on, prompts, params) == ref  # every proposal verified
+    assert on.engine.core.speculator.stats.num_accepted_tokens > 0
     assert_nothing_held(on)
 
 
@@ -431,7 +427,11 @@ def test_priority_preemption_of_a_speculating_request(ckpts):
 def test_constrained_requests_decode_without_proposals(ckpts):
     from lockgate.engine.structured_params import StructuredOutputs
 
-    llm = LLM(str(ckpts["qwen2"]), quantization="int4", speculative_config=NGRAM)
+    cost = {**NGRAM, "policy": "cost"}  # the measured plan: the step cost curve taken at start-up
+    llm = LLM(str(ckpts["qwen2"]), quantization="int4", speculative_config=cost, max_num_seqs=4)
+    curve = llm.engine.core.speculator.curve
+    assert curve.rows == [1, 2, 3, 4, 6, 8, 12, 16, 20][:len(curve.rows)] and len(curve.rows) >= 8
+    assert all(0 < a <= b for a, b in zip(curve.seconds, curve.seconds[1:]))
     p = SamplingParams(temperature=0.0, max_tokens=60, structured=StructuredOutputs(choice=["alpha beta", "gamma"]))
     out = llm.generate([grounded_prompts(10)[0]], p)[0]
     assert out.outputs[0].text in ("alpha beta", "gamma")

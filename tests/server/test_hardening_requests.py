@@ -172,6 +172,7 @@ def test_health_answers_while_long_prompts_tokenize(srv: ServerProcess, admin: A
     fits = "a" * (bound - 100)  # tokenized (then too many tokens for a completion)
     bodies = [{"model": "mA", "prompt": fits}] * 4 + [{"model": "mA", "prompt": "b" * HUGE}] * 4
     worst = 0.0
+    started = time.perf_counter()
     with ThreadPoolExecutor(len(bodies)) as pool:
         futures = [pool.submit(post, srv, key, "/tokenize", b) for b in bodies]
         while not all(f.done() for f in futures):
@@ -180,7 +181,12 @@ def test_health_answers_while_long_prompts_tokenize(srv: ServerProcess, admin: A
             worst = max(worst, time.perf_counter() - t0)
             time.sleep(0.02)
         rs = [f.result() for f in futures]
-    assert worst < 0.5, worst
+    took = time.perf_counter() - started
+    # A loop blocked by tokenizing would hold /health for a whole tokenization, and four of them
+    # ran back to back: the health check must come back well within one of them (on a loaded
+    # 2-core machine a check can wait for CPU, so the bound is relative to what tokenizing took).
+    print(f"tokenizing took {took:.2f} s; the slowest /health {worst:.3f} s")
+    assert worst < max(0.5, took / 4), (worst, took)
     assert all(r.status_code == 200 and r.json()["count"] > 0 for r in rs[:4]), [r.status_code for r in rs]
     for r in rs[4:]:
         assert "characters" in error(r, 400, "context_length_exceeded")
