@@ -7,7 +7,7 @@ import torch
 from lockgate import LLM, SamplingParams
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.native import blocks, build
-from lockgate.engine.native.linear import BlockLinear
+from tests.engine.test_native import block_linear_case
 from tests.engine.tiny_models import make_checkpoint
 
 pytestmark = pytest.mark.skipif(build.load() is None, reason="no C compiler for the native kernels")
@@ -24,13 +24,7 @@ def _restore() -> None:
 def test_int16_codes_cut_the_rounding_error_and_keep_rows_independent(wtype, rows):
     """Against the stored weights in float: int8 codes are within 2% of the largest output,
     int16 codes within 0.05%, for every row tiling; a row's result never depends on its step."""
-    torch.manual_seed(rows)
-    k, n = 576, 200
-    w, b = torch.randn(n, k) * 0.05, torch.randn(n)
-    table = (blocks.q4_1_from_float if wtype == blocks.Q4_1 else blocks.q8_0_from_float)(w)
-    lin = BlockLinear(table, wtype, k, n, bias=b)
-    x = torch.randn(rows, k)
-    ref = torch.nn.functional.linear(x, lin.dequantized(), b)
+    lin, x, ref = block_linear_case(wtype, rows)
     build.set_activation_bits(8)
     err8 = (lin(x) - ref).abs().max()
     build.set_activation_bits(16)

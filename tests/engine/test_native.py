@@ -48,21 +48,27 @@ def test_float_quantization_error_is_within_half_a_step(wtype):
     assert torch.all(err <= step[..., None] * 0.5 + 2e-3 * g.abs().amax(-1, keepdim=True))
 
 
-@pytest.mark.parametrize("wtype", [blocks.Q4_1, blocks.Q8_0])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 64, 130])
-def test_block_linear_multiplies_by_its_weights(wtype, rows):
-    """Activations are quantized to int8 per 32 values (as llama.cpp does): the product with the
-    stored weights is within that rounding, for every row count the 4-row tiles and the 64-row
-    passes over the weights split into."""
+def block_linear_case(wtype: int, rows: int) -> tuple[BlockLinear, torch.Tensor, torch.Tensor]:
+    """A random 200 x 576 BlockLinear (with bias), `rows` random inputs and the float product with
+    the weights it stores."""
     torch.manual_seed(rows)
     k, n = 576, 200
     w, b = torch.randn(n, k) * 0.05, torch.randn(n)
     table = (blocks.q4_1_from_float if wtype == blocks.Q4_1 else blocks.q8_0_from_float)(w)
     lin = BlockLinear(table, wtype, k, n, bias=b)
     x = torch.randn(rows, k)
+    return lin, x, torch.nn.functional.linear(x, lin.dequantized(), b)
+
+
+@pytest.mark.parametrize("wtype", [blocks.Q4_1, blocks.Q8_0])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 64, 130])
+def test_block_linear_multiplies_by_its_weights(wtype, rows):
+    """Activations are quantized to int8 per 32 values (as llama.cpp does): the product with the
+    stored weights is within that rounding, for every row count the 4-row tiles and the 64-row
+    passes over the weights split into."""
+    lin, x, ref = block_linear_case(wtype, rows)
     y = lin(x)
-    ref = torch.nn.functional.linear(x, lin.dequantized(), b)
-    assert y.shape == (rows, n) and y.dtype == torch.float32
+    assert y.shape == (rows, 200) and y.dtype == torch.float32
     assert (y - ref).abs().max() < 0.02 * ref.abs().max()
     # Each row's result does not depend on which rows share its step.
     assert torch.equal(lin(x[-1:]), y[-1:])

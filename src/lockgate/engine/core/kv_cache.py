@@ -167,33 +167,31 @@ class KVCacheManager:
 
     def trim(self, req: Request, num_tokens: int) -> None:
         """Free req's blocks past those `num_tokens` tokens need (rejected speculative rows): tail
-        blocks that hold no computed token, never hashed, first in line for reuse."""
+        blocks that hold no computed token, never hashed, so first in line for reuse."""
         keep = self.blocks_needed(num_tokens)
         while len(req.block_ids) > keep:
-            bid = req.block_ids.pop()
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                block.block_hash = None
-                self.free_queue[bid] = None
-                self.free_queue.move_to_end(bid, last=False)
+            self._release(req.block_ids.pop())
 
     def free(self, req: Request) -> None:
         """Drop req's references. Tail blocks go to the free queue first, so under
         pressure a shared prefix outlives the unique suffixes that follow it."""
         for bid in reversed(req.block_ids):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.block_hash is None or self.cached.get(block.block_hash) != bid:
-                    block.block_hash = None
-                    # Uncached blocks are worthless: evict them before any cached one.
-                    self.free_queue[bid] = None
-                    self.free_queue.move_to_end(bid, last=False)
-                else:
-                    self.free_queue[bid] = None
+            self._release(bid)
         req.block_ids = []
         req.num_computed_tokens = 0
+
+    def _release(self, bid: int) -> None:
+        """One reference to block `bid` dropped; unreferenced, it joins the free queue: at the front
+        when its contents are worthless (not the canonical cached copy), else at the back (LRU)."""
+        block = self.blocks[bid]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.block_hash is None or self.cached.get(block.block_hash) != bid:
+                block.block_hash = None
+                self.free_queue[bid] = None
+                self.free_queue.move_to_end(bid, last=False)
+            else:
+                self.free_queue[bid] = None
 
     def reset_prefix_cache(self) -> None:
         """Drop every cached block nobody references (blocks in use stay cached)."""

@@ -453,7 +453,8 @@ class ModelRunner:
         dec = [i for i in range(len(batch)) if batch.num_tokens[i] == 1 or batch.requests[i].spec_token_ids]
         if not dec or len(dec) == len(batch):
             return None
-        rest = [i for i in range(len(batch)) if i not in set(dec)]
+        taken = set(dec)
+        rest = [i for i in range(len(batch)) if i not in taken]
         parts = []
         for idx in (dec, rest):
             sub = ScheduledBatch([batch.requests[i] for i in idx], [batch.num_tokens[i] for i in idx],

@@ -137,6 +137,7 @@ class Speculator:
         clear every proposal (a decode the scheduler left out this step keeps none)."""
         for r, k in self._proposed:
             a = r.spec_accepted
+            r.spec_token_ids, r.spec_accepted = [], 0
             self.stats.record(k, a)
             r.num_draft_tokens += k
             r.num_accepted_tokens += a
@@ -154,8 +155,6 @@ class Speculator:
                 st.skip, st.backoff = st.backoff, min(MAX_BACKOFF, 2 * st.backoff)
             else:
                 st.backoff = FIRST_BACKOFF
-            r.spec_token_ids = []
-            r.spec_accepted = 0
         self._proposed = []
         for r in running:
             if r.spec_token_ids:

@@ -59,8 +59,10 @@ def decodable(type_name: str) -> bool:
     return type_name in _BLOCK_BYTES
 
 
-def decode(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Int4Groups | Int8Groups:
-    """`data`: the tensor's raw bytes (any shape, uint8); `shape`: (out, in) in torch order."""
+def _fields(type_name: str, data: np.ndarray, shape: tuple[int, int]
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """A tensor's blocks as fields: d [N, K/32] float32, Q4_1's m (else None) and the codes
+    [N, K/32, 32] in weight order (uint8 nibbles 0..15, or Q8_0's int8)."""
     if type_name not in _BLOCK_BYTES:
         raise ValueError(f"no direct decoder for GGUF type {type_name}; supported: {', '.join(_BLOCK_BYTES)}")
     n, k = shape
@@ -69,33 +71,38 @@ def decode(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Int4Grou
     blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, k // GROUP, _BLOCK_BYTES[type_name])
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if type_name == "Q8_0":
-        codes = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
-        return Int8Groups(codes, d)
+        return d, None, blocks[..., 2:].copy().view(np.int8)
     off = 4 if type_name == "Q4_1" else 2
     nib = blocks[..., off:]
-    codes = np.concatenate([nib & 0x0F, nib >> 4], axis=-1).reshape(n, k)
-    if type_name == "Q4_1":
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        return Int4Groups(codes, d, m + 8.0 * d)
-    return Int4Groups(codes, d, np.zeros_like(d))
+    codes = np.concatenate([nib & 0x0F, nib >> 4], axis=-1)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if type_name == "Q4_1" else None
+    return d, m, codes
+
+
+def decode(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Int4Groups | Int8Groups:
+    """`data`: the tensor's raw bytes (any shape, uint8); `shape`: (out, in) in torch order."""
+    d, m, codes = _fields(type_name, data, shape)
+    flat = codes.reshape(shape)
+    if type_name == "Q8_0":
+        return Int8Groups(flat, d)
+    if m is not None:
+        return Int4Groups(flat, d, m + 8.0 * d)
+    return Int4Groups(flat, d, np.zeros_like(d))
 
 
 def dequantize(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """float32 [out, in] of a Q4_0/Q4_1/Q8_0 tensor, bit for bit ggml's (and the gguf package's)
     arithmetic (Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 q * d), over the whole tensor at once:
     ~10x the gguf package's block-by-block numpy (2.6 s of a float load of the default model)."""
-    n, k = shape
-    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, k // GROUP, _BLOCK_BYTES[type_name])
-    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)  # [n, k/32, 1]
+    d, m, q = _fields(type_name, data, shape)
+    d = d[..., None]
     if type_name == "Q8_0":
-        return (blocks[..., 2:].copy().view(np.int8).astype(np.float32) * d).reshape(n, k)
-    off = 4 if type_name == "Q4_1" else 2
-    nib = blocks[..., off:]
-    q = np.concatenate([nib & 0x0F, nib >> 4], axis=-1)
-    if type_name == "Q4_0":
-        return (d * (q.astype(np.int8) - np.int8(8)).astype(np.float32)).reshape(n, k)
-    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
-    return (d * q.astype(np.float32) + m).reshape(n, k)
+        w = q.astype(np.float32) * d
+    elif m is None:
+        w = d * (q.astype(np.int8) - np.int8(8)).astype(np.float32)
+    else:
+        w = d * q.astype(np.float32) + m[..., None]
+    return w.reshape(shape)
 
 
 def unpermute_rows(rows: int, n_head: int) -> np.ndarray:

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lockgate.engine.quant.precision import QUANTIZATION_CHOICES
+
 METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16  # verify rows per request and step: past this a CPU step is compute-bound
 MAX_LOOKUP = 64  # the longest n-gram looked up (tokens)
@@ -55,8 +57,6 @@ class SpeculativeConfig:
                                  "(a directory or .gguf file, or 'default' for the embedded model)")
         elif self.model is not None:
             raise ValueError("speculative_config.model is only for method 'draft_model'")
-        from lockgate.engine.quant.precision import QUANTIZATION_CHOICES
-
         if self.draft_quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"speculative_config.draft_quantization must be one of "
                              f"{', '.join(QUANTIZATION_CHOICES)}; got {self.draft_quantization!r}")

@@ -398,7 +398,9 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
     for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
 }
 #else
-static void dot_row(const uint8_t *w, int wtype, const act_t *a, int m0, int R, float *out) {
+/* Portable C, one block at a time, for 8-bit (a->q) or 16-bit (a->q16) activation codes: the integer
+ * sums are exact either way (int64: 32 products of 16-bit codes overflow nothing). */
+static void dot_row_c(const uint8_t *w, int wtype, const act_t *a, int m0, int R, float *out, int bits) {
     const int nb = a->nb;
     for (int r = 0; r < R; r++) out[r] = 0.f;
     for (int b0 = 0; b0 < nb; b0 += GROUP_BLOCKS) {
@@ -407,24 +409,29 @@ static void dot_row(const uint8_t *w, int wtype, const act_t *a, int m0, int R, 
         for (int g = 0; g < G; g++) {
             int b = b0 + g;
             for (int r = 0; r < R; r++) {
-                const int8_t *x = a->q + ((size_t)(m0 + r) * nb + (b & ~1)) * QK + (b & 1) * 16;
+                size_t xo = ((size_t)(m0 + r) * nb + (b & ~1)) * QK + (b & 1) * 16;
                 size_t o = (size_t)(m0 + r) * a->stride + b;
-                int s = 0;
+                int64_t s = 0;
                 for (int j = 0; j < QK; j++) {
-                    int xv = x[(j >> 4) * 32 + (j & 15)], wv;
+                    size_t xj = xo + (j >> 4) * 32 + (j & 15);
+                    int xv = bits == 16 ? a->q16[xj] : a->q[xj], wv;
                     if (wtype == LG_Q4_1) {
                         uint8_t byte = w[4 * G + 16 * g + (j & 15)];
                         wv = j < 16 ? (byte & 0x0f) : (byte >> 4);
                     } else {
                         wv = ((const int8_t *)w)[2 * G + (g & ~1) * QK + (j >> 4) * 32 + (g & 1) * 16 + (j & 15)];
                     }
-                    s += wv * xv;
+                    s += (int64_t)wv * xv;
                 }
                 out[r] += h2f(d16[g]) * a->d[o] * (float)s + (wtype == LG_Q4_1 ? h2f(d16[G + g]) * a->s[o] : 0.f);
             }
         }
         w += (wtype == LG_Q4_1 ? 20 : 34) * G;
     }
+}
+
+static void dot_row(const uint8_t *w, int wtype, const act_t *a, int m0, int R, float *out) {
+    dot_row_c(w, wtype, a, m0, R, out, 8);
 }
 #endif
 
@@ -522,32 +529,7 @@ static inline __attribute__((always_inline)) void dot_row16(const uint8_t *w, in
 }
 #else
 static void dot_row16(const uint8_t *w, int wtype, const act_t *a, int m0, int R, float *out) {
-    const int nb = a->nb;
-    for (int r = 0; r < R; r++) out[r] = 0.f;
-    for (int b0 = 0; b0 < nb; b0 += GROUP_BLOCKS) {
-        const int G = nb - b0 < GROUP_BLOCKS ? nb - b0 : GROUP_BLOCKS;
-        const uint16_t *d16 = (const uint16_t *)w;
-        for (int g = 0; g < G; g++) {
-            int b = b0 + g;
-            for (int r = 0; r < R; r++) {
-                const int16_t *x = a->q16 + ((size_t)(m0 + r) * nb + (b & ~1)) * QK + (b & 1) * 16;
-                size_t o = (size_t)(m0 + r) * a->stride + b;
-                int64_t s = 0;
-                for (int j = 0; j < QK; j++) {
-                    int xv = x[(j >> 4) * 32 + (j & 15)], wv;
-                    if (wtype == LG_Q4_1) {
-                        uint8_t byte = w[4 * G + 16 * g + (j & 15)];
-                        wv = j < 16 ? (byte & 0x0f) : (byte >> 4);
-                    } else {
-                        wv = ((const int8_t *)w)[2 * G + (g & ~1) * QK + (j >> 4) * 32 + (g & 1) * 16 + (j & 15)];
-                    }
-                    s += (int64_t)wv * xv;
-                }
-                out[r] += h2f(d16[g]) * a->d[o] * (float)s + (wtype == LG_Q4_1 ? h2f(d16[G + g]) * a->s[o] : 0.f);
-            }
-        }
-        w += (wtype == LG_Q4_1 ? 20 : 34) * G;
-    }
+    dot_row_c(w, wtype, a, m0, R, out, 16);
 }
 #endif
 
