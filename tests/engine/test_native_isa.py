@@ -1,5 +1,5 @@
-"""The native kernels' instruction set: chosen from what the CPU reports (VNNI dot products where
-it has them), reported, and a forced AVX2 build (LOCKGATE_NATIVE_ISA=avx2) that gives the same
+"""The native kernels' instruction set: chosen from what the CPU reports (VNNI dot products and AMX
+tiles where it has them), reported, and a forced AVX2 build (LOCKGATE_NATIVE_ISA=avx2) that gives the same
 answers bit for bit (VNNI's u8 x s8 sums never saturate here, so they are the AVX2 pair's sums)."""
 from __future__ import annotations
 
@@ -38,7 +38,11 @@ def test_the_kernels_use_what_the_cpu_has() -> None:
         want = 0
     lib = build.load()
     assert lib.lg_isa() == want, build.isa_name(lib)
-    assert build.isa_name(lib) == build.ISA_NAMES[want]
+    # A CPU with AMX-INT8 gets the tiles, switched on (Linux granted them, the self-check passed).
+    amx = want > 0 and {"amx_tile", "amx_int8"} <= f
+    assert lib.lg_amx() == (1 if amx else 0)
+    assert lib.lg_amx_on() == (1 if amx else 0), build.isa_name(lib)
+    assert build.isa_name(lib) == build.ISA_NAMES[want] + (" + AMX-INT8 tiles" if amx else "")
 
 
 def _products(lib: ctypes.CDLL) -> np.ndarray:
@@ -64,11 +68,11 @@ def test_a_forced_avx2_build_gives_the_same_answers(tmp_path: Path, monkeypatch:
     build._build(cc, path)
     forced = ctypes.CDLL(str(path))
     build._declare(forced)
-    assert forced.lg_isa() in (0, 1)  # never a VNNI build when AVX2 is forced
+    assert forced.lg_isa() in (0, 1) and forced.lg_amx() == 0  # never VNNI or AMX when AVX2 is forced
     np.testing.assert_array_equal(_products(native), _products(forced))  # bit for bit, whichever ran
 
 
 def test_an_unknown_isa_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCKGATE_NATIVE_ISA", "avx1024")
-    with pytest.raises(ValueError, match="LOCKGATE_NATIVE_ISA must be one of native, avx2, got 'avx1024'"):
+    with pytest.raises(ValueError, match="LOCKGATE_NATIVE_ISA must be one of native, avx2, amx-emulated, got 'avx1024'"):
         build.flags()

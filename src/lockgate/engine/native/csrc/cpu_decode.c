@@ -19,6 +19,7 @@
  * does) and widened 8 at a time in the attention's dot products and weighted V sums
  * (F16C's vcvtph2ps; bfloat16 is a 16-bit shift), so attention reads half the bytes.
  */
+#define _GNU_SOURCE /* syscall(): asking Linux for the AMX tile state (amx.h) */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -156,9 +157,13 @@ typedef struct {
     int8_t *q;     /* [M][nb * 32]: 8-bit codes (the default) ... */
     int16_t *q16;  /* ... or 16-bit ones (lg_set_activation_bits(16)); the other is NULL */
     int nb, stride, bits;
+    int8_t *bt;    /* AMX: the codes again as B tiles, [M / 16][nb][8][64] (amx.h); NULL without */
+    float *dT, *sT; /* AMX: d and s per block for each 16 rows, [M / 16][nb][16] */
 } act_t;
 
 static int g_act_bits = 8; /* activation codes' width: 8 (llama.cpp's choice, fastest) or 16 */
+
+static int amx_rows(int M, int bits); /* amx.h: whether M rows of these codes take the AMX tiles */
 
 static int act_alloc(act_t *a, int M, int nb) {
     a->nb = nb;
@@ -168,10 +173,18 @@ static int act_alloc(act_t *a, int M, int nb) {
     a->s = calloc((size_t)M * a->stride, sizeof(float));
     a->q = a->bits == 8 ? malloc((size_t)M * nb * QK + 64) : NULL;
     a->q16 = a->bits == 16 ? malloc(((size_t)M * nb * QK + 64) * sizeof(int16_t)) : NULL;
+    a->bt = NULL; a->dT = a->sT = NULL;
+    if (amx_rows(M, a->bits)) {
+        const size_t tiles = (size_t)(M + 15) / 16;
+        a->bt = aligned_alloc(64, tiles * nb * 512);
+        a->dT = malloc(tiles * nb * 16 * sizeof(float));
+        a->sT = malloc(tiles * nb * 16 * sizeof(float));
+        if (!a->bt || !a->dT || !a->sT) return -1;
+    }
     return a->d && a->s && (a->q || a->q16) ? 0 : -1;
 }
 
-static void act_free(act_t *a) { free(a->d); free(a->s); free(a->q); free(a->q16); }
+static void act_free(act_t *a) { free(a->d); free(a->s); free(a->q); free(a->q16); free(a->bt); free(a->dT); free(a->sT); }
 
 #ifdef LG_AVX2
 static inline float hsum(__m256 v) {
@@ -533,10 +546,45 @@ static void dot_row16(const uint8_t *w, int wtype, const act_t *a, int m0, int R
 }
 #endif
 
+/* Row n of y = a . W^T for activation rows c0 .. c1 - 1 (AVX2/VNNI, or portable C), four at a time. */
+static void gemm_rows(const act_t *a, const uint8_t *wr, int wtype, int n, const float *bias,
+                      float *y, int ldy, int accumulate, int c0, int c1) {
+    for (int m0 = c0; m0 < c1; m0 += 4) {
+        float out[4];
+        int R = c1 - m0 < 4 ? c1 - m0 : 4;
+        if (a->bits == 16) {
+            switch (R) {
+            case 1: dot_row16(wr, wtype, a, m0, 1, out); break;
+            case 2: dot_row16(wr, wtype, a, m0, 2, out); break;
+            case 3: dot_row16(wr, wtype, a, m0, 3, out); break;
+            default: dot_row16(wr, wtype, a, m0, 4, out); break;
+            }
+        } else {
+            switch (R) {
+            case 1: dot_row(wr, wtype, a, m0, 1, out); break;
+            case 2: dot_row(wr, wtype, a, m0, 2, out); break;
+            case 3: dot_row(wr, wtype, a, m0, 3, out); break;
+            default: dot_row(wr, wtype, a, m0, 4, out); break;
+            }
+        }
+        float b = bias ? bias[n] : 0.f;
+        for (int r = 0; r < R; r++) {
+            float *dst = y + (size_t)(m0 + r) * ldy + n;
+            *dst = accumulate ? *dst + out[r] + b : out[r] + b;
+        }
+    }
+}
+
+#include "amx.h"
+
 /* Rows of y[M, N] (leading dim ldy) = a[M, K] . W[N, K]^T (+ bias) (+= when accumulate).
  * Work-shared over weight rows: call inside a parallel region (or alone, serially). */
 static void gemm_q(const act_t *a, int M, const void *W, int wtype, int N,
                    const float *bias, float *y, int ldy, int accumulate) {
+    if (a->bt) { /* AMX tiles (amx.h): enough rows, 8-bit codes, tiles switched on */
+        gemm_amx(a, M, W, wtype, N, bias, y, ldy, accumulate);
+        return;
+    }
     const size_t rb = row_bytes(wtype, a->nb);
     /* Activation rows in chunks that stay in L2 while each thread's weight rows pass over them
      * (all of a big prefill's rows would be re-read from memory for every weight row). The
@@ -544,33 +592,8 @@ static void gemm_q(const act_t *a, int M, const void *W, int wtype, int N,
     for (int c0 = 0; c0 < M; c0 += M_CHUNK) {
         const int c1 = M - c0 < M_CHUNK ? M : c0 + M_CHUNK;
 #pragma omp for schedule(static) nowait
-        for (int n = 0; n < N; n++) {
-            const uint8_t *wr = (const uint8_t *)W + (size_t)n * rb;
-            for (int m0 = c0; m0 < c1; m0 += 4) {
-                float out[4];
-                int R = c1 - m0 < 4 ? c1 - m0 : 4;
-                if (a->bits == 16) {
-                    switch (R) {
-                    case 1: dot_row16(wr, wtype, a, m0, 1, out); break;
-                    case 2: dot_row16(wr, wtype, a, m0, 2, out); break;
-                    case 3: dot_row16(wr, wtype, a, m0, 3, out); break;
-                    default: dot_row16(wr, wtype, a, m0, 4, out); break;
-                    }
-                } else {
-                    switch (R) {
-                    case 1: dot_row(wr, wtype, a, m0, 1, out); break;
-                    case 2: dot_row(wr, wtype, a, m0, 2, out); break;
-                    case 3: dot_row(wr, wtype, a, m0, 3, out); break;
-                    default: dot_row(wr, wtype, a, m0, 4, out); break;
-                    }
-                }
-                float b = bias ? bias[n] : 0.f;
-                for (int r = 0; r < R; r++) {
-                    float *dst = y + (size_t)(m0 + r) * ldy + n;
-                    *dst = accumulate ? *dst + out[r] + b : out[r] + b;
-                }
-            }
-        }
+        for (int n = 0; n < N; n++)
+            gemm_rows(a, (const uint8_t *)W + (size_t)n * rb, wtype, n, bias, y, ldy, accumulate, c0, c1);
     }
 #pragma omp barrier
 }
