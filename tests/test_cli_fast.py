@@ -1,12 +1,15 @@
 """The CLI a newcomer meets first: `lockgate --help` without the server's or the engine's imports,
-`keys list TENANT_ID` as `keys create TENANT_ID`, and the note the first tenant prints."""
+`keys list TENANT_ID` as `keys create TENANT_ID`, the note the first tenant prints, and `serve` on a
+port in use failing before the lifecycle is imported."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from lockgate.cli import app
@@ -34,6 +37,47 @@ def test_help_imports_neither_torch_nor_fastapi() -> None:
     assert r.returncode == 0, r.stderr
     assert "serve" in r.stdout and "tenants" in r.stdout  # the commands are all listed
     assert r.stdout.strip().splitlines()[-1] == "HEAVY=", r.stdout[-300:]
+
+
+# `lockgate serve ARGS...` as the entry point runs it; its exit status, then the heavy modules it imported.
+_SERVE_PROBE = """
+import sys
+sys.argv = ["lockgate", "serve", *sys.argv[1:]]
+from lockgate.cli import main
+code = 0
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+heavy = [m for m in ("torch", "fastapi", "uvicorn", "lockgate.lifecycle.build", "lockgate.lifecycle.registry",
+                     "lockgate.server.config", "lockgate.server.app") if m in sys.modules]
+print(f"CODE={code} HEAVY=" + ",".join(heavy))
+"""
+
+
+def test_serve_on_a_port_in_use_fails_before_the_option_checks_import_the_lifecycle(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-c", _SERVE_PROBE, "--port", str(port), "--data-dir",
+                            str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "CODE=1 HEAVY=", (r.stdout[-300:], r.stderr[-2000:])
+    assert f"error: port {port} on 127.0.0.1 is already in use" in r.stderr and "--port" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "data").exists()
+
+
+def test_a_bad_option_lets_the_held_port_go(tmp_path: Path) -> None:
+    from lockgate.server.launch import serve
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ValueError, match="replicas") as refused:  # holds serve's frame (and what it bound)
+        serve(port=port, replicas=0, data_dir=str(tmp_path / "data"))
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # EADDRINUSE if serve had kept it
+    assert refused.value is not None
 
 
 def test_serve_help_still_lists_its_options() -> None:

@@ -172,10 +172,7 @@ def test_agreement_figures() -> None:
     assert not first_tokens_match([1, 2], [1, 3])
 
 
-def test_replicas_from_the_command_line_and_the_config_file(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from lockgate.lifecycle import build
-
+def test_replicas_from_the_command_line_and_the_config_file(tmp_path: Path) -> None:
     f = tmp_path / "models.json"
     f.write_text(json.dumps({"models": [{"name": "m", "versions": [
         {"version": "v1", "replicas": 3}, {"version": "v2"}]}]}))
@@ -191,19 +188,6 @@ def test_replicas_from_the_command_line_and_the_config_file(tmp_path: Path, capl
     for bad in (0, 33, -2, 2**70, True, 2.0, "3"):
         with pytest.raises(ValueError, match="replicas must be an integer from 1 to 32"):
             check_replicas(bad)
-    # Threads: the usable cores shared among every engine process unless a version sets its own.
-    monkeypatch.setattr(build, "usable_cores", lambda: 8)
-    specs = [VersionSpec("a", replicas=3), VersionSpec("b", replicas=1, engine={"num_threads": 1})]
-    configs = [EngineConfig(), EngineConfig(num_threads=1)]
-    build.share_threads(specs, configs)
-    assert [c.num_threads for c in configs] == [2, 1]
-    specs, configs = [VersionSpec("a", replicas=4)], [EngineConfig(num_threads=4)]  # explicit: 16 on 8 cores
-    with caplog.at_level("WARNING", logger="lockgate.lifecycle"):
-        build.share_threads(specs, configs)
-    assert configs[0].num_threads == 4 and "16 threads in all on 8 usable cores" in caplog.text
-    one = [EngineConfig()]
-    build.share_threads([VersionSpec("a")], one)
-    assert one[0].num_threads is None  # one engine: its core takes every usable core (engine/threads.py)
 
 
 def test_placement_and_autoscale_in_the_config_file(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lockgate.bodies import parse_body
 from lockgate.engine.config import EngineConfig
 from lockgate.engine.errors import EngineUnavailableError
+from lockgate.lifecycle.cores import Engines, most_engines, of_spec, share_threads
 from lockgate.lifecycle.registry import Model, ModelRegistry
 from lockgate.lifecycle.autoscale_types import AutoscaleConfig
 from lockgate.lifecycle.placement import Placement, PlacementBody
@@ -126,11 +127,12 @@ class ModelAdmin:
             if model is not None and len(model.versions) >= MAX_VERSIONS:
                 raise conflict(f"model {spec.name!r} has {MAX_VERSIONS} versions, the most it may have; "
                                "delete one first", "too_many_versions")
-            self._check_engines({}, max(spec.replicas, spec.autoscale.max_replicas if spec.autoscale else 0))
+            self._check_engines({}, most_engines(spec))
             if spec.gate is not None and spec.gate.against is not None and (
                     model is None or spec.gate.against not in model.versions):
                 raise bad_request(f"gate.against: {spec.name!r} has no version {spec.gate.against!r}",
                                   param="gate.against")
+            self._share_threads(spec, engine_config)
             version = reg.new_version(spec, engine_config)
             created = model is None
             reg.register(version)
@@ -178,6 +180,14 @@ class ModelAdmin:
             return spec, validate(spec, self.base)
         except ValueError as e:
             raise bad_request(str(e), param=_param_of(str(e))) from None
+
+    def _share_threads(self, spec: VersionSpec, engine_config: EngineConfig) -> None:
+        """The new version's share of the cores among the engine processes running once it is added
+        (lifecycle/cores.py, as at start-up). The running engines keep their threads: a core sets
+        them when it starts, so an even share for them too takes a restart."""
+        running = [Engines(v.spec.ref, v.fleet.max_engines, v.engine_config) for v in self.registry.versions()
+                   if v.state not in (State.DRAINING, State.FAILED)]  # those are stopping or stopped
+        share_threads([of_spec(spec, engine_config)], running)
 
     def _unregister(self, spec: VersionSpec, created: bool) -> None:
         reg = self.registry

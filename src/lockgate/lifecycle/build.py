@@ -6,13 +6,12 @@ keeps the server's engine test hooks.
 """
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from lockgate.engine.config import EngineConfig
-from lockgate.engine.threads import threads_per_engine, usable_cores
+from lockgate.lifecycle.cores import of_spec, share_threads
 from lockgate.lifecycle.policy_metrics import PolicyCollector
 from lockgate.lifecycle.admin import ModelAdmin
 from lockgate.lifecycle.metrics import RouterCollector, VersionCollector
@@ -25,8 +24,6 @@ from lockgate.gateway.gateway import Gateway
 from lockgate.lifecycle.registry import EngineOptions, ModelRegistry
 from lockgate.lifecycle.spec import DEFAULT_PATH, VersionSpec, validate
 from lockgate.observability.metrics import ServerMetrics
-
-log = logging.getLogger("lockgate.lifecycle")
 
 
 @dataclass(slots=True)
@@ -102,7 +99,7 @@ def build_registry(plan: ModelPlan, base: EngineConfig, options: EngineOptions, 
         configs.append(plan.first_engine_config(base) if i == 0 else validate(spec, base))
         if any(s.ref == spec.ref for s in plan.specs[:i]):
             raise ValueError(f"{spec.ref} is listed twice")
-    share_threads(plan.specs, configs)
+    share_threads([of_spec(s, c) for s, c in zip(plan.specs, configs)])  # threads: lifecycle/cores.py
     for spec, config in zip(plan.specs, configs):
         registry.register(registry.new_version(spec, config))
     for name, s in plan.settings.items():
@@ -122,35 +119,3 @@ def build_registry(plan: ModelPlan, base: EngineConfig, options: EngineOptions, 
     metrics.registry.register(AutoscaleCollector(registry))
     metrics.registry.register(PolicyCollector(registry))
     return registry, ModelAdmin(registry, base)
-
-
-def share_threads(specs: list[VersionSpec], configs: list[EngineConfig]) -> None:
-    """Several engine processes (versions x replicas) on one machine: each gets an equal share of the
-    usable cores (engine/threads.py: affinity and cgroup quota, the rule the offline `LLM` follows
-    with one engine) as its intra-op threads unless it set `num_threads`; an explicit choice that asks
-    for more threads than there are cores is kept, with a warning (they would fight for the cores).
-    One engine keeps `num_threads` unset: its core takes every usable core itself (and warns about
-    an explicit count above them)."""
-    from lockgate.lifecycle import ray_cluster
-
-    if ray_cluster.active() is not None:  # cores on the cluster's nodes: Ray sets their threads from num_cpus
-        return
-
-    def most(s: VersionSpec) -> int:  # an autoscaled version may run up to its bound
-        return max(s.replicas, s.autoscale.max_replicas if s.autoscale is not None else 0)
-
-    engines = sum(most(s) for s in specs)
-    if engines <= 1:
-        return
-    cores = usable_cores()
-    each = threads_per_engine(engines, cores)
-    for spec, cfg in zip(specs, configs):
-        if spec.engine.get("num_threads") is None and cfg.num_threads is None:
-            cfg.num_threads = each
-    wanted = sum((c.num_threads or each) * most(s) for s, c in zip(specs, configs))
-    if wanted > cores:
-        log.warning("%d engine processes ask for %d threads in all on %d usable cores: they will contend "
-                    "(leave num_threads unset to share the cores)", engines, wanted, cores)
-    else:
-        log.info("%d engine processes on %d usable cores: %s", engines, cores,
-                 ", ".join(f"{s.ref} x{s.replicas} with {c.num_threads} thread(s) each" for s, c in zip(specs, configs)))

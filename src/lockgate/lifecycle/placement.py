@@ -1,7 +1,7 @@
 """`Placement`: the resources one replica of a version asks for where replicas are Ray actors
 (`serve --ray`): CPUs, GPUs and custom resources (a GPU memory class such as `gpu_80gb`).
 
-Local replicas ignore it (their threads are shared out by `build.share_threads`)."""
+Local replicas ignore it (their threads are shared out by `cores.share_threads`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -89,64 +89,73 @@ def serve(model: str | list[str] | None = None, host: str = "127.0.0.1", port: i
     fields (allowed_origins, header_timeout_s, slo_admission, ...). `ray`: replicas as Ray actors
     ("local" starts a cluster here, "auto" or HOST:PORT joins one; lifecycle/ray_cluster.py).
     `api_workers`: API processes on the one port, sharing the engine cores (server/workers.py).
-    The port is bound once the options are checked and before anything loads: a taken one raises
-    `PortUnavailable` in a moment, not after the model has loaded.
+    The port is bound first of all (one in use raises `PortUnavailable` at once, before the option
+    checks) and listened on once the options are checked, before anything loads.
     """
-    from lockgate.gateway.classes import ClassTable
-    from lockgate.lifecycle.build import plan_from_args
-    from lockgate.lifecycle.ray_cluster import check_address, require_ray
-    from lockgate.lifecycle.ray_cluster import join as join_ray
-    from lockgate.lifecycle.spec import check_replicas
-    from lockgate.server.config import ServerConfig
-    from lockgate.server.origins import is_loopback_name
-    from lockgate.server.listening import bind_port
-    from lockgate.server.workers import check_api_workers
+    from lockgate.server.listening import bind_port, reserve
 
-    check_api_workers(api_workers)
-    if api_workers > 1 and ray is not None:
-        raise ValueError("--api-workers above 1 does not work with --ray yet: the workers attach to engine cores "
-                         "on this machine")
-    if ray is not None:  # at once, before anything loads: Ray missing or a bad address
-        check_address(ray)
-        require_ray()
-    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
-    models = [model] if isinstance(model, str) else list(model or [])
-    check_replicas(replicas, "--replicas")
-    plan = plan_from_args(models, config, names, replicas)  # None: one plain model, as before
-    model = models[0] if plan is None and models else None
-    if model is not None and not Path(model).exists():
-        raise ValueError(f"model path {model!r} does not exist")
-    engine_options.setdefault("scheduling_policy", "priority")
-    engine_config = EngineConfig(model=model, **engine_options)
-    if engine_config.generation_config not in ("auto", "vllm"):  # a path: read now, not after the load
-        resolve_generation_defaults(engine_config.generation_config, None)
-    if engine_config.speculative_config is not None and plan is None:  # a draft's path and tokenizer, now
-        from lockgate.engine.spec.draft_check import check_draft
+    # Before the option checks, which import the lifecycle (most of a second): a port in use fails at
+    # once. Held unlistened until they pass (a client is refused meanwhile, not left waiting).
+    held = reserve(host, port)
+    try:
+        from lockgate.gateway.classes import ClassTable
+        from lockgate.lifecycle.build import plan_from_args
+        from lockgate.lifecycle.ray_cluster import check_address, require_ray
+        from lockgate.lifecycle.ray_cluster import join as join_ray
+        from lockgate.lifecycle.spec import check_replicas
+        from lockgate.server.config import ServerConfig
+        from lockgate.server.origins import is_loopback_name
+        from lockgate.server.workers import check_api_workers
 
-        check_draft(engine_config)
-    classes = ClassTable.load(class_config) if class_config else ClassTable()
-    server_config = ServerConfig(classes=classes,
-        host=host, port=port, served_model_names=names, admin_key=admin_key, data_dir=data_dir,
-        insecure_no_auth=insecure_no_auth,
-        max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
-        max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout_s, max_n=max_n, log_level=log_level,
-        engine_stall_timeout_s=engine_stall_timeout_s, replicas=replicas, ray=ray, api_workers=api_workers,
-        **(server_options or {}))
-    level = log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("lockgate").setLevel(level)
-    store_url = server_config.store_url
-    if store_url is not None:  # a bad URL is refused before the engine starts (no password shown)
-        check_store_url(store_url)
-    elif Path(data_dir).exists():  # refused before the engine starts, not in a traceback after
-        check_private_dir(data_dir)
-    if not is_loopback_name(host) and not admin_key and store_url is None and not has_tenants(data_dir):
-        if not insecure_no_auth:
-            raise ValueError(f"refusing to listen on {host} without authentication: set --admin-key (and create "
-                             "tenants and keys), or pass --insecure-no-auth to serve anyone who can reach it")
-        log.warning("listening on %s without authentication (--insecure-no-auth): anyone who can reach it "
-                    "can use it", host)
-    sock = bind_port(host, port)  # the port before the models (uvicorn would bind it after them)
+        check_api_workers(api_workers)
+        if api_workers > 1 and ray is not None:
+            raise ValueError("--api-workers above 1 does not work with --ray yet: the workers attach to engine cores "
+                             "on this machine")
+        if ray is not None:  # at once, before anything loads: Ray missing or a bad address
+            check_address(ray)
+            require_ray()
+        names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+        models = [model] if isinstance(model, str) else list(model or [])
+        check_replicas(replicas, "--replicas")
+        plan = plan_from_args(models, config, names, replicas)  # None: one plain model, as before
+        model = models[0] if plan is None and models else None
+        if model is not None and not Path(model).exists():
+            raise ValueError(f"model path {model!r} does not exist")
+        engine_options.setdefault("scheduling_policy", "priority")
+        engine_config = EngineConfig(model=model, **engine_options)
+        if engine_config.generation_config not in ("auto", "vllm"):  # a path: read now, not after the load
+            resolve_generation_defaults(engine_config.generation_config, None)
+        if engine_config.speculative_config is not None and plan is None:  # a draft's path and tokenizer, now
+            from lockgate.engine.spec.draft_check import check_draft
+
+            check_draft(engine_config)
+        classes = ClassTable.load(class_config) if class_config else ClassTable()
+        server_config = ServerConfig(classes=classes,
+            host=host, port=port, served_model_names=names, admin_key=admin_key, data_dir=data_dir,
+            insecure_no_auth=insecure_no_auth,
+            max_request_body_bytes=max_request_body_bytes, max_queued_requests=max_queued_requests,
+            max_queued_tokens=max_queued_tokens, drain_timeout_s=drain_timeout_s, max_n=max_n, log_level=log_level,
+            engine_stall_timeout_s=engine_stall_timeout_s, replicas=replicas, ray=ray, api_workers=api_workers,
+            **(server_options or {}))
+        level = log_level.upper()
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("lockgate").setLevel(level)
+        store_url = server_config.store_url
+        if store_url is not None:  # a bad URL is refused before the engine starts (no password shown)
+            check_store_url(store_url)
+        elif Path(data_dir).exists():  # refused before the engine starts, not in a traceback after
+            check_private_dir(data_dir)
+        if not is_loopback_name(host) and not admin_key and store_url is None and not has_tenants(data_dir):
+            if not insecure_no_auth:
+                raise ValueError(f"refusing to listen on {host} without authentication: set --admin-key (and create "
+                                 "tenants and keys), or pass --insecure-no-auth to serve anyone who can reach it")
+            log.warning("listening on %s without authentication (--insecure-no-auth): anyone who can reach it "
+                        "can use it", host)
+        sock = bind_port(host, port, held)  # the port before the models (uvicorn would bind it after them)
+    except BaseException:
+        if held is not None:
+            held.close()
+        raise
     if api_workers > 1:
         return _serve_workers(engine_config, server_config, plan, access_log, sock)
     from lockgate.server.app import build_app
