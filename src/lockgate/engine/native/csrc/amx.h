@@ -187,6 +187,7 @@ static void amx_scale(const act_t *a, int t, const amx_buf *B, int wtype, int c0
         __m256 y0 = _mm256_loadu_ps(acc[r + 1]), y1 = _mm256_loadu_ps(acc[r + 1] + 8);
         __m256 ox0 = _mm256_setzero_ps(), ox1 = ox0, oy0 = ox0, oy1 = ox0;
         for (int b = c0; b < c1; b++) {
+            MCA_BEGIN("amx_scale");
             const int32_t *c = B->c + (size_t)(b - c0) * 256 + r * 16;
             const __m256 d0 = _mm256_loadu_ps(dT + b * 16), d1 = _mm256_loadu_ps(dT + b * 16 + 8);
             const __m256 wx = _mm256_broadcast_ss(B->dw + b * 16 + r), wy = _mm256_broadcast_ss(B->dw + b * 16 + r + 1);
@@ -202,6 +203,7 @@ static void amx_scale(const act_t *a, int t, const amx_buf *B, int wtype, int c0
                 oy0 = _mm256_fmadd_ps(my, s0, oy0);
                 oy1 = _mm256_fmadd_ps(my, s1, oy1);
             }
+            MCA_END("amx_scale");
         }
         _mm256_storeu_ps(acc[r], _mm256_add_ps(x0, ox0));
         _mm256_storeu_ps(acc[r] + 8, _mm256_add_ps(x1, ox1));
@@ -234,12 +236,14 @@ static void gemm_amx(const act_t *a, int M, const void *W, int wtype, int N, con
             for (int c0 = 0; c0 < nb; c0 += AMX_CHUNK) {
                 const int c1 = nb - c0 < AMX_CHUNK ? nb : c0 + AMX_CHUNK;
                 for (int b = c0; b < c1; b++) {
+                    MCA_BEGIN("amx_tiles");
                     T_ZERO(0);
                     T_LOAD(1, B->a + (size_t)b * 512, 32);
                     T_LOAD(2, a->bt + ((size_t)t * nb + b) * 512, 64);
                     if (wtype == LG_Q4_1) T_DPBUSD(0, 1, 2);
                     else T_DPBSSD(0, 1, 2);
                     T_STORE(0, B->c + (size_t)(b - c0) * 256, 64);
+                    MCA_END("amx_tiles");
                 }
                 amx_scale(a, t, B, wtype, c0, c1, acc);
             }

@@ -46,6 +46,16 @@
 #define QK 32
 #define LG_ABI 8
 
+/* Marked loop bodies for llvm-mca (benchmarks/kernel_model.py builds with -DLG_MCA -S to predict
+ * the kernels' throughput on CPUs these machines lack); no code otherwise. */
+#ifdef LG_MCA
+#define MCA_BEGIN(name) __asm__ volatile("# LLVM-MCA-BEGIN " name)
+#define MCA_END(name) __asm__ volatile("# LLVM-MCA-END " name)
+#else
+#define MCA_BEGIN(name) do { } while (0)
+#define MCA_END(name) do { } while (0)
+#endif
+
 enum { LG_Q4_1 = 0, LG_Q8_0 = 1 };
 enum { LG_KV_F32 = 0, LG_KV_F16 = 1, LG_KV_BF16 = 2 };
 
@@ -367,6 +377,7 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
         if (wtype == LG_Q4_1) {
             const uint8_t *qs = w + 4 * G;
             for (int p = 0; p < G / 2; p++) {
+                MCA_BEGIN("q4_1_pair");
                 __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
                 __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
                 __m256i idx = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
@@ -383,6 +394,7 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int 
 #endif
                     acc[r] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(prod[r], idx), acc[r]);
                 }
+                MCA_END("q4_1_pair");
             }
             w += 20 * G;
         } else {
