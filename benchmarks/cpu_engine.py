@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from lockgate import LLM, SamplingParams
 from lockgate.engine.loader import default_model_path, load_checkpoint
+from lockgate.engine.native.build import load as native_lib
 from lockgate.engine.native.linear import gemm as native_gemm
 from lockgate.engine.quant.linear import KERNEL_DTYPE
 from lockgate.engine.quant.quantize import BlockEmbedding, BlockLinear, QuantEmbedding, QuantLinear, weight_bytes
@@ -315,7 +316,11 @@ def main() -> None:
         mb = weight_bytes(runner.model) / 2**20
         kb = kernel_bound(llm)
         bb = bw / matrix_bytes(llm)
+        lib = native_lib()
+        tiles = lib.lg_amx_calls() if lib is not None and lib.lg_amx() else None
         runs = {b: bench_lockgate(llm, prompts[b], args.reps, peer_for(b)) for b in streams}
+        if tiles is not None:  # a build with AMX: say whether the tiles ran (a silent fallback shows as 0)
+            print(f"lockgate {spec}: {lib.lg_amx_calls() - tiles} matmuls ran on the AMX-INT8 tiles", flush=True)
         rates = {b: r[0] for b, r in runs.items()}
         decodes[name] = runs[1][1] if 1 in runs else None
         paired[name] = {b: r[2] for b, r in runs.items()}
