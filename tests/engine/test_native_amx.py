@@ -105,6 +105,27 @@ def test_a_model_decodes_the_same_on_the_tiles(emulated: ctypes.CDLL, tmp_path: 
     assert diffs[len(diffs) // 2] < 1e-4 and diffs[-1] < 0.05, diffs[-5:]
 
 
+def test_speculation_keeps_rows_off_the_tiles(emulated: ctypes.CDLL, tmp_path: Path) -> None:
+    """A speculating engine needs each row computed alike whatever the step's size (greedy output is
+    the same with and without speculation): a step of 16+ rows on the tiles sums in another order
+    than a smaller one on AVX2, so its steps stay off the tiles; an engine beside it keeps them."""
+    make_checkpoint(tmp_path, "llama3.1")
+    spec = LLM(str(tmp_path), dtype="float32", quantization="int4", quantization_kernels="native",
+               speculative_config={"method": "ngram", "num_speculative_tokens": 2, "policy": "always"})
+    assert "AMX tiles off: speculation" in spec.engine.core.runner.describe(None)
+    plain = LLM(str(tmp_path), dtype="float32", quantization="int4", quantization_kernels="native")
+    prompts = [[(5 * i + j) % 200 + 1 for j in range(4)] * 2 for i in range(17)]  # repeats: proposals
+    p = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    calls = emulated.lg_amx_calls()
+    spec.generate(prompts, p)
+    assert emulated.lg_amx_calls() == calls
+    plain.generate(prompts, p)
+    assert emulated.lg_amx_calls() > calls  # the setting follows each engine's steps
+    calls = emulated.lg_amx_calls()
+    spec.generate(prompts, p)
+    assert emulated.lg_amx_calls() == calls
+
+
 def test_a_disagreeing_tile_path_is_switched_off(emulated: ctypes.CDLL, caplog: pytest.LogCaptureFixture,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The load-time self-check: tiles that give other answers than the AVX2 kernels (an unseen CPU

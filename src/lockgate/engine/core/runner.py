@@ -37,7 +37,7 @@ from lockgate.engine.loader import LoadedCheckpoint
 from lockgate.engine.messages import TokenLogprob
 from lockgate.engine.models.llama import LlamaForCausalLM
 from lockgate.engine.native.build import load as load_native
-from lockgate.engine.native.build import set_activation_bits
+from lockgate.engine.native.build import set_activation_bits, set_tiles
 from lockgate.engine.native.decoder import NativeDecoder, why_not
 from lockgate.engine.quant.precision import resolve_kernels, resolve_quantization, why_float
 from lockgate.engine.quant.quantize import quantize_model
@@ -266,6 +266,11 @@ class ModelRunner:
                             "model layer by layer, about 3x slower (dtype %s; dtype auto picks what the "
                             "fused path takes)", self.quantization, reason, _name(self.dtype))
         self.batch_invariant = self._resolve_batch_invariant()
+        # The native path's rows are batch-invariant by construction, except on AMX tiles (steps of
+        # 16+ rows sum in another order): speculation and batch_invariant keep the tiles off.
+        self.tiles = not (self.config.batch_invariant or self.config.speculative_config is not None)
+        if self.kernels == "native":
+            set_tiles(self.tiles)
         log.info("%s", self.describe(ckpt.stored_precision))
 
     def _resolve_batch_invariant(self) -> bool:
@@ -294,6 +299,8 @@ class ModelRunner:
         kernels = f"native {native_isa()}" if self.kernels == "native" else self.kernels
         if self.kernels == "native":
             kernels += f", {config.quantization_activations} activations"
+            if not self.tiles and "AMX" in kernels:
+                kernels += " (AMX tiles off: speculation and batch_invariant need every row computed alike in any batch)"
         if self.kernels == "torch":
             kernels = "PyTorch int kernels"
         invariant = "; batch-invariant rows (padded matmuls, row-wise attention)" if self.batch_invariant else ""
@@ -472,8 +479,9 @@ class ModelRunner:
         (`req.spec_accepted` says how many were accepted); None for a request whose prompt finished
         with max_tokens=0 (nothing sampled). Prompt logprobs computed in the step are added to their
         requests. `masks`: the structured outputs' bitmasks of the constrained requests that sample."""
-        if self.kernels == "native":  # the kernels' one setting is per process; several LLMs may share it
+        if self.kernels == "native":  # the kernels' settings are per process; several LLMs may share them
             set_activation_bits(16 if self.config.quantization_activations == "int16" else 8)
+            set_tiles(self.tiles)
         step = self.native_step(batch) if self.native is not None and batch.requests else None
         if step is None and self.native is not None and batch.requests:
             step = self.split_step(batch)

@@ -208,6 +208,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lg_set_amx.restype = i
 
 
+def set_tiles(on: bool) -> None:
+    """AMX tiles for the steps that follow, where load() switched them on (a process setting, as the
+    activation bits: the runner sets it before each step). Off for engines whose rows must compute
+    alike in any batch: a step of 16+ rows on the tiles sums in another order than a smaller one."""
+    lib = load()
+    if lib is not None and lib.lg_amx() and str(lib._name) not in amx_off_reason and lib.lg_amx_on() != on:
+        lib.lg_set_amx(1 if on else 0)
+
+
 def set_activation_bits(bits: int) -> None:
     """The native kernels' activation codes: 8 or 16 bits (`quantization_activations`). A process
     setting (one library): the runner sets it before each step, so offline LLMs may differ."""
