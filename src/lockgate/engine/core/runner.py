@@ -37,7 +37,7 @@ from lockgate.engine.loader import LoadedCheckpoint
 from lockgate.engine.messages import TokenLogprob
 from lockgate.engine.models.llama import LlamaForCausalLM
 from lockgate.engine.native.build import load as load_native
-from lockgate.engine.native.build import set_activation_bits, set_tiles
+from lockgate.engine.native.build import set_activation_bits, set_tiles, tiles_usable
 from lockgate.engine.native.decoder import NativeDecoder, why_not
 from lockgate.engine.quant.precision import resolve_kernels, resolve_quantization, why_float
 from lockgate.engine.quant.quantize import quantize_model
@@ -299,7 +299,7 @@ class ModelRunner:
         kernels = f"native {native_isa()}" if self.kernels == "native" else self.kernels
         if self.kernels == "native":
             kernels += f", {config.quantization_activations} activations"
-            if not self.tiles and "AMX" in kernels:
+            if not self.tiles and tiles_usable():
                 kernels += " (AMX tiles off: speculation and batch_invariant need every row computed alike in any batch)"
         if self.kernels == "torch":
             kernels = "PyTorch int kernels"

@@ -208,13 +208,19 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lg_set_amx.restype = i
 
 
+def tiles_usable() -> bool:
+    """Whether the loaded kernels have AMX tiles that load() switched on (an engine may still turn
+    them off for its steps: set_tiles)."""
+    lib = load()
+    return lib is not None and bool(lib.lg_amx()) and str(lib._name) not in amx_off_reason
+
+
 def set_tiles(on: bool) -> None:
     """AMX tiles for the steps that follow, where load() switched them on (a process setting, as the
     activation bits: the runner sets it before each step). Off for engines whose rows must compute
     alike in any batch: a step of 16+ rows on the tiles sums in another order than a smaller one."""
-    lib = load()
-    if lib is not None and lib.lg_amx() and str(lib._name) not in amx_off_reason and lib.lg_amx_on() != on:
-        lib.lg_set_amx(1 if on else 0)
+    if tiles_usable() and load().lg_amx_on() != on:
+        load().lg_set_amx(1 if on else 0)
 
 
 def set_activation_bits(bits: int) -> None:
